@@ -1,0 +1,25 @@
+"""Errors a user can act on.
+
+Every message is one sentence that names the thing at fault and what to do; the CLI prints it
+without a traceback and exits non-zero (see ``rnnlab.launch.cli``).
+"""
+
+
+class RnnlabError(Exception):
+    """Base class: an error caused by the user's input or environment, not by a bug."""
+
+
+class DataError(RnnlabError):
+    """A data source is missing, malformed or fails its checksum."""
+
+
+class ConfigError(RnnlabError):
+    """A configuration, preset, override or search space is invalid."""
+
+
+class BundleError(RnnlabError):
+    """A model bundle is missing files, tampered with, or of another format version."""
+
+
+class InputError(RnnlabError):
+    """A request to a trained model (text, prompt, price rows) cannot be served."""
