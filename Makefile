@@ -1,0 +1,35 @@
+# The two commands a new machine needs:  `make demo`  and  `make test`.
+# Each creates .venv (once) and installs rnnlab with what it needs.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The data mirror, when there is one beside the repo; otherwise loaders use the download cache.
+export RNNLAB_DATA_MIRROR ?= $(wildcard $(CURDIR)/../shared/data)
+# W&B writes runs to disk unless you have logged in.
+export WANDB_MODE ?= offline
+
+.PHONY: demo test test-fast bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch 2.13.0 first: on these machines it is the CPU wheel on disk, not the multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed  ## train the three jobs briefly on the real data, serve them, query each once
+	$(BIN)/python -m rnnlab.launch.demo
+
+test: $(BIN)/.installed  ## the whole suite, real-data and multi-process tests included
+	$(BIN)/python -m pytest
+
+test-fast: $(BIN)/.installed  ## unit tests only
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/train_speed.py --quick
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

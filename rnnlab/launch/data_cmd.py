@@ -1,0 +1,65 @@
+"""``rnnlab data {imdb,stock,text}``: summarise a data set before training on it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import import_module
+
+# data set -> (module, summary function); imported lazily so `rnnlab --help` stays instant.
+SUMMARIES = {
+    "imdb": ("rnnlab.data.imdb", "summarize_imdb"),
+    "stock": ("rnnlab.data.stock", "summarize_stock"),
+    "text": ("rnnlab.data.text", "summarize_text"),
+}
+
+
+def add_parser(subparsers) -> None:
+    from rnnlab.launch.cli import add_common_flags
+
+    parser = subparsers.add_parser(
+        "data",
+        help="summarise a data set (counts, vocabulary, lengths, rows, features, date span)",
+        description="Print what you are about to train on: the default data set (mirror or download cache) "
+        "or your own file with --source.",
+    )
+    parser.add_argument("dataset", choices=sorted(SUMMARIES), help="imdb reviews, stock prices, or text for charlm")
+    parser.add_argument(
+        "--source",
+        metavar="PATH",
+        help="your own data instead of the default: an aclImdb archive or folder, a Yahoo-layout CSV, a text file",
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_common_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rnnlab.data.sources import resolve
+
+    path = resolve(args.dataset, args.source)
+    module_name, function_name = SUMMARIES[args.dataset]
+    summary = getattr(import_module(module_name), function_name)(path)
+    summary = {"dataset": args.dataset, "source": str(path), **summary}
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict, indent: int = 0) -> str:
+    """Nested dicts as an indented two-column listing."""
+    width = max(len(str(key)) for key in summary) if summary else 0
+    lines = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            lines.append(f"{' ' * indent}{key}:")
+            lines.append(format_summary(value, indent + 2))
+        else:
+            if isinstance(value, float):
+                value = f"{value:,.4g}"
+            elif isinstance(value, int):
+                value = f"{value:,}"
+            lines.append(f"{' ' * indent}{str(key).ljust(width)}  {value}")
+    return "\n".join(lines)
