@@ -75,7 +75,9 @@ def read_prices(path: Path | str) -> pd.DataFrame:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"Price file {path} does not exist; pass a Yahoo-layout daily CSV ({','.join(PRICE_COLUMNS)}).")
+        raise DataError(
+            f"Price file {path} does not exist; pass a Yahoo-layout daily CSV ({','.join(PRICE_COLUMNS)})."
+        )
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -166,7 +168,9 @@ def _validate_prices(
     duplicated = dates.duplicated()
     if duplicated.any():
         first = int(np.flatnonzero(duplicated.to_numpy())[0])
-        raise error(f"{source} has duplicate dates (first {dates[first].date()} at {_line(first)}); keep one row per day.")
+        raise error(
+            f"{source} has duplicate dates (first {dates[first].date()} at {_line(first)}); keep one row per day."
+        )
     if not dates.is_monotonic_increasing:
         first = int(np.flatnonzero(np.diff(dates.to_numpy()) < np.timedelta64(0))[0]) + 1
         raise error(

@@ -1,0 +1,363 @@
+"""Stock pipeline: features checked by hand, no look-ahead, splits, scaler, windows, targets, bad input, parity."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rnnlab.data import stock
+from rnnlab.errors import DataError, InputError
+
+N_DAYS = 320
+
+
+def synthetic_prices(n: int = N_DAYS, seed: int = 0, start: str = "2020-01-01") -> pd.DataFrame:
+    """A Yahoo-layout frame (Date column, capitalised names) with a random-walk close."""
+    rng = np.random.default_rng(seed)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
+    open_ = close * np.exp(rng.normal(0, 0.005, n))
+    high = np.maximum(open_, close) * (1 + rng.uniform(0, 0.01, n))
+    low = np.minimum(open_, close) * (1 - rng.uniform(0, 0.01, n))
+    volume = rng.integers(1_000_000, 5_000_000, n)
+    return pd.DataFrame({
+        "Date": pd.bdate_range(start, periods=n).strftime("%Y-%m-%d"),
+        "Open": open_, "High": high, "Low": low, "Close": close, "Adj Close": close, "Volume": volume,
+    })  # fmt: skip
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def prices_csv(tmp_path) -> Path:
+    return write_csv(synthetic_prices(), tmp_path / "prices.csv")
+
+
+# --- independent reference: plain Python over the raw columns, one day at a time ------------------------------
+
+
+def expected_features(raw: pd.DataFrame, t: int) -> dict[str, float]:
+    """The chapter's features at positional day t, computed with explicit slices (data up to t-1, plus Open[t])."""
+    O, H, L, C, V = (raw[c].astype(float).tolist() for c in ("Open", "High", "Low", "Close", "Volume"))
+    days = {"5": 5, "30": 21, "365": 252}
+
+    def ret(s: int, n: int) -> float:  # return over n days ending at day s
+        return (C[s] - C[s - n]) / C[s - n]
+
+    f = {"open": O[t], "open_1": O[t - 1], "close_1": C[t - 1], "high_1": H[t - 1], "low_1": L[t - 1],
+         "volume_1": V[t - 1]}  # fmt: skip
+    for kind, series in (("price", C), ("volume", V)):
+        for label, n in days.items():
+            past = series[t - n : t]
+            f[f"avg_{kind}_{label}"] = statistics.fmean(past)
+            f[f"std_{kind}_{label}"] = statistics.stdev(past)
+        for stat in ("avg", "std"):
+            for a, b in (("5", "30"), ("5", "365"), ("30", "365")):
+                f[f"ratio_{stat}_{kind}_{a}_{b}"] = f[f"{stat}_{kind}_{a}"] / f[f"{stat}_{kind}_{b}"]
+    f["return_1"] = ret(t - 1, 1)
+    for label, n in days.items():
+        f[f"return_{label}"] = ret(t - 1, n)
+        # return_1 as known on days t-n .. t-1, i.e. one-day returns ending at t-n-1 .. t-2
+        f[f"moving_avg_{label}"] = statistics.fmean(ret(s - 1, 1) for s in range(t - n, t))
+    return f
+
+
+def test_feature_names_are_the_chapters_37():
+    assert len(stock.FEATURE_NAMES) == 37 == len(set(stock.FEATURE_NAMES))
+    assert stock.FEATURE_NAMES[:6] == ["open", "open_1", "close_1", "high_1", "low_1", "volume_1"]
+    assert stock.FEATURE_NAMES[-7:] == ["return_1", "return_5", "return_30", "return_365",
+                                        "moving_avg_5", "moving_avg_30", "moving_avg_365"]  # fmt: skip
+
+
+def test_features_match_an_independent_computation(prices_csv):
+    raw = pd.read_csv(prices_csv)
+    features = stock.make_features(stock.read_prices(prices_csv))
+    assert list(features.columns) == stock.FEATURE_NAMES + ["close"]
+    # 254 warm-up days: moving_avg_365 needs 252 one-day returns, each known a day late.
+    assert len(features) == N_DAYS - 254
+    assert features.index[0] == pd.Timestamp(raw["Date"][254])
+    for t in (254, 255, 287, N_DAYS - 1):
+        row = features.loc[pd.Timestamp(raw["Date"][t])]
+        for name, value in expected_features(raw, t).items():
+            assert math.isclose(row[name], value, rel_tol=1e-9, abs_tol=1e-12), (t, name, row[name], value)
+        assert row["close"] == raw["Close"][t]
+
+
+def test_no_look_ahead_features_at_day_t_ignore_day_t_onwards(prices_csv):
+    raw = pd.read_csv(prices_csv)
+    base = stock.make_features(stock.read_prices(prices_csv))
+    for t in (254, 290, N_DAYS - 1):
+        perturbed = raw.astype({"Volume": float})
+        for column in ("Open", "High", "Low", "Close", "Volume"):
+            perturbed.loc[t:, column] = perturbed.loc[t:, column] * 1.7
+        changed = stock.make_features(stock.read_prices(write_csv(perturbed, prices_csv.parent / f"p{t}.csv")))
+        day = pd.Timestamp(raw["Date"][t])
+        before, after = base.loc[day], changed.loc[day]
+        differs = {name for name in stock.FEATURE_NAMES if not math.isclose(before[name], after[name], rel_tol=1e-12)}
+        assert differs == {"open"}, (t, differs)
+        # and every earlier day is untouched
+        pd.testing.assert_frame_equal(base.loc[: day - pd.Timedelta(days=1)], changed.loc[: day - pd.Timedelta(days=1)])
+
+
+def test_make_windows_shapes_and_targets():
+    features = np.arange(10 * 3, dtype=np.float64).reshape(10, 3)
+    targets = np.arange(10, dtype=np.float64) * 10
+    X, y = stock.make_windows(features, targets, length=4)
+    assert X.shape == (7, 4, 3) and y.shape == (7,) and X.dtype == np.float32
+    for i in range(7):
+        np.testing.assert_array_equal(X[i], features[i : i + 4])
+        assert y[i] == targets[i + 3]
+    X, y = stock.make_windows(features[:2], targets[:2], length=4)
+    assert X.shape == (0, 4, 3) and y.shape == (0,)
+
+
+def split_kwargs(raw: pd.DataFrame) -> dict:
+    """Dates for a small split: test = the last 20 days, val = the 15 days before, train the rest."""
+    dates = pd.to_datetime(raw["Date"])
+    return {"train_end": str(dates.iloc[-21].date()), "test_start": str(dates.iloc[-20].date()),
+            "test_end": str(dates.iloc[-1].date()), "val_days": 15}  # fmt: skip
+
+
+def test_split_by_date(prices_csv):
+    raw = pd.read_csv(prices_csv)
+    features = stock.make_features(stock.read_prices(prices_csv))
+    parts = stock.split_by_date(features, **split_kwargs(raw))
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [len(features) - 35, 15, 20]
+    assert parts["train"].index[-1] < parts["val"].index[0] and parts["val"].index[-1] < parts["test"].index[0]
+    whole = stock.split_by_date(features, **{**split_kwargs(raw), "val_days": 0})
+    assert len(whole["train"]) == len(features) - 20 and whole["val"].empty
+
+
+@pytest.mark.parametrize("target", stock.TARGETS)
+def test_load_stock_data_windows_every_val_and_test_day(prices_csv, target):
+    raw = pd.read_csv(prices_csv)
+    data = stock.load_stock_data(prices_csv, window=5, target=target, **split_kwargs(raw))
+    features = stock.make_features(stock.read_prices(prices_csv))
+    parts = stock.split_by_date(features, **split_kwargs(raw))
+    X, y, rows = data.splits["train"]
+    assert X.shape == (len(parts["train"]) - 4, 5, 37) and len(y) == len(rows) == len(X)
+    for name in ("val", "test"):
+        X, y, rows = data.splits[name]
+        assert X.shape == (len(parts[name]), 5, 37)
+        assert list(rows.index) == list(parts[name].index)
+        np.testing.assert_allclose(y, stock.target_values(parts[name], target), rtol=1e-6)
+        # window of the first day ends on that day and starts with 4 days of context before it
+        first = features.index.get_loc(rows.index[0])
+        np.testing.assert_allclose(X[0], data.scaler.transform(features.iloc[first - 4 : first + 1]), rtol=1e-5)
+    # the last test window's last step is the last test day's scaled features
+    np.testing.assert_allclose(data.splits["test"][0][-1, -1], data.scaler.transform(features.iloc[[-1]])[0], rtol=1e-5)
+
+
+def test_scaler_is_fit_on_train_only(prices_csv):
+    raw = pd.read_csv(prices_csv)
+    kwargs = split_kwargs(raw)
+    data = stock.load_stock_data(prices_csv, **kwargs)
+    parts = stock.split_by_date(stock.make_features(stock.read_prices(prices_csv)), **kwargs)
+    train = parts["train"][stock.FEATURE_NAMES].to_numpy()
+    np.testing.assert_allclose(data.scaler.mean, train.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(data.scaler.scale, train.std(axis=0), rtol=1e-12)
+    # wild prices in val/test change nothing in the scaler
+    wild = raw.copy()
+    wild.loc[len(raw) - 35 :, ["Open", "High", "Low", "Close"]] *= 5
+    wild_data = stock.load_stock_data(write_csv(wild, prices_csv.parent / "wild.csv"), **kwargs)
+    np.testing.assert_array_equal(wild_data.scaler.mean, data.scaler.mean)
+    np.testing.assert_array_equal(wild_data.target_scaler.mean, data.target_scaler.mean)
+
+
+def test_scaler_matches_standard_scaler_and_round_trips_json():
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    values = rng.normal(5, 3, (50, 4))
+    values[:, 2] = 7.0  # a constant column keeps scale 1, as in sklearn
+    scaler = stock.Scaler.fit(values, ["a", "b", "c", "d"])
+    reference = StandardScaler().fit(values)
+    np.testing.assert_allclose(scaler.transform(values), reference.transform(values), atol=1e-12)
+    again = stock.Scaler.from_json(json.loads(json.dumps(scaler.to_json())))
+    assert again.columns == ["a", "b", "c", "d"]
+    np.testing.assert_array_equal(again.transform(values), scaler.transform(values))
+    np.testing.assert_allclose(again.inverse_transform(again.transform(values)), values, atol=1e-12)
+    with pytest.raises(DataError, match="different lengths"):
+        stock.Scaler.from_json({"columns": ["a"], "mean": [0.0, 1.0], "scale": [1.0, 1.0]})
+
+
+def test_log_return_target_maps_back_to_prices(prices_csv):
+    features = stock.make_features(stock.read_prices(prices_csv))
+    log_returns = stock.target_values(features, "log_return")
+    np.testing.assert_allclose(log_returns, np.log(features["close"] / features["open"]))
+    np.testing.assert_allclose(stock.to_price(log_returns, features, "log_return"), features["close"], rtol=1e-12)
+    # predicting a zero return is the same-day-open baseline
+    np.testing.assert_allclose(stock.to_price(np.zeros(len(features)), features, "log_return"),
+                               stock.naive_same_day_open(features))  # fmt: skip
+    np.testing.assert_array_equal(stock.to_price(features["close"].to_numpy(), features, "close"), features["close"])
+
+
+def test_baselines_and_metrics():
+    frame = pd.DataFrame({"open": [10.0, 11.0, 12.0], "close_1": [9.0, 10.0, 13.0], "close": [10.0, 12.0, 12.0]})
+    np.testing.assert_array_equal(stock.naive_same_day_open(frame), [10.0, 11.0, 12.0])
+    np.testing.assert_array_equal(stock.naive_previous_close(frame), [9.0, 10.0, 13.0])
+    metrics = stock.regression_metrics(frame["close"], stock.naive_same_day_open(frame))
+    # residuals 0, 1, 0; mean close 34/3 so SS_tot = 8/3
+    assert metrics["mae"] == pytest.approx(1 / 3)
+    assert metrics["r2"] == pytest.approx(1 - 1 / (8 / 3))
+    assert metrics["mape"] == pytest.approx((1 / 12) / 3)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+
+def _break(kind: str, frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.astype({"Open": object})
+    if kind == "missing column":
+        return frame.drop(columns=["Volume"])
+    if kind == "unparseable date":
+        frame.loc[100, "Date"] = "yesterday"
+    elif kind == "unsorted":
+        frame.loc[[100, 101], "Date"] = frame.loc[[101, 100], "Date"].to_numpy()
+    elif kind == "duplicate":
+        frame.loc[101, "Date"] = frame.loc[100, "Date"]
+    elif kind == "non-numeric":
+        frame.loc[100, "Open"] = "12,5x"
+    elif kind == "too few rows":
+        return frame.iloc[:200]
+    return frame
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing column", r"lacks the column\(s\) Volume"),
+        ("unparseable date", r"unparseable date 'yesterday' at row 101"),
+        ("unsorted", r"unsorted dates"),
+        ("duplicate", r"duplicate dates"),
+        ("non-numeric", r"non-numeric Open value '12,5x' at row 101"),
+        ("too few rows", r"200 usable rows but the 252-day features need at least 255"),
+    ],
+)
+def test_bad_files_raise_one_sentence_naming_file_and_fault(tmp_path, kind, message):
+    path = write_csv(_break(kind, synthetic_prices()), tmp_path / "bad.csv")
+    with pytest.raises(DataError, match=message) as info:
+        stock.read_prices(path)
+    text = str(info.value)
+    assert str(path) in text and text.count(". ") == 0 and text.endswith(".")
+
+
+def test_missing_file_and_empty_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        stock.read_prices(tmp_path / "nope.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match="not a readable CSV"):
+        stock.read_prices(tmp_path / "empty.csv")
+
+
+def test_rows_with_missing_values_are_dropped_and_counted(tmp_path, caplog):
+    frame = synthetic_prices().astype({"Close": object, "Volume": object})
+    frame.loc[50, "Close"] = "null"  # Yahoo's marker for a day without a quote
+    frame.loc[60, "Volume"] = ""
+    path = write_csv(frame, tmp_path / "gaps.csv")
+    with caplog.at_level(logging.INFO, logger="rnnlab.data.stock"):
+        prices = stock.read_prices(path)
+        stock.make_features(prices)
+    assert len(prices) == N_DAYS - 2
+    assert "dropped 2 of 320 rows with a missing value" in caplog.text
+    assert "dropped 254 warm-up rows" in caplog.text
+
+
+def test_adj_close_is_optional_and_columns_are_case_insensitive(tmp_path):
+    frame = synthetic_prices().drop(columns=["Adj Close"])
+    frame.columns = [c.lower() for c in frame.columns]
+    prices = stock.read_prices(write_csv(frame, tmp_path / "lower.csv"))
+    assert list(prices.columns) == ["Open", "High", "Low", "Close", "Volume"] and prices.index.name == "Date"
+
+
+# --- inference helper ----------------------------------------------------------------------------------------
+
+
+def request_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows as the server receives them: JSON records with lowercase keys."""
+    records = json.loads(frame.drop(columns=["Adj Close"]).rename(columns=str.lower).to_json(orient="records"))
+    return pd.DataFrame(records)
+
+
+def test_features_for_history_matches_make_features_and_states_the_minimum(prices_csv):
+    raw = pd.read_csv(prices_csv)
+    reference = stock.make_features(stock.read_prices(prices_csv))
+    window = 5
+    assert stock.min_history_rows(window) == 259
+    history = request_rows(raw.iloc[-stock.min_history_rows(window) :])
+    features = stock.features_for_history(history, window=window)
+    assert len(features) == window
+    pd.testing.assert_frame_equal(features, reference.iloc[-window:], check_freq=False)
+    with pytest.raises(InputError, match="258 rows but one prediction with windows of 5 days needs at least 259"):
+        stock.features_for_history(history.iloc[1:], window=window)
+
+
+def test_features_for_history_accepts_an_open_only_last_row(prices_csv):
+    raw = pd.read_csv(prices_csv)
+    history = request_rows(raw)
+    history.loc[len(history) - 1, ["high", "low", "close", "volume"]] = None
+    features = stock.features_for_history(history, window=5)
+    reference = stock.make_features(stock.read_prices(prices_csv))
+    assert np.isnan(features["close"].iloc[-1])
+    pd.testing.assert_frame_equal(features[stock.FEATURE_NAMES], reference[stock.FEATURE_NAMES], check_freq=False)
+    history.loc[100, "close"] = None
+    with pytest.raises(InputError, match="no Close value at row 101"):
+        stock.features_for_history(history, window=5)
+
+
+def test_features_for_history_rejects_bad_rows(prices_csv):
+    history = request_rows(pd.read_csv(prices_csv))
+    unsorted = history.iloc[::-1].reset_index(drop=True)
+    with pytest.raises(InputError, match="unsorted dates"):
+        stock.features_for_history(unsorted)
+    with pytest.raises(InputError, match="lacks the column"):
+        stock.features_for_history(history.drop(columns=["open"]))
+    bad = history.astype({"open": object})
+    bad.loc[3, "open"] = "abc"
+    with pytest.raises(InputError, match="non-numeric Open"):
+        stock.features_for_history(bad)
+
+
+# --- real data -------------------------------------------------------------------------------------------------
+
+DJIA = "19900101_20230630.csv"
+
+
+@pytest.mark.slow
+@pytest.mark.mirror
+def test_djia_parity(mirror):
+    path = mirror / DJIA
+    features = stock.make_features(stock.read_prices(path))
+    assert len(stock.FEATURE_NAMES) == 37
+    chapter = stock.split_by_date(features, val_days=0)
+    assert len(chapter["train"]) == 8061 and len(chapter["test"]) == 124
+    test = chapter["test"]
+    same_open = stock.regression_metrics(test["close"], stock.naive_same_day_open(test))
+    previous = stock.regression_metrics(test["close"], stock.naive_previous_close(test))
+    assert round(same_open["r2"], 3) == 0.977 and round(same_open["mae"], 1) == 97.6
+    assert round(previous["r2"], 3) == 0.968
+
+
+@pytest.mark.slow
+@pytest.mark.mirror
+def test_djia_summary_and_windows(mirror):
+    path = mirror / DJIA
+    summary = stock.summarize_stock(path)
+    assert summary["rows"] == 8439 and summary["features"] == 37
+    assert (summary["first_date"], summary["last_date"]) == ("1990-01-02", "2023-06-30")
+    assert summary["train_period_rows"] == 8061 and summary["test_rows"] == 124
+    assert summary["train_rows"] + summary["val_rows"] == 8061 and summary["val_rows"] == 252
+    assert round(summary["baselines"]["test"]["same_day_open"]["r2"], 3) == 0.977
+    data = stock.load_stock_data(path, target="log_return")
+    X, y, rows = data.splits["test"]
+    assert X.shape == (124, 5, 37) and len(rows) == 124  # every test day gets a prediction
+    np.testing.assert_allclose(data.to_price(y, "test"), rows["close"], rtol=1e-5)
