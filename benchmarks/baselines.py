@@ -1,0 +1,212 @@
+"""Simple-model baselines that every rnnlab quality figure stands beside, on the real data.
+
+The data goes through rnnlab's own pipelines (rnnlab.data.imdb / text / stock), so the splits are exactly the
+ones the LSTMs train and are scored on:
+
+* sentiment: TF-IDF (word 1-2 grams over rnnlab's tokenizer) + logistic regression, 25k train / 25k test;
+* charlm: interpolated Witten-Bell character n-grams (benchmarks/ngram.py) on the 90/5/5 contiguous split of
+  lowercased War and Peace, nats/char on validation and test;
+* stock: persistence (close = same-day open, close = previous close) and linear regression on the 37 scaled
+  features, on the seed's date split (train .. 2022-12-31, test 2023-01..06).
+
+    python benchmarks/baselines.py                    # all three, a table on stdout
+    python benchmarks/baselines.py --only charlm --json results/baselines.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find ngram.py beside it
+
+from ngram import WittenBellNgram  # noqa: E402
+
+JOBS = ("sentiment", "charlm", "stock")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sentiment
+
+
+def sentiment_baseline(mirror: str | None, *, C: float = 4.0) -> dict[str, Any]:
+    """TF-IDF + logistic regression on the official 25k/25k split; accuracy and wall time."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    from rnnlab.data import imdb
+    from rnnlab.data.sources import resolve
+
+    start = time.perf_counter()
+    reviews = imdb.read_imdb(resolve("imdb", mirror=mirror), splits=("train", "test"))
+    read_s = time.perf_counter() - start
+    train, test = reviews["train"], reviews["test"]
+
+    start = time.perf_counter()
+    # rnnlab's tokenizer (HTML stripped, lowercased, emoticons kept): the tokens the LSTM sees.
+    vectorizer = TfidfVectorizer(
+        tokenizer=imdb.tokenize, lowercase=False, token_pattern=None, ngram_range=(1, 2), min_df=2,
+        sublinear_tf=True,
+    )
+    x_train = vectorizer.fit_transform([r.text for r in train])
+    y_train = np.array([r.label for r in train])
+    model = LogisticRegression(C=C, max_iter=1000).fit(x_train, y_train)
+    x_test = vectorizer.transform([r.text for r in test])
+    y_test = np.array([r.label for r in test])
+    scores = model.decision_function(x_test)
+    fit_s = time.perf_counter() - start
+    return {
+        "model": f"TF-IDF (1-2 grams, min_df 2, sublinear tf) + LogisticRegression(C={C})",
+        "train_reviews": len(train),
+        "test_reviews": len(test),
+        "features": len(vectorizer.vocabulary_),
+        "test_accuracy": float(accuracy_score(y_test, scores > 0)),
+        "test_roc_auc": float(roc_auc_score(y_test, scores)),
+        "read_s": read_s,
+        "fit_predict_s": fit_s,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# charlm
+
+
+def charlm_baseline(mirror: str | None, *, orders: tuple[int, ...] = (5, 6, 7)) -> dict[str, Any]:
+    """Witten-Bell n-grams fit on train; nats/char on val and test (context carried across split boundaries,
+    as the stream is contiguous)."""
+    from rnnlab.data import text
+    from rnnlab.data.sources import resolve
+
+    data = text.load_text_data(resolve("text", mirror=mirror))
+    vocab_size = len(data.vocab)
+    rows = []
+    for order in orders:
+        start = time.perf_counter()
+        model = WittenBellNgram(order, vocab_size).fit(data.train)
+        fit_s = time.perf_counter() - start
+        val = model.nats_per_symbol(data.val, history=data.train)
+        test = model.nats_per_symbol(data.test, history=np.concatenate([data.train, data.val]))
+        rows.append({
+            "order": order, "val_nats": val, "test_nats": test,
+            "val_bits": val / np.log(2), "test_bits": test / np.log(2),
+            "fit_s": fit_s, "total_s": time.perf_counter() - start,
+        })
+    return {
+        "model": "interpolated Witten-Bell character n-gram (uniform base)",
+        "characters": int(len(data.train) + len(data.val) + len(data.test)),
+        "vocab_size": vocab_size,
+        "split_sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "orders": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stock
+
+
+def stock_baseline(mirror: str | None) -> dict[str, Any]:
+    """Persistence and linear regression on the seed's date split; R^2 / MAE / MAPE on val and test.
+
+    Linear regression is fit twice: on the chapter's train (everything up to 2022-12-31) for the test figure
+    the chapter compares with, and on train-minus-validation (rnnlab's default split) for the val figure.
+    """
+    from sklearn.linear_model import LinearRegression
+
+    from rnnlab.data import stock
+    from rnnlab.data.sources import resolve
+
+    features = stock.make_features(stock.read_prices(resolve("stock", mirror=mirror)))
+    out: dict[str, Any] = {"features": len(stock.FEATURE_NAMES), "rows": {}, "metrics": {"val": {}, "test": {}}}
+    for label, val_days in (("chapter split (no val)", 0), ("rnnlab split (val = last 252 days)", 252)):
+        parts = stock.split_by_date(features, val_days=val_days)
+        scaler = stock.Scaler.fit(parts["train"], stock.FEATURE_NAMES)
+        lr = LinearRegression().fit(scaler.transform(parts["train"]), parts["train"][stock.TARGET_COLUMN])
+        out["rows"][label] = {name: len(part) for name, part in parts.items()}
+        for split in ("val", "test"):
+            part = parts[split]
+            if part.empty or (split == "test" and val_days):  # the test figures come from the chapter split
+                continue
+            truth = part[stock.TARGET_COLUMN].to_numpy()
+            out["metrics"][split] = {
+                "close = same-day open": stock.regression_metrics(truth, stock.naive_same_day_open(part)),
+                "close = previous close": stock.regression_metrics(truth, stock.naive_previous_close(part)),
+                "linear regression (37 scaled features)": stock.regression_metrics(
+                    truth, lr.predict(scaler.transform(part))),
+            }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(f"\nmachine: {results['machine']}")
+    if "sentiment" in results:
+        s = results["sentiment"]
+        print("\nsentiment (IMDb, 25k train / 25k test)")
+        print(f"  {s['model']}")
+        print(f"  test accuracy {100 * s['test_accuracy']:.2f} %   ROC-AUC {s['test_roc_auc']:.4f}   "
+              f"fit+predict {s['fit_predict_s']:.1f} s (reading the archive {s['read_s']:.1f} s)")
+    if "charlm" in results:
+        c = results["charlm"]
+        print(f"\ncharlm (War and Peace lowercased, {c['characters']:,} chars, {c['vocab_size']} symbols, "
+              f"split {c['split_sizes']})")
+        print(f"  {'order':>5}  {'val nats':>8}  {'test nats':>9}  {'val bpc':>7}  {'test bpc':>8}  {'time s':>6}")
+        for row in c["orders"]:
+            print(f"  {row['order']:>5}  {row['val_nats']:8.4f}  {row['test_nats']:9.4f}  {row['val_bits']:7.4f}  "
+                  f"{row['test_bits']:8.4f}  {row['total_s']:6.1f}")
+    if "stock" in results:
+        s = results["stock"]
+        print(f"\nstock (DJIA, rows per split: {s['rows']})")
+        print(f"  {'split':<5} {'model':<40} {'R^2':>7} {'MAE':>8} {'MAPE %':>7}")
+        for split, models in s["metrics"].items():
+            for name, m in models.items():
+                print(f"  {split:<5} {name:<40} {m['r2']:7.4f} {m['mae']:8.2f} {100 * m['mape']:7.3f}")
+    print(f"\ntotal wall time {results['wall_s']:.1f} s")
+
+
+def machine_description() -> str:
+    import os
+
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+            f"python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=JOBS, default=list(JOBS), help="which baselines to run")
+    parser.add_argument("--data-mirror", default=None, help="folder with the data files (else RNNLAB_DATA_MIRROR)")
+    parser.add_argument("--orders", nargs="+", type=int, default=[5, 6, 7], help="n-gram orders for charlm")
+    parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine_description()}
+    if "sentiment" in args.only:
+        results["sentiment"] = sentiment_baseline(args.data_mirror)
+    if "charlm" in args.only:
+        results["charlm"] = charlm_baseline(args.data_mirror, orders=tuple(args.orders))
+    if "stock" in args.only:
+        results["stock"] = stock_baseline(args.data_mirror)
+    results["wall_s"] = time.perf_counter() - started
+    print_table(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
