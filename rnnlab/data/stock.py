@@ -555,8 +555,8 @@ def summarize_stock(
     parts = split_by_date(features, train_end=train_end, test_start=test_start, test_end=test_end,
                           val_days=val_days)
 
-    def span(frame: pd.DataFrame) -> list[str] | None:
-        return [str(frame.index[0].date()), str(frame.index[-1].date())] if len(frame) else None
+    def span(frame: pd.DataFrame) -> str | None:
+        return f"{frame.index[0].date()}..{frame.index[-1].date()}" if len(frame) else None
 
     baselines = {
         split: {
