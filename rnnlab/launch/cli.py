@@ -20,6 +20,8 @@ from rnnlab.errors import RnnlabError
 # Each module's owner adds it here when it lands.
 SUBCOMMAND_MODULES = (
     "rnnlab.launch.data_cmd",
+    "rnnlab.launch.train",
+    "rnnlab.launch.predict_cmd",
 )
 
 

@@ -1,0 +1,82 @@
+"""``rnnlab evaluate | classify | forecast | generate``: thin wrappers over bundles and ``rnnlab.inference``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers) -> None:
+    from rnnlab.launch.cli import add_common_flags
+
+    p = subparsers.add_parser("evaluate", help="score a bundle on its job's test split",
+                              description="Score the test split of the bundle's job with the bundle's weights.")
+    p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder (e.g. runs/sentiment-default/bundle)")
+    p.add_argument("--source", metavar="PATH", help="data file to rebuild the test split from")
+    add_common_flags(p)
+    p.set_defaults(func=run_evaluate)
+
+    p = subparsers.add_parser("classify", help="sentiment of one or more texts with a sentiment bundle")
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("texts", metavar="TEXT", nargs="+", help="review text(s) to classify")
+    add_common_flags(p)
+    p.set_defaults(func=run_classify)
+
+    p = subparsers.add_parser("forecast", help="next close from a price history with a stock bundle")
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--csv", required=True, metavar="FILE", help="Yahoo-layout daily prices (Date,Open,High,Low,Close,Volume)")
+    add_common_flags(p)
+    p.set_defaults(func=run_forecast)
+
+    p = subparsers.add_parser("generate", help="sample text from a charlm bundle")
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--prompt", default="the emperor", help="text to continue (default: %(default)r)")
+    p.add_argument("--length", type=int, default=500, help="characters to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    add_common_flags(p)
+    p.set_defaults(func=run_generate)
+
+
+def _predictor(path: str, kind: str):
+    from rnnlab.errors import InputError
+    from rnnlab.inference import load_predictor
+
+    predictor = load_predictor(path)
+    if type(predictor).__name__ != kind:
+        raise InputError(f"The bundle {path} is not for this command (it loads as a {type(predictor).__name__}).")
+    return predictor
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from rnnlab.trainers.evaluate import evaluate_bundle
+
+    print(json.dumps(evaluate_bundle(args.bundle, source=args.source), indent=1))
+    return 0
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    predictor = _predictor(args.bundle, "SentimentClassifier")
+    for text, answer in zip(args.texts, predictor.predict(list(args.texts))):
+        print(json.dumps({"text": text[:60], **answer}))
+    return 0
+
+
+def run_forecast(args: argparse.Namespace) -> int:
+    from rnnlab.data.stock import read_prices
+
+    predictor = _predictor(args.bundle, "StockForecaster")
+    history = read_prices(args.csv)
+    predictor.validate(history)
+    print(json.dumps(predictor.predict([history])[0], default=str))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    predictor = _predictor(args.bundle, "TextGenerator")
+    predictor.validate_prompt(args.prompt)
+    print(predictor.generate(args.prompt, max_new_tokens=args.length, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    return 0
