@@ -117,14 +117,14 @@ def locate(name: str, *, mirror: str | os.PathLike | None = None, download: bool
     if cached.is_file():
         return _verified(cached, spec)
     if not download:
-        raise DataError(_missing_sentence(spec))
+        raise DataError(_missing_sentence(spec, "nothing is cached"))
     return _download(spec, cached)
 
 
-def _missing_sentence(spec: DatasetFile) -> str:
+def _missing_sentence(spec: DatasetFile, reason: str) -> str:
     return (
-        f"{spec.description} is not available offline: fetch {spec.url} and put {spec.filename} in "
-        f"{cache_dir()} (or in a folder named by --data-mirror / {MIRROR_ENV})."
+        f"{spec.description} is not available ({reason}): fetch {spec.url} and put {spec.filename} in "
+        f"{cache_dir()} or in a folder named by --data-mirror / {MIRROR_ENV}."
     )
 
 
@@ -139,7 +139,8 @@ def _download(spec: DatasetFile, target: Path) -> Path:
                 _copy_with_progress(response, part, int(response.headers.get("Content-Length") or 0), spec.filename)
         except (urllib.error.URLError, TimeoutError, OSError) as error:
             part_path.unlink(missing_ok=True)
-            raise DataError(_missing_sentence(spec) + f" (download failed: {error})") from None
+            reason = f"download failed: {getattr(error, 'reason', error)}"
+            raise DataError(_missing_sentence(spec, reason)) from None
     try:
         _verified(part_path, spec)
     except DataError:

@@ -1,0 +1,65 @@
+"""The `rnnlab` command as a user meets it: help, data summaries, one-sentence errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rnnlab.launch.cli import SUBCOMMAND_MODULES
+
+
+def rnnlab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rnnlab.launch.cli", *args], capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+def test_help_lists_every_subcommand_with_a_line_each():
+    result = rnnlab("--help")
+    assert result.returncode == 0
+    for module in SUBCOMMAND_MODULES:
+        command = module.rsplit(".", 1)[1].removesuffix("_cmd")
+        if command == "predict":
+            for name in ("evaluate", "classify", "forecast", "generate"):
+                assert f"    {name}" in result.stdout
+        else:
+            assert f"    {command}" in result.stdout
+
+
+def test_bad_source_is_one_sentence_and_nonzero(tmp_path):
+    bad = tmp_path / "prices.csv"
+    bad.write_text("Date,Open,Close\n2020-01-02,1,2\n")
+    result = rnnlab("data", "stock", "--source", str(bad))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("rnnlab: ") and str(bad) in message
+
+
+def test_missing_source_file():
+    result = rnnlab("data", "text", "--source", "/no/such/book.txt")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_text_summary_of_own_file(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("\ufeff" + "The Emperor smiled.\nThe emperor left.\n" * 50, encoding="utf-8")
+    result = rnnlab("data", "text", "--source", str(book), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["dataset"] == "text" and summary["source"] == str(book)
+    assert summary["characters"] == len(("The Emperor smiled.\nThe emperor left.\n" * 50))
+    assert summary["distinct"] == len(set(("the emperor smiled.\nthe emperor left.\n")))
+
+
+@pytest.mark.slow
+@pytest.mark.mirror
+def test_stock_summary_on_mirror(mirror):
+    result = rnnlab("--data-mirror", str(mirror), "data", "stock", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["source"].endswith("19900101_20230630.csv")
+    assert (summary["features"], summary["train_period_rows"], summary["test_rows"]) == (37, 8061, 124)
