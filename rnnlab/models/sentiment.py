@@ -1,0 +1,127 @@
+"""SentimentLSTM: a review of variable length in, one logit (positive vs negative) out.
+
+embedding (padding index 0) -> stacked LSTM (optionally bidirectional, dropout between layers)
+-> final state at each review's TRUE end -> FC -> ReLU -> FC -> logit.
+
+Padding never leaks into the result: a review gives the same logit alone or padded in a batch with longer ones.
+Two exact ways to get there, sharing the same weights:
+
+* ``"padded"`` (default): run each LSTM layer on the padded batch. A forward LSTM is causal, so its output at
+  position ``length - 1`` has never seen a pad; we gather it there. The backward direction must start at the
+  true end, so it runs on each review reversed *within its own length* (an index gather; pads stay at the
+  tail) and its output is reversed back the same way before it feeds the next layer.
+* ``"packed"``: the same layers on ``PackedSequence`` inputs (the textbook way).
+
+Both give identical logits up to float rounding. With length-bucketed batches (batch 32, IMDb lengths) the
+padded path is faster on CPU -- see ``benchmarks/bench_sentiment_packing.py`` and pytorch#149194 -- so it is
+the default; ``model.length_strategy = "packed"`` switches.
+
+The LSTM stack is built one layer and one direction at a time (``layers[i][d]``, each a one-layer
+``nn.LSTM``) because the exact backward trick has to run between layers; it holds exactly the parameters of
+``nn.LSTM(num_layers=..., bidirectional=...)``, laid out per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from rnnlab.errors import ConfigError
+from rnnlab.models._config import ConfigMixin, check_dropout, check_positive_int
+
+LENGTH_STRATEGIES = ("padded", "packed")
+
+
+@dataclass
+class SentimentConfig(ConfigMixin):
+    vocab_size: int
+    embed_dim: int = 32
+    hidden_size: int = 50
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0  # between LSTM layers (only used when num_layers > 1)
+    fc_size: int = 32
+
+    def __post_init__(self) -> None:
+        check_positive_int(self, "vocab_size", "embed_dim", "hidden_size", "num_layers", "fc_size")
+        check_dropout(self)
+        if not isinstance(self.bidirectional, bool):
+            raise ConfigError(f"SentimentConfig.bidirectional must be true or false, got {self.bidirectional!r}.")
+
+
+def reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse each sequence of ``x[B, T, D]`` inside its first ``lengths[b]`` steps; pads stay where they are.
+
+    Applying it twice gives ``x`` back, so the same call also un-reverses a backward pass's outputs.
+    """
+    T = x.size(1)
+    steps = torch.arange(T, device=x.device).unsqueeze(0)  # [1, T]
+    lengths = lengths.to(x.device).unsqueeze(1)  # [B, 1]
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps)  # [B, T]
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.size(2)))
+
+
+def last_valid(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``x[b, lengths[b] - 1]`` for each b: [B, T, D] -> [B, D]."""
+    index = (lengths.to(x.device) - 1).view(-1, 1, 1).expand(-1, 1, x.size(2))
+    return x.gather(1, index).squeeze(1)
+
+
+class SentimentLSTM(nn.Module):
+    def __init__(self, config: SentimentConfig, *, length_strategy: str = "padded") -> None:
+        super().__init__()
+        self.config = config
+        self.length_strategy = length_strategy
+        directions = 2 if config.bidirectional else 1
+        self.embedding = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=0)
+        self.layers = nn.ModuleList()
+        for layer in range(config.num_layers):
+            input_size = config.embed_dim if layer == 0 else config.hidden_size * directions
+            self.layers.append(
+                nn.ModuleList(nn.LSTM(input_size, config.hidden_size, batch_first=True) for _ in range(directions))
+            )
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Sequential(
+            nn.Linear(config.hidden_size * directions, config.fc_size),
+            nn.ReLU(),
+            nn.Linear(config.fc_size, 1),
+        )
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """ids: LongTensor[B, T] right-padded with 0; lengths: LongTensor[B] (each >= 1). Returns logits[B]."""
+        if self.length_strategy not in LENGTH_STRATEGIES:
+            raise ValueError(f"length_strategy must be one of {LENGTH_STRATEGIES}, got {self.length_strategy!r}")
+        if bool((lengths < 1).any()):
+            raise ValueError("every sequence needs at least one token (got a length < 1)")
+        x = self.embedding(ids)
+        run = self._run_padded if self.length_strategy == "padded" else self._run_packed
+        for i, directions in enumerate(self.layers):
+            if i > 0:
+                x = self.dropout(x)
+            # Forward direction in original order; backward direction in per-sequence reversed order.
+            outputs = [run(directions[0], x, lengths)]
+            if len(directions) == 2:
+                outputs.append(run(directions[1], reverse_within_lengths(x, lengths), lengths))
+            last_layer = i == len(self.layers) - 1
+            if not last_layer:
+                if len(outputs) == 2:
+                    outputs[1] = reverse_within_lengths(outputs[1], lengths)
+                x = torch.cat(outputs, dim=-1)
+        # Final states: the forward direction ends at length-1; the backward one (in reversed order) too,
+        # i.e. after it has read the review from its last token back to its first.
+        features = torch.cat([last_valid(out, lengths) for out in outputs], dim=-1)
+        return self.head(features).squeeze(-1)
+
+    @staticmethod
+    def _run_padded(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # Positions past a sequence's end see pads; nothing at or before length-1 does (the LSTM is causal).
+        return lstm(x)[0]
+
+    @staticmethod
+    def _run_packed(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = lstm(packed)
+        return pad_packed_sequence(out, batch_first=True, total_length=x.size(1))[0]
