@@ -1,0 +1,142 @@
+"""Models: shapes, exact variable-length handling, config round trips and refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnlab.errors import ConfigError
+from rnnlab.models import (
+    MODELS,
+    CharConfig,
+    CharLSTM,
+    SentimentConfig,
+    SentimentLSTM,
+    StockConfig,
+    StockLSTM,
+    build_model,
+)
+
+
+def padded_batch(lengths: list[int], vocab_size: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab_size, (len(lengths), max(lengths)), generator=g)
+    for row, n in enumerate(lengths):
+        ids[row, n:] = 0
+    return ids, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("strategy", ["padded", "packed"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_sentiment_logit_is_the_same_alone_or_padded_in_a_batch(strategy, bidirectional, num_layers):
+    torch.manual_seed(0)
+    config = SentimentConfig(vocab_size=40, embed_dim=6, hidden_size=5, num_layers=num_layers,
+                             bidirectional=bidirectional, dropout=0.5, fc_size=4)
+    model = SentimentLSTM(config, length_strategy=strategy).eval()
+    lengths = [9, 3, 1, 6]
+    ids, lens = padded_batch(lengths)
+    # extra trailing padding beyond the longest sequence must not matter either
+    ids = torch.cat([ids, torch.zeros(len(lengths), 4, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        batched = model(ids, lens)
+        alone = torch.stack([model(ids[i : i + 1, :n], lens[i : i + 1])[0] for i, n in enumerate(lengths)])
+    assert batched.shape == (4,)
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_sentiment_padded_and_packed_strategies_agree_including_gradients(bidirectional):
+    torch.manual_seed(1)
+    model = SentimentLSTM(SentimentConfig(vocab_size=40, embed_dim=6, hidden_size=5, num_layers=2,
+                                          bidirectional=bidirectional, fc_size=4))
+    ids, lens = padded_batch([7, 2, 5])
+    results = {}
+    for strategy in ("padded", "packed"):
+        model.length_strategy = strategy
+        model.zero_grad()
+        out = model(ids, lens)
+        out.sum().backward()
+        results[strategy] = (out.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(results["padded"][0], results["packed"][0], rtol=0, atol=1e-6)
+    for a, b in zip(results["padded"][1], results["packed"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sentiment_backward_direction_reads_the_whole_review():
+    # With a bidirectional model the first token must still influence the result through the backward direction
+    # and the last token through the forward one: both directions start where they should.
+    torch.manual_seed(2)
+    model = SentimentLSTM(SentimentConfig(vocab_size=40, embed_dim=6, hidden_size=5, bidirectional=True)).eval()
+    ids, lens = padded_batch([6])
+    changed_first, changed_last = ids.clone(), ids.clone()
+    changed_first[0, 0] = (ids[0, 0] % 39) + 1
+    changed_last[0, 5] = (ids[0, 5] % 39) + 1
+    with torch.no_grad():
+        base = model(ids, lens)
+        assert not torch.equal(base, model(changed_first, lens))
+        assert not torch.equal(base, model(changed_last, lens))
+
+
+def test_sentiment_padding_embedding_is_zero_and_stays_untrained():
+    model = SentimentLSTM(SentimentConfig(vocab_size=10))
+    assert model.embedding.padding_idx == 0
+    assert torch.count_nonzero(model.embedding.weight[0]) == 0
+
+
+def test_sentiment_refuses_empty_sequences():
+    model = SentimentLSTM(SentimentConfig(vocab_size=10))
+    with pytest.raises(ValueError):
+        model(torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 0]))
+
+
+def test_stock_output_shape():
+    model = StockLSTM(StockConfig(num_features=37, hidden_size=4, num_layers=2, fc_size=3, dropout=0.1))
+    assert model(torch.randn(5, 7, 37)).shape == (5,)
+
+
+def test_charlm_window_equals_step_by_step_and_carries_state():
+    torch.manual_seed(3)
+    model = CharLSTM(CharConfig(vocab_size=11, embed_dim=5, hidden_size=7, num_layers=2)).eval()
+    ids = torch.randint(0, 11, (3, 8))
+    with torch.no_grad():
+        logits, (h, c) = model(ids)
+        assert logits.shape == (3, 8, 11) and h.shape == c.shape == (2, 3, 7)
+        # two half windows with the carried state = one whole window
+        first, state = model(ids[:, :4])
+        second, state2 = model(ids[:, 4:], state)
+        torch.testing.assert_close(torch.cat([first, second], 1), logits)
+        # step-by-step decoding from init_state matches the window
+        state = model.init_state(3)
+        for t in range(8):
+            step_logits, state = model.step(ids[:, t], state)
+            torch.testing.assert_close(step_logits, logits[:, t])
+        torch.testing.assert_close(state[0], h)
+
+
+@pytest.mark.parametrize("job", sorted(MODELS))
+def test_config_round_trip(job):
+    config_class, model_class = MODELS[job]
+    settings = {"sentiment": {"vocab_size": 50, "bidirectional": True, "num_layers": 2, "dropout": 0.2},
+                "stock": {"num_features": 12, "hidden_size": 8},
+                "charlm": {"vocab_size": 57, "hidden_size": 16, "embed_dim": 4}}[job]
+    model = build_model(job, settings)
+    assert isinstance(model, model_class)
+    d = model.config.to_dict()
+    assert d == {**config_class(**settings).to_dict()}
+    assert config_class.from_dict(d) == model.config
+    rebuilt = build_model(job, d)
+    assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in model.parameters()]
+
+
+def test_config_refuses_unknown_and_missing_keys_and_bad_values():
+    with pytest.raises(ConfigError, match="hiden_size"):
+        SentimentConfig.from_dict({"vocab_size": 10, "hiden_size": 3})
+    with pytest.raises(ConfigError, match="vocab_size"):
+        CharConfig.from_dict({"hidden_size": 3})
+    with pytest.raises(ConfigError, match="dropout"):
+        StockConfig(dropout=1.5)
+    with pytest.raises(ConfigError, match="hidden_size"):
+        StockConfig(hidden_size=0)
+    with pytest.raises(ConfigError, match="unknown job|Unknown job"):
+        build_model("translation", {})
