@@ -1,0 +1,273 @@
+"""Model bundles: what training exports and what evaluation, generation, Tune and Serve load.
+
+A bundle is a folder::
+
+    model.safetensors   the weights (safetensors: loading never unpickles)
+    config.json         {"format_version", "job", "model": <model config>, "config": <full training config>,
+                         "assets": [names], "files": {file name: sha256}, "rnnlab_version", "config_sha256"}
+    <asset>.json        one per asset: vocab.json (sentiment, charlm), scaler.json + target_scaler.json (stock)
+    metrics.json        the training run's final metrics
+
+``files`` holds the sha256 of every other file and ``config_sha256`` that of config.json's own content (minus
+that field), so any edit after export -- weights, assets, metrics or config -- is refused at load time.
+Writing is atomic: everything goes to a temporary sibling folder that is renamed into place, so a crash never
+leaves half a bundle under the final name, and an existing bundle is replaced only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rnnlab import __version__
+from rnnlab.errors import BundleError, ConfigError
+from rnnlab.models import MODELS, build_model
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class Bundle:
+    path: Path
+    job: str
+    model: nn.Module  # eval mode, on the device asked for
+    model_config: dict[str, Any]
+    config: dict[str, Any]  # the full training config
+    assets: dict[str, dict]  # {"vocab": {...}} or {"scaler": {...}, "target_scaler": {...}}
+    metrics: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------- saving
+
+
+def save_bundle(
+    directory: str | os.PathLike,
+    *,
+    job: str,
+    model: nn.Module,
+    assets: dict[str, dict],
+    metrics: dict,
+    config: dict,
+) -> Path:
+    """Write ``model`` (with ``model.config``), its assets, metrics and training config as a bundle folder.
+
+    ``directory`` may exist already if it is empty or a bundle (it is then replaced); anything else is refused,
+    so a mistyped path never deletes a user's folder.
+    """
+    directory = Path(directory)
+    if job not in MODELS:
+        raise ConfigError(f"Unknown job {job!r}; choose one of {', '.join(MODELS)}.")
+    for name in assets:
+        if not name.replace("_", "").isalnum() or name in ("config", "metrics", "model"):
+            raise BundleError(f"Asset name {name!r} cannot be a bundle file name; use letters, digits and '_'.")
+    _check_replaceable(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        save_file(_plain_state_dict(model), str(staging / WEIGHTS_FILE), metadata={"job": job})
+        for name, asset in assets.items():
+            _write_json(staging / f"{name}.json", asset)
+        _write_json(staging / METRICS_FILE, metrics)
+        files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "job": job,
+            "model": model.config.to_dict(),
+            "config": config,
+            "assets": sorted(assets),
+            "files": files,
+            "rnnlab_version": __version__,
+        }
+        manifest["config_sha256"] = _manifest_digest(manifest)
+        _write_json(staging / CONFIG_FILE, manifest)
+        _fsync_dir(staging)
+        _move_into_place(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors that share no memory: what safetensors' save_file accepts.
+
+    Tied or otherwise shared weights are written once per name (a copy each), so loading stays a plain strict
+    ``load_state_dict``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
+
+
+def _check_replaceable(directory: Path) -> None:
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise BundleError(f"Bundle path {directory} is a file; choose a folder path for the bundle.")
+    if any(directory.iterdir()) and not (directory / CONFIG_FILE).is_file():
+        raise BundleError(
+            f"Bundle folder {directory} exists and is not a bundle; choose an empty or new folder so nothing "
+            "of yours is overwritten."
+        )
+
+
+def _move_into_place(staging: Path, directory: Path) -> None:
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    # A non-empty folder cannot be replaced in one rename: move the old one aside first, then drop it.
+    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+    os.replace(directory, old / directory.name)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        os.replace(old / directory.name, directory)  # put the previous bundle back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True, default=_json_default, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars/arrays, tensors and paths turn up in metrics; anything else is a bug worth a TypeError.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _fsync_dir(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest_digest(manifest: dict) -> str:
+    content = {k: v for k, v in manifest.items() if k != "config_sha256"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def load_bundle(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> Bundle:
+    """Check and load a bundle; any fault is a BundleError of one sentence naming the bundle and the fault."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    job = manifest["job"]
+    files = manifest["files"]
+    needed = [WEIGHTS_FILE, METRICS_FILE, *(f"{name}.json" for name in manifest["assets"])]
+    not_listed = [name for name in needed if name not in files]
+    if not_listed:
+        raise BundleError(f"Bundle {directory} lists no checksum for {', '.join(not_listed)}; re-export the bundle.")
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise BundleError(f"Bundle {directory} is missing {name}; re-export the bundle or copy the whole folder.")
+        if _sha256(path) != expected:
+            raise BundleError(
+                f"Bundle {directory} file {name} does not match its checksum (changed after export); "
+                "re-export the bundle."
+            )
+
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise BundleError(f"Bundle {directory} has unreadable weights in {WEIGHTS_FILE} ({error}).") from None
+    try:
+        model = build_model(job, manifest["model"])
+    except ConfigError as error:
+        raise BundleError(f"Bundle {directory} has an invalid model config: {error}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        reason = " ".join(str(error).split())[:300]
+        raise BundleError(f"Bundle {directory} weights do not match its model config ({reason}).") from None
+    model.to(device).eval()
+
+    assets = {name: _read_json(directory, f"{name}.json") for name in manifest["assets"]}
+    metrics = _read_json(directory, METRICS_FILE)
+    return Bundle(
+        path=directory,
+        job=job,
+        model=model,
+        model_config=dict(manifest["model"]),
+        config=manifest["config"],
+        assets=assets,
+        metrics=metrics,
+    )
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a bundle, checked (format version, job, own checksum) but without loading weights."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"Bundle {directory} does not exist; train a model or fix the path.")
+    if not (directory / CONFIG_FILE).is_file():
+        raise BundleError(f"Bundle {directory} has no {CONFIG_FILE}; it is not a bundle written by rnnlab train.")
+    manifest = _read_json(directory, CONFIG_FILE)
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise BundleError(f"Bundle {directory} {CONFIG_FILE} has no format_version; it is not an rnnlab bundle.")
+    version = manifest["format_version"]
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"Bundle {directory} has format version {version!r} but this rnnlab reads version {FORMAT_VERSION}; "
+            "re-export it with this version of rnnlab."
+        )
+    missing = [k for k in ("job", "model", "config", "assets", "files", "config_sha256") if k not in manifest]
+    if missing:
+        raise BundleError(f"Bundle {directory} {CONFIG_FILE} lacks {', '.join(missing)}; re-export the bundle.")
+    if manifest["config_sha256"] != _manifest_digest(manifest):
+        raise BundleError(
+            f"Bundle {directory} {CONFIG_FILE} was edited after export (its checksum does not match); "
+            "re-export the bundle instead of editing it."
+        )
+    if manifest["job"] not in MODELS:
+        raise BundleError(f"Bundle {directory} is for unknown job {manifest['job']!r}; expected one of {', '.join(MODELS)}.")
+    return manifest
+
+
+def _read_json(directory: Path, name: str) -> Any:
+    try:
+        return json.loads((directory / name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"Bundle {directory} is missing {name}; re-export the bundle.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise BundleError(f"Bundle {directory} has an unreadable {name} ({error}).") from None
