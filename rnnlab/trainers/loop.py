@@ -205,9 +205,9 @@ def _wandb_settings(config: dict, output_dir: Path) -> dict:
     if run_id_file.is_file():  # a resumed run continues the same W&B run
         run_id = run_id_file.read_text().strip()
     else:
-        import wandb
+        import secrets
 
-        run_id = wandb.util.generate_id()
+        run_id = secrets.token_hex(4)  # W&B's own ids are 8 random characters too
         run_id_file.write_text(run_id)
     return {
         "name": tracking["run_name"],
@@ -217,6 +217,10 @@ def _wandb_settings(config: dict, output_dir: Path) -> dict:
         "resume": "allow",
         "job_type": config["job"],
     }
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def _peak_memory_mb() -> float:
@@ -255,8 +259,18 @@ def train(
     output_dir = Path(output_dir)
     train_cfg, tracking = config["train"], config["tracking"]
     precision = resolve_precision(train_cfg["mixed_precision"])
+    # Accelerate keeps its settings in process-wide singletons; a second train() in one process (tests, Ray
+    # Tune's function trainables) may ask for another precision or accumulation. The process group stays.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accum = int(train_cfg["grad_accum"])
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
+        # Several processes and no GPU (``accelerate launch --multi_gpu`` or ``--cpu`` on a CPU machine): run
+        # them as a MULTI_CPU group over gloo, instead of N independent single-process runs.
+        cpu=not torch.cuda.is_available() and (launched > 1 or _env_flag("ACCELERATE_USE_CPU")),
         mixed_precision=precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
         # We step the schedule once per optimizer step ourselves: accelerate's default steps it once per
@@ -264,6 +278,11 @@ def train(
         step_scheduler_with_optimizer=False,
         log_with="wandb" if tracking["wandb"] else None,
     )
+    if launched != accelerator.num_processes:
+        raise ConfigError(
+            f"{launched} processes were launched but Accelerate set up {accelerator.num_processes}; "
+            "check the accelerate config (e.g. configs/accelerate/cpu.yaml on a machine without GPUs)."
+        )
     is_main = accelerator.is_main_process
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)

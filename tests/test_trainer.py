@@ -1,0 +1,235 @@
+"""The training loop: smoke runs of each job, exact resume, W&B offline files, precisions, CLI errors, and a
+2-process run that follows the 1-process loss curve. All on tiny fixtures made in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fixtures import make_imdb_tar, make_stock_csv, make_text
+from rnnlab.errors import ConfigError
+from rnnlab.trainers.config import load_config
+from rnnlab.trainers.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: thread start-up costs more than it saves, and on a busy 2-core machine 2 threads thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("data")
+    return {"sentiment": make_imdb_tar(folder), "stock": make_stock_csv(folder), "charlm": make_text(folder)}
+
+
+def smoke(job: str, data: dict, *overrides: str) -> dict:
+    return load_config(job, "smoke", overrides=[f"data.source={data[job]}", "tracking.wandb=false", *overrides])
+
+
+def events(output: Path, kind: str) -> list[dict]:
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == kind]
+
+
+def latest_weights(output: Path) -> dict[str, torch.Tensor]:
+    pointer = json.loads((output / "checkpoints" / "latest.json").read_text())
+    return load_file(str(output / "checkpoints" / pointer["checkpoint"] / "model.safetensors"))
+
+
+@pytest.mark.parametrize("job", ["sentiment", "stock", "charlm"])
+def test_smoke_run_writes_metrics_checkpoints_and_bundle(job, data, tmp_path):
+    result = train(smoke(job, data), tmp_path)
+    assert set(result) >= {"val", "test", "best_step"} and result["test"]["loss"] == result["test"]["loss"]
+    train_lines, val_lines = events(tmp_path, "train"), events(tmp_path, "val")
+    assert train_lines and val_lines and len(events(tmp_path, "test")) == 1  # test scored once
+    assert {"loss", "lr", "samples_per_s", "tokens_per_s", "peak_memory_mb"} <= set(train_lines[0])
+    assert (tmp_path / "bundle" / "config.json").is_file()
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert 1 <= len(kept) <= 2  # last + best only
+    if job == "stock":
+        assert (tmp_path / "predicted_vs_actual.png").stat().st_size > 1000
+        assert "baseline_same_day_open_mae" in result["test"]
+    if job == "charlm":
+        assert {"loss", "bpc"} <= set(result["val"])
+    if job == "sentiment":
+        assert {"accuracy", "roc_auc"} <= set(result["test"])
+
+
+@pytest.mark.parametrize(
+    "job, extra",
+    [
+        # dropout (global RNG), 2 layers, carried TBPTT state, accumulation, clipping, cosine schedule
+        ("charlm", ["model.num_layers=2", "model.dropout=0.3", "train.max_steps=9", "train.eval_every=3",
+                    "train.grad_accum=2", "train.grad_clip=0.5", "train.scheduler=cosine", "train.log_every=1"]),
+        ("stock", ["model.num_layers=2", "model.dropout=0.2", "train.epochs=3", "train.eval_every=5",
+                   "train.optimizer=adamw", "train.log_every=1"]),
+    ],
+)
+def test_interrupted_and_resumed_run_ends_with_identical_weights(job, extra, data, tmp_path):
+    config = smoke(job, data, *extra)
+    train(config, tmp_path / "straight")
+
+    class Interrupt(Exception):
+        pass
+
+    def crash_at_second_eval(metrics, checkpoint):
+        if metrics["step"] >= 2 * int(config["train"]["eval_every"]):
+            raise Interrupt  # mid-epoch, after the checkpoint of this step is on disk
+
+    with pytest.raises(Interrupt):
+        train(config, tmp_path / "resumed", on_eval=crash_at_second_eval)
+    result = train(config, tmp_path / "resumed", resume=True)
+
+    straight, resumed = latest_weights(tmp_path / "straight"), latest_weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    losses = {r["step"]: r["loss"] for r in events(tmp_path / "straight", "train")}
+    for r in events(tmp_path / "resumed", "train"):
+        assert r["loss"] == losses[r["step"]]
+    assert result["steps"] == max(losses)
+
+
+def test_wandb_offline_run_on_disk_holds_config_and_metrics(data, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    config = smoke("charlm", data, "tracking.wandb=true", "tracking.run_name=smoke-run", "tracking.group=g1")
+    train(config, tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    history, run_config, summary, run_info = read_wandb_run(next(runs[0].glob("*.wandb")))
+    assert run_config["data"]["sampler"] == "tbptt" and run_config["train"]["batch_size"] == 8
+    assert any("train/loss" in row for row in history)
+    assert any("val/bpc" in row for row in history)
+    assert any("test/loss" in row for row in history)
+    assert any(row.get("samples/_type") == "table-file" for row in history)  # the generated-samples table
+    assert summary.get("train/loss") is not None
+    assert (run_info["group"], run_info["name"]) == ("g1", "smoke-run")
+
+
+def read_wandb_run(path: Path) -> tuple[list[dict], dict, dict, dict]:
+    """History rows, config and summary from an offline run's .wandb file (W&B's own record log)."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows, config, summary, run_info = [], {}, {}, {}
+    for data in leveldb_log_records(path.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+        elif kind == "config":
+            for item in record.config.update:
+                value = json.loads(item.value_json)
+                config[item.key] = value.get("value", value) if isinstance(value, dict) else value
+        elif kind == "run":
+            run_info = {"group": record.run.run_group, "name": record.run.display_name}
+        elif kind == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return rows, config, summary, run_info
+
+
+def leveldb_log_records(raw: bytes):
+    """Payloads of a .wandb file: a 7-byte header (":W&B", magic, version), then LevelDB-log blocks of 32 KiB
+    holding records (crc32, length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4). wandb >= 0.2x dropped its
+    Python reader (wandb.sdk.internal.datastore), so the format is read here."""
+    assert raw[:4] == b":W&B"
+    block, pos, pending = 32768, 7, b""
+    while pos + 7 <= len(raw):
+        left_in_block = block - pos % block
+        if left_in_block < 7:  # block trailer padding
+            pos += left_in_block
+            continue
+        length = int.from_bytes(raw[pos + 4 : pos + 6], "little")
+        kind = raw[pos + 6]
+        payload = raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            yield pending
+            pending = b""
+
+
+def test_bf16_on_cpu_trains(data, tmp_path):
+    result = train(smoke("charlm", data, "train.mixed_precision=bf16", "train.max_steps=6"), tmp_path)
+    assert events(tmp_path, "config")[0]["precision"] in ("bf16", "no")
+    assert torch.isfinite(torch.tensor(result["test"]["loss"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_fp16_without_gpu_is_a_clear_error_before_training(data, tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        train(smoke("stock", data, "train.mixed_precision=fp16"), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "stock", "--preset", "smoke", "--set", "train.bogus=1"], "Unknown config key 'train.bogus'"),
+        (["train", "stock", "--preset", "smoke", "--set", "train.mixed_precision=fp16"], "fp16"),
+        (["train", "stock", "--preset", "smoke", "--source", "/nonexistent.csv"], "does not exist"),
+    ],
+)
+def test_cli_errors_are_one_sentence_with_nonzero_exit(argv, fragment, tmp_path, capsys):
+    from rnnlab.launch.cli import main
+
+    if "cuda" in fragment and torch.cuda.is_available():
+        pytest.skip("GPU present")
+    code = main([*argv, "--output", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_config_layers_and_unknown_keys(tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text("train: {lr: 1e-4, epochs: 3}\nmodel: {hidden_size: 7}\n")
+    config = load_config("sentiment", "chapter", user, ["train.epochs=5", "data.max_length=100"])
+    assert config["train"]["lr"] == 1e-4 and config["train"]["epochs"] == 5  # --set beats the file
+    assert config["model"]["hidden_size"] == 7 and config["model"]["embed_dim"] == 32  # file beats preset
+    user.write_text("model: {hiden_size: 7}\n")
+    with pytest.raises(ConfigError, match="model.hiden_size"):
+        load_config("sentiment", "default", user)
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_one_process_loss_curve(data, tmp_path):
+    """Same global batch (8 rows) split 4+4 over two gloo processes vs one process: the per-step train loss
+    agrees to 1e-4 relative (float summation order differs; dropout is 0 so no RNG stream differs)."""
+    common = ["charlm", "--preset", "smoke", "--source", str(data["charlm"]), "--set", "tracking.wandb=false",
+              "--set", "train.log_every=1", "--set", "train.max_steps=15"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RNNLAB_CACHE_DIR": str(tmp_path / "cache")}
+    one = subprocess.run([sys.executable, "-m", "rnnlab.launch.train", *common, "--output", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+         "-m", "rnnlab.launch.train", *common, "--output", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert events(tmp_path / "two", "config")[0]["world_size"] == 2
+    curve_one = [r["loss"] for r in events(tmp_path / "one", "train")]
+    curve_two = [r["loss"] for r in events(tmp_path / "two", "train")]
+    assert len(curve_one) == len(curve_two) == 15
+    assert curve_one == pytest.approx(curve_two, rel=1e-4)
+    val_one, val_two = events(tmp_path / "one", "val")[-1], events(tmp_path / "two", "val")[-1]
+    assert val_one["loss"] == pytest.approx(val_two["loss"], rel=1e-4)
