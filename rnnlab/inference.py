@@ -264,7 +264,7 @@ class TextGenerator:
         try:
             return encode_text(text, self.vocab).tolist()
         except InputError as error:
-            raise InputError(f"Prompt: {error}") from None
+            raise InputError(str(error).replace("The text", "The prompt", 1)) from None
 
     def validate_prompt(self, prompt: Any) -> None:
         self.encode_prompt(prompt)
