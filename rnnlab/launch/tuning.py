@@ -59,7 +59,8 @@ SETTINGS_FILE = "search.yaml"
 # Environment the trials need on every node; Ray workers on a running cluster do not inherit the driver's.
 FORWARDED_ENV = (
     "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_DIR",
-    "WANDB_SILENT", "WANDB_CONSOLE", "RNNLAB_DATA_MIRROR", "RNNLAB_CACHE_DIR",
+    "WANDB_SILENT", "WANDB_CONSOLE", "WANDB__TRANSACTION_LOG_FLUSH_INTERVAL", "RNNLAB_DATA_MIRROR",
+    "RNNLAB_CACHE_DIR",
 )
 
 
@@ -369,6 +370,8 @@ def execute(plan: SearchPlan, *, resume: bool = False, verbose: int = 1) -> Sear
     import ray
     from ray import tune
 
+    # Tune warns each time a checkpoint forces a state snapshot (every epoch here); that is intended.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started_here = not ray.is_initialized()
     env_vars = worker_env()
     if started_here:
@@ -408,6 +411,9 @@ def worker_env() -> dict[str, str]:
     env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     if "WANDB_MODE" not in env and "WANDB_API_KEY" not in env:
         env["WANDB_MODE"] = "offline"
+    # ASHA stops a trial by ending its process; W&B writes a run's file every 15 s by default, so a stopped
+    # trial's run would be lost. Every second, it keeps what the trial logged.
+    env.setdefault("WANDB__TRANSACTION_LOG_FLUSH_INTERVAL", "1")
     return env
 
 
@@ -432,11 +438,15 @@ def build_tuner(plan: SearchPlan, trainable, *, verbose: int = 1):
 
     space = plan.space
     if plan.scheduler == "asha":
+        grace = min(space.asha["grace_period"], plan.max_epochs)
         scheduler = ASHAScheduler(
             time_attr="training_iteration",  # one report per epoch
-            max_t=plan.max_epochs,
-            grace_period=min(space.asha["grace_period"], plan.max_epochs),
+            # Rungs only before the last epoch, and no stop at max_t: a trial that reaches its last epoch
+            # is let finish, so the loop scores test and exports its bundle (stopping it there saves nothing).
+            max_t=max(grace, plan.max_epochs - 1),
+            grace_period=grace,
             reduction_factor=space.asha["reduction_factor"],
+            stop_last_trials=False,
         )
     else:
         scheduler = FIFOScheduler()
