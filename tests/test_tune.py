@@ -64,6 +64,19 @@ def test_user_space_merges_over_defaults(tmp_path):
     assert (plan.space.metric, plan.space.mode) == ("val/r2", "max")  # r2: higher is better
 
 
+def test_space_becomes_tune_distributions_with_inclusive_integer_ends():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    space = load_space("stock", {"inherit": False, "params": {
+        "train.lr": {"loguniform": [1e-4, 1e-2]}, "model.num_layers": {"int": [1, 3]},
+        "model.hidden_size": {"logint": [8, 64]}, "train.batch_size": {"choice": [32, 64]}}})
+    tune_space = space.to_tune()
+    assert isinstance(tune_space["train.lr"], Float) and isinstance(tune_space["train.batch_size"], Categorical)
+    layers = tune_space["model.num_layers"]
+    assert isinstance(layers, Integer) and (layers.lower, layers.upper) == (1, 4)  # Tune's upper end is exclusive
+    assert {layers.sample() for _ in range(200)} == {1, 2, 3}
+
+
 def test_flatten_metrics_keeps_numbers_under_slash_names():
     flat = flatten_metrics({"step": 8, "epoch": 1.0, "val": {"mae": 2.5, "loss": 1.0}, "monitor": "mae",
                             "best_value": None, "is_best": True})
@@ -80,6 +93,7 @@ BAD_INPUT = {
     "unknown distribution": (["tune", "stock", "--space", "{baddist}"], "unknown distribution 'normal'"),
     "float range for an integer": (["tune", "stock", "--space", "{floatint}"], "whole number in the config"),
     "value the config refuses": (["tune", "stock", "--space", "{badvalue}"], "which the config refuses"),
+    "unknown metric": (["tune", "stock", "--space", "{badmetric}"], "report no metric 'val/accuracy'"),
     "reserved key": (["tune", "stock", "--space", "{reserved}"], "set by rnnlab tune itself"),
     "grid with optuna": (["tune", "stock", "--space", "{grid}", "--search", "optuna"], "optuna cannot"),
     "too many CPUs": (["tune", "stock", "--cpus-per-trial", "{too_many_cpus}"], "more than this machine's"),
@@ -108,6 +122,7 @@ def test_bad_input_is_one_sentence_before_ray_starts(case, tmp_path, capsys, mon
         "baddist": write_yaml(tmp_path / "baddist.yaml", {"params": {"train.lr": {"normal": [0, 1]}}}),
         "floatint": write_yaml(tmp_path / "floatint.yaml", {"params": {"model.hidden_size": {"uniform": [4, 8]}}}),
         "badvalue": write_yaml(tmp_path / "badvalue.yaml", {"params": {"train.optimizer": {"choice": ["adam", "rmsprop"]}}}),
+        "badmetric": write_yaml(tmp_path / "badmetric.yaml", {"metric": "val/accuracy", "params": {}}),
         "reserved": write_yaml(tmp_path / "reserved.yaml", {"params": {"train.epochs": {"int": [1, 3]}}}),
         "grid": write_yaml(tmp_path / "grid.yaml", {"params": {"train.lr": {"grid": [0.1, 0.01]}}}),
     }

@@ -104,8 +104,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"best bundle: {result.best_bundle_path}")
     else:
         print("no trial finished training, so there is no best configuration yet.")
+    failed = [trial for trial in result.trials if trial.status == "error"]
+    if failed:
+        print(f"{len(failed)} trial(s) failed; first error ({failed[0].name}): {failed[0].error}")
+        print(f"  full tracebacks: {result.output / result.name}/trial_*/error.txt")
     if result.interrupted:
         print(f"the search was interrupted; continue it with: rnnlab tune {result.job} --output {result.output} "
               "--resume")
         return 130
-    return 0
+    return 1 if result.best is None else 0

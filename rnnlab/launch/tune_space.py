@@ -40,6 +40,12 @@ CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "grid")
 TOP_LEVEL_KEYS = ("metric", "mode", "seed", "asha", "params", "inherit")
 ASHA_KEYS = ("grace_period", "reduction_factor")
+# Validation metrics each job's evaluate() reports (rnnlab/trainers/jobs.py); a search ranks trials by one.
+KNOWN_METRICS = {
+    "sentiment": ("loss", "accuracy", "roc_auc"),
+    "stock": ("loss", "r2", "mae", "mape"),
+    "charlm": ("loss", "bpc", "perplexity"),
+}
 # Set by `rnnlab tune` itself; a space that searched them would fight the scheduler or the search's grouping.
 RESERVED_KEYS = ("train.epochs", "train.eval_every", "tracking.group", "tracking.run_name", "job")
 
@@ -210,6 +216,9 @@ def _build(job: str, data: dict, where: str) -> SearchSpace:
     seed = data.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError(f"{where}: seed must be a whole number or null, not {seed!r}.")
+    if metric is not None and metric.split("/", 1)[1] not in KNOWN_METRICS[job]:
+        known = ", ".join(f"val/{name}" for name in KNOWN_METRICS[job])
+        raise ConfigError(f"{where}: {job} trials report no metric {metric!r}; use one of {known}.")
     return SearchSpace(
         job=job, metric=metric, mode=mode, params=dict(params), seed=seed, asha=asha, source=where
     )

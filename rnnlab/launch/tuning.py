@@ -562,9 +562,11 @@ def _distributed_trial(params: dict, *, base_config: dict, settings: dict) -> No
     checkpoint = tune.get_checkpoint()
     # Workers read the checkpoint from the shared trial folder (Tune keeps it under the trial's storage path).
     resume = Path(checkpoint.path) if checkpoint is not None else False
-    reports, acks = Queue(), Queue()
+    reports, acks = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
 
     def worker(_: dict) -> None:
+        import ray.train
+
         from rnnlab.trainers.loop import train
 
         def on_eval(metrics: dict, checkpoint_dir: Path) -> None:
@@ -572,7 +574,8 @@ def _distributed_trial(params: dict, *, base_config: dict, settings: dict) -> No
             acks.get()  # the driver has copied the checkpoint
 
         train(config, trial_dir, resume=resume, on_eval=on_eval)
-        reports.put(None)
+        if ray.train.get_context().get_world_rank() == 0:
+            reports.put(None)  # training is over: the driver stops listening
 
     trainer = TorchTrainer(
         worker,
