@@ -68,7 +68,9 @@ def run_forecast(args: argparse.Namespace) -> int:
     from rnnlab.data.stock import read_prices
 
     predictor = _predictor(args.bundle, "StockForecaster")
-    history = read_prices(args.csv)
+    # The forecast needs the last few hundred days only (252-day features + a window); a full file is longer
+    # than the service limit, so keep its tail.
+    history = read_prices(args.csv).iloc[-1000:]
     predictor.validate(history)
     print(json.dumps(predictor.predict([history])[0], default=str))
     return 0
