@@ -79,6 +79,10 @@ def run_forecast(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     predictor = _predictor(args.bundle, "TextGenerator")
     predictor.validate_prompt(args.prompt)
-    print(predictor.generate(args.prompt, max_new_tokens=args.length, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    # Stream as the characters come, after the prompt, so a long --length shows progress.
+    print(args.prompt, end="", flush=True)
+    for char in predictor.stream(args.prompt, max_new_tokens=args.length, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        print(char, end="", flush=True)
+    print()
     return 0
