@@ -8,7 +8,8 @@ fixed-size (h, c) per sequence, so a slot costs ``2 * layers * hidden`` floats a
 ``torch.cat`` / index.
 
 Determinism: a sequence's tokens depend only on its prompt, its parameters and its own generator (one uniform
-draw per step), never on which other sequences share the batch. (Up to float rounding of the batched matmul,
+draw per step, ``rnnlab.inference.sample_next``), never on which other sequences share the batch; decoding is
+the same as ``TextGenerator.generate``, so the CLI and the service agree for a seed. (Up to float rounding of the batched matmul,
 which can in principle differ by batch size; it would have to flip a sampled token to show.)
 
 The scheduler knows nothing about Ray or HTTP; ``rnnlab.serve.app`` wraps it in a deployment.
@@ -20,10 +21,12 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from rnnlab.inference import sample_next
 
 logger = logging.getLogger(__name__)
 
@@ -47,38 +50,6 @@ class _Sequence:
     produced: int = 0
     cancelled: bool = False
     arrived: float = field(default_factory=time.perf_counter)
-
-
-def sample_rows(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    uniforms: torch.Tensor,
-) -> torch.Tensor:
-    """Sample one token per row, each row with its own parameters, in a few vectorized ops.
-
-    logits [B, V]; temperature [B] (0 = greedy); top_k [B] int (V = off); top_p [B] (1.0 = off);
-    uniforms [B] in [0, 1), one draw from each row's own generator, so rows never share randomness.
-    Inverse-CDF sampling over the sorted, filtered distribution.
-    """
-    vocab = logits.shape[-1]
-    greedy = temperature <= 0
-    scaled = logits.float() / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    drop = ranks >= top_k.unsqueeze(1)
-    probs = sorted_logits.softmax(dim=-1)
-    # nucleus: drop a token when the mass before it already reaches top_p (the most likely token always stays)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= top_p.unsqueeze(1)
-    drop[:, 0] = False
-    probs = probs.masked_fill(drop, 0.0)
-    cdf = probs.cumsum(dim=-1)
-    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
-    choice = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)
-    choice = torch.where(greedy.unsqueeze(1), torch.zeros_like(choice), choice)
-    return order.gather(1, choice).squeeze(1)
 
 
 class GenerationScheduler:
@@ -206,13 +177,16 @@ class GenerationScheduler:
         active = self._active
         ids = torch.tensor([s.next_id for s in active], dtype=torch.long, device=self.device)
         logits, self._state = self.model.step(ids, self._state)
-        vocab = logits.shape[-1]
         params = [s.params for s in active]
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
-        top_k = torch.tensor([p.top_k or vocab for p in params], device=logits.device)
-        top_p = torch.tensor([p.top_p or 1.0 for p in params], device=logits.device)
-        uniforms = torch.cat([torch.rand(1, generator=s.generator) for s in active]).to(logits.device)
-        new_ids = sample_rows(logits, temperature, top_k, top_p, uniforms).tolist()
+        # the inference layer's sampler: one uniform draw per row from that row's own generator, exactly as
+        # TextGenerator does for one sequence, so the CLI and the service give the same text for a seed
+        new_ids = sample_next(
+            logits,
+            [p.temperature for p in params],
+            [p.top_k for p in params],
+            [p.top_p for p in params],
+            [s.generator for s in active],
+        ).tolist()
 
         self.step_sizes[len(active)] += 1
         self.counts["tokens"] += len(active)

@@ -8,18 +8,21 @@ them and a violation is a 422 whose message quotes the limit (pydantic words it:
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-# Limits. Generous for real use (the longest IMDb review is ~14k characters), small enough that one request
-# cannot occupy a replica for long.
-MAX_TEXTS = 64
-MAX_TEXT_CHARS = 20_000
-MAX_HISTORY_ROWS = 5_000
-MAX_PROMPT_CHARS = 2_000
-MAX_NEW_TOKENS = 2_000
-MAX_TEMPERATURE = 5.0
+# One set of limits for the CLI and the service: the inference layer's. Generous for real use (the longest IMDb
+# review is ~14k characters), small enough that one request cannot occupy a replica for long.
+from rnnlab.inference import (
+    MAX_HISTORY_ROWS,
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_TEXT_CHARS,
+    MAX_TEXTS,
+)
 
 
 class _Strict(BaseModel):
@@ -28,7 +31,7 @@ class _Strict(BaseModel):
 
 # --- sentiment ---------------------------------------------------------------------------------------------
 class SentimentRequest(_Strict):
-    texts: list[str] = Field(
+    texts: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]] = Field(
         min_length=1,
         max_length=MAX_TEXTS,
         description=f"Reviews to classify, 1 to {MAX_TEXTS} per request, each at most {MAX_TEXT_CHARS} characters.",
@@ -50,27 +53,33 @@ class SentimentResponse(BaseModel):
 class PriceRow(_Strict):
     date: dt.date
     open: float = Field(gt=0)
-    high: float = Field(gt=0)
-    low: float = Field(gt=0)
-    close: float = Field(gt=0)
-    volume: float = Field(ge=0)
+    # the last row is the day to forecast: only its date and open are known, so these may be null there
+    high: float | None = Field(None, gt=0)
+    low: float | None = Field(None, gt=0)
+    close: float | None = Field(None, gt=0)
+    volume: float | None = Field(None, ge=0)
 
 
 class ForecastRequest(_Strict):
     rows: list[PriceRow] = Field(
         min_length=1,
         max_length=MAX_HISTORY_ROWS,
-        description="Daily price history, oldest first, at most "
-        f"{MAX_HISTORY_ROWS} rows; the model needs about a year (252 trading days) plus its window. "
-        "The last row's open is the day whose close is forecast (its high/low/close are not used).",
+        description="Daily prices, oldest first, at most "
+        f"{MAX_HISTORY_ROWS} rows. The LAST row is the day to forecast: its date and open (high, low, close, "
+        "volume may be null and are ignored). The model needs 254 + window rows (about a year of history).",
     )
+
+
+class Forecast(BaseModel):
+    date: str = Field(description="The forecast day (the last row's date).")
+    close: float = Field(description="The model's forecast of that day's close.")
+    baseline_open: float = Field(description="The naive forecast close = open, beside it.")
+    actual_close: float | None = Field(description="The last row's close when it was sent (for back-tests).")
 
 
 class ForecastResponse(BaseModel):
     model: str
-    forecast: dict = Field(
-        description="The inference layer's answer: the forecast close beside the naive baseline (close = open)."
-    )
+    forecast: Forecast
 
 
 # --- generation --------------------------------------------------------------------------------------------
@@ -81,7 +90,7 @@ class GenerateRequest(_Strict):
     top_k: int | None = Field(None, ge=1, description="Sample from the k most likely characters only.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     seed: int | None = Field(
-        None, ge=0, lt=2**63, description="Same request and seed give the same text; chosen and returned if absent."
+        None, ge=0, lt=MAX_SEED, description="Same request and seed give the same text; chosen and returned if absent."
     )
     stream: bool = Field(False, description="Send characters as they are produced (server-sent events).")
 

@@ -1,0 +1,393 @@
+"""The Ray Serve application: a FastAPI ingress and one deployment per bundle kind.
+
+    HTTP -> Gateway (FastAPI: schemas, limits, status codes, SSE)
+              |-> Sentiment  (@serve.batch over texts)        SentimentClassifier.predict
+              |-> Forecast   (@serve.batch over histories)    StockForecaster.predict
+              '-> Generator  (iteration-level scheduler)      CharLSTM.step for all active sequences
+
+Each model deployment validates every item of a request *before* it joins a batch, so one bad text never fails
+the requests batched with it (a raising batch function fails its whole batch). Validation errors come back as
+data ({"errors": [...]}) rather than exceptions, and the Gateway turns them into 422s naming the field.
+
+Batch sizes and timeouts are ``user_config`` (live-updatable by ``serve deploy``/``serve run``); replicas,
+autoscaling and ``ray_actor_options`` (fractional ``num_gpus``) are ordinary deployment options in
+configs/serve.yaml. ``build_app`` is the application builder both ``rnnlab serve`` and ``serve run`` use.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the route signatures at request time inside the
+# replica, where string annotations of the Gateway's methods (shipped by cloudpickle) no longer resolve.
+import asyncio
+import collections
+import json
+import logging
+import secrets
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from rnnlab import __version__
+from rnnlab.errors import BundleError, InputError, RnnlabError
+from rnnlab.serve.schemas import (
+    ErrorResponse,
+    ForecastRequest,
+    ForecastResponse,
+    GenerateRequest,
+    GenerateResponse,
+    SentimentRequest,
+    SentimentResponse,
+    error_item,
+)
+
+logger = logging.getLogger("rnnlab.serve")
+
+DEFAULT_BATCH = {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}
+DEFAULT_GENERATION = {"max_batch_size": 64}
+# Deployment defaults sized for a 2-core laptop: fractional CPUs so all four replicas fit, and one constructor
+# try, because a corrupt bundle will not heal on retry (Serve's default retries a failing constructor).
+MODEL_DEPLOYMENT = {"ray_actor_options": {"num_cpus": 0.5}, "max_constructor_retry_count": 1}
+
+
+class BatchStats:
+    """Sizes of the batches a deployment actually ran, for /v1/models (proof that batching happens)."""
+
+    def __init__(self) -> None:
+        self.sizes: collections.Counter[int] = collections.Counter()
+
+    def record(self, size: int) -> None:
+        self.sizes[size] += 1
+
+    def summary(self) -> dict:
+        batches = sum(self.sizes.values())
+        items = sum(k * n for k, n in self.sizes.items())
+        return {
+            "batches": batches,
+            "items": items,
+            "batch_size_histogram": {str(k): self.sizes[k] for k in sorted(self.sizes)},
+            "batch_size_max": max(self.sizes, default=0),
+            "batch_size_mean": items / batches if batches else 0.0,
+        }
+
+
+def _load(bundle_dir: str, job: str, torch_threads: int | None):
+    """Load a bundle inside a replica; on failure log ONE line and raise, so the deployment fails at start."""
+    import ray
+    import torch
+
+    from rnnlab.bundle import load_bundle
+    from rnnlab.serve.bundles import bundle_info
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    try:
+        bundle = load_bundle(bundle_dir, device=device)
+        if bundle.job != job:
+            raise BundleError(f"Bundle {bundle_dir} is a {bundle.job} bundle, not a {job} one; fix the path.")
+    except RnnlabError as error:
+        logger.error("rnnlab serve: cannot load the %s bundle: %s", job, error)
+        raise
+    return bundle, bundle_info(bundle) | {"device": device}
+
+
+def _model_id(info: dict) -> str:
+    return f"{info['name']}@{info['version']}"
+
+
+@serve.deployment(name="Sentiment", max_ongoing_requests=64, **MODEL_DEPLOYMENT)
+class SentimentDeployment:
+    def __init__(self, bundle_dir: str, torch_threads: int | None = 1) -> None:
+        from rnnlab.inference import SentimentClassifier
+
+        bundle, self.info = _load(bundle_dir, "sentiment", torch_threads)
+        self.classifier = SentimentClassifier(bundle)
+        self.stats = BatchStats()
+
+    def reconfigure(self, config: dict) -> None:
+        config = DEFAULT_BATCH | dict(config or {})
+        self._predict_batch.set_max_batch_size(int(config["max_batch_size"]))
+        self._predict_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+    async def classify(self, texts: list[str]) -> dict:
+        errors = []
+        for index, text in enumerate(texts):
+            try:
+                self.classifier.validate(text)
+            except InputError as error:
+                errors.append(error_item(["body", "texts", index], str(error)))
+        if errors:
+            return {"errors": errors}
+        # each text is one batch item: texts from concurrent requests share the same forward pass
+        results = await asyncio.gather(*(self._predict_batch(text) for text in texts))
+        return {"model": _model_id(self.info), "results": results}
+
+    @serve.batch(**DEFAULT_BATCH)
+    async def _predict_batch(self, texts: list[str]) -> list[dict]:
+        self.stats.record(len(texts))
+        # in a thread: the event loop keeps queueing the next batch while torch (GIL released) computes this one
+        return await asyncio.to_thread(self.classifier.predict, texts)
+
+    def describe(self) -> dict:
+        return self.info | {"batching": self._batching()}
+
+    def _batching(self) -> dict:
+        return {
+            "max_batch_size": self._predict_batch._get_max_batch_size(),
+            "batch_wait_timeout_s": self._predict_batch._get_batch_wait_timeout_s(),
+            **self.stats.summary(),
+        }
+
+
+@serve.deployment(name="Forecast", max_ongoing_requests=64, **MODEL_DEPLOYMENT)
+class ForecastDeployment:
+    def __init__(self, bundle_dir: str, torch_threads: int | None = 1) -> None:
+        from rnnlab.inference import StockForecaster
+
+        bundle, self.info = _load(bundle_dir, "stock", torch_threads)
+        self.forecaster = StockForecaster(bundle)
+        self.stats = BatchStats()
+
+    def reconfigure(self, config: dict) -> None:
+        config = DEFAULT_BATCH | dict(config or {})
+        self._predict_batch.set_max_batch_size(int(config["max_batch_size"]))
+        self._predict_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+    async def forecast(self, rows: list[dict]) -> dict:
+        import pandas as pd
+
+        history = pd.DataFrame(rows)
+        try:
+            self.forecaster.validate(history)
+        except InputError as error:
+            return {"errors": [error_item(["body", "rows"], str(error))]}
+        result = await self._predict_batch(history)
+        return {"model": _model_id(self.info), "forecast": result}
+
+    @serve.batch(**DEFAULT_BATCH)
+    async def _predict_batch(self, histories: list) -> list[dict]:
+        self.stats.record(len(histories))
+        return await asyncio.to_thread(self.forecaster.predict, histories)
+
+    def describe(self) -> dict:
+        return self.info | {
+            "batching": {
+                "max_batch_size": self._predict_batch._get_max_batch_size(),
+                "batch_wait_timeout_s": self._predict_batch._get_batch_wait_timeout_s(),
+                **self.stats.summary(),
+            }
+        }
+
+
+@serve.deployment(name="Generator", max_ongoing_requests=256, **MODEL_DEPLOYMENT)
+class GeneratorDeployment:
+    def __init__(self, bundle_dir: str, torch_threads: int | None = 1) -> None:
+        from rnnlab.inference import TextGenerator
+        from rnnlab.serve.scheduler import GenerationScheduler
+
+        bundle, self.info = _load(bundle_dir, "charlm", torch_threads)
+        self.generator = TextGenerator(bundle)
+        self.scheduler = GenerationScheduler(
+            bundle.model, max_batch_size=DEFAULT_GENERATION["max_batch_size"], device=self.info["device"]
+        )
+
+    def reconfigure(self, config: dict) -> None:
+        config = DEFAULT_GENERATION | dict(config or {})
+        self.scheduler.set_max_batch_size(int(config["max_batch_size"]))
+
+    def _prepare(self, request: dict):
+        """Validate and encode one request before it joins the running batch; returns (ids, params) or errors."""
+        from rnnlab.serve.scheduler import SamplingParams
+
+        try:
+            ids = self.generator.encode_prompt(request["prompt"])
+        except InputError as error:
+            return None, {"errors": [error_item(["body", "prompt"], str(error))]}
+        seed = request.get("seed")
+        if seed is None:
+            seed = secrets.randbits(63)  # returned to the client, so any answer can be reproduced
+        params = SamplingParams(
+            max_new_tokens=request["max_new_tokens"],
+            temperature=request["temperature"],
+            top_k=request.get("top_k"),
+            top_p=request.get("top_p"),
+            seed=seed,
+        )
+        return ids, params
+
+    async def generate(self, request: dict) -> dict:
+        ids, params = self._prepare(request)
+        if ids is None:
+            return params
+        pieces = [self._decode(chunk) async for chunk in self.scheduler.generate(ids, params)]
+        text = "".join(pieces)
+        return {"model": _model_id(self.info), "text": text, "seed": params.seed, "tokens": len(text)}
+
+    async def generate_stream(self, request: dict):
+        """First item: {"model", "seed"} or {"errors"}; then {"text": chunk} items. Closing the stream (the
+        client went away; Serve cancels this generator) frees the sequence's slot before the next step."""
+        ids, params = self._prepare(request)
+        if ids is None:
+            yield params
+            return
+        yield {"model": _model_id(self.info), "seed": params.seed}
+        stream = self.scheduler.generate(ids, params)
+        try:
+            async for chunk in stream:
+                yield {"text": self._decode(chunk)}
+        finally:
+            await stream.aclose()
+
+    def _decode(self, ids: list[int]) -> str:
+        itos = self.generator.vocab.itos
+        return "".join(itos[i] for i in ids)
+
+    def describe(self) -> dict:
+        return self.info | {"batching": self.scheduler.stats()}
+
+
+# --- the HTTP ingress ------------------------------------------------------------------------------------------
+api = FastAPI(
+    title="rnnlab",
+    version=__version__,
+    description="Sentiment classification, next-close forecasting and character generation from rnnlab bundles. "
+    "Concurrent requests are batched: @serve.batch for classification and forecasting, iteration-level "
+    "batching (one LSTM step for every active sequence) for generation.",
+)
+_ERRORS = {422: {"model": ErrorResponse, "description": "Invalid input; `loc` names the field."},
+           503: {"model": ErrorResponse, "description": "No bundle of this kind is being served."}}
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    # FastAPI's default echoes the offending input back; with 20k-character texts that is noise. Keep loc + msg.
+    detail = [error_item([str(p) if not isinstance(p, int) else p for p in e["loc"]], e["msg"], e["type"])
+              for e in error.errors()]
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def _unavailable(kind: str) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"detail": [error_item(
+        ["path"], f"No {kind} bundle is being served; add one to the --bundles folder and restart.", "unavailable")]})
+
+
+def _invalid(errors: list[dict]) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": errors})
+
+
+def _sse(event: str | None, data: Any) -> str:
+    # JSON keeps newlines inside generated text from breaking SSE framing
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n"
+
+
+async def _events(first: dict, stream):
+    tokens = 0
+    try:
+        yield _sse("start", first)
+        async for item in stream:
+            tokens += len(item["text"])
+            yield _sse(None, item)
+        yield _sse("done", {"tokens": tokens})
+    finally:
+        # the client went away (or we finished): stop the replica's generator so its slot is freed now
+        stream.cancel()
+
+
+# Everything the Gateway calls must be defined above it: @serve.ingress serializes the class when applied.
+@serve.deployment(name="Gateway", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class Gateway:
+    def __init__(
+        self,
+        sentiment: DeploymentHandle | None = None,
+        forecast: DeploymentHandle | None = None,
+        generator: DeploymentHandle | None = None,
+    ) -> None:
+        self.handles = {"sentiment": sentiment, "forecast": forecast, "generate": generator}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "serving": [kind for kind, handle in self.handles.items() if handle is not None]}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        kinds = [kind for kind, handle in self.handles.items() if handle is not None]
+        described = await asyncio.gather(*(self.handles[kind].describe.remote() for kind in kinds))
+        return {"models": [{"endpoint": f"/v1/{kind}"} | info for kind, info in zip(kinds, described)]}
+
+    @api.post("/v1/sentiment", response_model=SentimentResponse, responses=_ERRORS)
+    async def sentiment(self, body: SentimentRequest):
+        if self.handles["sentiment"] is None:
+            return _unavailable("sentiment")
+        answer = await self.handles["sentiment"].classify.remote(body.texts)
+        return _invalid(answer["errors"]) if "errors" in answer else answer
+
+    @api.post("/v1/forecast", response_model=ForecastResponse, responses=_ERRORS)
+    async def forecast(self, body: ForecastRequest):
+        if self.handles["forecast"] is None:
+            return _unavailable("stock forecast")
+        rows = [row.model_dump(mode="json") for row in body.rows]  # ISO dates, nulls kept
+        answer = await self.handles["forecast"].forecast.remote(rows)
+        return _invalid(answer["errors"]) if "errors" in answer else answer
+
+    @api.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        responses=_ERRORS | {200: {"content": {"text/event-stream": {}},
+                                   "description": "JSON, or with stream=true server-sent events: `start` "
+                                   "{model, seed}, then data {text} per chunk, then `done` {tokens}."}},
+    )
+    async def generate(self, body: GenerateRequest):
+        handle = self.handles["generate"]
+        if handle is None:
+            return _unavailable("text generation")
+        request = body.model_dump()
+        if not body.stream:
+            answer = await handle.generate.remote(request)
+            return _invalid(answer["errors"]) if "errors" in answer else answer
+        stream = handle.options(stream=True).generate_stream.remote(request)
+        first = await stream.__anext__()
+        if "errors" in first:
+            stream.cancel()
+            return _invalid(first["errors"])
+        return StreamingResponse(_events(first, stream), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+
+# --- the application builder -----------------------------------------------------------------------------------
+def build_app(args: dict | None = None) -> serve.Application:
+    """Ray Serve application builder (``import_path: rnnlab.serve.app:build_app`` in configs/serve.yaml).
+
+    args: ``bundles`` (a folder of bundles) and/or ``sentiment`` / ``stock`` / ``charlm`` (one bundle each);
+    ``torch_threads`` per replica (default 1: on a small CPU box the replicas share the cores);
+    ``max_batch_size`` / ``batch_wait_timeout_s`` for all three deployments (a deployment's ``user_config`` in
+    the YAML wins over these).
+    """
+    from rnnlab.errors import ConfigError
+    from rnnlab.serve.bundles import find_bundles
+
+    args = dict(args or {})
+    known = {"bundles", "sentiment", "stock", "charlm", "torch_threads", "max_batch_size", "batch_wait_timeout_s"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ConfigError(f"Unknown serve argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}.")
+    found = find_bundles(args.get("bundles"), explicit={job: args.get(job) for job in ("sentiment", "stock", "charlm")})
+    threads = args.get("torch_threads", 1)
+    batching = {key: args[key] for key in ("max_batch_size", "batch_wait_timeout_s") if args.get(key) is not None}
+    generation = {"max_batch_size": batching["max_batch_size"]} if "max_batch_size" in batching else {}
+
+    def bind(deployment, job: str, user_config: dict):
+        if job not in found:
+            return None
+        if user_config:
+            deployment = deployment.options(user_config=user_config)
+        return deployment.bind(str(found[job]), threads)
+
+    return Gateway.bind(
+        bind(SentimentDeployment, "sentiment", batching),
+        bind(ForecastDeployment, "stock", batching),
+        bind(GeneratorDeployment, "charlm", generation),
+    )
