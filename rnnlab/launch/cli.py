@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "rnnlab.launch.train",
     "rnnlab.launch.predict_cmd",
     "rnnlab.launch.tune",
+    "rnnlab.launch.serve_cmd",
 )
 
 

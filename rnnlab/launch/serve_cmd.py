@@ -1,0 +1,89 @@
+"""``rnnlab serve --bundles DIR``: the HTTP service over trained bundles (Ray Serve, FastAPI ingress).
+
+The bundles are found and checked here, before Ray starts, so a missing or corrupt one is one sentence and a
+non-zero exit, not replicas failing in a loop. The same application runs under Ray's own CLI:
+``serve run configs/serve.yaml`` (see that file for replicas, autoscaling, batch sizes and GPU fractions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import socket
+import time
+
+from rnnlab.errors import ConfigError, RnnlabError
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve trained bundles over HTTP (Ray Serve): sentiment, forecast, generate",
+        description="Serve the bundles in DIR over HTTP with Ray Serve: POST /v1/sentiment, /v1/forecast, "
+        "/v1/generate; GET /v1/models, /healthz; OpenAPI at /docs. Concurrent requests are batched.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--bundles", required=True, metavar="DIR",
+                        help="folder holding bundles as sub-folders (each bundle's config.json names its job)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the service")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--address", default=None,
+                        help="an existing Ray cluster to deploy onto ('auto' or host:port); default starts one")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="batch size for all three deployments (generation: sequences decoded together)")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per replica")
+    parser.set_defaults(func=run)
+
+
+def _check_port(host: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is not a valid port; use 1..65535.")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError(f"Port {port} on {host} is already in use; stop the other server or pass --port.")
+            raise ConfigError(f"Cannot bind {host}:{port} ({error.strerror}); pass another --host or --port.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rnnlab.serve.app import build_app
+    from rnnlab.serve.bundles import find_bundles
+
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size must be at least 1, got {args.max_batch_size}.")
+    # finds and loads every bundle once: a missing or corrupt one is a BundleError (one sentence, exit 2)
+    # before Ray starts
+    app = build_app({"bundles": args.bundles, "torch_threads": args.torch_threads,
+                     "max_batch_size": args.max_batch_size})
+    kinds = ", ".join(sorted(find_bundles(args.bundles, check=False)))
+    if args.address is None:
+        _check_port(args.host, args.port)
+
+    import ray
+    from ray import serve
+
+    ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=bool(getattr(args, "verbose", 0)))
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        try:
+            serve.run(app, name="rnnlab", route_prefix="/")
+        except RuntimeError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RnnlabError(f"The service failed to start ({first_line}); see the replica logs in "
+                              "/tmp/ray/session_latest/logs/serve.") from None
+        print(f"rnnlab: serving {kinds} on http://{args.host}:{args.port} (API docs at /docs); Ctrl-C stops.",
+              flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
