@@ -1,0 +1,404 @@
+"""The HTTP service against a real local Ray instance (2 CPUs), over tiny bundles made from random models.
+
+Serve starts once for the module (about 15 s on 2 cores); every test talks real HTTP to it with httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+import torch
+
+from fixtures import make_stock_csv
+
+pytestmark = pytest.mark.slow
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,'\n"
+WORDS = ["<pad>", "<unk>", "the", "movie", "was", "great", "awful", "plot", "and", "a"]
+
+
+# --- fixtures --------------------------------------------------------------------------------------------------
+def make_bundles(directory: Path) -> Path:
+    """Three tiny bundles from randomly initialised models (the service never needs a trained one)."""
+    import numpy as np
+
+    from rnnlab.bundle import save_bundle
+    from rnnlab.data.stock import FEATURE_NAMES, Scaler
+    from rnnlab.data.vocab import Vocab
+    from rnnlab.models import build_model
+
+    torch.manual_seed(0)
+    vocab = Vocab(WORDS, unk_index=1)
+    save_bundle(directory / "imdb-small", job="sentiment",
+                model=build_model("sentiment", {"vocab_size": len(vocab), "embed_dim": 8, "hidden_size": 8,
+                                                "fc_size": 8}),
+                assets={"vocab": vocab.to_json()}, metrics={"test": {"accuracy": 0.5}}, config={"job": "sentiment"})
+    rng = np.random.default_rng(0)
+    scaler = Scaler.fit(rng.normal(size=(32, len(FEATURE_NAMES))), columns=list(FEATURE_NAMES))
+    target_scaler = Scaler.fit(rng.normal(1000, 50, size=(32, 1)), columns=["close"])
+    save_bundle(directory / "djia-small", job="stock",
+                model=build_model("stock", {"num_features": len(FEATURE_NAMES), "hidden_size": 4, "num_layers": 1,
+                                            "fc_size": 4}),
+                assets={"scaler": scaler.to_json(), "target_scaler": target_scaler.to_json()},
+                metrics={"test": {"r2": 0.0}},
+                config={"job": "stock", "data": {"window": 5, "target": "close"}})
+    save_bundle(directory / "wp-small", job="charlm",
+                model=build_model("charlm", {"vocab_size": len(CHARS), "embed_dim": 8, "hidden_size": 32}),
+                assets={"vocab": Vocab(list(CHARS)).to_json()}, metrics={"val": {"nats_per_char": 3.4}},
+                config={"job": "charlm", "data": {"lowercase": True}})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> Path:
+    return make_bundles(tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(scope="module")
+def price_rows(tmp_path_factory) -> list[dict]:
+    frame = pd.read_csv(make_stock_csv(tmp_path_factory.mktemp("prices"))).tail(300)
+    return [{"date": r.Date, "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close, "volume": r.Volume}
+            for r in frame.itertuples()]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(bundles) -> str:
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from rnnlab.serve.app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # a longer wait than the default so concurrent test requests reliably share a batch
+        serve.run(build_app({"bundles": str(bundles), "batch_wait_timeout_s": 0.05}), name="rnnlab",
+                  route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture()
+def http(service):
+    with httpx.Client(base_url=service, timeout=60) as client:
+        yield client
+
+
+def batching(http: httpx.Client, endpoint: str) -> dict:
+    return next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == endpoint)["batching"]
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    events, name = [], "message"
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[len("data: "):])))
+            name = "message"
+    return events
+
+
+# --- health, docs, models --------------------------------------------------------------------------------------
+def test_healthz_docs_and_openapi(http):
+    health = http.get("/healthz")
+    assert health.status_code == 200
+    assert sorted(health.json()["serving"]) == ["forecast", "generate", "sentiment"]
+    assert http.get("/docs").status_code == 200
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/sentiment", "/v1/forecast", "/v1/generate", "/v1/models", "/healthz"} <= set(paths)
+
+
+def test_models_lists_bundles_with_versions_metrics_and_batching(http):
+    models = {m["endpoint"]: m for m in http.get("/v1/models").json()["models"]}
+    assert set(models) == {"/v1/sentiment", "/v1/forecast", "/v1/generate"}
+    assert models["/v1/sentiment"]["name"] == "imdb-small"
+    assert models["/v1/generate"]["metrics"] == {"val": {"nats_per_char": 3.4}}
+    for model in models.values():
+        assert len(model["version"]) == 12
+        assert {"batch_size_histogram", "batch_size_max", "batch_size_mean", "max_batch_size"} <= set(model["batching"])
+
+
+# --- each endpoint ---------------------------------------------------------------------------------------------
+def test_sentiment_matches_the_inference_layer(http, bundles):
+    from rnnlab.bundle import load_bundle
+    from rnnlab.inference import SentimentClassifier
+
+    texts = ["The movie was great.", "An awful plot and a worse cast."]
+    response = http.post("/v1/sentiment", json={"texts": texts})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"].startswith("imdb-small@")
+    expected = SentimentClassifier(load_bundle(bundles / "imdb-small")).predict(texts)
+    for got, want in zip(body["results"], expected):
+        assert got["label"] == want["label"]
+        assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)
+
+
+def test_forecast_gives_next_close_beside_the_naive_baseline(http, bundles, price_rows):
+    from rnnlab.bundle import load_bundle
+    from rnnlab.inference import StockForecaster
+
+    # the last row is the day to forecast: only its date and open are known
+    rows = price_rows[:-1] + [{"date": price_rows[-1]["date"], "open": price_rows[-1]["open"]}]
+    response = http.post("/v1/forecast", json={"rows": rows})
+    assert response.status_code == 200, response.text
+    forecast = response.json()["forecast"]
+    expected = StockForecaster(load_bundle(bundles / "djia-small")).predict([pd.DataFrame(rows)])[0]
+    assert forecast["date"] == rows[-1]["date"] == expected["date"]
+    assert forecast["close"] == pytest.approx(expected["close"], rel=1e-6)
+    assert forecast["baseline_open"] == pytest.approx(rows[-1]["open"])
+    assert forecast["actual_close"] is None
+    # a back-test: the full last row gives the actual close beside the forecast
+    assert http.post("/v1/forecast", json={"rows": price_rows}).json()["forecast"]["actual_close"] == pytest.approx(
+        price_rows[-1]["close"])
+
+
+def test_served_text_matches_the_cli_generator_for_a_seed(http, bundles):
+    from rnnlab.bundle import load_bundle
+    from rnnlab.inference import TextGenerator
+
+    request = {"prompt": "The war", "max_new_tokens": 50, "temperature": 0.8, "top_k": 12, "seed": 11}
+    served = http.post("/v1/generate", json=request).json()["text"]
+    local = TextGenerator(load_bundle(bundles / "wp-small")).generate(
+        request["prompt"], max_new_tokens=50, temperature=0.8, top_k=12, seed=11)
+    assert served == local
+
+
+def test_generate_returns_text_of_the_asked_length_and_the_seed(http):
+    response = http.post("/v1/generate", json={"prompt": "the ", "max_new_tokens": 40, "seed": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["text"]) == body["tokens"] == 40
+    assert set(body["text"]) <= set(CHARS)
+    assert body["seed"] == 3
+    unseeded = http.post("/v1/generate", json={"prompt": "the ", "max_new_tokens": 5}).json()
+    assert isinstance(unseeded["seed"], int)  # chosen by the server and returned, so it can be replayed
+
+
+def test_seeded_generation_is_deterministic_alone_and_in_a_crowd(http, service):
+    request = {"prompt": "the war ", "max_new_tokens": 60, "temperature": 0.9, "top_k": 10, "top_p": 0.95,
+               "seed": 1234}
+    alone = http.post("/v1/generate", json=request).json()["text"]
+    assert http.post("/v1/generate", json=request).json()["text"] == alone
+
+    async def crowd():
+        async with httpx.AsyncClient(base_url=service, timeout=60) as client:
+            others = [client.post("/v1/generate", json=request | {"seed": s, "max_new_tokens": 30 + s})
+                      for s in range(8)]
+            answers = await asyncio.gather(client.post("/v1/generate", json=request), *others)
+        return [a.json()["text"] for a in answers]
+
+    texts = asyncio.run(crowd())
+    assert texts[0] == alone
+    assert len(set(texts[1:])) > 1  # different seeds really differ
+    greedy = request | {"temperature": 0, "seed": 1}
+    assert http.post("/v1/generate", json=greedy).json()["text"] == http.post(
+        "/v1/generate", json=greedy | {"seed": 2}).json()["text"]
+
+
+def test_streaming_sends_characters_as_produced_and_matches_the_plain_answer(http):
+    request = {"prompt": "the ", "max_new_tokens": 80, "seed": 7}
+    plain = http.post("/v1/generate", json=request).json()["text"]
+    with http.stream("POST", "/v1/generate", json=request | {"stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[0][0] == "start" and events[0][1]["seed"] == 7
+    assert events[-1] == ("done", {"tokens": 80})
+    chunks = [data["text"] for name, data in events if name == "message"]
+    assert "".join(chunks) == plain
+    assert len(chunks) > 1
+
+
+# --- batching --------------------------------------------------------------------------------------------------
+def test_concurrent_requests_run_in_batches_larger_than_one(http, service, price_rows):
+    async def burst():
+        async with httpx.AsyncClient(base_url=service, timeout=60) as client:
+            sentiment = [client.post("/v1/sentiment", json={"texts": [f"the movie was great {i}"]}) for i in range(16)]
+            forecast = [client.post("/v1/forecast", json={"rows": price_rows}) for _ in range(8)]
+            generate = [client.post("/v1/generate", json={"prompt": "a", "max_new_tokens": 50, "seed": i})
+                        for i in range(8)]
+            return await asyncio.gather(*sentiment, *forecast, *generate)
+
+    answers = asyncio.run(burst())
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
+    assert batching(http, "/v1/sentiment")["batch_size_max"] > 1
+    assert batching(http, "/v1/forecast")["batch_size_max"] > 1
+    assert batching(http, "/v1/generate")["batch_size_max"] > 1
+
+
+def test_a_short_request_sent_after_a_long_one_finishes_first(service):
+    """Iteration-level batching: the short request joins the running batch instead of waiting for the long one."""
+    finished: dict[str, float] = {}
+
+    async def race():
+        async with httpx.AsyncClient(base_url=service, timeout=60) as client:
+            async def long():
+                async with client.stream("POST", "/v1/generate", json={"prompt": "the ", "max_new_tokens": 2000,
+                                                                       "seed": 1, "stream": True}) as response:
+                    lines = response.aiter_lines()
+                    async for line in lines:
+                        if line.startswith("data: ") and "text" in line:
+                            started.set()
+                            break
+                    async for _ in lines:
+                        pass
+                finished["long"] = time.perf_counter()
+
+            async def short():
+                await started.wait()
+                response = await client.post("/v1/generate", json={"prompt": "a", "max_new_tokens": 5, "seed": 2})
+                assert response.status_code == 200
+                finished["short"] = time.perf_counter()
+
+            started = asyncio.Event()
+            await asyncio.wait_for(asyncio.gather(long(), short()), timeout=60)
+
+    asyncio.run(race())
+    assert finished["short"] < finished["long"]
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+BAD_REQUESTS = [
+    # (endpoint, body, status, a field the error must name, words the message must hold)
+    ("/v1/sentiment", {}, 422, "texts", "required"),
+    ("/v1/sentiment", {"texts": "just one string"}, 422, "texts", "list"),
+    ("/v1/sentiment", {"texts": []}, 422, "texts", "at least 1"),
+    ("/v1/sentiment", {"texts": ["fine"] * 65}, 422, "texts", "64"),
+    ("/v1/sentiment", {"texts": ["x" * 20_001]}, 422, "texts", "20000"),
+    ("/v1/sentiment", {"texts": ["fine", ""]}, 422, "texts", "at least 1"),
+    ("/v1/sentiment", {"texts": ["fine"], "lang": "en"}, 422, "lang", "not permitted"),
+    ("/v1/forecast", {"rows": [{"date": "2023-01-02", "high": 1, "low": 1, "close": 1}]}, 422, "open", "required"),
+    ("/v1/forecast", {"rows": [{"date": "2023-01-02", "open": -5}]}, 422, "open", "greater than 0"),
+    ("/v1/forecast", {"rows": [{"date": "yesterday", "open": 1, "high": 1, "low": 1, "close": 1, "volume": 1}]},
+     422, "date", "date"),
+    ("/v1/forecast", {"rows": [{"date": "2023-01-02", "open": 1, "high": 1, "low": 1, "close": 1, "volume": 1}]
+                      * 5_001}, 422, "rows", "5000"),
+    ("/v1/generate", {"prompt": ""}, 422, "prompt", "at least 1"),
+    ("/v1/generate", {"prompt": "the", "max_new_tokens": 5_000}, 422, "max_new_tokens", "2000"),
+    ("/v1/generate", {"prompt": "the", "temperature": -1}, 422, "temperature", "greater than or equal"),
+    ("/v1/generate", {"prompt": "the", "top_p": 0}, 422, "top_p", "greater than 0"),
+    ("/v1/generate", {"prompt": "the", "top_k": 0}, 422, "top_k", "greater than or equal"),
+    ("/v1/generate", {"prompt": "the", "max_tokens": 10}, 422, "max_tokens", "not permitted"),
+    ("/v1/generate", {"prompt": "the €mperor ☃"}, 422, "prompt", "☃"),
+    ("/v1/generate", {"prompt": "the €mperor", "stream": True}, 422, "prompt", "€"),
+]
+
+
+@pytest.mark.parametrize("endpoint, body, status, field, words", BAD_REQUESTS,
+                         ids=[f"{e.rsplit('/', 1)[1]}-{i}" for i, (e, *_) in enumerate(BAD_REQUESTS)])
+def test_bad_input_is_refused_naming_the_field_and_the_limit(http, endpoint, body, status, field, words):
+    response = http.post(endpoint, json=body)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert any(field in map(str, item["loc"]) for item in detail), detail
+    assert any(words.lower() in item["msg"].lower() for item in detail), detail
+
+
+def test_forecast_with_too_short_a_history_states_the_minimum(http, price_rows):
+    response = http.post("/v1/forecast", json={"rows": price_rows[:20]})
+    assert response.status_code == 422
+    message = response.json()["detail"][0]["msg"]
+    assert any(char.isdigit() for char in message)  # the minimum number of rows is in the sentence
+
+
+def test_one_bad_request_never_fails_the_others_in_its_batch(http, service, price_rows):
+    async def mixed():
+        async with httpx.AsyncClient(base_url=service, timeout=60) as client:
+            good_forecasts = [client.post("/v1/forecast", json={"rows": price_rows}) for _ in range(6)]
+            bad_forecast = client.post("/v1/forecast", json={"rows": price_rows[::-1]})  # dates descending
+            good_prompts = [client.post("/v1/generate", json={"prompt": "the", "max_new_tokens": 20, "seed": i})
+                            for i in range(6)]
+            bad_prompt = client.post("/v1/generate", json={"prompt": "the ☃", "max_new_tokens": 20})
+            good_texts = [client.post("/v1/sentiment", json={"texts": ["the plot was great"]}) for _ in range(6)]
+            return await asyncio.gather(bad_forecast, bad_prompt, *good_forecasts, *good_prompts, *good_texts)
+
+    bad_forecast, bad_prompt, *good = asyncio.run(mixed())
+    assert bad_forecast.status_code == 422 and "unsorted dates" in bad_forecast.text
+    assert bad_prompt.status_code == 422 and "☃" in bad_prompt.text
+    assert [g.status_code for g in good] == [200] * len(good)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(http):
+    before = batching(http, "/v1/generate")["cancelled"]
+    with http.stream("POST", "/v1/generate", json={"prompt": "the ", "max_new_tokens": 2000, "stream": True,
+                                                   "seed": 5}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and "text" in line:
+                break  # leave after the first characters
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = batching(http, "/v1/generate")
+        if stats["active"] == 0 and stats["cancelled"] > before:
+            break
+        time.sleep(0.2)
+    assert stats["active"] == 0
+    assert stats["cancelled"] == before + 1
+
+
+# --- failing at start ------------------------------------------------------------------------------------------
+def _corrupt_copy(bundles: Path, tmp_path: Path) -> Path:
+    broken = tmp_path / "broken" / "imdb-small"
+    shutil.copytree(bundles / "imdb-small", broken)
+    weights = broken / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = b"\x00" * 8
+    weights.write_bytes(bytes(data))
+    return broken
+
+
+def test_a_corrupt_bundle_fails_the_deployment_at_start_not_a_hang(service, bundles, tmp_path):
+    from ray import serve
+
+    from rnnlab.serve.app import SentimentDeployment
+
+    broken = _corrupt_copy(bundles, tmp_path)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError):
+        # num_cpus 0: the 2-CPU test cluster is fully booked by the main application
+        serve.run(SentimentDeployment.options(ray_actor_options={"num_cpus": 0}).bind(str(broken)),
+                  name="broken", route_prefix=None)
+    assert time.monotonic() - start < 60
+    serve.delete("broken")
+
+
+def test_cli_refuses_missing_or_corrupt_bundles_with_one_sentence(bundles, tmp_path, capsys):
+    from rnnlab.launch.cli import main
+
+    assert main(["serve", "--bundles", str(tmp_path / "nowhere")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "does not exist" in error
+
+    broken = _corrupt_copy(bundles, tmp_path)
+    assert main(["serve", "--bundles", str(broken.parent)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "imdb-small" in error
+
+    (tmp_path / "empty").mkdir()
+    assert main(["serve", "--bundles", str(tmp_path / "empty")]) == 2
+    assert "No model bundles" in capsys.readouterr().err
+
+
+def test_cli_binds_localhost_by_default():
+    from rnnlab.launch.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--bundles", "x"])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
