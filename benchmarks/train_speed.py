@@ -11,11 +11,11 @@ sentiment (tokens/s; embedding 32, LSTM 50, FC 32, Adam 0.003, batch 32):
   * rnnlab: the trainer's SentimentJob -- cached token ids, BucketBatchSampler, collate_reviews, SentimentLSTM.
 
 The rnnlab side runs the trainer's own Job objects (batches, model, loss) under a plain optimizer step, i.e.
-what ``rnnlab train`` does per step minus Accelerate's bookkeeping. The chapter and rnnlab loops alternate for
-``--rounds`` rounds so that load on a shared machine hits both alike; ratios come from the summed rounds.
+what ``rnnlab train`` does per step minus Accelerate's bookkeeping. The loops' optimizer steps are interleaved
+(the loop with the least time so far goes next), so load on a shared machine hits all alike.
 
     python benchmarks/train_speed.py --quick                      # < 2 minutes on a 2-core CPU
-    python benchmarks/train_speed.py --seconds 30 --rounds 3 --json results/train_speed_cpu.json
+    python benchmarks/train_speed.py --seconds 120 --json results/train_speed_cpu.json
     python benchmarks/train_speed.py --device cuda --precision fp32 bf16 --large-batch 1024 --large-seq 100
 """
 
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Throughput, autocast, machine_description, measure  # noqa: E402
+from _common import Throughput, autocast, machine_description, synchronize  # noqa: E402
 from chapter_loops import CharChapterLoop, SentimentChapterLoop, load_raw_reviews  # noqa: E402
 
 
@@ -83,19 +85,41 @@ class JobLoop:
         return batch.tokens
 
 
-def alternate(loops: dict[str, Callable[[], int]], *, device: torch.device, seconds: float, rounds: int,
-              warmup_steps: int) -> dict[str, dict[str, Any]]:
-    """Measure each loop for ``seconds`` per round, round-robin, ``rounds`` times; sum per loop."""
-    totals = {name: Throughput() for name in loops}
-    per_round: dict[str, list[float]] = {name: [] for name in loops}
-    for r in range(rounds):
-        for name, step in loops.items():
-            result = measure(step, device=device, seconds=seconds, warmup_steps=warmup_steps if r == 0 else 0)
-            totals[name] = totals[name].add(result)
-            per_round[name].append(result.per_second)
-            print(f"    round {r + 1}/{rounds}  {name:<44} {result.per_second:12,.0f}/s  "
-                  f"({result.steps} steps, {result.seconds:.1f} s)", flush=True)
-    return {name: {**totals[name].as_dict("units"), "per_round": per_round[name]} for name in loops}
+def interleave(loops: dict[str, Callable[[], int]], *, device: torch.device, seconds: float,
+               warmup_steps: int = 1) -> dict[str, dict[str, Any]]:
+    """Time every loop for ``seconds`` of its own steps, interleaved one optimizer step at a time.
+
+    The next step always goes to the loop with the least time so far, so load from other processes on a
+    shared machine falls on all loops alike. Each step is timed alone (device synchronized around it).
+    Returns per loop: units/s over all its steps (the headline) and the median of per-step units/s.
+    """
+    for step in loops.values():
+        for _ in range(warmup_steps):  # allocator, lazy init, first-batch caches: not timed
+            step()
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    units: dict[str, list[int]] = {name: [] for name in loops}
+    next_report = time.perf_counter() + 15.0
+    while True:
+        name = min(loops, key=lambda n: sum(times[n]))
+        if sum(times[name]) >= seconds:
+            break
+        synchronize(device)
+        start = time.perf_counter()
+        units[name].append(loops[name]())
+        synchronize(device)
+        times[name].append(time.perf_counter() - start)
+        if time.perf_counter() >= next_report:
+            next_report += 15.0
+            print("    " + "; ".join(f"{n.split(',')[0]}: {len(times[n])} steps {sum(times[n]):.0f} s"
+                                     for n in loops), flush=True)
+    out = {}
+    for name in loops:
+        total = Throughput(sum(units[name]), sum(times[name]), len(times[name]))
+        out[name] = {**total.as_dict("units"),
+                     "median_step_units_per_s": float(statistics.median(u / t for u, t in zip(units[name],
+                                                                                          times[name]))),
+                     "step_seconds": times[name]}
+    return out
 
 
 def charlm_benchmark(args, device: torch.device, precision: str) -> dict[str, Any]:
@@ -119,11 +143,13 @@ def charlm_benchmark(args, device: torch.device, precision: str) -> dict[str, An
     large = JobLoop("charlm", [*model_sets, "data.sampler=tbptt", f"data.seq_len={args.large_seq}",
                                f"train.batch_size={args.large_batch}"], **common)
     loops[large_name] = large.step
-    results = alternate(loops, device=device, seconds=args.seconds, rounds=args.rounds, warmup_steps=1)
-    base = results["chapter loop (per char), b64 x 40"]["units_per_s"]
+    results = interleave(loops, device=device, seconds=args.seconds)
+    base = results["chapter loop (per char), b64 x 40"]
+    small_res = results["rnnlab CharLMJob (TBPTT window), b64 x 40"]
     return {"unit": "characters", "loops": results,
-            "ratio_b64": results["rnnlab CharLMJob (TBPTT window), b64 x 40"]["units_per_s"] / base,
-            "ratio_large": results[large_name]["units_per_s"] / base,
+            "ratio_b64": small_res["units_per_s"] / base["units_per_s"],
+            "ratio_b64_median": small_res["median_step_units_per_s"] / base["median_step_units_per_s"],
+            "ratio_large": results[large_name]["units_per_s"] / base["units_per_s"],
             "large": {"batch_size": args.large_batch, "seq_len": args.large_seq}}
 
 
@@ -134,27 +160,30 @@ def sentiment_benchmark(args, device: torch.device, precision: str) -> dict[str,
                      mirror=args.data_mirror)
     loops = {"chapter loop (collate tokenizes, packed), b32": chapter.step,
              "rnnlab SentimentJob (cached ids, buckets), b32": rnnlab.step}
-    results = alternate(loops, device=device, seconds=args.seconds, rounds=args.rounds, warmup_steps=1)
-    names = list(loops)
+    results = interleave(loops, device=device, seconds=args.seconds)
+    chapter_res, rnnlab_res = (results[name] for name in loops)
     return {"unit": "tokens", "loops": results,
-            "ratio": results[names[1]]["units_per_s"] / results[names[0]]["units_per_s"]}
+            "ratio": rnnlab_res["units_per_s"] / chapter_res["units_per_s"],
+            "ratio_median": rnnlab_res["median_step_units_per_s"] / chapter_res["median_step_units_per_s"]}
 
 
 def print_summary(report: dict[str, Any]) -> None:
     print(f"\nmachine: {report['machine']}")
     print(f"settings: {report['settings']}")
+    print(f"load average (1/5/15 min) at start {report['load_average_start']}, at end {report['load_average_end']}")
     for precision, jobs in report["results"].items():
         for job, res in jobs.items():
             unit = res["unit"]
             print(f"\n{job} ({precision}, {report['settings']['device']}), {unit}/s:")
             for name, r in res["loops"].items():
-                print(f"  {name:<46} {r['units_per_s']:12,.0f}   ({r['steps']} steps, {r['seconds']:.1f} s, "
-                      f"{1000 * r['s_per_step']:.0f} ms/step)")
+                print(f"  {name:<46} {r['units_per_s']:12,.0f}   (median step {r['median_step_units_per_s']:,.0f}/s; "
+                      f"{r['steps']} steps, {r['seconds']:.1f} s, {1000 * r['s_per_step']:.0f} ms/step)")
             if job == "charlm":
-                print(f"  ratio rnnlab / chapter loop at b64 x 40: {res['ratio_b64']:.2f}x;  "
+                print(f"  ratio rnnlab / chapter loop at b64 x 40: {res['ratio_b64']:.2f}x "
+                      f"(medians: {res['ratio_b64_median']:.2f}x);  "
                       f"at b{res['large']['batch_size']} x {res['large']['seq_len']}: {res['ratio_large']:.2f}x")
             else:
-                print(f"  ratio rnnlab / chapter loop at b32: {res['ratio']:.2f}x")
+                print(f"  ratio rnnlab / chapter loop at b32: {res['ratio']:.2f}x (medians: {res['ratio_median']:.2f}x)")
     if len(report["results"]) > 1 and "fp32" in report["results"]:
         for precision, jobs in report["results"].items():
             if precision == "fp32":
@@ -172,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "fp16"), default=["fp32"],
                         help="one or more; each is a full set of measurements (autocast, as the trainer's "
                              "mixed_precision)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per loop per round")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (chapter, rnnlab, ...)")
+    parser.add_argument("--seconds", type=float, default=60.0,
+                        help="timed seconds per loop (steps of all loops interleaved)")
     parser.add_argument("--large-batch", type=int, default=256)
     parser.add_argument("--large-seq", type=int, default=100)
     parser.add_argument("--skip-chapter-sampler", action="store_true",
@@ -184,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds, args.rounds, args.skip_chapter_sampler = 4.0, 1, True
+        args.seconds, args.skip_chapter_sampler = 8.0, True
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -196,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_description(device),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": {},
+        "load_average_start": os.getloadavg(),  # other processes on the machine: read ratios, not absolutes
     }
     for precision in args.precision:
         report["results"][precision] = {}
@@ -204,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             bench = charlm_benchmark if job == "charlm" else sentiment_benchmark
             report["results"][precision][job] = bench(args, device, precision)
     report["wall_s"] = time.perf_counter() - started
+    report["load_average_end"] = os.getloadavg()
     print_summary(report)
     print(f"\ntotal wall time {report['wall_s']:.0f} s")
     if args.json:
