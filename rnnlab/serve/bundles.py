@@ -36,16 +36,19 @@ def find_bundles(
     """Map job -> bundle folder.
 
     ``bundles`` is a folder holding bundles as sub-folders (any names; each bundle's config.json says its job), or
-    one bundle itself. ``explicit`` names bundles per job ({"sentiment": path, ...}) and wins over the folder.
+    training runs' output folders (each with its ``bundle/``), or one bundle itself. ``explicit`` names bundles
+    per job ({"sentiment": path, ...}) and wins over the folder.
     With ``check``, each bundle is loaded once (checksums, format version, weights) so a bad one is refused here.
     """
     found: dict[str, Path] = {}
     if bundles is not None:
-        root = Path(bundles).expanduser()
+        root = Path(bundles).expanduser().resolve()  # absolute: replicas may start in another directory
         if not root.is_dir():
             raise BundleError(f"Bundle folder {root} does not exist; pass --bundles a folder holding trained bundles.")
         candidates = [root] if _looks_like_bundle(root) else sorted(p for p in root.iterdir() if p.is_dir())
         for directory in candidates:
+            if not _looks_like_bundle(directory) and _looks_like_bundle(directory / "bundle"):
+                directory = directory / "bundle"  # a training run's --output folder: serve what it exported
             if not _looks_like_bundle(directory):
                 continue
             job = _job_of(directory)
@@ -60,7 +63,7 @@ def find_bundles(
             raise ConfigError(f"Unknown bundle kind {job!r}; use one of {', '.join(KINDS)}.")
         if path is None:
             continue
-        directory = Path(path).expanduser()
+        directory = Path(path).expanduser().resolve()
         if not directory.is_dir():
             raise BundleError(f"The {job} bundle {directory} does not exist; train one or fix the path.")
         if _job_of(directory) != job:
@@ -91,7 +94,7 @@ def bundle_info(bundle) -> dict:
     # version: the first hex digits of the weights' sha256, so two deployments of the same bundle agree
     version = digest[:12] if digest else "unknown"
     return {
-        "name": path.name,
+        "name": path.parent.name if path.name == "bundle" else path.name,
         "job": bundle.job,
         "version": version,
         "format_version": format_version,
