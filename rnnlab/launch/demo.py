@@ -1,6 +1,6 @@
 """``make demo``: the whole product in a few minutes on a CPU.
 
-1. trains the three jobs briefly (the ``smoke`` presets) on the real data and prints their metrics;
+1. trains the three jobs briefly (``RECIPES``: small presets, few steps) on the real data and prints their metrics;
 2. starts the HTTP service over the three bundles (``rnnlab serve``, a real Ray Serve instance);
 3. sends one request of each kind and prints the answers;
 4. stops the service.
@@ -22,7 +22,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-JOBS = ("sentiment", "stock", "charlm")
+# (preset, overrides): small enough for a CPU in a minute or two, large enough to learn something.
+RECIPES = {
+    "sentiment": ("smoke", ["data.limit_train=4000", "data.limit_val=500", "data.limit_test=1000",
+                            "data.max_length=150", "data.max_vocab=10000", "model.embed_dim=32",
+                            "model.hidden_size=32", "train.epochs=2"]),
+    "stock": ("default", ["train.epochs=5", "train.progress=false"]),
+    "charlm": ("smoke", ["train.max_steps=300", "train.eval_every=100"]),
+}
 REVIEWS = [
     "A moving, beautifully acted film; I loved every minute of it.",
     "Dull, predictable and far too long. I want my two hours back.",
@@ -34,9 +41,9 @@ def train_all(output: Path) -> dict[str, dict]:
     from rnnlab.trainers.loop import train
 
     results = {}
-    for job in JOBS:
-        print(f"\n== training {job} (smoke preset, real data) ==", flush=True)
-        config = load_config(job, "smoke", None, ["tracking.group=demo"])
+    for job, (preset, overrides) in RECIPES.items():
+        print(f"\n== training {job} ({preset} preset {' '.join(overrides)}, real data) ==", flush=True)
+        config = load_config(job, preset, None, [*overrides, "tracking.group=demo"])
         result = train(config, output / job)
         results[job] = {"val": result["val"], "test": result["test"], "bundle": result["bundle"]}
         print(json.dumps({job: results[job]["test"]}, indent=1, default=str), flush=True)
@@ -102,7 +109,7 @@ def query_all(base: str) -> None:
     print("\n== POST /v1/sentiment ==")
     for text, answer in zip(REVIEWS, post(base, "/v1/sentiment", {"texts": REVIEWS})["results"]):
         print(f"  {answer}  <- {text!r}")
-    print("\n== POST /v1/forecast (DJIA history, forecasting its last day) ==")
+    print("\n== POST /v1/forecast (the index file's history, forecasting its last day from its open) ==")
     print(" ", post(base, "/v1/forecast", {"rows": price_history()}))
     print("\n== POST /v1/generate ==")
     answer = post(base, "/v1/generate", {"prompt": "the emperor", "max_new_tokens": 120, "temperature": 0.8,
