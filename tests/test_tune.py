@@ -200,7 +200,9 @@ def test_asha_search_stops_weak_trials_and_its_best_config_retrains(tmp_path, pr
     printed = capsys.readouterr().out
     print(f"4-trial ASHA search wall time: {wall:.1f} s")
     assert code == 0
-    assert wall < 180
+    # The wall time is a figure for the notes (about 25 s on a quiet 2-core box), not an assertion: a timed
+    # test fails on a loaded machine. This bound only catches a hung search.
+    assert wall < 900
 
     rows = {row["train.lr"]: row for row in _read_csv(out / "results.csv")}
     assert len(rows) == 4
