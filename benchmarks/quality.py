@@ -86,10 +86,13 @@ def collect(output: Path) -> dict[str, Any]:
     metrics = json.loads(metrics_path.read_text())
     rates: dict[str, list[float]] = {"samples_per_s": [], "tokens_per_s": []}
     config: dict[str, Any] = {}
+    stamps: list[float] = []
     jsonl = output / "metrics.jsonl"
     if jsonl.exists():
         for line in jsonl.read_text().splitlines():
             event = json.loads(line)
+            if "time" in event:
+                stamps.append(float(event["time"]))
             if event.get("event") == "train":
                 for key in rates:
                     if key in event:
@@ -99,7 +102,9 @@ def collect(output: Path) -> dict[str, Any]:
     throughput = {key: sum(v) / len(v) for key, v in rates.items() if v}
     return {"val": metrics.get("val", {}), "test": metrics.get("test", {}), "steps": metrics.get("steps"),
             "best_step": metrics.get("best_step"), "stopped_early": metrics.get("stopped_early"),
-            "throughput": throughput, "train_config": config.get("train", {})}
+            "throughput": throughput, "train_config": config.get("train", {}),
+            # from the first to the last logged event: training + evaluation, without process start-up
+            "logged_s": (max(stamps) - min(stamps)) if stamps else None}
 
 
 def row_text(job: str, preset: str, result: dict[str, Any], shortened: bool) -> str:
@@ -107,6 +112,8 @@ def row_text(job: str, preset: str, result: dict[str, Any], shortened: bool) -> 
         return f"  {job}:{preset:<8} {result['error']}"
     tag = " (shortened)" if shortened else ""
     wall = f"{result['wall_s']:.0f} s" if result.get("wall_s") is not None else "n/a"
+    if result.get("logged_s") is not None:
+        wall += f" (logged {result['logged_s']:.0f} s)"
     val, test = result["val"], result["test"]
     if job == "sentiment":
         figures = (f"test accuracy {100 * test.get('accuracy', float('nan')):.2f} %, "
