@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import signal
 import socket
 import time
 
@@ -51,9 +52,20 @@ def _check_port(host: str, port: int) -> None:
             raise ConfigError(f"Cannot bind {host}:{port} ({error.strerror}); pass another --host or --port.")
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM (and SIGINT, even where a parent shell set it to be ignored) end the wait below through the
+    same path as Ctrl-C, so Serve and Ray are always shut down."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run(args: argparse.Namespace) -> int:
     from rnnlab.serve.app import build_app
-    from rnnlab.serve.bundles import find_bundles
+    from rnnlab.serve.bundles import KINDS, find_bundles
 
     if args.max_batch_size is not None and args.max_batch_size < 1:
         raise ConfigError(f"--max-batch-size must be at least 1, got {args.max_batch_size}.")
@@ -61,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     # before Ray starts
     app = build_app({"bundles": args.bundles, "torch_threads": args.torch_threads,
                      "max_batch_size": args.max_batch_size})
-    kinds = ", ".join(sorted(find_bundles(args.bundles, check=False)))
+    kinds = ", ".join(f"/v1/{KINDS[job]}" for job in sorted(find_bundles(args.bundles, check=False)))
     if args.address is None:
         _check_port(args.host, args.port)
 
@@ -78,10 +90,15 @@ def run(args: argparse.Namespace) -> int:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise RnnlabError(f"The service failed to start ({first_line}); see the replica logs in "
                               "/tmp/ray/session_latest/logs/serve.") from None
+        _stop_on_signals()
         print(f"rnnlab: serving {kinds} on http://{args.host}:{args.port} (API docs at /docs); Ctrl-C stops.",
               flush=True)
-        while True:
-            time.sleep(3600)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("rnnlab: stopping the service.", flush=True)
+        return 0
     finally:
         try:
             serve.shutdown()

@@ -42,7 +42,8 @@ from rnnlab.serve.schemas import (
     error_item,
 )
 
-logger = logging.getLogger("rnnlab.serve")
+# Serve's own logger: lines land in the replica's log file (and the driver's console) in Serve's format
+logger = logging.getLogger("ray.serve")
 
 DEFAULT_BATCH = {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}
 DEFAULT_GENERATION = {"max_batch_size": 64}
