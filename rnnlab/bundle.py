@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rnnlab import __version__
+from rnnlab.data.sources import sha256_of
 from rnnlab.errors import BundleError, ConfigError
 from rnnlab.models import MODELS, build_model
 
@@ -82,7 +83,7 @@ def save_bundle(
         for name, asset in assets.items():
             _write_json(staging / f"{name}.json", asset)
         _write_json(staging / METRICS_FILE, metrics)
-        files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+        files = {p.name: sha256_of(p) for p in sorted(staging.iterdir())}
         manifest = {
             "format_version": FORMAT_VERSION,
             "job": job,
@@ -170,13 +171,6 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(f.fileno())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _manifest_digest(manifest: dict) -> str:
     content = {k: v for k, v in manifest.items() if k != "config_sha256"}
@@ -201,7 +195,7 @@ def load_bundle(directory: str | os.PathLike, *, device: str | torch.device = "c
         path = directory / name
         if not path.is_file():
             raise BundleError(f"Bundle {directory} is missing {name}; re-export the bundle or copy the whole folder.")
-        if _sha256(path) != expected:
+        if sha256_of(path) != expected:
             raise BundleError(
                 f"Bundle {directory} file {name} does not match its checksum (changed after export); "
                 "re-export the bundle."
