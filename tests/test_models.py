@@ -16,6 +16,7 @@ from rnnlab.models import (
     StockLSTM,
     build_model,
 )
+from rnnlab.models.sentiment import masked_max_mean
 
 
 def padded_batch(lengths: list[int], vocab_size: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,13 +27,15 @@ def padded_batch(lengths: list[int], vocab_size: int = 40, seed: int = 0) -> tup
     return ids, torch.tensor(lengths)
 
 
+@pytest.mark.parametrize("pooling", ["last", "max_mean"])
 @pytest.mark.parametrize("strategy", ["padded", "packed"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_sentiment_logit_is_the_same_alone_or_padded_in_a_batch(strategy, bidirectional, num_layers):
+def test_sentiment_logit_is_the_same_alone_or_padded_in_a_batch(strategy, bidirectional, num_layers, pooling):
     torch.manual_seed(0)
     config = SentimentConfig(vocab_size=40, embed_dim=6, hidden_size=5, num_layers=num_layers,
-                             bidirectional=bidirectional, dropout=0.5, fc_size=4)
+                             bidirectional=bidirectional, dropout=0.5, fc_size=4, pooling=pooling,
+                             embed_dropout=0.5)
     model = SentimentLSTM(config, length_strategy=strategy).eval()
     lengths = [9, 3, 1, 6]
     ids, lens = padded_batch(lengths)
@@ -61,6 +64,32 @@ def test_sentiment_padded_and_packed_strategies_agree_including_gradients(bidire
     torch.testing.assert_close(results["padded"][0], results["packed"][0], rtol=0, atol=1e-6)
     for a, b in zip(results["padded"][1], results["packed"][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_max_mean_ignores_pads_even_when_every_real_value_is_negative():
+    # Pads hold 0 (packed) or real LSTM outputs (padded); both must be invisible to the max and the mean.
+    x = torch.tensor([[[-3.0, -1.0], [-2.0, -5.0], [0.0, 9.0]],
+                      [[-4.0, -6.0], [7.0, 7.0], [7.0, 7.0]]])
+    pooled = masked_max_mean(x, torch.tensor([2, 1]))
+    expected = torch.tensor([[-2.0, -1.0, -2.5, -3.0],
+                             [-4.0, -6.0, -4.0, -6.0]])
+    torch.testing.assert_close(pooled, expected)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_sentiment_max_mean_pooling_agrees_across_strategies_and_sees_every_token(bidirectional):
+    torch.manual_seed(4)
+    model = SentimentLSTM(SentimentConfig(vocab_size=40, embed_dim=6, hidden_size=5, num_layers=2,
+                                          bidirectional=bidirectional, fc_size=4, pooling="max_mean")).eval()
+    ids, lens = padded_batch([7, 2, 5])
+    with torch.no_grad():
+        padded = model(ids, lens)
+        model.length_strategy = "packed"
+        torch.testing.assert_close(padded, model(ids, lens), rtol=0, atol=1e-6)
+        changed = ids.clone()
+        changed[0, 3] = (ids[0, 3] % 39) + 1  # a middle token of the first review
+        assert not torch.equal(padded[0], model(changed, lens)[0])
+    assert model.head[0].in_features == 5 * (2 if bidirectional else 1) * 2
 
 
 def test_sentiment_backward_direction_reads_the_whole_review():
@@ -138,5 +167,9 @@ def test_config_refuses_unknown_and_missing_keys_and_bad_values():
         StockConfig(dropout=1.5)
     with pytest.raises(ConfigError, match="hidden_size"):
         StockConfig(hidden_size=0)
+    with pytest.raises(ConfigError, match="pooling"):
+        SentimentConfig(vocab_size=10, pooling="attention")
+    with pytest.raises(ConfigError, match="embed_dropout"):
+        SentimentConfig(vocab_size=10, embed_dropout=1.0)
     with pytest.raises(ConfigError, match="unknown job|Unknown job"):
         build_model("translation", {})

@@ -76,6 +76,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "bidirectional": False,
             "dropout": 0.0,
             "fc_size": 32,
+            "pooling": "last",  # last | max_mean (rnnlab/models/sentiment.py)
+            "embed_dropout": 0.0,
         },
         "train": dict(_TRAIN),
         "tracking": dict(_TRACKING),
