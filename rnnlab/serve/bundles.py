@@ -20,9 +20,13 @@ def _job_of(directory: Path) -> str:
     try:
         job = json.loads(config_path.read_text(encoding="utf-8")).get("job")
     except (OSError, ValueError, AttributeError) as error:
-        raise BundleError(f"Bundle {directory} has an unreadable config.json ({error}); re-export the bundle.") from None
+        raise BundleError(
+            f"Bundle {directory} has an unreadable config.json ({error}); re-export the bundle."
+        ) from None
     if job not in KINDS:
-        raise BundleError(f"Bundle {directory} is for job {job!r}, which the service does not serve ({', '.join(KINDS)}).")
+        raise BundleError(
+            f"Bundle {directory} is for job {job!r}, which the service does not serve ({', '.join(KINDS)})."
+        )
     return job
 
 
@@ -35,9 +39,9 @@ def find_bundles(
 ) -> dict[str, Path]:
     """Map job -> bundle folder.
 
-    ``bundles`` is a folder holding bundles as sub-folders (any names; each bundle's config.json says its job), or
-    training runs' output folders (each with its ``bundle/``), or one bundle itself. ``explicit`` names bundles
-    per job ({"sentiment": path, ...}) and wins over the folder.
+    ``bundles`` is a folder holding bundles as sub-folders (any names; each bundle's config.json says its job)
+    or training runs' / searches' output folders (each with its ``bundle/`` or ``best_bundle/``), or one bundle
+    itself. ``explicit`` names bundles per job ({"sentiment": path, ...}) and wins over the folder.
     With ``check``, each bundle is loaded once (checksums, format version, weights) so a bad one is refused here.
     """
     found: dict[str, Path] = {}
@@ -47,8 +51,9 @@ def find_bundles(
             raise BundleError(f"Bundle folder {root} does not exist; pass --bundles a folder holding trained bundles.")
         candidates = [root] if _looks_like_bundle(root) else sorted(p for p in root.iterdir() if p.is_dir())
         for directory in candidates:
-            if not _looks_like_bundle(directory) and _looks_like_bundle(directory / "bundle"):
-                directory = directory / "bundle"  # a training run's --output folder: serve what it exported
+            for exported in ("bundle", "best_bundle"):  # a training run's or a Tune search's --output folder
+                if not _looks_like_bundle(directory) and _looks_like_bundle(directory / exported):
+                    directory = directory / exported
             if not _looks_like_bundle(directory):
                 continue
             job = _job_of(directory)
@@ -94,7 +99,7 @@ def bundle_info(bundle) -> dict:
     # version: the first hex digits of the weights' sha256, so two deployments of the same bundle agree
     version = digest[:12] if digest else "unknown"
     return {
-        "name": path.parent.name if path.name == "bundle" else path.name,
+        "name": path.parent.name if path.name in ("bundle", "best_bundle") else path.name,
         "job": bundle.job,
         "version": version,
         "format_version": format_version,

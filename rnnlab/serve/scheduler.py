@@ -9,8 +9,8 @@ fixed-size (h, c) per sequence, so a slot costs ``2 * layers * hidden`` floats a
 
 Determinism: a sequence's tokens depend only on its prompt, its parameters and its own generator (one uniform
 draw per step, ``rnnlab.inference.sample_next``), never on which other sequences share the batch; decoding is
-the same as ``TextGenerator.generate``, so the CLI and the service agree for a seed. (Up to float rounding of the batched matmul,
-which can in principle differ by batch size; it would have to flip a sampled token to show.)
+the same as ``TextGenerator.generate``, so the CLI and the service agree for a seed. (Up to float rounding of
+the batched matmul, which can in principle differ by batch size; it would have to flip a sampled token to show.)
 
 The scheduler knows nothing about Ray or HTTP; ``rnnlab.serve.app`` wraps it in a deployment.
 """

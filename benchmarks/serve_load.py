@@ -1,0 +1,301 @@
+"""Load test for `rnnlab serve`: N concurrent clients for T seconds, batching on vs off in one run.
+
+    python benchmarks/serve_load.py                      # starts its own local service (2 CPUs) and compares
+    python benchmarks/serve_load.py --bundles runs/bundles   # ... over trained bundles instead of random ones
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --only sentiment   # a running service, as is
+
+Phases (own service): each endpoint with batching on (max_batch_size 32 for sentiment/forecast, 64 sequences
+for generation) and then with max_batch_size=1 (one request at a time), switched live through the deployments'
+user_config. Per phase: requests/s, p50/p99 latency, errors; for generation also characters/s.
+Without --bundles it builds chapter-sized bundles from randomly initialised models (same compute as trained
+ones) and uses real IMDb reviews from the mirror when it is there (else synthetic ones of the same length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = REPO.parent / "shared" / "data"
+
+
+# --- load generation -------------------------------------------------------------------------------------------
+async def run_clients(url: str, make_body, *, clients: int, seconds: float, count_chars: bool = False,
+                      method: str = "POST") -> dict:
+    """``clients`` tasks, each sending one request after another until ``seconds`` pass.
+
+    aiohttp rather than httpx: the load generator shares the 2 cores with the service, and aiohttp spends
+    about half the CPU per request, so more of the machine measures the service.
+    """
+    import aiohttp
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    chars = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(index: int, http: aiohttp.ClientSession) -> None:
+        nonlocal chars
+        rng = random.Random(index)
+        while time.perf_counter() < deadline:
+            body = make_body(rng)
+            start = time.perf_counter()
+            try:
+                async with http.request(method, url, json=body) as response:
+                    payload = await response.read()
+                    if response.status != 200:
+                        errors.append(f"{response.status} {payload[:200]!r}")
+                        continue
+                if count_chars:
+                    chars += len(json.loads(payload)["text"])
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                errors.append(f"{type(error).__name__}: {error}")
+                continue
+            latencies.append(time.perf_counter() - start)
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as http:
+        began = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+
+    def pick(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+
+    result = {
+        "clients": clients,
+        "seconds": round(elapsed, 2),
+        "requests": len(latencies),
+        "requests_per_s": len(latencies) / elapsed,
+        "p50_ms": pick(0.50),
+        "p99_ms": pick(0.99),
+        "mean_ms": statistics.fmean(latencies) * 1000 if latencies else float("nan"),
+        "errors": len(errors),
+    }
+    if count_chars:
+        result["chars_per_s"] = chars / elapsed
+    if errors:
+        result["first_error"] = errors[0]
+    return result
+
+
+# --- request bodies --------------------------------------------------------------------------------------------
+def imdb_reviews(limit: int = 512) -> list[str]:
+    archive = MIRROR / "aclImdb_v1.tar.gz"
+    if archive.is_file():
+        texts = []
+        with tarfile.open(archive, "r:gz") as tar:  # the test split comes first in the archive: stop early
+            for member in tar:
+                if member.name.startswith("aclImdb/test/") and member.name.endswith(".txt") and member.isfile():
+                    texts.append(tar.extractfile(member).read().decode("utf-8"))
+                    if len(texts) == limit:
+                        break
+        if texts:
+            return texts
+    rng = random.Random(0)
+    words = "the a film movie good bad great plot acting story was is and but not very really one".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(50, 500))) for _ in range(limit)]
+
+
+def price_rows(count: int = 300) -> list[dict]:
+    csv = MIRROR / "19900101_20230630.csv"
+    if csv.is_file():
+        import pandas as pd
+
+        frame = pd.read_csv(csv).tail(count)
+        return [{"date": r.Date, "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close,
+                 "volume": float(r.Volume)} for r in frame.itertuples()]
+    return synthetic_rows(count)
+
+
+def synthetic_rows(count: int, seed: int = 0) -> list[dict]:
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, count)))
+    open_ = close * np.exp(rng.normal(0, 0.003, count))
+    dates = pd.bdate_range("2020-01-01", periods=count)
+    return [{"date": d.date().isoformat(), "open": float(o), "high": float(max(o, c) * 1.005),
+             "low": float(min(o, c) * 0.995), "close": float(c), "volume": float(rng.integers(1e6, 1e7))}
+            for d, o, c in zip(dates, open_, close)]
+
+
+# --- a local service over chapter-sized bundles ------------------------------------------------------------------
+def random_bundles(directory: Path, reviews: list[str], preset: str = "chapter") -> Path:
+    """Chapter-sized bundles from randomly initialised models: the compute of trained ones, in a second."""
+    import torch
+
+    from rnnlab.bundle import save_bundle
+    from rnnlab.data.imdb import tokenize
+    from rnnlab.data.stock import FEATURE_NAMES, Scaler
+    from rnnlab.data.vocab import build_vocab
+    from rnnlab.models import build_model
+
+    from rnnlab.trainers.config import load_config
+
+    torch.manual_seed(0)
+    vocab = build_vocab(tokenize(text) for text in reviews)
+    recipe = load_config("sentiment", preset)  # the architecture (and max_length) that preset trains
+    save_bundle(directory / "sentiment", job="sentiment",
+                model=build_model("sentiment", {**recipe["model"], "vocab_size": len(vocab)}),
+                assets={"vocab": vocab.to_json()}, metrics={},
+                config={"job": "sentiment", "data": {"max_length": recipe["data"].get("max_length")}})
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    scaler = Scaler.fit(rng.normal(size=(64, len(FEATURE_NAMES))), columns=list(FEATURE_NAMES))
+    target_scaler = Scaler.fit(rng.normal(30_000, 1_000, size=(64, 1)), columns=["close"])
+    save_bundle(directory / "stock", job="stock", model=build_model("stock", {"num_features": len(FEATURE_NAMES)}),
+                assets={"scaler": scaler.to_json(), "target_scaler": target_scaler.to_json()}, metrics={},
+                config={"job": "stock", "data": {"window": 5, "target": "close"}})
+    text_path = MIRROR / "warpeace_input.txt"
+    fallback = "abcdefghijklmnopqrstuvwxyz .,\n"
+    text = text_path.read_text(encoding="utf-8-sig").lower() if text_path.is_file() else fallback
+    chars = build_vocab([text], specials=())
+    save_bundle(directory / "charlm", job="charlm", model=build_model("charlm", {"vocab_size": len(chars)}),
+                assets={"vocab": chars.to_json()}, metrics={}, config={"job": "charlm", "data": {"lowercase": True}})
+    return directory
+
+
+def model_ceiling(bundles: Path, reviews: list[str], seconds: float = 3.0) -> dict:
+    """In-process sentiment throughput at batch 1 vs 32 (one torch thread, as a replica has): the most that
+    batching can buy before any HTTP or Ray overhead is counted."""
+    import torch
+
+    from rnnlab.inference import SentimentClassifier
+    from rnnlab.serve.bundles import find_bundles
+    from rnnlab.bundle import load_bundle
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    classifier = SentimentClassifier(load_bundle(find_bundles(bundles, check=False)["sentiment"]))
+    out = {}
+    for size in (1, 32):
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            first = done % (len(reviews) - size)
+            classifier.predict(reviews[first:first + size])
+            done += size
+        out[f"reviews_per_s_batch_{size}"] = done / (time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return out
+
+
+def deploy(bundles: Path, max_batch_size: int | None) -> None:
+    from ray import serve
+
+    from rnnlab.serve.app import build_app
+
+    args = {"bundles": str(bundles)}
+    if max_batch_size is not None:
+        args["max_batch_size"] = max_batch_size
+    serve.run(build_app(args), name="rnnlab", route_prefix="/")
+
+
+def batching_stats(base: str) -> dict:
+    models = httpx.get(f"{base}/v1/models", timeout=30).json()["models"]
+    return {m["endpoint"]: m["batching"] for m in models}
+
+
+# --- main ------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running service; measure it as it is (no batching comparison)")
+    parser.add_argument("--bundles", help="bundle folder for the service this script starts")
+    parser.add_argument("--preset", default="chapter", choices=["chapter", "default"],
+                        help="sentiment architecture of the random bundle (without --bundles)")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=None, help="batched phases' max_batch_size (default: "
+                        "the deployments' defaults, 32 for sentiment/forecast, 64 sequences for generation)")
+    parser.add_argument("--only", nargs="*", choices=["healthz", "sentiment", "forecast", "generate"],
+                        default=["healthz", "sentiment", "forecast", "generate"])
+    parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+
+    reviews = imdb_reviews()
+    rows = price_rows()
+    bodies = {
+        "sentiment": lambda rng: {"texts": [rng.choice(reviews)]},
+        "forecast": lambda rng: {"rows": rows},
+        "healthz": lambda rng: None,  # GET through proxy and Gateway, no model: the HTTP path's own ceiling
+        "generate": lambda rng: {"prompt": "the emperor", "max_new_tokens": args.max_new_tokens,
+                                 "temperature": 0.8, "seed": rng.randrange(2**31)},
+    }
+
+    def measure(base: str, label: str) -> dict:
+        out = {}
+        for kind in args.only:
+            if kind == "healthz" and label == "unbatched":
+                continue  # nothing to batch
+            url, method = (f"{base}/healthz", "GET") if kind == "healthz" else (f"{base}/v1/{kind}", "POST")
+            result = asyncio.run(run_clients(url, bodies[kind], clients=args.clients, seconds=args.seconds,
+                                             count_chars=kind == "generate", method=method))
+            out[kind] = result
+            extra = f", {result['chars_per_s']:.0f} chars/s" if "chars_per_s" in result else ""
+            print(f"[{label:9s}] {kind:9s} {result['requests_per_s']:8.1f} req/s{extra}  p50 {result['p50_ms']:7.1f} ms"
+                  f"  p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}"
+                  + (f"  ({result['first_error']})" if result["errors"] else ""), flush=True)
+        return out
+
+    if args.url:
+        results = {"as_deployed": measure(args.url.rstrip("/"), "service")}
+        results["batching"] = batching_stats(args.url.rstrip("/"))
+    else:
+        import ray
+        from ray import serve
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        base = f"http://127.0.0.1:{args.port}"
+        with tempfile.TemporaryDirectory() as scratch:
+            bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch), reviews, args.preset)
+            results = {}
+            deploy(bundles, args.batch_size)
+            results["batched"] = measure(base, "batched")
+            results["batched_stats"] = batching_stats(base)
+            deploy(bundles, 1)  # live reconfigure: same replicas, max_batch_size=1
+            results["unbatched"] = measure(base, "unbatched")
+            serve.shutdown()
+            ray.shutdown()
+            if "sentiment" in args.only:
+                results["sentiment_model_only"] = model_ceiling(bundles, reviews)
+        print()
+        if "sentiment" in args.only:
+            ceiling = results["sentiment_model_only"]
+            print(f"sentiment model alone (no HTTP): {ceiling['reviews_per_s_batch_1']:.0f} reviews/s at batch 1, "
+                  f"{ceiling['reviews_per_s_batch_32']:.0f} at batch 32 "
+                  f"({ceiling['reviews_per_s_batch_32'] / ceiling['reviews_per_s_batch_1']:.1f}x ceiling)")
+        if "healthz" in args.only:
+            ceiling = results["batched"]["healthz"]["requests_per_s"]
+            print(f"HTTP path alone (GET /healthz, no model): {ceiling:.0f} req/s")
+        for kind in (k for k in args.only if k != "healthz"):
+            on, off = results["batched"][kind], results["unbatched"][kind]
+            key = "chars_per_s" if kind == "generate" else "requests_per_s"
+            stats = results["batched_stats"][f"/v1/{kind}"]
+            print(f"{kind:9s} speed-up {on[key] / off[key]:5.1f}x ({key}: {on[key]:.1f} vs {off[key]:.1f}); "
+                  f"batched sizes: mean {stats['batch_size_mean']:.1f}, max {stats['batch_size_max']}")
+    results["setup"] = {"clients": args.clients, "seconds": args.seconds, "max_new_tokens": args.max_new_tokens,
+                        "bundles": args.bundles or f"random, sentiment preset {args.preset}"}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
