@@ -377,6 +377,8 @@ def test_a_corrupt_bundle_fails_the_deployment_at_start_not_a_hang(service, bund
         serve.run(SentimentDeployment.options(ray_actor_options={"num_cpus": 0}).bind(str(broken)),
                   name="broken", route_prefix=None)
     assert time.monotonic() - start < 60
+    # the bundle's own one-sentence reason is what Serve reports for the deployment
+    assert "checksum" in serve.status().applications["broken"].deployments["Sentiment"].message
     serve.delete("broken")
 
 
