@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from rnnlab.bundle import Bundle, load_bundle
-from rnnlab.data.imdb import encode_texts, tokenize
+from rnnlab.data.imdb import tokenize
 from rnnlab.data.stock import FEATURE_NAMES, Scaler, features_for_history, min_history_rows, to_price
 from rnnlab.data.text import encode_text
 from rnnlab.data.vocab import Vocab
@@ -62,6 +62,11 @@ class SentimentClassifier:
 
     def validate(self, text: Any) -> None:
         """InputError if ``text`` is not a string, is empty, too long, or has no words."""
+        self.encode(text)
+
+    def encode(self, text: Any) -> np.ndarray:
+        """Validate ONE review and return its token ids (what the model reads), tokenizing it once: a server
+        encodes each item as it arrives and runs :meth:`predict_encoded` on the batch."""
         if not isinstance(text, str):
             raise InputError(f"A review must be a string, got {type(text).__name__}; send the review's text.")
         if not text.strip():
@@ -70,19 +75,23 @@ class SentimentClassifier:
             raise InputError(
                 f"The review has {len(text):,} characters, more than the limit of {MAX_TEXT_CHARS:,}; shorten it."
             )
-        if not tokenize(text):
+        tokens = tokenize(text)
+        if not tokens:
             raise InputError("The review has no words after removing markup and punctuation; send review text.")
+        ids = np.asarray(self.vocab.encode(tokens), dtype=np.int64)
+        return ids[-self.max_length :] if self.max_length is not None else ids
+
+    def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        return self.predict_encoded([_at_position(self.encode, text, "Review", i) for i, text in enumerate(texts)])
 
     @torch.inference_mode()
-    def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
-        for position, text in enumerate(texts):
-            _at_position(self.validate, text, "Review", position)
-        encoded = encode_texts(list(texts), self.vocab, self.max_length)
+    def predict_encoded(self, encoded: Sequence[np.ndarray], batch_size: int = PREDICT_BATCH_SIZE) -> list[dict]:
+        """Predictions for reviews already through :meth:`encode`, ``batch_size`` reviews per forward pass."""
         # Similar lengths together: little padding per forward pass (results are exact either way).
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         probabilities = np.empty(len(encoded))
-        for start in range(0, len(order), PREDICT_BATCH_SIZE):
-            chunk = order[start : start + PREDICT_BATCH_SIZE]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
             lengths = torch.tensor([len(encoded[i]) for i in chunk])
             ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
             for row, i in enumerate(chunk):
@@ -124,9 +133,11 @@ class StockForecaster:
         self.device = _device_of(self.model)
 
     def validate(self, history: pd.DataFrame | Sequence[dict]) -> None:
-        self._features(history)
+        self.features(history)
 
-    def _features(self, history: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
+    def features(self, history: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
+        """Validate ONE history and return its unscaled feature rows (InputError for anything malformed); a
+        server computes them once per request and passes them to :meth:`predict_features`."""
         if isinstance(history, Sequence) and not isinstance(history, str):
             history = pd.DataFrame(list(history))
         if isinstance(history, pd.DataFrame) and len(history) > MAX_HISTORY_ROWS:
@@ -134,18 +145,23 @@ class StockForecaster:
                 f"The price history has {len(history):,} rows, more than the limit of {MAX_HISTORY_ROWS:,}; "
                 f"send the last {self.min_rows} or more, up to {MAX_HISTORY_ROWS:,}."
             )
-        return features_for_history(history, window=self.window)  # InputError for anything malformed
+        return features_for_history(history, window=self.window)
+
+    def predict(self, histories: Sequence[pd.DataFrame | Sequence[dict]]) -> list[dict[str, Any]]:
+        return self.predict_features([_at_position(self.features, h, "History", i) for i, h in enumerate(histories)])
 
     @torch.inference_mode()
-    def predict(self, histories: Sequence[pd.DataFrame | Sequence[dict]]) -> list[dict[str, Any]]:
-        features = [_at_position(self._features, h, "History", i) for i, h in enumerate(histories)]
+    def predict_features(
+        self, features: Sequence[pd.DataFrame], batch_size: int = PREDICT_BATCH_SIZE
+    ) -> list[dict[str, Any]]:
+        """Forecasts from :meth:`features` outputs (one per history), batched through the model."""
         if not features:
             return []
         windows = np.stack([self.scaler.transform(f[FEATURE_NAMES].iloc[-self.window :]) for f in features])
         last_rows = pd.concat([f.iloc[[-1]] for f in features])
         outputs = []
-        for start in range(0, len(windows), PREDICT_BATCH_SIZE):
-            x = torch.from_numpy(windows[start : start + PREDICT_BATCH_SIZE].astype(np.float32))
+        for start in range(0, len(windows), batch_size):
+            x = torch.from_numpy(windows[start : start + batch_size].astype(np.float32))
             outputs.append(self.model(x.to(self.device)).float().cpu().numpy())
         target = self.target_scaler.inverse_transform(np.concatenate(outputs).astype(np.float64))
         closes = to_price(target, last_rows, self.target)

@@ -77,6 +77,12 @@ def test_sentiment_predictions_do_not_depend_on_the_batch(sentiment_bundle):
         assert result["label"] == ("positive" if result["probability"] >= 0.5 else "negative")
         assert 0.0 <= result["probability"] <= 1.0
 
+    # a server encodes each text once as it arrives and runs the batch later: same answers, any chunk size
+    encoded = [classifier.encode(t) for t in texts]
+    assert classifier.predict_encoded(encoded, batch_size=1) == classifier.predict_encoded(encoded)
+    np.testing.assert_allclose([r["probability"] for r in classifier.predict_encoded(encoded)],
+                               [r["probability"] for r in batched], atol=1e-6)
+
 
 @pytest.mark.parametrize("text, match", [
     ("", "empty"), ("   \n", "empty"), ("<br /><br />...", "no words"), (123, "string"),
@@ -99,6 +105,7 @@ def test_stock_forecast_matches_the_training_pipeline(stock_setup):
     assert isinstance(forecaster, StockForecaster)
     prices = read_prices(csv)
     [result] = forecaster.predict([prices])
+    assert forecaster.predict_features([forecaster.features(prices)], batch_size=1) == [result]  # features once
     X, _, rows = data.splits["test"]
     with torch.no_grad():
         scaled = forecaster.model(torch.from_numpy(X[-1:])).numpy()
