@@ -337,6 +337,20 @@ def test_one_bad_request_never_fails_the_others_in_its_batch(http, service, pric
     assert [g.status_code for g in good] == [200] * len(good)
 
 
+def test_a_bad_text_fails_only_its_own_request_in_a_gathered_batch(http, service):
+    """Whitespace passes the schema and is refused by the classifier inside the Gateway's batch: per item."""
+    async def mixed():
+        async with httpx.AsyncClient(base_url=service, timeout=60) as client:
+            bad = client.post("/v1/sentiment", json={"texts": ["a fine film", "   \n "]})
+            good = [client.post("/v1/sentiment", json={"texts": [f"the plot was great {i}"]}) for i in range(8)]
+            return await asyncio.gather(bad, *good)
+
+    bad, *good = asyncio.run(mixed())
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "texts", 1], bad.text
+    assert "empty" in bad.json()["detail"][0]["msg"]
+    assert [g.status_code for g in good] == [200] * len(good)
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(http):
     before = batching(http, "/v1/generate")["cancelled"]
     with http.stream("POST", "/v1/generate", json={"prompt": "the ", "max_new_tokens": 2000, "stream": True,

@@ -1,17 +1,22 @@
 """The Ray Serve application: a FastAPI ingress and one deployment per bundle kind.
 
-    HTTP -> Gateway (FastAPI: schemas, limits, status codes, SSE)
-              |-> Sentiment  (@serve.batch over texts)        SentimentClassifier.predict
-              |-> Forecast   (@serve.batch over histories)    StockForecaster.predict
+    HTTP -> Gateway (FastAPI: schemas, limits, status codes, SSE; @serve.batch gathers texts / histories)
+              |-> Sentiment  (one call per gathered batch)    SentimentClassifier.encode + predict_encoded
+              |-> Forecast   (one call per gathered batch)    StockForecaster.features + predict_features
               '-> Generator  (iteration-level scheduler)      CharLSTM.step for all active sequences
 
-Each model deployment validates every item of a request *before* it joins a batch, so one bad text never fails
-the requests batched with it (a raising batch function fails its whole batch). Validation errors come back as
-data ({"errors": [...]}) rather than exceptions, and the Gateway turns them into 422s naming the field.
+Classification and forecasting are batched in the Gateway: its ``@serve.batch`` methods gather the items of
+concurrent requests and make ONE handle call per batch, so the Gateway -> model hop (which costs about as much as
+an LSTM pass over a review) is paid per batch, not per request. The model deployment validates every item on its
+own and answers per item ({"error": sentence} for a bad one) rather than raising, so one bad text never fails the
+requests batched with it (a raising batch function fails its whole batch); the Gateway turns errors into 422s
+naming the field.
 
-Batch sizes and timeouts are ``user_config`` (live-updatable by ``serve deploy``/``serve run``); replicas,
-autoscaling and ``ray_actor_options`` (fractional ``num_gpus``) are ordinary deployment options in
-configs/serve.yaml. ``build_app`` is the application builder both ``rnnlab serve`` and ``serve run`` use.
+Batch sizes and timeouts are ``user_config`` (live-updatable by ``serve deploy``/``serve run``): the Gateway's
+says how many items it gathers and how long it waits; a model deployment's says how many items go through one
+forward pass. Replicas, autoscaling and ``ray_actor_options`` (fractional ``num_gpus``) are ordinary deployment
+options in configs/serve.yaml. ``build_app`` is the application builder both ``rnnlab serve`` and ``serve run``
+use.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures at request time inside the
@@ -45,7 +50,9 @@ from rnnlab.serve.schemas import (
 # Serve's own logger: lines land in the replica's log file (and the driver's console) in Serve's format
 logger = logging.getLogger("ray.serve")
 
-DEFAULT_BATCH = {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}
+# The Gateway waits up to 20 ms for a batch to fill: at 32 concurrent clients on 2 cores, 5 ms gave batches of ~3
+# and half the throughput (benchmarks/README.md); a lone request pays the 20 ms.
+DEFAULT_BATCH = {"max_batch_size": 32, "batch_wait_timeout_s": 0.02}
 DEFAULT_GENERATION = {"max_batch_size": 64}
 # Deployment defaults sized for a 2-core laptop: fractional CPUs so all four replicas fit, and one constructor
 # try, because a corrupt bundle will not heal on retry (Serve's default retries a failing constructor).
@@ -98,88 +105,82 @@ def _model_id(info: dict) -> str:
     return f"{info['name']}@{info['version']}"
 
 
+class _BatchedModel:
+    """What the Sentiment and Forecast deployments share: a batch of items in (gathered by the Gateway's
+    ``@serve.batch`` from concurrent requests: one handle call per batch, not per request), each item validated
+    on its own, the valid ones through the model ``max_batch_size`` at a time, one answer per item back.
+    A bad item's answer is ``{"error": sentence}``, so it never fails the others in its batch."""
+
+    stats: BatchStats
+    max_batch_size: int
+
+    def reconfigure(self, config: dict) -> None:
+        self.max_batch_size = int((DEFAULT_BATCH | dict(config or {}))["max_batch_size"])
+
+    async def run_batch(self, items: list) -> dict:
+        # in a thread: the replica's event loop keeps taking the next batch while torch (GIL released) works
+        results = await asyncio.to_thread(self._run_batch, items)
+        return {"model": _model_id(self.info), "results": results}
+
+    def _run_batch(self, items: list) -> list[dict]:
+        prepared, answers = [], [None] * len(items)
+        for index, item in enumerate(items):
+            try:
+                prepared.append((index, self.prepare(item)))
+            except InputError as error:
+                answers[index] = {"error": str(error)}
+        size = self.max_batch_size
+        for start in range(0, len(prepared), size):  # max_batch_size=1 really means one item per forward pass
+            chunk = prepared[start : start + size]
+            self.stats.record(len(chunk))
+            for (index, _), result in zip(chunk, self.predict([p for _, p in chunk])):
+                answers[index] = result
+        return answers
+
+    def prepare(self, item):  # validate and preprocess ONE item; InputError if it is bad
+        raise NotImplementedError
+
+    def predict(self, prepared: list) -> list[dict]:  # one forward pass over prepared items
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return self.info | {"batching": {"max_batch_size": self.max_batch_size, **self.stats.summary()}}
+
+
 @serve.deployment(name="Sentiment", max_ongoing_requests=64, **MODEL_DEPLOYMENT)
-class SentimentDeployment:
+class SentimentDeployment(_BatchedModel):
     def __init__(self, bundle_dir: str, torch_threads: int | None = 1) -> None:
         from rnnlab.inference import SentimentClassifier
 
         bundle, self.info = _load(bundle_dir, "sentiment", torch_threads)
         self.classifier = SentimentClassifier(bundle)
         self.stats = BatchStats()
+        self.max_batch_size = DEFAULT_BATCH["max_batch_size"]
 
-    def reconfigure(self, config: dict) -> None:
-        config = DEFAULT_BATCH | dict(config or {})
-        self._predict_batch.set_max_batch_size(int(config["max_batch_size"]))
-        self._predict_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+    def prepare(self, text: str):
+        return self.classifier.encode(text)  # validated and tokenized once
 
-    async def classify(self, texts: list[str]) -> dict:
-        errors = []
-        for index, text in enumerate(texts):
-            try:
-                self.classifier.validate(text)
-            except InputError as error:
-                errors.append(error_item(["body", "texts", index], str(error)))
-        if errors:
-            return {"errors": errors}
-        # each text is one batch item: texts from concurrent requests share the same forward pass
-        results = await asyncio.gather(*(self._predict_batch(text) for text in texts))
-        return {"model": _model_id(self.info), "results": results}
-
-    @serve.batch(**DEFAULT_BATCH)
-    async def _predict_batch(self, texts: list[str]) -> list[dict]:
-        self.stats.record(len(texts))
-        # in a thread: the event loop keeps queueing the next batch while torch (GIL released) computes this one
-        return await asyncio.to_thread(self.classifier.predict, texts)
-
-    def describe(self) -> dict:
-        return self.info | {"batching": self._batching()}
-
-    def _batching(self) -> dict:
-        return {
-            "max_batch_size": self._predict_batch._get_max_batch_size(),
-            "batch_wait_timeout_s": self._predict_batch._get_batch_wait_timeout_s(),
-            **self.stats.summary(),
-        }
+    def predict(self, encoded: list) -> list[dict]:
+        return self.classifier.predict_encoded(encoded, batch_size=len(encoded))
 
 
 @serve.deployment(name="Forecast", max_ongoing_requests=64, **MODEL_DEPLOYMENT)
-class ForecastDeployment:
+class ForecastDeployment(_BatchedModel):
     def __init__(self, bundle_dir: str, torch_threads: int | None = 1) -> None:
         from rnnlab.inference import StockForecaster
 
         bundle, self.info = _load(bundle_dir, "stock", torch_threads)
         self.forecaster = StockForecaster(bundle)
         self.stats = BatchStats()
+        self.max_batch_size = DEFAULT_BATCH["max_batch_size"]
 
-    def reconfigure(self, config: dict) -> None:
-        config = DEFAULT_BATCH | dict(config or {})
-        self._predict_batch.set_max_batch_size(int(config["max_batch_size"]))
-        self._predict_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
-
-    async def forecast(self, rows: list[dict]) -> dict:
+    def prepare(self, rows: list[dict]):
         import pandas as pd
 
-        history = pd.DataFrame(rows)
-        try:
-            self.forecaster.validate(history)
-        except InputError as error:
-            return {"errors": [error_item(["body", "rows"], str(error))]}
-        result = await self._predict_batch(history)
-        return {"model": _model_id(self.info), "forecast": result}
+        return self.forecaster.features(pd.DataFrame(rows))  # validated; features computed once
 
-    @serve.batch(**DEFAULT_BATCH)
-    async def _predict_batch(self, histories: list) -> list[dict]:
-        self.stats.record(len(histories))
-        return await asyncio.to_thread(self.forecaster.predict, histories)
-
-    def describe(self) -> dict:
-        return self.info | {
-            "batching": {
-                "max_batch_size": self._predict_batch._get_max_batch_size(),
-                "batch_wait_timeout_s": self._predict_batch._get_batch_wait_timeout_s(),
-                **self.stats.summary(),
-            }
-        }
+    def predict(self, features: list) -> list[dict]:
+        return [{"forecast": f} for f in self.forecaster.predict_features(features, batch_size=len(features))]
 
 
 @serve.deployment(name="Generator", max_ongoing_requests=256, **MODEL_DEPLOYMENT)
@@ -308,6 +309,29 @@ class Gateway:
         generator: DeploymentHandle | None = None,
     ) -> None:
         self.handles = {"sentiment": sentiment, "forecast": forecast, "generate": generator}
+        self.batch_wait_timeout_s = DEFAULT_BATCH["batch_wait_timeout_s"]
+
+    def reconfigure(self, config: dict) -> None:
+        """max_batch_size / batch_wait_timeout_s for gathering sentiment texts and forecast histories (the model
+        deployments' user_config sets how many items go through one forward pass)."""
+        config = DEFAULT_BATCH | dict(config or {})
+        self.batch_wait_timeout_s = float(config["batch_wait_timeout_s"])
+        for gather in (self._sentiment_batch, self._forecast_batch):
+            gather.set_max_batch_size(int(config["max_batch_size"]))
+            gather.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+
+    # Items from concurrent requests go to the model deployment in ONE handle call per batch: the hop to another
+    # replica costs about as much as an LSTM pass over a review, so paying it per request capped the batches.
+    # The model deployment answers per item ({"error": ...} for a bad one), so one bad item fails nothing else.
+    @serve.batch(**DEFAULT_BATCH)
+    async def _sentiment_batch(self, texts: list[str]) -> list[tuple[str, dict]]:
+        answer = await self.handles["sentiment"].run_batch.remote(texts)
+        return [(answer["model"], result) for result in answer["results"]]
+
+    @serve.batch(**DEFAULT_BATCH)
+    async def _forecast_batch(self, histories: list[list[dict]]) -> list[tuple[str, dict]]:
+        answer = await self.handles["forecast"].run_batch.remote(histories)
+        return [(answer["model"], result) for result in answer["results"]]
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -317,22 +341,31 @@ class Gateway:
     async def models(self) -> dict:
         kinds = [kind for kind, handle in self.handles.items() if handle is not None]
         described = await asyncio.gather(*(self.handles[kind].describe.remote() for kind in kinds))
+        for kind, info in zip(kinds, described):
+            if kind != "generate":  # gathered here, in the Gateway
+                info["batching"]["batch_wait_timeout_s"] = self.batch_wait_timeout_s
         return {"models": [{"endpoint": f"/v1/{kind}"} | info for kind, info in zip(kinds, described)]}
 
     @api.post("/v1/sentiment", response_model=SentimentResponse, responses=_ERRORS)
     async def sentiment(self, body: SentimentRequest):
         if self.handles["sentiment"] is None:
             return _unavailable("sentiment")
-        answer = await self.handles["sentiment"].classify.remote(body.texts)
-        return _invalid(answer["errors"]) if "errors" in answer else answer
+        answers = await asyncio.gather(*(self._sentiment_batch(text) for text in body.texts))
+        errors = [error_item(["body", "texts", i], result["error"])
+                  for i, (_, result) in enumerate(answers) if "error" in result]
+        if errors:
+            return _invalid(errors)
+        return {"model": answers[0][0], "results": [result for _, result in answers]}
 
     @api.post("/v1/forecast", response_model=ForecastResponse, responses=_ERRORS)
     async def forecast(self, body: ForecastRequest):
         if self.handles["forecast"] is None:
             return _unavailable("stock forecast")
         rows = [row.model_dump(mode="json") for row in body.rows]  # ISO dates, nulls kept
-        answer = await self.handles["forecast"].forecast.remote(rows)
-        return _invalid(answer["errors"]) if "errors" in answer else answer
+        model, result = await self._forecast_batch(rows)
+        if "error" in result:
+            return _invalid([error_item(["body", "rows"], result["error"])])
+        return {"model": model, "forecast": result["forecast"]}
 
     @api.post(
         "/v1/generate",
@@ -364,8 +397,8 @@ def build_app(args: dict | None = None) -> serve.Application:
 
     args: ``bundles`` (a folder of bundles) and/or ``sentiment`` / ``stock`` / ``charlm`` (one bundle each);
     ``torch_threads`` per replica (default 1: on a small CPU box the replicas share the cores);
-    ``max_batch_size`` / ``batch_wait_timeout_s`` for all three deployments (a deployment's ``user_config`` in
-    the YAML wins over these).
+    ``max_batch_size`` / ``batch_wait_timeout_s`` for the Gateway's gathering and all three model deployments
+    (a deployment's ``user_config`` in the YAML wins over these).
     """
     from rnnlab.errors import ConfigError
     from rnnlab.serve.bundles import find_bundles
@@ -387,7 +420,8 @@ def build_app(args: dict | None = None) -> serve.Application:
             deployment = deployment.options(user_config=user_config)
         return deployment.bind(str(found[job]), threads)
 
-    return Gateway.bind(
+    gateway = Gateway.options(user_config=batching) if batching else Gateway
+    return gateway.bind(
         bind(SentimentDeployment, "sentiment", batching),
         bind(ForecastDeployment, "stock", batching),
         bind(GeneratorDeployment, "charlm", generation),
