@@ -5,8 +5,11 @@
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --only sentiment   # a running service, as is
 
 Phases (own service): each endpoint with batching on (max_batch_size 32 for sentiment/forecast, 64 sequences
-for generation) and then with max_batch_size=1 (one request at a time), switched live through the deployments'
-user_config. Per phase: requests/s, p50/p99 latency, errors; for generation also characters/s.
+for generation) and then with max_batch_size=1 everywhere (the Gateway's gathering and the model deployments:
+one request at a time), switched live through user_config; `--rounds N` alternates the two N times. Per phase:
+requests/s, p50/p99 latency, errors; for generation also characters/s. Two ceilings with no model behind them:
+GET /healthz, and POST /v1/sentiment with the benchmark's own body plus an unknown field (a 422 from the
+Gateway's schema check) -- the most the sentiment endpoint can reach through Serve's proxy, batched or not.
 Without --bundles it builds chapter-sized bundles from randomly initialised models (same compute as trained
 ones) and uses real IMDb reviews from the mirror when it is there (else synthetic ones of the same length).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -28,11 +32,12 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = REPO.parent / "shared" / "data"
+FLOORS = ("healthz", "post-422")  # no model behind them: the HTTP path's own ceilings, measured once per round
 
 
 # --- load generation -------------------------------------------------------------------------------------------
 async def run_clients(url: str, make_body, *, clients: int, seconds: float, count_chars: bool = False,
-                      method: str = "POST") -> dict:
+                      method: str = "POST", ok_status: int = 200) -> dict:
     """``clients`` tasks, each sending one request after another until ``seconds`` pass.
 
     aiohttp rather than httpx: the load generator shares the 2 cores with the service, and aiohttp spends
@@ -54,7 +59,7 @@ async def run_clients(url: str, make_body, *, clients: int, seconds: float, coun
             try:
                 async with http.request(method, url, json=body) as response:
                     payload = await response.read()
-                    if response.status != 200:
+                    if response.status != ok_status:
                         errors.append(f"{response.status} {payload[:200]!r}")
                         continue
                 if count_chars:
@@ -194,7 +199,7 @@ def model_ceiling(bundles: Path, reviews: list[str], seconds: float = 3.0) -> di
     return out
 
 
-def deploy(bundles: Path, max_batch_size: int | None) -> None:
+def deploy(bundles: Path, max_batch_size: int | None, batch_wait_timeout_s: float | None = None) -> None:
     from ray import serve
 
     from rnnlab.serve.app import build_app
@@ -202,12 +207,28 @@ def deploy(bundles: Path, max_batch_size: int | None) -> None:
     args = {"bundles": str(bundles)}
     if max_batch_size is not None:
         args["max_batch_size"] = max_batch_size
+    if batch_wait_timeout_s is not None:
+        args["batch_wait_timeout_s"] = batch_wait_timeout_s
     serve.run(build_app(args), name="rnnlab", route_prefix="/")
 
 
 def batching_stats(base: str) -> dict:
     models = httpx.get(f"{base}/v1/models", timeout=30).json()["models"]
     return {m["endpoint"]: m["batching"] for m in models}
+
+
+def phase_stats(before: dict, after: dict) -> dict:
+    """Batch sizes (forward passes; decode steps for generation) of one phase: the difference of two cumulative
+    /v1/models snapshots."""
+    out = {}
+    for endpoint, stats in after.items():
+        old = before.get(endpoint, {}).get("batch_size_histogram", {})
+        histogram = {int(size): count - old.get(size, 0) for size, count in stats["batch_size_histogram"].items()}
+        histogram = {size: count for size, count in histogram.items() if count}
+        batches, items = sum(histogram.values()), sum(size * count for size, count in histogram.items())
+        out[endpoint] = {"batches": batches, "items": items, "batch_size_mean": items / batches if batches else 0.0,
+                         "batch_size_max": max(histogram, default=0), "batch_size_histogram": histogram}
+    return out
 
 
 # --- main ------------------------------------------------------------------------------------------------------
@@ -222,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="batched phases' max_batch_size (default: "
                         "the deployments' defaults, 32 for sentiment/forecast, 64 sequences for generation)")
-    parser.add_argument("--only", nargs="*", choices=["healthz", "sentiment", "forecast", "generate"],
-                        default=["healthz", "sentiment", "forecast", "generate"])
+    parser.add_argument("--only", nargs="*", choices=[*FLOORS, "sentiment", "forecast", "generate"],
+                        default=[*FLOORS, "sentiment", "forecast", "generate"])
+    parser.add_argument("--batch-wait", type=float, default=None, help="batched phases' batch_wait_timeout_s "
+                        "(default: the Gateway's 0.02)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate batched and unbatched phases this many times (ratios per round, medians)")
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
@@ -234,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         "sentiment": lambda rng: {"texts": [rng.choice(reviews)]},
         "forecast": lambda rng: {"rows": rows},
         "healthz": lambda rng: None,  # GET through proxy and Gateway, no model: the HTTP path's own ceiling
+        # the sentiment request's own body with one unknown field: proxy, body transfer, JSON and schema check in
+        # the Gateway, then a 422 before any model -- the most POST /v1/sentiment can reach, whatever batching does
+        "post-422": lambda rng: {"texts": [rng.choice(reviews)], "floor": True},
         "generate": lambda rng: {"prompt": "the emperor", "max_new_tokens": args.max_new_tokens,
                                  "temperature": 0.8, "seed": rng.randrange(2**31)},
     }
@@ -241,14 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     def measure(base: str, label: str) -> dict:
         out = {}
         for kind in args.only:
-            if kind == "healthz" and label == "unbatched":
+            if kind in FLOORS and label.startswith("unbatched"):
                 continue  # nothing to batch
-            url, method = (f"{base}/healthz", "GET") if kind == "healthz" else (f"{base}/v1/{kind}", "POST")
+            url, method = {"healthz": (f"{base}/healthz", "GET"), "post-422": (f"{base}/v1/sentiment", "POST")}.get(
+                kind, (f"{base}/v1/{kind}", "POST"))
             result = asyncio.run(run_clients(url, bodies[kind], clients=args.clients, seconds=args.seconds,
-                                             count_chars=kind == "generate", method=method))
+                                             count_chars=kind == "generate", method=method,
+                                             ok_status=422 if kind == "post-422" else 200))
             out[kind] = result
             extra = f", {result['chars_per_s']:.0f} chars/s" if "chars_per_s" in result else ""
-            print(f"[{label:9s}] {kind:9s} {result['requests_per_s']:8.1f} req/s{extra}  p50 {result['p50_ms']:7.1f} ms"
+            print(f"[{label:11s}] {kind:9s} {result['requests_per_s']:8.1f} req/s{extra}  p50 {result['p50_ms']:7.1f} ms"
                   f"  p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}"
                   + (f"  ({result['first_error']})" if result["errors"] else ""), flush=True)
         return out
@@ -263,16 +293,23 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         base = f"http://127.0.0.1:{args.port}"
+        rounds: list[dict] = []
         with tempfile.TemporaryDirectory() as scratch:
             bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch), reviews, args.preset)
-            results = {}
-            deploy(bundles, args.batch_size)
-            results["batched"] = measure(base, "batched")
-            results["batched_stats"] = batching_stats(base)
-            deploy(bundles, 1)  # live reconfigure: same replicas, max_batch_size=1
-            results["unbatched"] = measure(base, "unbatched")
+            # Batched and unbatched phases alternate, `--rounds` times: load from other processes on the machine
+            # comes and goes, and alternating spreads it over both sides; ratios are taken within each round.
+            for number in range(1, args.rounds + 1):
+                deploy(bundles, args.batch_size, args.batch_wait)  # live reconfigure after the first: same replicas
+                before = batching_stats(base)
+                batched = measure(base, f"batched {number}")
+                stats = phase_stats(before, batching_stats(base))
+                deploy(bundles, 1)  # max_batch_size=1 everywhere: Gateway gathering and model forward passes
+                rounds.append({"batched": batched, "batched_stats": stats,
+                               "unbatched": measure(base, f"unbatched {number}")})
             serve.shutdown()
             ray.shutdown()
+            results = {"rounds": rounds,
+                       "ray_serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}}
             if "sentiment" in args.only:
                 results["sentiment_model_only"] = model_ceiling(bundles, reviews)
         print()
@@ -282,16 +319,30 @@ def main(argv: list[str] | None = None) -> int:
                   f"{ceiling['reviews_per_s_batch_32']:.0f} at batch 32 "
                   f"({ceiling['reviews_per_s_batch_32'] / ceiling['reviews_per_s_batch_1']:.1f}x ceiling)")
         if "healthz" in args.only:
-            ceiling = results["batched"]["healthz"]["requests_per_s"]
-            print(f"HTTP path alone (GET /healthz, no model): {ceiling:.0f} req/s")
-        for kind in (k for k in args.only if k != "healthz"):
-            on, off = results["batched"][kind], results["unbatched"][kind]
+            floors = [r["batched"]["healthz"]["requests_per_s"] for r in rounds]
+            print(f"HTTP path alone (GET /healthz, no model): {' / '.join(f'{f:.0f}' for f in floors)} req/s "
+                  "(per round)")
+        if "post-422" in args.only:
+            floors = [r["batched"]["post-422"]["requests_per_s"] for r in rounds]
+            print(f"HTTP path alone for a sentiment POST (same body, 422 from the Gateway's schema check, no model): "
+                  f"{' / '.join(f'{f:.0f}' for f in floors)} req/s (per round)")
+        results["summary"] = {}
+        for kind in (k for k in args.only if k not in FLOORS):
             key = "chars_per_s" if kind == "generate" else "requests_per_s"
-            stats = results["batched_stats"][f"/v1/{kind}"]
-            print(f"{kind:9s} speed-up {on[key] / off[key]:5.1f}x ({key}: {on[key]:.1f} vs {off[key]:.1f}); "
-                  f"batched sizes: mean {stats['batch_size_mean']:.1f}, max {stats['batch_size_max']}")
+            on = [r["batched"][kind][key] for r in rounds]
+            off = [r["unbatched"][kind][key] for r in rounds]
+            ratios = [a / b for a, b in zip(on, off)]
+            sizes = [r["batched_stats"][f"/v1/{kind}"]["batch_size_mean"] for r in rounds]
+            errors = sum(r[side][kind]["errors"] for r in rounds for side in ("batched", "unbatched"))
+            results["summary"][kind] = {"key": key, "batched": statistics.median(on),
+                                        "unbatched": statistics.median(off), "ratios": ratios,
+                                        "ratio_median": statistics.median(ratios), "errors": errors}
+            print(f"{kind:9s} speed-up {statistics.median(ratios):5.1f}x median of rounds "
+                  f"({', '.join(f'{r:.1f}x' for r in ratios)}; {key} median {statistics.median(on):.1f} vs "
+                  f"{statistics.median(off):.1f}); errors {errors}; batched phases' mean batch size: "
+                  f"{', '.join(f'{m:.1f}' for m in sizes)}")
     results["setup"] = {"clients": args.clients, "seconds": args.seconds, "max_new_tokens": args.max_new_tokens,
-                        "bundles": args.bundles or f"random, sentiment preset {args.preset}"}
+                        "rounds": args.rounds, "bundles": args.bundles or f"random, sentiment preset {args.preset}"}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
