@@ -32,3 +32,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RNNLAB_CACHE_DIR", str(cache))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: a second OpenMP thread costs more than it saves, and on a busy 2-core machine two threads
+    thrash (steps 10x slower). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,14 +16,7 @@ from rnnlab.serve.scheduler import GenerationScheduler, SamplingParams
 CHARS = "abcdefghijklmnopqrstuvwxyz .,\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # one sequence step is microseconds of work: a second OpenMP thread only adds synchronisation, and on a
-    # busy machine makes each step 10x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
