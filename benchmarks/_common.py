@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import time
@@ -84,3 +85,10 @@ def machine_description(device: torch.device | None = None) -> str:
     if device is not None and device.type == "cuda":
         text += f"; GPU {torch.cuda.get_device_name(device)}, cuDNN {torch.backends.cudnn.version()}"
     return text
+
+
+def write_json(path, report: dict) -> None:
+    """Save a benchmark's report (``--json``), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {path}")

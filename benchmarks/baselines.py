@@ -16,7 +16,6 @@ ones the LSTMs train and are scored on:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find ngram.py beside it
 
-from _common import machine_description  # noqa: E402
+from _common import machine_description, write_json  # noqa: E402
 from ngram import WittenBellNgram  # noqa: E402
 
 JOBS = ("sentiment", "charlm", "stock")
@@ -194,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = time.perf_counter() - started
     print_table(results)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, results)
     return 0
 
 

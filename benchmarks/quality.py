@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_description  # noqa: E402
+from _common import machine_description, write_json  # noqa: E402
 
 # Measured with baselines.py on the mirror (see benchmarks/README.md); used when --baselines is not given.
 REFERENCE_BASELINES: dict[str, Any] = {
@@ -174,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         report["runs"][spec] = run
     print_table(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     return 0 if all(r.get("returncode", 0) == 0 and "error" not in r for r in report["runs"].values()) else 1
 
 

@@ -22,7 +22,6 @@ what ``rnnlab train`` does per step minus Accelerate's bookkeeping. The loops' o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Throughput, autocast, machine_description, synchronize  # noqa: E402
+from _common import Throughput, autocast, machine_description, synchronize, write_json  # noqa: E402
 from chapter_loops import CharChapterLoop, SentimentChapterLoop, load_raw_reviews  # noqa: E402
 
 
@@ -238,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(report)
     print(f"\ntotal wall time {report['wall_s']:.0f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     return 0
 
 
