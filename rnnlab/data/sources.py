@@ -56,7 +56,7 @@ DATASETS: dict[str, DatasetFile] = {
         url="https://raw.githubusercontent.com/PacktPublishing/"
         "Python-Machine-Learning-by-Example-Fourth-Edition/main/ch5/19900101_20230630.csv",
         sha256=("8ac0665fc7a006826506964a6b3fd9bc09491a5bcc6141b7549c4e56187efa22",),
-        description="Dow Jones Industrial Average daily OHLCV 1990-2023",
+        description="The book's daily index prices 1990-2023 (NASDAQ Composite values)",
     ),
     "text": DatasetFile(
         name="text",
