@@ -30,7 +30,7 @@ SUBCOMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rnnlab",
-        description="Train, tune and serve recurrent sequence models: IMDb sentiment, DJIA forecasting, "
+        description="Train, tune and serve recurrent sequence models: IMDb sentiment, stock index forecasting, "
         "and a War and Peace character language model.",
         epilog="Run 'rnnlab COMMAND --help' for a command's options. Data comes from --data-mirror / "
         "RNNLAB_DATA_MIRROR when set, else the download cache (RNNLAB_CACHE_DIR, default ~/.cache/rnnlab).",
