@@ -290,8 +290,17 @@ def main(argv: list[str] | None = None) -> int:
         import ray
         from ray import serve
 
+        if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(args.port))
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(args.port + 1))  # exclusive
+            # each phase's serve.run restarts the Gateway: the new replica needs the one port back at once
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
+            os.environ.setdefault("RAY_SERVE_PORT_QUARANTINE_S", "0")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        # direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the Gateway replica binds --port itself, Serve's
+        # proxy (still started on the head node) is moved aside to --port + 2
+        direct = os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port + 2 if direct else args.port})
         base = f"http://127.0.0.1:{args.port}"
         rounds: list[dict] = []
         with tempfile.TemporaryDirectory() as scratch:
