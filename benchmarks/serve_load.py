@@ -6,7 +6,7 @@
 
 Phases (own service): each endpoint with batching on (max_batch_size 32 for sentiment/forecast, 64 sequences
 for generation) and then with max_batch_size=1 everywhere (the Gateway's gathering and the model deployments:
-one request at a time), switched live through user_config; `--rounds N` alternates the two N times. Per phase:
+one request at a time), switched by redeploying with a new user_config (Ray restarts the replicas); `--rounds N` alternates the two N times. Per phase:
 requests/s, p50/p99 latency, errors; for generation also characters/s. Two ceilings with no model behind them:
 GET /healthz, and POST /v1/sentiment with the benchmark's own body plus an unknown field (a 422 from the
 Gateway's schema check) -- the most the sentiment endpoint can reach through Serve's proxy, batched or not.
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             # Batched and unbatched phases alternate, `--rounds` times: load from other processes on the machine
             # comes and goes, and alternating spreads it over both sides; ratios are taken within each round.
             for number in range(1, args.rounds + 1):
-                deploy(bundles, args.batch_size, args.batch_wait)  # live reconfigure after the first: same replicas
+                deploy(bundles, args.batch_size, args.batch_wait)  # redeploy with the new user_config (Ray 2.60 restarts the replicas)
                 before = batching_stats(base)
                 batched = measure(base, f"batched {number}")
                 stats = phase_stats(before, batching_stats(base))
