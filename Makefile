@@ -6,6 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The data mirror, when there is one beside the repo; otherwise loaders use the download cache.
 export RNNLAB_DATA_MIRROR ?= $(wildcard $(CURDIR)/../shared/data)
+# torch 2.13.0 is the CPU wheel on these machines; `make demo TORCH="torch==2.14.1"` (or a CUDA build) to choose.
+TORCH  ?= torch==2.13.0
 # W&B writes runs to disk unless you have logged in.
 export WANDB_MODE ?= offline
 
@@ -14,8 +16,8 @@ export WANDB_MODE ?= offline
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch 2.13.0 first: on these machines it is the CPU wheel on disk, not the multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# torch first, so the package's loose torch>=2.4 never pulls a multi-GB CUDA build by surprise.
+	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
