@@ -71,18 +71,19 @@ def run_forecast(args: argparse.Namespace) -> int:
     # The forecast needs the last few hundred days only (252-day features + a window); a full file is longer
     # than the service limit, so keep its tail.
     history = read_prices(args.csv).iloc[-1000:]
-    predictor.validate(history)
-    print(json.dumps(predictor.predict([history])[0], default=str))
+    features = predictor.features(history)  # validates; computed once
+    print(json.dumps(predictor.predict_features([features])[0], default=str))
     return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
     predictor = _predictor(args.bundle, "TextGenerator")
-    predictor.validate_prompt(args.prompt)
-    # Stream as the characters come, after the prompt, so a long --length shows progress.
+    # stream() checks the prompt and the sampling settings before it returns, so a bad one is refused before
+    # anything is printed; then the characters come as they are sampled, so a long --length shows progress.
+    characters = predictor.stream(args.prompt, max_new_tokens=args.length, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(args.prompt, end="", flush=True)
-    for char in predictor.stream(args.prompt, max_new_tokens=args.length, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+    for char in characters:
         print(char, end="", flush=True)
     print()
     return 0
