@@ -126,12 +126,14 @@ def read_wandb_run(path: Path) -> tuple[list[dict], dict, dict, dict]:
         if kind == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
-        elif kind == "config":
-            for item in record.config.update:
+        elif kind in ("config", "run"):
+            # The config reaches the file either inside the run record (when it is known at init) or as a later
+            # config record; which one depends on W&B's flush timing, so both are read.
+            for item in (record.config if kind == "config" else record.run.config).update:
                 value = json.loads(item.value_json)
                 config[item.key] = value.get("value", value) if isinstance(value, dict) else value
-        elif kind == "run":
-            run_info = {"group": record.run.run_group, "name": record.run.display_name}
+            if kind == "run":
+                run_info = {"group": record.run.run_group, "name": record.run.display_name}
         elif kind == "summary":
             for item in record.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
