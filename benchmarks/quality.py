@@ -12,7 +12,8 @@ Baseline figures come from ``--baselines results/baselines.json`` (written by ``
 given; otherwise the reference figures measured on the mirror (benchmarks/README.md) are shown.
 
 Full presets take hours on a 2-core CPU (charlm ``chapter`` is 10,000 steps of 64 x 40 characters; sentiment
-``chapter`` is 10 epochs). ``--set JOB:KEY=VALUE`` shortens a run; a shortened run is marked as such.
+``chapter`` is 10 epochs). ``--set JOB:KEY=VALUE`` changes a run (shorter, a variant); the table names the keys a run changed (keys that only
+change logging, ``tracking.*`` and ``train.progress``, are not counted).
 
     python benchmarks/quality.py stock:chapter stock:default
     python benchmarks/quality.py sentiment:chapter --set sentiment:train.epochs=2 --json results/quality.json
@@ -107,10 +108,19 @@ def collect(output: Path) -> dict[str, Any]:
             "logged_s": (max(stamps) - min(stamps)) if stamps else None}
 
 
-def row_text(job: str, preset: str, result: dict[str, Any], shortened: bool) -> str:
+# --set keys that change what is logged or shown, not what is trained: a run with only these is the preset itself.
+COSMETIC_SETS = ("tracking.", "train.progress=", "train.log_every=")
+
+
+def changed_sets(sets: list[str]) -> list[str]:
+    return [item for item in sets if not item.startswith(COSMETIC_SETS)]
+
+
+def row_text(job: str, preset: str, result: dict[str, Any]) -> str:
     if "error" in result:
         return f"  {job}:{preset:<8} {result['error']}"
-    tag = " (shortened)" if shortened else ""
+    changed = changed_sets(result.get("sets", []))
+    tag = f" (with {' '.join(changed)})" if changed else ""
     wall = f"{result['wall_s']:.0f} s" if result.get("wall_s") is not None else "n/a"
     if result.get("logged_s") is not None:
         wall += f" (logged {result['logged_s']:.0f} s)"
@@ -132,7 +142,7 @@ def print_table(report: dict[str, Any]) -> None:
     by_job: dict[str, list[str]] = {}
     for key, result in report["runs"].items():
         job, preset = key.split(":")
-        by_job.setdefault(job, []).append(row_text(job, preset, result, bool(result.get("sets"))))
+        by_job.setdefault(job, []).append(row_text(job, preset, result))
     for job, rows in by_job.items():
         print(f"\n{job}")
         for row in rows:
