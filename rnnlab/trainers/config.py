@@ -225,6 +225,9 @@ def merge(base: dict, update: Mapping, *, where: str, prefix: str = "") -> dict:
 
 def validate(config: dict) -> None:
     """Choices and ranges that would otherwise fail deep inside training."""
+    # YAML 1.1 reads a bare ``no`` as False: ``--set train.mixed_precision=no`` means the choice "no".
+    if config.get("train", {}).get("mixed_precision") is False:
+        config["train"]["mixed_precision"] = "no"
     for (section, key), choices in _CHOICES.items():
         if key in config.get(section, {}) and config[section][key] not in choices:
             raise ConfigError(

@@ -59,7 +59,7 @@ def resolve_precision(requested: str) -> str:
     dtype = torch.float16 if requested == "fp16" else torch.bfloat16
     try:
         lstm = torch.nn.LSTM(8, 8, num_layers=2, batch_first=True).to(device)
-        x = torch.randn(2, 3, 8, device=device, generator=None if device == "cpu" else None)
+        x = torch.randn(2, 3, 8, device=device)
         with torch.autocast(device_type=device, dtype=dtype):
             out, _ = lstm(x)
         out.float().sum().backward()
@@ -67,6 +67,13 @@ def resolve_precision(requested: str) -> str:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         log.warning("LSTM in %s on %s is not supported here (%s); training in fp32 instead.",
                     requested, device, first_line)
+        return "no"
+    if out.dtype != dtype:
+        # Seen on an H200 (torch 2.11, cuDNN 9.19): under bf16 autocast cuDNN's LSTM computes in float16, without
+        # the loss scaling float16 gradients need (Accelerate scales only for fp16), and no faster than TF32.
+        log.warning("Under %s autocast the LSTM computes in %s on %s here, without loss scaling; training in fp32 "
+                    "instead (ask for fp16 to get half-precision LSTMs with loss scaling).",
+                    requested, str(out.dtype).replace("torch.", ""), device)
         return "no"
     return requested
 
@@ -163,6 +170,29 @@ class Checkpoints:
         for path in self.root.glob("step-*"):
             if path.name not in keep:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _unshare_weights(models, weights: list[dict], output_dir) -> None:
+    """``save_state`` pre-hook: save copies of the weights that share no memory.
+
+    On a GPU, cuDNN keeps an LSTM's weights as views of one flat buffer. Accelerate's safetensors writer keeps one
+    name per storage and drops the others ("Removed shared tensor"), so a checkpoint lost its LSTM weights and the
+    best one could not be loaded back (seen on an H200; tests/test_trainer.py reproduces it on the CPU).
+    """
+    for index, state_dict in enumerate(weights):
+        weights[index] = {name: tensor.clone() for name, tensor in state_dict.items()}
+
+
+def _load_weights_by_name(models: list, input_dir: str) -> None:
+    """``load_state`` pre-hook: copy each checkpointed weight into the model by name, then leave the optimizers,
+    schedules and RNG states to Accelerate. safetensors' ``load_model`` refuses a model whose weights share one
+    buffer (cuDNN's LSTM on a GPU: "None is covering the entire storage"), so ``--resume`` failed there."""
+    from safetensors.torch import load_file
+
+    for index, model in enumerate(models):
+        weights = load_file(str(Path(input_dir) / f"model{f'_{index}' if index else ''}.safetensors"))
+        model.load_state_dict(weights)  # strict: a missing or unexpected weight is an error
+    models.clear()  # loaded: Accelerate skips the models it would otherwise load
 
 
 def load_job_state(directory: Path, rank: int) -> dict[str, torch.Tensor]:
@@ -278,6 +308,8 @@ def train(
         step_scheduler_with_optimizer=False,
         log_with="wandb" if tracking["wandb"] else None,
     )
+    accelerator.register_save_state_pre_hook(_unshare_weights)
+    accelerator.register_load_state_pre_hook(_load_weights_by_name)
     if launched != accelerator.num_processes:
         raise ConfigError(
             f"{launched} processes were launched but Accelerate set up {accelerator.num_processes}; "
@@ -339,8 +371,9 @@ def train(
                                   init_kwargs={"wandb": _wandb_settings(config, output_dir) if is_main else {}})
         if is_main:
             tracker = accelerator.get_tracker("wandb", unwrap=True)
-    metrics_log.write("config", config=config, precision=precision, world_size=accelerator.num_processes,
-                      total_steps=total_steps, steps_per_epoch=opt_per_epoch, resumed_from=str(resume_dir or ""))
+    metrics_log.write("config", config=config, precision=precision, device=str(accelerator.device),
+                      world_size=accelerator.num_processes, total_steps=total_steps, steps_per_epoch=opt_per_epoch,
+                      resumed_from=str(resume_dir or ""))
 
     def validate_and_checkpoint() -> bool:
         """Validate, checkpoint, call on_eval; True when early stopping says stop."""
