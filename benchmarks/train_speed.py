@@ -16,7 +16,7 @@ what ``rnnlab train`` does per step minus Accelerate's bookkeeping. The loops' o
 
     python benchmarks/train_speed.py --quick                      # < 2 minutes on a 2-core CPU
     python benchmarks/train_speed.py --seconds 120 --json results/train_speed_cpu.json
-    python benchmarks/train_speed.py --device cuda --precision fp32 bf16 --large-batch 1024 --large-seq 100
+    python benchmarks/train_speed.py --device cuda --precision fp32 bf16 fp16 --large-batch 1024 --large-seq 100
 """
 
 from __future__ import annotations
