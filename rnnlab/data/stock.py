@@ -476,18 +476,23 @@ def load_stock_data(
     test_start: str = "2023-01-01",
     test_end: str = "2023-06-30",
     val_days: int = 252,
+    scale_target: bool = True,
 ) -> StockData:
     """Read, featurize, split, scale (fit on train) and window a price file.
 
     Train windows lie inside train (its first window-1 days only serve as context); val and test windows
-    take the preceding rows as context, so every val and test day gets a prediction.
+    take the preceding rows as context, so every val and test day gets a prediction. ``scale_target=False``
+    leaves the target in its own units (an identity ``target_scaler``), as the chapter trains on the raw close.
     """
     _check_target(target)
     features = make_features(read_prices(path))
     parts = split_by_date(features, train_end=train_end, test_start=test_start, test_end=test_end,
                           val_days=val_days)
     scaler = Scaler.fit(parts["train"], FEATURE_NAMES)
-    target_scaler = Scaler.fit(target_values(parts["train"], target), [target])
+    if scale_target:
+        target_scaler = Scaler.fit(target_values(parts["train"], target), [target])
+    else:
+        target_scaler = Scaler(mean=np.zeros(1), scale=np.ones(1), columns=[target])
     scaled = scaler.transform(features).astype(np.float32)
     targets = target_values(features, target)
     positions = {name: features.index.get_indexer(part.index) for name, part in parts.items()}

@@ -15,6 +15,7 @@ silently trains with the default.
 from __future__ import annotations
 
 import copy
+import datetime
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "test_start": "2023-01-01",
             "test_end": "2023-06-30",
             "val_days": 252,
+            "scale_target": True,  # false: train on the raw target (the chapter's raw close)
         },
         "model": {"hidden_size": 16, "num_layers": 2, "fc_size": 16, "dropout": 0.0},
-        "train": {**_TRAIN, "batch_size": 128, "monitor": "mae"},
+        # loss: mse | l1 | huber, on the scaled target (huber_delta in those units); val_days: 0 = no
+        # validation split (the chapter's protocol: no selection, the final weights are the bundle's)
+        "train": {**_TRAIN, "batch_size": 128, "monitor": "mae", "loss": "mse", "huber_delta": 1.0},
         "tracking": dict(_TRACKING),
     },
     "charlm": {
@@ -117,6 +121,7 @@ _CHOICES = {
     ("train", "scheduler"): ("none", "cosine", "onecycle", "linear"),
     ("train", "mixed_precision"): ("no", "fp16", "bf16"),
     ("data", "target"): ("close", "log_return"),
+    ("train", "loss"): ("mse", "l1", "huber"),
     ("data", "sampler"): ("tbptt", "random_chunks"),
 }
 
@@ -220,6 +225,8 @@ def merge(base: dict, update: Mapping, *, where: str, prefix: str = "") -> dict:
             merged[key] = merge(base[key], value, where=where, prefix=f"{dotted}.")
         else:
             merged[key] = _number_if_numeric(copy.deepcopy(value)) if isinstance(base[key], float) else copy.deepcopy(value)
+            if isinstance(base[key], str) and isinstance(value, datetime.date):
+                merged[key] = value.isoformat()  # YAML reads 2022-06-30 as a date; the config stays JSON-able
     return merged
 
 
@@ -244,6 +251,18 @@ def validate(config: dict) -> None:
         raise ConfigError("Set train.epochs or train.max_steps to a positive number; both are 0.")
     if not isinstance(train["lr"], (int, float)) or train["lr"] <= 0:
         raise ConfigError(f"train.lr must be a positive number, not {train['lr']!r}.")
+    if "huber_delta" in train and (not isinstance(train["huber_delta"], (int, float)) or train["huber_delta"] <= 0):
+        raise ConfigError(f"train.huber_delta must be a positive number, not {train['huber_delta']!r}.")
+    if not isinstance(config["data"].get("scale_target", True), bool):
+        raise ConfigError(f"data.scale_target must be true or false, not {config['data']['scale_target']!r}.")
+    val_days = config["data"].get("val_days", 0)
+    if not isinstance(val_days, int) or isinstance(val_days, bool) or val_days < 0:
+        raise ConfigError(f"data.val_days must be a non-negative integer (0 = no validation split), not {val_days!r}.")
+    if "val_days" in config["data"] and val_days == 0 and train["early_stopping_patience"]:
+        raise ConfigError(
+            "train.early_stopping_patience needs a validation split and data.val_days=0 has none; "
+            "set train.early_stopping_patience=0 or data.val_days to a positive number."
+        )
 
 
 def dump_config(config: dict) -> str:

@@ -113,6 +113,10 @@ class Job:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
 
+    def has_validation(self) -> bool:
+        """False when the config asks for no validation split (the loop then validates and selects nothing)."""
+        return True
+
     def monitor(self) -> tuple[str, str]:
         name = self.config["train"]["monitor"]
         return name, ("min" if name in LOWER_IS_BETTER else "max")
@@ -264,6 +268,7 @@ class StockJob(Job):
         self.data = stock.load_stock_data(
             self.source_path(), window=d["window"], target=d["target"], train_end=d["train_end"],
             test_start=d["test_start"], test_end=d["test_end"], val_days=d["val_days"],
+            scale_target=bool(d["scale_target"]),
         )  # fmt: skip
         self._stock = stock
         X, y, rows = self.data.splits["train"]
@@ -278,8 +283,11 @@ class StockJob(Job):
             "train": torch.from_numpy(scale.transform(y).astype(np.float32)),
             **{s: torch.from_numpy(scale.transform(self.data.splits[s][1]).astype(np.float32)) for s in ("val", "test")},
         }
-        if len(self.data.splits["val"][1]) == 0:
-            raise ConfigError("The stock validation split is empty; set data.val_days to a positive number.")
+        self.loss_name = self.config["train"]["loss"]
+        self.huber_delta = float(self.config["train"]["huber_delta"])
+
+    def has_validation(self) -> bool:
+        return len(self.data.splits["val"][1]) > 0
 
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.y_scaled["train"]) / self.batch_size)
@@ -300,7 +308,7 @@ class StockJob(Job):
         return {**self.config["model"], "num_features": self.data.num_features}
 
     def loss_sum(self, model, batch: Batch) -> torch.Tensor:
-        return F.mse_loss(model(*batch.inputs).float(), batch.targets, reduction="sum")
+        return stock_loss(model(*batch.inputs).float(), batch.targets, self.loss_name, self.huber_delta)
 
     @torch.no_grad()
     def evaluate(self, model, split: str, accelerator) -> EvalResult:
@@ -319,7 +327,8 @@ class StockJob(Job):
         predicted_target = self.data.target_scaler.inverse_transform(scaled)
         predicted = self._stock.to_price(predicted_target, rows, self.data.target)
         actual = rows[self._stock.TARGET_COLUMN].to_numpy(dtype=np.float64)
-        metrics = {"loss": float(np.mean((scaled - self.y_scaled[split].numpy()) ** 2))}
+        loss = stock_loss(torch.from_numpy(scaled), self.y_scaled[split].double(), self.loss_name, self.huber_delta)
+        metrics = {"loss": float(loss) / max(1, len(scaled))}  # the training loss (train.loss), per window
         metrics.update(self._stock.regression_metrics(actual, predicted))
         for name, baseline in (("same_day_open", self._stock.naive_same_day_open),
                                ("previous_close", self._stock.naive_previous_close)):
@@ -338,6 +347,18 @@ class StockJob(Job):
 
             tracker.log({"test/predicted_vs_actual": wandb.Image(str(path))})
         return {}
+
+
+def stock_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, huber_delta: float = 1.0) -> torch.Tensor:
+    """SUM of the per-window losses on the scaled target: ``mse``, ``l1`` (fits the conditional median, which
+    minimises the MAE the job is scored on) or ``huber`` (quadratic within ``huber_delta``, linear beyond)."""
+    if kind == "mse":
+        return F.mse_loss(pred, target, reduction="sum")
+    if kind == "l1":
+        return F.l1_loss(pred, target, reduction="sum")
+    if kind == "huber":
+        return F.huber_loss(pred, target, reduction="sum", delta=huber_delta)
+    raise ConfigError(f"train.loss is {kind!r}; choose one of mse, l1, huber.")
 
 
 def stock_table(val: dict, test: dict) -> str:

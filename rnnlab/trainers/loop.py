@@ -353,6 +353,17 @@ def train(
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", is_main)
     monitor, mode = job.monitor()
     better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
+    validating = job.has_validation()
+    if not validating:  # e.g. stock's data.val_days=0: the chapter's protocol
+        if int(train_cfg["early_stopping_patience"]):
+            raise ConfigError("train.early_stopping_patience needs a validation split and this config has none; "
+                              "set train.early_stopping_patience=0.")
+        if on_eval is not None:
+            raise ConfigError("Tuning ranks trials on validation metrics and this config has no validation split; "
+                              "give data.val_days a positive number.")
+        if is_main:
+            log.info("No validation split: the run trains its full length, selects no checkpoint (train.monitor "
+                     "is unused) and exports the final weights; checkpoints are still written for resuming.")
     state: dict[str, Any] = {"epoch": 0, "micro": 0, "step": 0, "best_value": None, "best_step": None,
                              "best_val": None, "evals_since_best": 0, "stopped_early": False}
 
@@ -377,6 +388,9 @@ def train(
 
     def validate_and_checkpoint() -> bool:
         """Validate, checkpoint, call on_eval; True when early stopping says stop."""
+        if not validating:  # nothing to validate on: a checkpoint for resuming, never a "best"
+            checkpoints.save(accelerator, state["step"], state, job, False, None)
+            return False
         model.eval()
         result = job.evaluate(accelerator.unwrap_model(model), "val", accelerator)
         model.train()
