@@ -176,6 +176,9 @@ def plan_search(
     if search == "optuna":
         _require_optuna()
     base_config = load_config(job, preset, config_path, list(overrides))
+    if base_config["data"].get("val_days") == 0:  # stock's chapter protocol: nothing held out to rank trials on
+        raise ConfigError("Tune ranks trials on a validation split and this config holds none (data.val_days=0, "
+                          "as the stock chapter preset); add --set data.val_days=252 or tune another preset.")
     base_config = trial_base_config(base_config, max_epochs)
     search_space = resolve_metric(load_space(job, space), base_config)
     check_against_config(search_space, base_config, preset)
