@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fixtures import make_imdb_tar, make_stock_csv, make_text
+from wandb_files import read_finished_wandb_run
 from rnnlab.errors import ConfigError
 from rnnlab.trainers.config import load_config
 from rnnlab.trainers.jobs import make_job
@@ -129,7 +130,7 @@ def test_wandb_offline_run_on_disk_holds_config_and_metrics(data, tmp_path, monk
     train(config, tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    history, run_config, summary, run_info = read_wandb_run(next(runs[0].glob("*.wandb")))
+    history, run_config, summary, run_info = read_finished_wandb_run(next(runs[0].glob("*.wandb")))
     assert run_config["data"]["sampler"] == "tbptt" and run_config["train"]["batch_size"] == 8
     assert any("train/loss" in row for row in history)
     assert any("val/bpc" in row for row in history)
@@ -137,55 +138,6 @@ def test_wandb_offline_run_on_disk_holds_config_and_metrics(data, tmp_path, monk
     assert any(row.get("samples/_type") == "table-file" for row in history)  # the generated-samples table
     assert summary.get("train/loss") is not None
     assert (run_info["group"], run_info["name"]) == ("g1", "smoke-run")
-
-
-def read_wandb_run(path: Path) -> tuple[list[dict], dict, dict, dict]:
-    """History rows, config and summary from an offline run's .wandb file (W&B's own record log)."""
-    from wandb.proto import wandb_internal_pb2
-
-    rows, config, summary, run_info = [], {}, {}, {}
-    for data in leveldb_log_records(path.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
-        elif kind in ("config", "run"):
-            # The config reaches the file either inside the run record (when it is known at init) or as a later
-            # config record; which one depends on W&B's flush timing, so both are read.
-            for item in (record.config if kind == "config" else record.run.config).update:
-                value = json.loads(item.value_json)
-                config[item.key] = value.get("value", value) if isinstance(value, dict) else value
-            if kind == "run":
-                run_info = {"group": record.run.run_group, "name": record.run.display_name}
-        elif kind == "summary":
-            for item in record.summary.update:
-                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-    return rows, config, summary, run_info
-
-
-def leveldb_log_records(raw: bytes):
-    """Payloads of a .wandb file: a 7-byte header (":W&B", magic, version), then LevelDB-log blocks of 32 KiB
-    holding records (crc32, length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4). wandb >= 0.2x dropped its
-    Python reader (wandb.sdk.internal.datastore), so the format is read here."""
-    assert raw[:4] == b":W&B"
-    block, pos, pending = 32768, 7, b""
-    while pos + 7 <= len(raw):
-        left_in_block = block - pos % block
-        if left_in_block < 7:  # block trailer padding
-            pos += left_in_block
-            continue
-        length = int.from_bytes(raw[pos + 4 : pos + 6], "little")
-        kind = raw[pos + 6]
-        payload = raw[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 0 and length == 0:
-            continue
-        pending = payload if kind in (1, 2) else pending + payload
-        if kind in (1, 4):
-            yield pending
-            pending = b""
 
 
 def test_bf16_on_cpu_trains(data, tmp_path):

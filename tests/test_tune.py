@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from rnnlab.launch.cli import main
 from rnnlab.launch.tune_space import load_space
 from rnnlab.launch.tuning import flatten_metrics, plan_search
 from fixtures import make_stock_csv
+from wandb_files import read_finished_wandb_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JOBS = ("sentiment", "stock", "charlm")
@@ -165,32 +165,6 @@ def prices(tmp_path):
     return make_stock_csv(tmp_path)
 
 
-def read_wandb_run(run_file: Path) -> dict:
-    """The run record of an offline W&B run file (.wandb: a LevelDB-style log of protobuf records)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = run_file.read_bytes()
-    block, offset, pending = 32768, 7, b""  # the 7-byte file header: ":W&B", version
-    while offset + 7 <= len(data):
-        left = block - offset % block
-        if left < 7:  # block trailer
-            offset += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
-        chunk = data[offset + 7:offset + 7 + length]
-        offset += 7 + length
-        if kind == 0 and length == 0:
-            break
-        pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST start a record
-        if kind in (1, 4):  # FULL or LAST ends it
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            if record.WhichOneof("record_type") == "run":
-                return {"group": record.run.run_group, "name": record.run.display_name,
-                        "project": record.run.project, "id": record.run.run_id}
-    raise AssertionError(f"no run record in {run_file}")
-
-
 @pytest.mark.slow
 def test_asha_search_stops_weak_trials_and_its_best_config_retrains(tmp_path, prices, capsys):
     space = write_yaml(tmp_path / "space.yaml", ASHA_SPACE)
@@ -227,7 +201,7 @@ def test_asha_search_stops_weak_trials_and_its_best_config_retrains(tmp_path, pr
     # W&B: every trial an offline run, all grouped under the search's name
     runs = sorted((out / "asha-test").glob("trial_*/wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 4
-    records = [read_wandb_run(run) for run in runs]
+    records = [read_finished_wandb_run(run)[3] for run in runs]  # the run info: group and name
     assert {record["group"] for record in records} == {"asha-test"}
     assert sorted(record["name"] for record in records) == sorted(p.name for p in (out / "asha-test").glob("trial_*"))
 
