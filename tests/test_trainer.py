@@ -90,7 +90,8 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(job, extra, one
                                                                   monkeypatch):
     """``one_buffer``: the LSTM's weights are views of one flat buffer, as cuDNN keeps them on a GPU. safetensors
     refuses to save or load such a model through Accelerate (seen on an H200); the loop's state hooks must cope."""
-    config = smoke(job, data, *extra)
+    # On a GPU some kernels (the embedding's backward, cuDNN) vary run to run: exactness needs deterministic ones.
+    config = smoke(job, data, *extra, *(["train.deterministic=true"] if torch.cuda.is_available() else []))
     if one_buffer:
         job_class = type(make_job(config))
         build = job_class.build_model
@@ -138,6 +139,20 @@ def test_wandb_offline_run_on_disk_holds_config_and_metrics(data, tmp_path, monk
     assert any(row.get("samples/_type") == "table-file" for row in history)  # the generated-samples table
     assert summary.get("train/loss") is not None
     assert (run_info["group"], run_info["name"]) == ("g1", "smoke-run")
+
+
+def test_deterministic_kernels_are_switched_on_for_the_run_that_asks_and_off_again(data, tmp_path):
+    seen = []
+
+    def record(metrics, checkpoint):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+
+    train(smoke("charlm", data, "train.deterministic=true", "train.max_steps=2", "train.eval_every=1"),
+          tmp_path / "on", on_eval=record)
+    train(smoke("charlm", data, "train.max_steps=2", "train.eval_every=1"), tmp_path / "off", on_eval=record)
+    assert seen == [True, True, False, False]
+    with pytest.raises(ConfigError, match="train.deterministic must be true or false"):
+        smoke("charlm", data, "train.deterministic=sometimes")
 
 
 def test_bf16_on_cpu_trains(data, tmp_path):

@@ -44,6 +44,7 @@ _TRAIN = {
     "grad_accum": 1,
     "mixed_precision": "no",  # no | fp16 | bf16
     "seed": 0,
+    "deterministic": False,  # deterministic GPU kernels (slower): bit-identical reruns and resumes on a GPU
     "eval_every": 0,  # optimizer steps between validations; 0 = once per epoch
     "log_every": 10,  # optimizer steps between train-loss log lines
     "early_stopping_patience": 0,  # validations without improvement before stopping; 0 = never stop early
@@ -253,6 +254,8 @@ def validate(config: dict) -> None:
         raise ConfigError(f"train.lr must be a positive number, not {train['lr']!r}.")
     if "huber_delta" in train and (not isinstance(train["huber_delta"], (int, float)) or train["huber_delta"] <= 0):
         raise ConfigError(f"train.huber_delta must be a positive number, not {train['huber_delta']!r}.")
+    if not isinstance(train["deterministic"], bool):
+        raise ConfigError(f"train.deterministic must be true or false, not {train['deterministic']!r}.")
     if not isinstance(config["data"].get("scale_target", True), bool):
         raise ConfigError(f"data.scale_target must be true or false, not {config['data']['scale_target']!r}.")
     val_days = config["data"].get("val_days", 0)

@@ -13,7 +13,8 @@ bundle. Output layout (under ``output_dir``)::
     bundle/                    rnnlab.bundle.save_bundle output (+ job figures beside it)
 
 Reproducibility: ``set_seed`` before the model is built; batches come from ``(seed, epoch, index)`` and never from
-the global RNG; checkpoints hold the RNG states, so a resumed run ends with the same weights as a straight one.
+the global RNG; checkpoints hold the RNG states, so a resumed run ends with the same weights as a straight one (on a
+GPU with ``train.deterministic=true``, since some CUDA kernels differ run to run).
 """
 
 from __future__ import annotations
@@ -76,6 +77,20 @@ def resolve_precision(requested: str) -> str:
                     requested, str(out.dtype).replace("torch.", ""), device)
         return "no"
     return requested
+
+
+def use_deterministic_kernels(enabled: bool) -> None:
+    """``train.deterministic``: kernels that give the same bits on every run, at some cost in speed.
+
+    On a CPU rnnlab's runs repeat exactly anyway. On a GPU, the embedding's backward pass (atomic adds) and some
+    cuDNN and cuBLAS kernels vary from run to run: on an H200 a resumed charlm run ended about 1e-4 away from the
+    uninterrupted one, so the bit-identical resume needs this. Set both ways, since it is process-wide (Tune
+    trials and tests run several trainings in one process).
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses deterministic mode without it
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,6 +335,7 @@ def train(
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     set_seed(int(train_cfg["seed"]))
+    use_deterministic_kernels(bool(train_cfg["deterministic"]))
 
     job = make_job(config, rank=accelerator.process_index, world_size=accelerator.num_processes)
     job.device = accelerator.device
