@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import logging
+import random
+import re
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +102,28 @@ def test_tokenizer_empty_and_punctuation_only_give_no_tokens():
     assert tokenize("") == []
     assert tokenize("  <br /> ...!!! ") == []
     assert tokenize("don't_stop 42") == ["don", "t_stop", "42"]  # \W keeps underscores and digits
+
+
+# The chapter's tag pattern, the reference the linear strip_tags must match exactly.
+CHAPTER_TAG = re.compile(r"<[^>]*>")
+
+
+def test_strip_tags_matches_the_chapter_regex_on_random_strings():
+    rng = random.Random(0)
+    alphabet = "<>ab /\n:)"  # brackets dense enough that nested, unclosed and empty tags all turn up
+    for _ in range(5_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        assert imdb.strip_tags(text) == CHAPTER_TAG.sub("", text), text
+    for text in ["<", ">", "<>", "a<b", "a<b>c<d", "<<a>>", "x<a\nb>y", "<" * 50 + ">" + "<" * 50]:
+        assert imdb.strip_tags(text) == CHAPTER_TAG.sub("", text), text
+
+
+def test_tokenizer_is_linear_on_unclosed_brackets():
+    # the regex took ~7 s on 100 KB of "<" (quadratic); a stranger's 1 MB must not hold a replica
+    for text in ("<" * 1_000_000, "a<" * 500_000, "<" * 999_999 + ">"):
+        start = time.perf_counter()
+        tokenize(text)
+        assert time.perf_counter() - start < 0.5
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -382,6 +407,14 @@ def test_mirror_parity(mirror_archive):
     }
     assert summary["distinct_tokens"] == 75_977
     assert (summary["train_tokens"]["min"], summary["train_tokens"]["max"]) == (10, 2_498)
+
+
+@pytest.mark.slow
+@pytest.mark.mirror
+def test_mirror_strip_tags_matches_the_chapter_regex_on_every_train_review(mirror_archive):
+    reviews = read_imdb(mirror_archive, ("train",))["train"]
+    assert len(reviews) == 25_000
+    assert all(imdb.strip_tags(r.text) == CHAPTER_TAG.sub("", r.text) for r in reviews)
 
 
 @pytest.mark.slow
