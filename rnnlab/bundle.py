@@ -73,7 +73,7 @@ def save_bundle(
     if job not in MODELS:
         raise ConfigError(f"Unknown job {job!r}; choose one of {', '.join(MODELS)}.")
     for name in assets:
-        if not name.replace("_", "").isalnum() or name in ("config", "metrics", "model"):
+        if not _is_asset_name(name):
             raise BundleError(f"Asset name {name!r} cannot be a bundle file name; use letters, digits and '_'.")
     _check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +255,50 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         )
     if manifest["job"] not in MODELS:
         raise BundleError(f"Bundle {directory} is for unknown job {manifest['job']!r}; expected one of {', '.join(MODELS)}.")
+    _check_file_names(directory, manifest)
     return manifest
+
+
+def _check_file_names(directory: Path, manifest: dict) -> None:
+    """Every file config.json names must be a plain file name inside the bundle folder.
+
+    The checksum of config.json only proves it was not edited by accident: anyone can write a new one, so a
+    crafted bundle could otherwise point the checksum pass at ``/dev/zero``, ``../../secrets`` or a symlink out.
+    """
+    files, assets = manifest["files"], manifest["assets"]
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise BundleError(f"Bundle {directory} {CONFIG_FILE} 'files' is not a map of file name to sha256; re-export it.")
+    if not isinstance(assets, list) or not all(isinstance(a, str) and _is_asset_name(a) for a in assets):
+        raise BundleError(
+            f"Bundle {directory} {CONFIG_FILE} 'assets' must list plain names (letters, digits, '_'); re-export it."
+        )
+    root = directory.resolve()
+    for name in files:
+        if not _is_plain_name(name):
+            raise BundleError(
+                f"Bundle {directory} {CONFIG_FILE} names the file {name!r}, which is not a plain file name inside "
+                "the bundle (no folders, '..' or absolute paths); re-export the bundle."
+            )
+        path = directory / name
+        if path.is_symlink() and path.resolve().parent != root:
+            raise BundleError(
+                f"Bundle {directory} file {name} is a link to {os.readlink(path)!r} outside the bundle; "
+                "copy the real file into the bundle folder."
+            )
+
+
+def _is_plain_name(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(ch in name for ch in "/\\\0:")
+        and not os.path.isabs(name)
+        and Path(name).name == name
+    )
+
+
+def _is_asset_name(name: str) -> bool:
+    return name.replace("_", "").isalnum() and name not in ("config", "metrics", "model")
 
 
 def _read_json(directory: Path, name: str) -> Any:

@@ -154,3 +154,40 @@ def test_error_messages_are_one_sentence(tmp_path):
         load_bundle(path)
     message = str(info.value)
     assert "\n" not in message and message.endswith(".") and message.count(". ") == 0
+
+
+def _rewrite_manifest(path, edit) -> None:
+    """Edit config.json the way an attacker would: change it, then recompute its own checksum."""
+    from rnnlab.bundle import _manifest_digest
+
+    manifest = json.loads((path / "config.json").read_text())
+    edit(manifest)
+    manifest["config_sha256"] = _manifest_digest(manifest)
+    (path / "config.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["/dev/zero", "../outside.json", "sub/metrics.json", "..", "", "a\\b.json"])
+def test_crafted_file_names_are_refused_before_anything_is_read(tmp_path, name):
+    path, _ = make_bundle(tmp_path)
+    (tmp_path / "outside.json").write_text("{}")
+    _rewrite_manifest(path, lambda m: m["files"].__setitem__(name, "0" * 64))
+    with pytest.raises(BundleError, match="not a plain file name inside the bundle") as info:
+        load_bundle(path)
+    assert "\n" not in str(info.value)
+
+
+def test_crafted_asset_name_is_refused(tmp_path):
+    path, _ = make_bundle(tmp_path)
+    _rewrite_manifest(path, lambda m: m.__setitem__("assets", ["../../etc/passwd"]))
+    with pytest.raises(BundleError, match="'assets' must list plain names"):
+        load_bundle(path)
+
+
+def test_symlink_out_of_the_bundle_is_refused(tmp_path):
+    path, _ = make_bundle(tmp_path)
+    outside = tmp_path / "elsewhere.json"
+    shutil.copy(path / "metrics.json", outside)  # same bytes: only the link itself is at fault
+    (path / "metrics.json").unlink()
+    (path / "metrics.json").symlink_to(outside)
+    with pytest.raises(BundleError, match="is a link to .* outside the bundle"):
+        load_bundle(path)
