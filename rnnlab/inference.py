@@ -13,8 +13,6 @@ Limits are module constants (the service's schemas use the same numbers).
 
 from __future__ import annotations
 
-import math
-import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -28,18 +26,23 @@ from rnnlab.data.imdb import tokenize
 from rnnlab.data.stock import FEATURE_NAMES, Scaler, features_for_history, min_history_rows, to_price
 from rnnlab.data.text import encode_text
 from rnnlab.data.vocab import Vocab
-from rnnlab.errors import BundleError, InputError
+from rnnlab.errors import BundleError, InputError, RnnlabError
+from rnnlab.sampling import (  # noqa: F401  (the sampling limits, re-exported: one set for CLI and service)
+    MAX_NEW_TOKENS,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    NonFiniteScores,
+    SamplingParams,
+    sample_next,
+    sampling_params,
+)
 
 MAX_TEXTS = 64  # reviews per request (predict itself takes any number and works in chunks)
 MAX_TEXT_CHARS = 20_000  # the longest IMDb review has ~14k characters
 MAX_HISTORY_ROWS = 5_000  # ~20 years of trading days
 MAX_PROMPT_CHARS = 2_000
-MAX_NEW_TOKENS = 2_000
-MAX_TEMPERATURE = 5.0
-MAX_SEED = 2**63  # seeds are 0 <= seed < MAX_SEED
 PREDICT_BATCH_SIZE = 64  # rows per forward pass inside predict
-
-PerRow = Union[float, int, None, Sequence[Union[float, int, None]], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------------ sentiment
@@ -180,75 +183,6 @@ class StockForecaster:
 # ------------------------------------------------------------------------------------------------ generation
 
 
-def sample_next(
-    logits: torch.Tensor,
-    temperature: PerRow = 1.0,
-    top_k: PerRow = None,
-    top_p: PerRow = None,
-    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
-) -> torch.Tensor:
-    """Sample one token id per row of ``logits[B, V]``; returns LongTensor[B] on the logits' device.
-
-    Each parameter is one value for every row or one per row (list or tensor; None entries mean "off"):
-    ``temperature`` 0 = greedy (argmax); ``top_k`` None/0 = off; ``top_p`` None/1.0 = off (nucleus: keep the
-    most likely tokens until their mass reaches top_p; the top token always stays).
-
-    Randomness: exactly one uniform draw per row per call. With a list of generators (CPU ``torch.Generator``s),
-    row i draws from ``generator[i]`` only, so a sequence's tokens depend on its own seed and never on what else
-    shares the batch; one generator draws B numbers in row order; None uses torch's global RNG.
-    Inverse-CDF sampling over the sorted, filtered distribution (as ``rnnlab.serve.scheduler`` does, so the CLI
-    and the service give the same text for the same seed).
-    """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
-    rows, vocab = logits.shape
-    device = logits.device
-    temperature_t = _per_row(temperature, rows, default=1.0, dtype=torch.float32, device=device)
-    top_k_t = _per_row(top_k, rows, default=0, dtype=torch.long, device=device)
-    top_p_t = _per_row(top_p, rows, default=1.0, dtype=torch.float32, device=device)
-    if bool((temperature_t < 0).any()) or bool((top_k_t < 0).any()):
-        raise ValueError("temperature and top_k must be >= 0")
-    if bool(((top_p_t <= 0) | (top_p_t > 1)).any()):
-        raise ValueError("top_p must be in (0, 1]")
-    top_k_t = torch.where(top_k_t == 0, torch.full_like(top_k_t, vocab), top_k_t)
-    uniforms = _uniforms(rows, generator).to(device)
-
-    greedy = temperature_t <= 0
-    scaled = logits.float() / torch.where(greedy, torch.ones_like(temperature_t), temperature_t).unsqueeze(1)
-    sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
-    probs = sorted_logits.softmax(dim=-1)
-    ranks = torch.arange(vocab, device=device).unsqueeze(0)
-    drop = ranks >= top_k_t.unsqueeze(1)
-    drop |= (probs.cumsum(dim=-1) - probs) >= top_p_t.unsqueeze(1)  # mass before a token already reaches top_p
-    drop[:, 0] = False
-    probs = probs.masked_fill(drop, 0.0)
-    cdf = probs.cumsum(dim=-1)
-    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
-    choice = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)
-    choice = torch.where(greedy.unsqueeze(1), torch.zeros_like(choice), choice)
-    return order.gather(1, choice).squeeze(1)
-
-
-def _per_row(value: PerRow, rows: int, *, default: float, dtype: torch.dtype, device) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        out = value.to(device=device, dtype=dtype).reshape(-1)
-        return out.expand(rows) if out.numel() == 1 else out
-    if value is None or isinstance(value, (int, float)):
-        return torch.full((rows,), default if value is None else value, dtype=dtype, device=device)
-    values = [default if v is None else v for v in value]
-    if len(values) != rows:
-        raise ValueError(f"got {len(values)} per-row values for {rows} rows")
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-def _uniforms(rows: int, generator) -> torch.Tensor:
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.rand(rows, generator=generator)
-    if len(generator) != rows:
-        raise ValueError(f"got {len(generator)} generators for {rows} rows")
-    return torch.cat([torch.rand(1, generator=g) for g in generator])
-
-
 class TextGenerator:
     """Continue a prompt with a character model, one character per step.
 
@@ -285,68 +219,43 @@ class TextGenerator:
     def validate_prompt(self, prompt: Any) -> None:
         self.encode_prompt(prompt)
 
-    def validate_sampling(
-        self,
-        max_new_tokens: int = 200,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-    ) -> None:
-        """InputError naming the first parameter out of range."""
-        if not _is_int(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-            raise InputError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS:,}, got {max_new_tokens!r}.")
-        if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
-            raise InputError(f"temperature must be a number from 0 (greedy) to {MAX_TEMPERATURE}, got {temperature!r}.")
-        if top_k is not None and (not _is_int(top_k) or top_k < 1):
-            raise InputError(f"top_k must be a positive integer or absent, got {top_k!r}.")
-        if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-            raise InputError(f"top_p must be a number in (0, 1] or absent, got {top_p!r}.")
-        if seed is not None and (not _is_int(seed) or not 0 <= seed < MAX_SEED):
-            raise InputError(f"seed must be an integer from 0 to 2**63 - 1 or absent, got {seed!r}.")
+    def validate_sampling(self, **values: Any) -> SamplingParams:
+        """The checked ``SamplingParams`` (InputError of one sentence naming the first field out of range)."""
+        return sampling_params(**values)
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        max_new_tokens: int = 200,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-    ) -> str:
-        """The continuation of ``prompt`` (``max_new_tokens`` characters); deterministic for a given seed."""
-        return "".join(self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, seed=seed))  # fmt: skip
+    def generate(self, prompt: str, **sampling: Any) -> str:
+        """The continuation of ``prompt``; ``sampling`` are the ``SamplingParams`` fields (max_new_tokens=200,
+        temperature=1.0, top_k, top_p, seed). Deterministic for a given seed."""
+        return "".join(self.stream(prompt, **sampling))
 
-    def stream(
-        self,
-        prompt: str,
-        *,
-        max_new_tokens: int = 200,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-    ) -> Iterator[str]:
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
         """Like ``generate`` but yields each character as soon as it is sampled. Input is checked up front,
         before the first character."""
         ids = self.encode_prompt(prompt)
-        self.validate_sampling(max_new_tokens, temperature, top_k, top_p, seed)
-        return self._decode(ids, max_new_tokens, temperature, top_k, top_p, seed)
+        params = self.validate_sampling(**sampling).with_seed()
+        return self._decode(ids, params)
 
-    def _decode(self, ids: list[int], max_new_tokens, temperature, top_k, top_p, seed) -> Iterator[str]:
-        generator = torch.Generator(device="cpu").manual_seed(secrets.randbits(63) if seed is None else seed)
+    def _decode(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        # the whole request's draws up front: the same numbers as one draw per step (see sample_next), and the
+        # same as the service draws them
+        uniforms = torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(params.seed))
         *context, next_id = ids
         with torch.inference_mode():
             if context:
                 _, state = self.model(torch.tensor([context], device=self.device))
             else:
                 state = self.model.init_state(1, self.device)
-        for _ in range(max_new_tokens):
+        for step in range(params.max_new_tokens):
             with torch.inference_mode():
                 logits, state = self.model.step(torch.tensor([next_id], device=self.device), state)
-                next_id = int(sample_next(logits, temperature, top_k, top_p, [generator])[0])
+                try:
+                    next_id = int(sample_next(logits, params.temperature, params.top_k, params.top_p,
+                                              uniforms=uniforms[step : step + 1])[0])
+                except NonFiniteScores:
+                    raise RnnlabError(
+                        f"The model produced NaN or infinite scores after {step} characters; the bundle's weights "
+                        "are broken, retrain or re-export it."
+                    ) from None
             yield self.vocab.itos[next_id]
 
 
@@ -381,10 +290,3 @@ def _at_position(check, item, noun: str, position: int):
     except InputError as error:
         raise InputError(f"{noun} {position}: {error}") from None
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)

@@ -39,6 +39,24 @@ def test_bad_source_is_one_sentence_and_nonzero(tmp_path):
     assert message.startswith("rnnlab: ") and str(bad) in message
 
 
+def test_generate_refuses_an_out_of_range_sampling_flag_in_one_sentence(tmp_path):
+    import torch
+
+    from rnnlab.bundle import save_bundle
+    from rnnlab.data.vocab import Vocab
+    from rnnlab.models import build_model
+
+    chars = "abcdefghijklmnopqrstuvwxyz "
+    bundle = save_bundle(tmp_path / "charlm", job="charlm", metrics={}, config={"job": "charlm"},
+                         model=build_model("charlm", {"vocab_size": len(chars), "embed_dim": 4, "hidden_size": 8}),
+                         assets={"vocab": Vocab(list(chars)).to_json()})
+    result = rnnlab("generate", str(bundle), "--top-k", "100000000000000000000")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("rnnlab: --top-k:"), result.stderr
+    result = rnnlab("generate", str(bundle), "--prompt", "the", "--length", "12", "--top-k", "1000", "--seed", "3")
+    assert result.returncode == 0 and len(result.stdout.rstrip("\n")) == len("the") + 12, result.stderr
+
+
 def test_missing_source_file():
     result = rnnlab("data", "text", "--source", "/no/such/book.txt")
     assert result.returncode == 2 and "does not exist" in result.stderr

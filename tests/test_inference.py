@@ -258,6 +258,36 @@ def test_prompt_errors_name_the_problem(charlm_bundle):
             generator.generate("the", **bad)
 
 
+def test_sampling_settings_are_checked_by_one_definition_in_one_sentence(charlm_bundle):
+    from rnnlab.sampling import MAX_TOP_K, SamplingParams
+
+    generator = load_predictor(charlm_bundle)
+    with pytest.raises(InputError) as info:  # was an OverflowError traceback from torch.full
+        generator.generate("the", top_k=10**20)
+    assert str(info.value).startswith("top_k:") and str(info.value).count(". ") == 0
+    for bad in ({"temperature": float("nan")}, {"top_p": float("inf")}, {"top_k": True}, {"max_tokens": 5}):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            generator.generate("the", **bad)
+    # top_k at or above the vocabulary keeps every character: the same text as no top_k
+    vocab = len(generator.vocab.itos)
+    plain = generator.generate("the", max_new_tokens=30, seed=4)
+    assert generator.generate("the", max_new_tokens=30, seed=4, top_k=vocab) == plain
+    assert generator.generate("the", max_new_tokens=30, seed=4, top_k=MAX_TOP_K) == plain
+    assert SamplingParams(seed=3).with_seed().seed == 3 and SamplingParams().with_seed().seed is not None
+
+
+def test_sampler_names_the_rows_with_non_finite_scores():
+    from rnnlab.sampling import NonFiniteScores
+
+    logits = torch.randn(4, 10)
+    logits[2, 3] = float("nan")
+    logits[0, 1] = float("inf")
+    logits[1, 5] = float("-inf")  # a masked token is fine
+    with pytest.raises(NonFiniteScores) as info:
+        sample_next(logits)
+    assert info.value.rows == [0, 2]
+
+
 def test_predictor_for_the_wrong_job_is_refused(sentiment_bundle):
     with pytest.raises(BundleError, match="not a charlm"):
         TextGenerator(load_bundle(sentiment_bundle))

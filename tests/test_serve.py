@@ -22,6 +22,10 @@ from fixtures import make_stock_csv
 pytestmark = pytest.mark.slow
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,'\n"
+# The charlm bundle's apostrophe has a NaN embedding: a request whose prompt holds one fails inside the decoding
+# step (the model's scores turn NaN), the way a broken model or a bug would, while every other request is fine.
+FAULT_CHAR = "'"
+FAULTY_PROMPT = "the emperor's "
 WORDS = ["<pad>", "<unk>", "the", "movie", "was", "great", "awful", "plot", "and", "a"]
 
 
@@ -50,8 +54,11 @@ def make_bundles(directory: Path) -> Path:
                 assets={"scaler": scaler.to_json(), "target_scaler": target_scaler.to_json()},
                 metrics={"test": {"r2": 0.0}},
                 config={"job": "stock", "data": {"window": 5, "target": "close"}})
-    save_bundle(directory / "wp-small", job="charlm",
-                model=build_model("charlm", {"vocab_size": len(CHARS), "embed_dim": 8, "hidden_size": 32}),
+    charlm = build_model("charlm", {"vocab_size": len(CHARS), "embed_dim": 8, "hidden_size": 32})
+    with torch.no_grad():  # a model fault only an apostrophe in a prompt reaches (see FAULTY_PROMPT)
+        charlm.embedding.weight[CHARS.index(FAULT_CHAR)] = float("nan")
+        charlm.output.bias[CHARS.index(FAULT_CHAR)] = float("-inf")  # never sampled, so no other text reaches it
+    save_bundle(directory / "wp-small", job="charlm", model=charlm,
                 assets={"vocab": Vocab(list(CHARS)).to_json()}, metrics={"val": {"nats_per_char": 3.4}},
                 config={"job": "charlm", "data": {"lowercase": True}})
     return directory
@@ -297,6 +304,8 @@ BAD_REQUESTS = [
     ("/v1/generate", {"prompt": "the", "temperature": -1}, 422, "temperature", "greater than or equal"),
     ("/v1/generate", {"prompt": "the", "top_p": 0}, 422, "top_p", "greater than 0"),
     ("/v1/generate", {"prompt": "the", "top_k": 0}, 422, "top_k", "greater than or equal"),
+    ("/v1/generate", {"prompt": "the", "top_k": 100000000000000000000}, 422, "top_k", "less than or equal"),
+    ("/v1/generate", {"prompt": "the", "temperature": True}, 422, "temperature", "number"),
     ("/v1/generate", {"prompt": "the", "max_tokens": 10}, 422, "max_tokens", "not permitted"),
     ("/v1/generate", {"prompt": "the €mperor ☃"}, 422, "prompt", "☃"),
     ("/v1/generate", {"prompt": "the €mperor", "stream": True}, 422, "prompt", "€"),
@@ -368,6 +377,65 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(http):
     assert stats["cancelled"] == before + 1
 
 
+def test_a_step_failure_fails_only_its_own_request_with_an_id_in_the_log(service):
+    """Two requests whose decoding step fails (NaN scores), one streamed, one not, join a batch of four long
+    streams: they get a JSON 500 / an SSE error event carrying a request id that the log names in one line, and
+    the four others run to their full length."""
+    long = {"prompt": "the ", "max_new_tokens": 2000, "stream": True}
+    finished: dict[str, float] = {}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=service, timeout=60) as client:
+            started = asyncio.Event()
+
+            async def stream(body) -> list[tuple[str, dict]]:
+                events, name = [], "message"
+                async with client.stream("POST", "/v1/generate", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("event: "):
+                            name = line[len("event: "):]
+                        elif line.startswith("data: "):
+                            events.append((name, json.loads(line[len("data: "):])))
+                            name = "message"
+                            started.set()
+                finished.setdefault(body["prompt"], time.perf_counter())  # the first long one to end
+                return events
+
+            async def faulty():
+                await started.wait()  # the long streams are decoding: the faulty ones join their batch
+                return await asyncio.gather(
+                    client.post("/v1/generate", json={"prompt": FAULTY_PROMPT, "max_new_tokens": 50, "seed": 1}),
+                    stream({"prompt": FAULTY_PROMPT, "max_new_tokens": 50, "seed": 2, "stream": True}))
+
+            *good, (plain, streamed) = await asyncio.wait_for(
+                asyncio.gather(*(stream(long | {"seed": i}) for i in range(4)), faulty()), timeout=90)
+            return good, plain, streamed
+
+    good, plain, streamed = asyncio.run(run())
+    for events in good:
+        assert events[-1] == ("done", {"tokens": 2000}), events[-3:]
+        assert sum(len(data["text"]) for name, data in events if name == "message") == 2000
+    assert finished[FAULTY_PROMPT] < finished["the "]  # the faulty ones failed while the long ones were decoding
+    assert plain.status_code == 500, plain.text
+    request_id = plain.json()["request_id"]
+    assert request_id in plain.json()["detail"][0]["msg"]
+    assert streamed[0][0] == "start" and streamed[-1][0] == "error", streamed
+    ids = [request_id, streamed[-1][1]["request_id"]]
+    assert ids[1] != ids[0] and ids[1] in streamed[-1][1]["detail"]
+
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + 20  # replica logs are files written asynchronously
+    while True:
+        lines = [line for path in logs.glob("replica_*Generator*") for line in path.read_text().splitlines()]
+        counts = [sum(rid in line and "failed" in line for line in lines) for rid in ids]
+        if counts == [1, 1] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert counts == [1, 1], [line for line in lines if "failed" in line][-5:]
+
+
 # --- failing at start ------------------------------------------------------------------------------------------
 def _corrupt_copy(bundles: Path, tmp_path: Path) -> Path:
     broken = tmp_path / "broken" / "imdb-small"
@@ -394,6 +462,24 @@ def test_a_corrupt_bundle_fails_the_deployment_at_start_not_a_hang(service, bund
     # the bundle's own one-sentence reason is what Serve reports for the deployment
     assert "checksum" in serve.status().applications["broken"].deployments["Sentiment"].message
     serve.delete("broken")
+
+
+def test_a_zero_batch_size_in_user_config_fails_the_deployment_in_one_sentence(service, bundles):
+    """max_batch_size: 0 in configs/serve.yaml used to leave generation admitting nothing, forever."""
+    from ray import serve
+
+    from rnnlab.errors import ConfigError
+    from rnnlab.serve.app import GeneratorDeployment, build_app
+
+    with pytest.raises(RuntimeError):
+        serve.run(GeneratorDeployment.options(user_config={"max_batch_size": 0}, ray_actor_options={"num_cpus": 0})
+                  .bind(str(bundles / "wp-small")), name="zero", route_prefix=None)
+    message = serve.status().applications["zero"].deployments["Generator"].message
+    assert "Generator max_batch_size must be a whole number of at least 1, got 0." in message
+    serve.delete("zero")
+    for bad in ({"max_batch_size": 0}, {"max_batch_size": 2.5}, {"batch_wait_timeout_s": -1}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):  # the same sentence for serve run's args
+            build_app({"bundles": str(bundles), **bad})
 
 
 def test_cli_refuses_missing_or_corrupt_bundles_with_one_sentence(bundles, tmp_path, capsys):

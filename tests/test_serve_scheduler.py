@@ -60,10 +60,10 @@ def test_a_late_short_request_joins_and_leaves_before_a_long_one(generator):
     async def run():
         scheduler = GenerationScheduler(generator.model, max_batch_size=8)
         done: list[str] = []
-        long = asyncio.create_task(_collect(scheduler, generator, "long", SamplingParams(500, seed=1), done))
+        long = asyncio.create_task(_collect(scheduler, generator, "long", SamplingParams(max_new_tokens=500, seed=1), done))
         while scheduler.stats()["steps"] < 10:  # the long one is decoding
             await asyncio.sleep(0)
-        await _collect(scheduler, generator, "short", SamplingParams(5, seed=2), done)
+        await _collect(scheduler, generator, "short", SamplingParams(max_new_tokens=5, seed=2), done)
         steps_when_short_finished = scheduler.stats()["steps"]
         await long
         return done, steps_when_short_finished, scheduler.stats()
@@ -77,30 +77,107 @@ def test_a_late_short_request_joins_and_leaves_before_a_long_one(generator):
 def test_max_batch_size_one_decodes_one_request_at_a_time(generator):
     async def run():
         scheduler = GenerationScheduler(generator.model, max_batch_size=1)
-        await asyncio.gather(*(_collect(scheduler, generator, "a", SamplingParams(10, seed=i)) for i in range(3)))
+        await asyncio.gather(*(_collect(scheduler, generator, "a", SamplingParams(max_new_tokens=10, seed=i)) for i in range(3)))
         return scheduler.stats()
 
     stats = asyncio.run(run())
     assert stats["batch_size_histogram"] == {"1": 30}
 
 
-def test_closing_the_stream_frees_the_slot_before_the_next_step(generator):
+def test_closing_the_stream_frees_the_slot_after_the_running_block(generator):
     async def run():
         scheduler = GenerationScheduler(generator.model, max_batch_size=4)
-        stream = scheduler.generate(generator.encode_prompt("the"), SamplingParams(10_000, seed=3))
+        stream = scheduler.generate(generator.encode_prompt("the"), SamplingParams(max_new_tokens=2_000, seed=3))
         await stream.__anext__()
         await stream.aclose()
-        await asyncio.sleep(0.01)
+        for _ in range(100):  # the slot is freed at the end of the running block (~20 ms of steps)
+            await asyncio.sleep(0.01)
+            if scheduler.stats()["active"] == 0:
+                break
         return scheduler.stats()
 
     stats = asyncio.run(run())
     assert stats["active"] == 0 and stats["cancelled"] == 1
-    assert stats["tokens"] < 10_000
+    assert stats["tokens"] < 2_000
 
 
 def test_greedy_decoding_ignores_the_seed(generator):
     async def run(seed):
         scheduler = GenerationScheduler(generator.model)
-        return await _collect(scheduler, generator, "war", SamplingParams(25, temperature=0.0, seed=seed))
+        return await _collect(scheduler, generator, "war", SamplingParams(max_new_tokens=25, temperature=0.0, seed=seed))
 
     assert asyncio.run(run(1)) == asyncio.run(run(2))
+
+
+class FaultyModel(torch.nn.Module):
+    """The generator's model, except that a step fed ``step_fault`` raises and a prompt holding ``prefill_fault``
+    raises in the prefill; nothing ever samples either character, so only the requests that carry one fail."""
+
+    def __init__(self, model: torch.nn.Module, step_fault: int, prefill_fault: int) -> None:
+        super().__init__()
+        self.model, self.step_fault, self.prefill_fault = model, step_fault, prefill_fault
+
+    def init_state(self, *args):
+        return self.model.init_state(*args)
+
+    def forward(self, ids, state=None):
+        if bool((ids == self.prefill_fault).any()):
+            raise RuntimeError("injected prefill fault")
+        return self._masked(*self.model.forward(ids, state))
+
+    def step(self, ids, state):
+        if bool((ids == self.step_fault).any()):
+            raise RuntimeError("injected step fault")
+        return self._masked(*self.model.step(ids, state))
+
+    def _masked(self, logits, state):
+        logits = logits.clone()
+        logits[..., [self.step_fault, self.prefill_fault]] = float("-inf")
+        return logits, state
+
+
+def test_a_failing_step_or_prefill_fails_only_its_own_sequence(generator, caplog):
+    from rnnlab.serve.scheduler import GenerationFailed
+
+    stoi = generator.vocab.stoi
+    model = FaultyModel(generator.model, step_fault=stoi["q"], prefill_fault=stoi["z"])
+    good = [(f"the {c}", SamplingParams(max_new_tokens=60, temperature=0.9, seed=i)) for i, c in enumerate("abc")]
+
+    async def run(requests):
+        scheduler = GenerationScheduler(model, max_batch_size=8)
+
+        async def one(index, prompt, params):
+            try:
+                return await _collect(scheduler, generator, prompt, params)
+            except GenerationFailed as error:
+                return error
+
+        return await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(requests))), scheduler.stats()
+
+    alone, _ = asyncio.run(run(good))
+    faulty = [("the q", SamplingParams(max_new_tokens=60, seed=7)), ("zebra", SamplingParams(max_new_tokens=60))]
+    with caplog.at_level("ERROR", logger="rnnlab.serve.scheduler"):
+        answers, stats = asyncio.run(run([good[0], faulty[0], good[1], faulty[1], good[2]]))
+    step_failure, prefill_failure = answers[1], answers[3]
+    assert [answers[0], answers[2], answers[4]] == alone  # full length, same text as without the faulty ones
+    assert all(len(text) == 60 for text in alone)
+    assert isinstance(step_failure, GenerationFailed) and "injected step fault" in step_failure.reason
+    assert isinstance(prefill_failure, GenerationFailed) and "injected prefill fault" in prefill_failure.reason
+    for failure in (step_failure, prefill_failure):  # one log line each, carrying the request id
+        assert sum(failure.request_id in record.getMessage() for record in caplog.records) == 1
+    assert stats["failed"] == 2 and stats["finished"] == 3 and stats["active"] == 0
+
+
+def test_same_seed_same_text_whatever_the_batch_neighbours(generator):
+    params = SamplingParams(max_new_tokens=80, temperature=1.0, top_p=0.95, seed=11)
+
+    async def run(neighbours: int, max_batch_size: int = 16):
+        scheduler = GenerationScheduler(generator.model, max_batch_size=max_batch_size)
+        others = [_collect(scheduler, generator, "a", SamplingParams(max_new_tokens=10 + 13 * i, seed=100 + i))
+                  for i in range(neighbours)]
+        texts = await asyncio.gather(_collect(scheduler, generator, "the war", params), *others)
+        return texts[0]
+
+    alone = asyncio.run(run(0))
+    assert asyncio.run(run(7)) == asyncio.run(run(12, max_batch_size=4)) == alone
+    assert alone == generator.generate("the war", **params.model_dump())

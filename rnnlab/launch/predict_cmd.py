@@ -76,12 +76,25 @@ def run_forecast(args: argparse.Namespace) -> int:
     return 0
 
 
+# SamplingParams field -> the flag that sets it, so an error names what the user typed
+_SAMPLING_FLAGS = {"max_new_tokens": "--length", "temperature": "--temperature", "top_k": "--top-k",
+                   "top_p": "--top-p", "seed": "--seed"}
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    from rnnlab.errors import InputError
+    from rnnlab.sampling import sampling_params
+
+    try:  # the one definition of the ranges (the service's schema uses it too), checked before the bundle loads
+        params = sampling_params(max_new_tokens=args.length, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed)
+    except InputError as error:
+        field, _, rest = str(error).partition(":")
+        raise InputError(f"{_SAMPLING_FLAGS.get(field, field)}:{rest}") from None
     predictor = _predictor(args.bundle, "TextGenerator")
-    # stream() checks the prompt and the sampling settings before it returns, so a bad one is refused before
-    # anything is printed; then the characters come as they are sampled, so a long --length shows progress.
-    characters = predictor.stream(args.prompt, max_new_tokens=args.length, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    # stream() checks the prompt before it returns, so a bad one is refused before anything is printed; then the
+    # characters come as they are sampled, so a long --length shows progress.
+    characters = predictor.stream(args.prompt, **params.model_dump())
     print(args.prompt, end="", flush=True)
     for char in characters:
         print(char, end="", flush=True)

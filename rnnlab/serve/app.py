@@ -59,6 +59,24 @@ DEFAULT_GENERATION = {"max_batch_size": 64}
 MODEL_DEPLOYMENT = {"ray_actor_options": {"num_cpus": 0.5}, "max_constructor_retry_count": 1}
 
 
+def checked_batching(config: dict | None, defaults: dict, where: str) -> dict:
+    """``defaults`` updated with a user_config / serve argument, each batching value checked: a bad one (say
+    ``max_batch_size: 0``, which would leave generation admitting nothing) is one sentence naming it."""
+    import math
+
+    from rnnlab.errors import ConfigError
+
+    config = defaults | {k: v for k, v in dict(config or {}).items() if v is not None}
+    size = config.get("max_batch_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"{where} max_batch_size must be a whole number of at least 1, got {size!r}.")
+    if "batch_wait_timeout_s" in config:
+        wait = config["batch_wait_timeout_s"]
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) or wait < 0:
+            raise ConfigError(f"{where} batch_wait_timeout_s must be a number of seconds >= 0, got {wait!r}.")
+    return config
+
+
 class BatchStats:
     """Sizes of the batches a deployment actually ran, for /v1/models (proof that batching happens)."""
 
@@ -115,7 +133,7 @@ class _BatchedModel:
     max_batch_size: int
 
     def reconfigure(self, config: dict) -> None:
-        self.max_batch_size = int((DEFAULT_BATCH | dict(config or {}))["max_batch_size"])
+        self.max_batch_size = checked_batching(config, DEFAULT_BATCH, type(self).__name__.removesuffix("Deployment"))["max_batch_size"]
 
     async def run_batch(self, items: list) -> dict:
         # in a thread: the replica's event loop keeps taking the next batch while torch (GIL released) works
@@ -192,53 +210,63 @@ class GeneratorDeployment:
         bundle, self.info = _load(bundle_dir, "charlm", torch_threads)
         self.generator = TextGenerator(bundle)
         self.scheduler = GenerationScheduler(
-            bundle.model, max_batch_size=DEFAULT_GENERATION["max_batch_size"], device=self.info["device"]
+            bundle.model, max_batch_size=DEFAULT_GENERATION["max_batch_size"], device=self.info["device"], log=logger
         )
 
     def reconfigure(self, config: dict) -> None:
-        config = DEFAULT_GENERATION | dict(config or {})
-        self.scheduler.set_max_batch_size(int(config["max_batch_size"]))
+        config = checked_batching(config, DEFAULT_GENERATION, "Generator")
+        self.scheduler.set_max_batch_size(config["max_batch_size"])
 
     def _prepare(self, request: dict):
-        """Validate and encode one request before it joins the running batch; returns (ids, params) or errors."""
-        from rnnlab.serve.scheduler import SamplingParams
+        """Validate and encode one request before it joins the running batch; returns (ids, params) or errors.
+        The Gateway's schema checked the sampling fields already; they are checked again (the same
+        SamplingParams) for callers that use this deployment's handle directly."""
+        from pydantic import ValidationError
+
+        from rnnlab.sampling import SamplingParams
 
         try:
             ids = self.generator.encode_prompt(request["prompt"])
         except InputError as error:
             return None, {"errors": [error_item(["body", "prompt"], str(error))]}
-        seed = request.get("seed")
-        if seed is None:
-            seed = secrets.randbits(63)  # returned to the client, so any answer can be reproduced
-        params = SamplingParams(
-            max_new_tokens=request["max_new_tokens"],
-            temperature=request["temperature"],
-            top_k=request.get("top_k"),
-            top_p=request.get("top_p"),
-            seed=seed,
-        )
-        return ids, params
+        try:
+            params = SamplingParams(**{k: request[k] for k in SamplingParams.model_fields if k in request})
+        except ValidationError as error:
+            return None, {"errors": [error_item(["body", *map(str, e["loc"])], e["msg"], e["type"])
+                                     for e in error.errors()]}
+        return ids, params.with_seed()  # the seed is returned to the client, so any answer can be reproduced
 
     async def generate(self, request: dict) -> dict:
+        from rnnlab.serve.scheduler import GenerationFailed
+
         ids, params = self._prepare(request)
         if ids is None:
             return params
-        pieces = [self._decode(chunk) async for chunk in self.scheduler.generate(ids, params)]
+        request_id = request.get("request_id")
+        try:
+            pieces = [self._decode(chunk) async for chunk in self.scheduler.generate(
+                ids, params, request_id=request_id, stream=False)]
+        except GenerationFailed as error:
+            return {"failed": error.request_id}
         text = "".join(pieces)
         return {"model": _model_id(self.info), "text": text, "seed": params.seed, "tokens": len(text)}
 
     async def generate_stream(self, request: dict):
-        """First item: {"model", "seed"} or {"errors"}; then {"text": chunk} items. Closing the stream (the
-        client went away; Serve cancels this generator) frees the sequence's slot before the next step."""
+        """First item: {"model", "seed"} or {"errors"}; then {"text": chunk} items, or a last {"failed": request
+        id}. Closing the stream (the client went away; Serve cancels this generator) frees the sequence's slot."""
+        from rnnlab.serve.scheduler import GenerationFailed
+
         ids, params = self._prepare(request)
         if ids is None:
             yield params
             return
         yield {"model": _model_id(self.info), "seed": params.seed}
-        stream = self.scheduler.generate(ids, params)
+        stream = self.scheduler.generate(ids, params, request_id=request.get("request_id"))
         try:
             async for chunk in stream:
                 yield {"text": self._decode(chunk)}
+        except GenerationFailed as error:
+            yield {"failed": error.request_id}
         finally:
             await stream.aclose()
 
@@ -259,6 +287,7 @@ api = FastAPI(
     "batching (one LSTM step for every active sequence) for generation.",
 )
 _ERRORS = {422: {"model": ErrorResponse, "description": "Invalid input; `loc` names the field."},
+           500: {"model": ErrorResponse, "description": "A fault inside the service; `request_id` names the log line."},
            503: {"model": ErrorResponse, "description": "No bundle of this kind is being served."}}
 
 
@@ -285,11 +314,36 @@ def _sse(event: str | None, data: Any) -> str:
     return f"{head}data: {json.dumps(data)}\n\n"
 
 
+def _failure_message(request_id: str) -> str:
+    return (f"Generation failed inside the service for request {request_id}; the server log has one line with "
+            "this id. Other requests are not affected; retry, and report the id if it persists.")
+
+
+def _failed(request_id: str) -> JSONResponse:
+    return JSONResponse(status_code=500, content={
+        "detail": [error_item([], _failure_message(request_id), "internal_error")], "request_id": request_id})
+
+
+def _request_id() -> str:
+    """Serve's id for the request being handled (its access log and ``x-request-id`` header carry the same), or a
+    fresh one."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        request_id = _get_serve_request_context().request_id
+    except Exception:  # noqa: BLE001 -- a private Serve API: any change there falls back to our own id
+        request_id = ""
+    return request_id or secrets.token_hex(8)
+
+
 async def _events(first: dict, stream):
     tokens = 0
     try:
         yield _sse("start", first)
         async for item in stream:
+            if "failed" in item:  # this sequence failed; the others in its batch go on
+                yield _sse("error", {"detail": _failure_message(item["failed"]), "request_id": item["failed"]})
+                return
             tokens += len(item["text"])
             yield _sse(None, item)
         yield _sse("done", {"tokens": tokens})
@@ -314,7 +368,7 @@ class Gateway:
     def reconfigure(self, config: dict) -> None:
         """max_batch_size / batch_wait_timeout_s for gathering sentiment texts and forecast histories (the model
         deployments' user_config sets how many items go through one forward pass)."""
-        config = DEFAULT_BATCH | dict(config or {})
+        config = checked_batching(config, DEFAULT_BATCH, "Gateway")
         self.batch_wait_timeout_s = float(config["batch_wait_timeout_s"])
         for gather in (self._sentiment_batch, self._forecast_batch):
             gather.set_max_batch_size(int(config["max_batch_size"]))
@@ -378,9 +432,11 @@ class Gateway:
         handle = self.handles["generate"]
         if handle is None:
             return _unavailable("text generation")
-        request = body.model_dump()
+        request = body.model_dump() | {"request_id": _request_id()}
         if not body.stream:
             answer = await handle.generate.remote(request)
+            if "failed" in answer:
+                return _failed(answer["failed"])
             return _invalid(answer["errors"]) if "errors" in answer else answer
         stream = handle.options(stream=True).generate_stream.remote(request)
         first = await stream.__anext__()
@@ -411,6 +467,7 @@ def build_app(args: dict | None = None) -> serve.Application:
     found = find_bundles(args.get("bundles"), explicit={job: args.get(job) for job in ("sentiment", "stock", "charlm")})
     threads = args.get("torch_threads", 1)
     batching = {key: args[key] for key in ("max_batch_size", "batch_wait_timeout_s") if args.get(key) is not None}
+    checked_batching(batching, DEFAULT_BATCH, "serve argument")
     generation = {"max_batch_size": batching["max_batch_size"]} if "max_batch_size" in batching else {}
 
     def bind(deployment, job: str, user_config: dict):

@@ -14,15 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 # One set of limits for the CLI and the service: the inference layer's. Generous for real use (the longest IMDb
 # review is ~14k characters), small enough that one request cannot occupy a replica for long.
-from rnnlab.inference import (
-    MAX_HISTORY_ROWS,
-    MAX_NEW_TOKENS,
-    MAX_PROMPT_CHARS,
-    MAX_SEED,
-    MAX_TEMPERATURE,
-    MAX_TEXT_CHARS,
-    MAX_TEXTS,
-)
+from rnnlab.inference import MAX_HISTORY_ROWS, MAX_PROMPT_CHARS, MAX_TEXT_CHARS, MAX_TEXTS
+from rnnlab.sampling import SamplingParams
 
 
 class _Strict(BaseModel):
@@ -83,16 +76,17 @@ class ForecastResponse(BaseModel):
 
 
 # --- generation --------------------------------------------------------------------------------------------
-class GenerateRequest(_Strict):
+class GenerateRequest(SamplingParams):
+    """The prompt and whether to stream, plus the sampling fields of ``rnnlab.sampling.SamplingParams`` (the one
+    definition of their ranges, shared with the CLI, the scheduler and training's samples)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, examples=["the emperor"])
-    max_new_tokens: int = Field(200, ge=1, le=MAX_NEW_TOKENS, description="Characters to generate.")
-    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, description="0 means greedy decoding.")
-    top_k: int | None = Field(None, ge=1, description="Sample from the k most likely characters only.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
-    seed: int | None = Field(
-        None, ge=0, lt=MAX_SEED, description="Same request and seed give the same text; chosen and returned if absent."
-    )
     stream: bool = Field(False, description="Send characters as they are produced (server-sent events).")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(**self.model_dump(include=set(SamplingParams.model_fields)))
 
 
 class GenerateResponse(BaseModel):
@@ -111,6 +105,7 @@ class ErrorItem(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: list[ErrorItem]
+    request_id: str | None = Field(None, description="With a 500: the id of the server's log line about it.")
 
 
 def error_item(loc: list[str | int], msg: str, kind: str = "value_error") -> dict:

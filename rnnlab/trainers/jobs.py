@@ -425,6 +425,7 @@ class CharLMJob(Job):
         self.batcher = text.TBPTTBatcher(self.streams["train"], self.batch_size, self.seq_len,
                                          rank=self.rank, world_size=self.world_size)
         self.carry: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sample_params(0)  # a bad tracking.sample_* setting is refused now, not after training
 
     def steps_per_epoch(self) -> int:
         # random_chunks: an "epoch" is as many random batches as one contiguous pass has windows
@@ -484,28 +485,41 @@ class CharLMJob(Job):
     def assets(self) -> dict[str, dict]:
         return {"vocab": self.vocab.to_json()}
 
-    def sample(self, model, prompt: str, length: int, temperature: float, seed: int) -> str:
-        """A sample from the model with its own generator (never the global RNG: resume stays exact)."""
+    def sample(self, model, prompt: str, params) -> str:
+        """A sample for the run's table, drawn as ``rnnlab generate`` draws (the same SamplingParams and sampler),
+        from the params' own seed (never the global RNG: resume stays exact)."""
+        from rnnlab.sampling import sample_next
+
         prompt = prompt.lower() if self.config["data"]["lowercase"] else prompt
         known = "".join(ch for ch in prompt if ch in self.vocab.stoi) or self.vocab.itos[0]
         device = next(model.parameters()).device
         ids = torch.tensor([self.vocab.stoi[ch] for ch in known], device=device).unsqueeze(0)
-        generator = torch.Generator(device=device).manual_seed(seed)
+        uniforms = torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(params.seed))
         with torch.no_grad():
             logits, state = model(ids, None)
             logits = logits[:, -1]
             out = []
-            for _ in range(length):
-                probs = torch.softmax(logits.float() / max(temperature, 1e-6), dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
+            for step in range(params.max_new_tokens):
+                nxt = sample_next(logits, params.temperature, params.top_k, params.top_p,
+                                  uniforms=uniforms[step : step + 1])
                 out.append(int(nxt))
-                logits, state = model.step(nxt.view(1), state)
+                logits, state = model.step(nxt, state)
         return known + "".join(self.vocab.decode(out))
+
+    def sample_params(self, seed: int):
+        """The tracking.sample_* settings as SamplingParams (ConfigError naming the key if one is out of range)."""
+        from rnnlab.errors import InputError
+        from rnnlab.sampling import sampling_params
+
+        t = self.config["tracking"]
+        try:
+            return sampling_params(max_new_tokens=t["sample_length"], temperature=t["sample_temperature"], seed=seed)
+        except InputError as error:
+            raise ConfigError(f"tracking.sample_length / sample_temperature: {error}") from None
 
     def report(self, model, test: EvalResult, output_dir, tracker) -> dict:
         t = self.config["tracking"]
-        samples = [self.sample(model, t["sample_prompt"], t["sample_length"], t["sample_temperature"], seed)
-                   for seed in range(3)]
+        samples = [self.sample(model, t["sample_prompt"], self.sample_params(seed)) for seed in range(3)]
         (output_dir / "samples.txt").write_text("\n\n---\n\n".join(samples) + "\n", encoding="utf-8")
         if tracker is not None:
             import wandb

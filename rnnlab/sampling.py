@@ -1,0 +1,167 @@
+"""Sampling for character generation: ONE definition of the parameters and ONE sampler.
+
+``SamplingParams`` is the single place where the sampling settings and their ranges are defined. The HTTP schema
+(``GenerateRequest`` extends it), the generation scheduler, ``rnnlab generate`` / ``TextGenerator`` and the
+training loop's sample table all take it, so a value refused in one place is refused everywhere, with the same
+words. ``sample_next`` is the one sampler all of them call, so the same seed gives the same text everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+
+from rnnlab.errors import InputError
+
+MAX_NEW_TOKENS = 2_000
+MAX_TEMPERATURE = 5.0
+MAX_SEED = 2**63  # seeds are 0 <= seed < MAX_SEED
+# top_k only has to fit the sampler's integers: any value at or above the model's vocabulary keeps every character
+MAX_TOP_K = 100_000
+
+PerRow = Union[float, int, None, Sequence[Union[float, int, None]], torch.Tensor]
+
+
+class SamplingParams(BaseModel):
+    """How to sample a continuation. Every field has a checked range; ``extra="forbid"`` makes a misspelt field
+    (``max_tokens``) an error naming it instead of a silently ignored option."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # strict types: true / "5" / 5.5 are refused rather than read as 1 / 5 / 5 (an integer is a valid float)
+    max_new_tokens: StrictInt = Field(200, ge=1, le=MAX_NEW_TOKENS, description="Characters to generate.")
+    temperature: StrictFloat = Field(
+        1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 means greedy decoding."
+    )
+    top_k: StrictInt | None = Field(
+        None, ge=1, le=MAX_TOP_K,
+        description="Sample from the k most likely characters only; k at or above the vocabulary keeps them all.",
+    )
+    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling threshold.")
+    seed: StrictInt | None = Field(
+        None, ge=0, lt=MAX_SEED, description="Same request and seed give the same text; chosen and returned if absent."
+    )
+
+    def with_seed(self) -> SamplingParams:
+        """These parameters with a seed: the given one, or a fresh random one (returned to the user, so any text
+        can be reproduced)."""
+        if self.seed is not None:
+            return self
+        import secrets
+
+        return self.model_copy(update={"seed": secrets.randbits(63)})
+
+
+def sampling_params(**values: Any) -> SamplingParams:
+    """``SamplingParams(**values)`` with a violation as an InputError of one sentence naming the field (what the CLI
+    prints and the Python API raises)."""
+    try:
+        return SamplingParams(**values)
+    except ValidationError as error:
+        raise InputError(describe_error(error)) from None
+
+
+def describe_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "sampling"
+    got = first.get("input")
+    shown = f", got {got!r}" if not isinstance(got, dict) else ""
+    return f"{field}: {first['msg'][0].lower()}{first['msg'][1:]}{shown}."
+
+
+class NonFiniteScores(RuntimeError):
+    """The model produced NaN or +inf scores for some rows (a model fault, not bad input); ``rows`` names them, so
+    a batch can fail exactly those sequences and go on with the others."""
+
+    def __init__(self, rows: list[int]) -> None:
+        super().__init__(f"the model produced non-finite scores for row(s) {rows}")
+        self.rows = rows
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: PerRow = 1.0,
+    top_k: PerRow = None,
+    top_p: PerRow = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+    *,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample one token id per row of ``logits[B, V]``; returns LongTensor[B] on the logits' device.
+
+    Each parameter is one value for every row or one per row (list or tensor; None entries mean "off"):
+    ``temperature`` 0 = greedy (argmax); ``top_k`` None/0 = off, values above V are V (keep everything);
+    ``top_p`` None/1.0 = off (nucleus: keep the most likely tokens until their mass reaches top_p; the top token
+    always stays). Ranges are checked by ``SamplingParams``, not here (this runs once per decoding step).
+
+    Randomness: exactly one uniform draw per row per call, inverse-CDF over the sorted, filtered distribution.
+    ``uniforms[B]`` gives the draws directly; else with a list of generators (CPU ``torch.Generator``s) row i draws
+    from ``generator[i]`` only, so a sequence's tokens depend on its own seed and never on what else shares the
+    batch; one generator draws B numbers in row order; None uses torch's global RNG. ``torch.rand(n, generator=g)``
+    gives the same numbers as n calls of ``torch.rand(1, generator=g)``, so a caller may draw a sequence's uniforms
+    ahead in one call and get the same text.
+
+    Raises NonFiniteScores naming the rows whose logits hold NaN or +inf (they cannot be sampled).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    rows, vocab = logits.shape
+    device = logits.device
+    scores = logits.float()
+    broken = ~(scores < float("inf")).all(dim=-1)  # NaN compares false too
+    if bool(broken.any()):
+        raise NonFiniteScores(broken.nonzero().flatten().tolist())
+    temperature_t = _per_row(temperature, rows, default=1.0, dtype=torch.float32, device=device)
+    top_k_t = _per_row(top_k, rows, default=0, dtype=torch.long, device=device)
+    top_p_t = _per_row(top_p, rows, default=1.0, dtype=torch.float32, device=device)
+    top_k_t = torch.where(top_k_t <= 0, vocab, top_k_t.clamp(max=vocab))
+    if uniforms is None:
+        uniforms = _uniforms(rows, generator)
+    uniforms = uniforms.to(device=device, dtype=torch.float32)
+
+    greedy = temperature_t <= 0
+    scaled = scores / torch.where(greedy, torch.ones_like(temperature_t), temperature_t).unsqueeze(1)
+    sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
+    probs = sorted_logits.softmax(dim=-1)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    drop = ranks >= top_k_t.unsqueeze(1)
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p_t.unsqueeze(1)  # mass before a token already reaches top_p
+    drop[:, 0] = False
+    probs = probs.masked_fill(drop, 0.0)
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms * cdf[:, -1]).unsqueeze(1)
+    choice = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)
+    choice = torch.where(greedy.unsqueeze(1), torch.zeros_like(choice), choice)
+    return order.gather(1, choice).squeeze(1)
+
+
+def per_row_params(params: Sequence[SamplingParams], device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """(temperature, top_k, top_p) tensors for a batch of sequences, built once per batch change rather than
+    once per step."""
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    top_k = torch.tensor([p.top_k or 0 for p in params], dtype=torch.long, device=device)
+    top_p = torch.tensor([1.0 if p.top_p is None else p.top_p for p in params], dtype=torch.float32, device=device)
+    return temperature, top_k, top_p
+
+
+def _per_row(value: PerRow, rows: int, *, default: float, dtype: torch.dtype, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        out = value.to(device=device, dtype=dtype).reshape(-1)
+        return out.expand(rows) if out.numel() == 1 else out
+    if value is None or isinstance(value, (int, float)):
+        return torch.full((rows,), default if value is None else value, dtype=dtype, device=device)
+    values = [default if v is None else v for v in value]
+    if len(values) != rows:
+        raise ValueError(f"got {len(values)} per-row values for {rows} rows")
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _uniforms(rows: int, generator) -> torch.Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(rows, generator=generator)
+    if len(generator) != rows:
+        raise ValueError(f"got {len(generator)} generators for {rows} rows")
+    return torch.cat([torch.rand(1, generator=g) for g in generator])
