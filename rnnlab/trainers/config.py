@@ -25,7 +25,7 @@ import yaml
 from rnnlab.errors import ConfigError
 
 JOBS = ("sentiment", "stock", "charlm")
-PRESETS = ("chapter", "default", "smoke")
+PRESETS = ("chapter", "default", "smoke", "demo")
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "presets"
 
 # Keys every job shares. ``0`` means "off" / "all" where a number would otherwise be needed.
