@@ -489,6 +489,89 @@ def encode_texts(texts: Sequence[str], vocab: Vocab, max_length: int | None = No
     return encoded
 
 
+# --------------------------------------------------------------------------------------------- user data
+
+# Label spellings a CSV may use (compared lowercased, stripped).
+_LABEL_WORDS = {"1": 1, "positive": 1, "pos": 1, "0": 0, "negative": 0, "neg": 0}
+
+
+@dataclass
+class LabelledTexts:
+    """Reviews of any source with their labels (1 positive, 0 negative), in a stable order."""
+
+    texts: list[str]
+    labels: np.ndarray  # int8
+    skipped: dict[str, int]  # what was left out, and how many
+
+
+def read_labelled_reviews(path: str | os.PathLike) -> LabelledTexts:
+    """Labelled reviews from a folder holding ``pos/`` and ``neg/`` text files (one review per file, as in
+    aclImdb's train/ and test/) or from a CSV with ``text`` and ``label`` columns (label 1/0, positive/negative
+    or pos/neg; header names in any case). A malformed source is a DataError naming what to fix."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_review_folder(path)
+    if path.is_file():
+        return _read_review_csv(path)
+    raise DataError(
+        f"{path} does not exist; pass a folder with pos/ and neg/ text files or a CSV with text,label columns."
+    )
+
+
+def _read_review_folder(path: Path) -> LabelledTexts:
+    folders = {label: path / name for name, label in (("neg", 0), ("pos", 1))}
+    missing = [folder.name for folder in folders.values() if not folder.is_dir()]
+    if missing:
+        raise DataError(
+            f"{path} has no {' and no '.join(f'{name}/' for name in missing)} folder; pass a folder with pos/ and "
+            "neg/ text files (one review per file) or a CSV with text,label columns."
+        )
+    texts, labels, skipped = [], [], Counter()
+    for label, folder in folders.items():
+        for file in sorted(entry for entry in folder.iterdir() if entry.is_file()):
+            raw = file.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", errors="replace")
+                skipped["reviews not valid UTF-8 (kept, bad bytes replaced)"] += 1
+            texts.append(text)
+            labels.append(label)
+    if not texts:
+        raise DataError(f"{path}/pos and {path}/neg hold no files; put one review per text file in them.")
+    return LabelledTexts(texts, np.asarray(labels, dtype=np.int8), dict(skipped))
+
+
+def _read_review_csv(path: Path) -> LabelledTexts:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"{path} is not a readable UTF-8 CSV ({reason}); pass a CSV with text,label columns or a folder with "
+            "pos/ and neg/ text files."
+        ) from None
+    columns = {str(name).strip().lower(): name for name in frame.columns}
+    if "text" not in columns or "label" not in columns:
+        raise DataError(
+            f"{path} has columns {', '.join(map(str, frame.columns)) or 'none'} but needs text and label; "
+            "write a header line text,label."
+        )
+    if frame.empty:
+        raise DataError(f"{path} has a header but no reviews; add rows of text,label.")
+    labels = []
+    for row, value in enumerate(frame[columns["label"]], start=2):  # line 1 is the header
+        label = _LABEL_WORDS.get(value.strip().lower())
+        if label is None:
+            raise DataError(
+                f"{path} line {row}: the label {value!r} is not one of 1/0, positive/negative, pos/neg; fix that row."
+            )
+        labels.append(label)
+    return LabelledTexts(list(frame[columns["text"]]), np.asarray(labels, dtype=np.int8), {})
+
+
 # --------------------------------------------------------------------------------------------- batching
 
 
@@ -622,12 +705,14 @@ __all__ = [
     "TOKENIZER_VERSION",
     "BucketBatchSampler",
     "EncodedReviews",
+    "LabelledTexts",
     "Review",
     "SentimentData",
     "collate_reviews",
     "encode_texts",
     "load_sentiment_data",
     "read_imdb",
+    "read_labelled_reviews",
     "summarize_imdb",
     "tokenize",
 ]

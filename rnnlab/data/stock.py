@@ -419,6 +419,29 @@ def make_windows(features: np.ndarray, targets: np.ndarray, length: int = 5) -> 
     return np.ascontiguousarray(windows, dtype=np.float32), np.asarray(targets[length - 1:], dtype=np.float32)
 
 
+def windows_between(
+    features: pd.DataFrame, scaler: Scaler, window: int, start=None, end=None
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Scaled windows (float32 [N, window, F]) for the feature rows dated from ``start`` to ``end`` (inclusive;
+    None = open-ended), and those N rows. A day needs ``window - 1`` feature rows before it, so the first
+    predictable day is the ``window``-th feature row; a range with no predictable day is a DataError."""
+    scaled = scaler.transform(features).astype(np.float32)
+    X, _ = make_windows(scaled, np.zeros(len(features)), window)
+    rows = features.iloc[window - 1 :]
+    keep = np.ones(len(rows), dtype=bool)
+    if start is not None:
+        keep &= rows.index >= pd.Timestamp(start)
+    if end is not None:
+        keep &= rows.index <= pd.Timestamp(end)
+    if not keep.any():
+        span = f"{rows.index[0].date()}..{rows.index[-1].date()}" if len(rows) else "no day"
+        raise DataError(
+            f"No day from {start or 'the start'} to {end or 'the end'} can be forecast: with the 252-day warm-up "
+            f"and windows of {window} days the data gives forecasts for {span}; choose dates inside that span."
+        )
+    return X[keep], rows[keep]
+
+
 def target_values(frame: pd.DataFrame, kind: str) -> np.ndarray:
     """The training target: the close level, or the intraday log return log(close / open)."""
     _check_target(kind)

@@ -126,6 +126,19 @@ def encode_text(text: str, vocab: Vocab) -> np.ndarray:
     return ids
 
 
+def encode_known(text: str, vocab: Vocab) -> tuple[np.ndarray, Counter]:
+    """Character ids of ``text`` with the characters outside ``vocab`` left out, and how often each of those
+    occurred (for scoring any text: the skipped characters are reported, not guessed)."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    table = _lookup_table(vocab)
+    ids = np.full(codes.shape, -1, dtype=np.int64)
+    in_range = codes < len(table)
+    ids[in_range] = table[codes[in_range]]
+    known = ids >= 0
+    skipped = Counter() if known.all() else Counter(ch for ch in text if ch not in vocab.stoi)
+    return ids[known], skipped
+
+
 def decode_ids(ids: Sequence[int] | np.ndarray | torch.Tensor, vocab: Vocab) -> str:
     """The text for a sequence of character ids (the inverse of ``encode_text``)."""
     if isinstance(ids, torch.Tensor):

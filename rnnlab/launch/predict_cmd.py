@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 
 
 def add_parser(subparsers) -> None:
     from rnnlab.launch.cli import add_common_flags
 
-    p = subparsers.add_parser("evaluate", help="score a bundle on its job's test split",
-                              description="Score the test split of the bundle's job with the bundle's weights.")
+    p = subparsers.add_parser(
+        "evaluate", help="score a bundle on its job's test split, or on any data in its job's format (--data)",
+        description="Score a bundle. Without --data: the test split of the bundle's job, rebuilt from its training "
+        "config. With --data PATH: any data in the job's format, read with the bundle's own vocabulary or scaler -- "
+        "sentiment: a folder with pos/ and neg/ text files or a CSV with text,label columns (accuracy, ROC AUC, "
+        "unknown tokens); charlm: any text file (nats and bits per character; characters outside the vocabulary are "
+        "skipped, counted and named); stock: a Yahoo-layout daily CSV, optionally cut with --from/--to (MAE, R^2 "
+        "beside close = open and close = previous close).")
     p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder (e.g. runs/sentiment-default/bundle)")
-    p.add_argument("--source", metavar="PATH", help="data file to rebuild the test split from")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--source", metavar="PATH", help="data file to rebuild the job's test split from")
+    where.add_argument("--data", metavar="PATH", help="data in the job's format to score (see above)")
+    p.add_argument("--from", dest="start", type=_date, metavar="YYYY-MM-DD", help="stock: first day to score")
+    p.add_argument("--to", dest="end", type=_date, metavar="YYYY-MM-DD", help="stock: last day to score")
+    p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     add_common_flags(p)
     p.set_defaults(func=run_evaluate)
 
@@ -50,11 +62,42 @@ def _predictor(path: str, kind: str):
     return predictor
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    from rnnlab.trainers.evaluate import evaluate_bundle
+def _date(text: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date of the form YYYY-MM-DD") from None
 
-    print(json.dumps(evaluate_bundle(args.bundle, source=args.source), indent=1))
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from rnnlab.errors import InputError
+
+    if args.data is None:
+        if args.start is not None or args.end is not None:
+            raise InputError("--from/--to select days of the data given with --data; add --data PRICES.csv.")
+        from rnnlab.trainers.evaluate import evaluate_bundle
+
+        scores = evaluate_bundle(args.bundle, source=args.source)
+    else:
+        from rnnlab.scoring import score_data
+
+        scores = score_data(args.bundle, args.data, start=args.start, end=args.end)
+    print(json.dumps(scores, indent=1, ensure_ascii=False) if args.json else _lines(scores))
     return 0
+
+
+def _lines(scores: dict, indent: str = "") -> str:
+    """``key: value`` lines, nested mappings indented under their key; floats to 4 significant places."""
+    lines = []
+    for key, value in scores.items():
+        key = key if key.isprintable() and key.strip() == key and key else repr(key)  # a tab or a space shows quoted
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:" + ("" if value else " none"))
+            if value:
+                lines.append(_lines(value, indent + "  "))
+        else:
+            lines.append(f"{indent}{key}: {f'{value:.4g}' if isinstance(value, float) else value}")
+    return "\n".join(lines)
 
 
 def run_classify(args: argparse.Namespace) -> int:
