@@ -16,6 +16,8 @@ import socket
 import time
 
 from rnnlab.errors import ConfigError, RnnlabError
+from rnnlab.serve.auth import ENV_VAR
+from rnnlab.serve.limits import LIMITS
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +32,19 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--bundles", required=True, metavar="DIR",
                         help="folder holding bundles as sub-folders (each bundle's config.json names its job)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the service")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind; another than loopback (0.0.0.0) needs an API key or --insecure")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--address", default=None,
-                        help="an existing Ray cluster to deploy onto ('auto' or host:port); default starts one")
+                        help="an existing Ray cluster to deploy onto ('auto' or host:port); default starts a new "
+                        "one (never a stale one left under the Ray temp folder)")
+    parser.add_argument("--api-key-file", metavar="FILE", default=None,
+                        help="file holding the API key every /v1/* request must send as 'Authorization: Bearer "
+                        f"KEY' (also from ${ENV_VAR}); /healthz stays open")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without an API key")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="port of Ray's Prometheus endpoint (/metrics), with rnnlab_* metrics beside Serve's")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="batch size for all three deployments (generation: sequences decoded together)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per replica")
@@ -41,6 +52,11 @@ def add_parser(subparsers) -> None:
                         help="the Gateway replica listens on --port itself, skipping Ray's HTTP proxy (about 5x "
                         "the request rate on a small CPU; one Gateway replica; local Ray only). Same as "
                         "exporting RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
+    limits = parser.add_argument_group("limits (also configs/serve.yaml args)")
+    for name, (kind, default, _, what) in LIMITS.items():
+        # "%(default).0s" prints nothing and keeps the formatter from adding "(default: None)"
+        limits.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=kind.__name__.upper(),
+                            help=f"{what} (default: {kind(default)})%(default).0s")
     parser.set_defaults(func=run)
 
 
@@ -73,6 +89,31 @@ def _direct_ingress_ports(host: str, port: int) -> int:
         return probe.getsockname()[1]
 
 
+def _ray_address(address: str | None) -> str:
+    """Where ray.init should go, refusing an unreachable cluster in one sentence instead of retrying forever.
+    Without --address: "local", a new instance; ray.init would otherwise follow the address file of an earlier
+    instance under the Ray temp folder, which after an unclean stop names a dead GCS."""
+    if address is None:
+        return "local"
+    if address.startswith("ray://"):
+        return address
+    if address == "auto":
+        from ray._private.utils import read_ray_address
+
+        address = os.environ.get("RAY_ADDRESS") or read_ray_address()
+        if not address:
+            raise ConfigError("--address auto found no running Ray instance; start one with 'ray start --head' "
+                              "or drop --address to let rnnlab serve start its own.")
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        raise ConfigError(f"Ray at {address} cannot be reached ({reason}); start it with 'ray start --head' or drop "
+                          "--address to let rnnlab serve start its own.") from None
+    return address
+
+
 def _stop_on_signals() -> None:
     """SIGTERM (and SIGINT, even where a parent shell set it to be ignored) end the wait below through the
     same path as Ctrl-C, so Serve and Ray are always shut down."""
@@ -84,16 +125,34 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def _drain(grace_s: float = 10.0) -> None:
+    """Let open streams finish (or end them with an error event) before Serve's proxy goes away."""
+    from ray import serve
+
+    try:
+        serve.get_deployment_handle("Gateway", app_name="rnnlab").drain.remote(grace_s).result(timeout_s=grace_s + 10)
+        time.sleep(0.5)  # the proxy passes the last events on
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C: stop now
+    except Exception as error:  # the Gateway may already be gone; shutting down goes on regardless
+        logger.warning("rnnlab serve: could not drain open streams (%s).", type(error).__name__)
+
+
 def run(args: argparse.Namespace) -> int:
     from rnnlab.serve.app import build_app
     from rnnlab.serve.bundles import KINDS, find_bundles
 
+    from rnnlab.serve.auth import load_key, refuse_exposed_without_key
+    from rnnlab.serve.limits import check_limits
+
     if args.max_batch_size is not None and args.max_batch_size < 1:
         raise ConfigError(f"--max-batch-size must be at least 1, got {args.max_batch_size}.")
+    limits = check_limits({name: getattr(args, name) for name in LIMITS}, flags=True)
+    refuse_exposed_without_key(args.host, load_key(args.api_key_file) is not None, args.insecure)
     # finds and loads every bundle once: a missing or corrupt one is a BundleError (one sentence, exit 2)
     # before Ray starts
     app = build_app({"bundles": args.bundles, "torch_threads": args.torch_threads,
-                     "max_batch_size": args.max_batch_size})
+                     "max_batch_size": args.max_batch_size, "api_key_file": args.api_key_file} | limits)
     kinds = ", ".join(f"/v1/{KINDS[job]}" for job in sorted(find_bundles(args.bundles, check=False)))
     if args.direct_ingress:
         if args.address is not None:
@@ -108,10 +167,17 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=bool(getattr(args, "verbose", 0)))
+    address = _ray_address(args.address)
+    own = {"_metrics_export_port": args.metrics_port} if args.metrics_port and address == "local" else {}
     try:
-        serve.start(http_options={"host": args.host, "port": proxy_port})
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=bool(getattr(args, "verbose", 0)), **own)
+    except (ConnectionError, RuntimeError, TimeoutError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise RnnlabError(f"Ray could not be started or reached ({first_line}); check --address or 'ray status'.")
+    try:
+        serve.start(http_options={"host": args.host, "port": proxy_port,
+                                  "request_timeout_s": limits["request_timeout_s"]})
         try:
             serve.run(app, name="rnnlab", route_prefix="/")
         except RuntimeError as error:
@@ -126,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(3600)
         except KeyboardInterrupt:
             print("rnnlab: stopping the service.", flush=True)
+            _drain()
         return 0
     finally:
         try:

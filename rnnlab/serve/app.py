@@ -25,17 +25,24 @@ import asyncio
 import collections
 import json
 import logging
+import math
 import secrets
+import time
+import weakref
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
+from ray.exceptions import RayActorError, RayError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from rnnlab import __version__
 from rnnlab.errors import BundleError, InputError, RnnlabError
+from rnnlab.serve import limits, metrics
 from rnnlab.serve.schemas import (
     ErrorResponse,
     ForecastRequest,
@@ -151,6 +158,7 @@ class _BatchedModel:
         for start in range(0, len(prepared), size):  # max_batch_size=1 really means one item per forward pass
             chunk = prepared[start : start + size]
             self.stats.record(len(chunk))
+            metrics.batch_size(self.info["job"], len(chunk))
             for (index, _), result in zip(chunk, self.predict([p for _, p in chunk])):
                 answers[index] = result
         return answers
@@ -217,6 +225,23 @@ class GeneratorDeployment:
         config = checked_batching(config, DEFAULT_GENERATION, "Generator")
         self.scheduler.set_max_batch_size(config["max_batch_size"])
 
+    def _watch(self) -> None:
+        """Export the scheduler's step sizes and queue as metrics, sampled once a second (the decode loop pays
+        nothing for them). Started by the first request: the constructor has no event loop to start it in."""
+        if getattr(self, "_watcher", None) is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._export_metrics())
+
+    async def _export_metrics(self) -> None:
+        seen: collections.Counter[int] = collections.Counter()
+        while True:
+            for size, count in self.scheduler.step_sizes.items():
+                metrics.batch_size("charlm", size, count - seen[size])
+            seen = collections.Counter(self.scheduler.step_sizes)
+            stats = self.scheduler.stats()
+            metrics.queue_depth("generate", "waiting", stats["waiting"])
+            metrics.queue_depth("generate", "active", stats["active"])
+            await asyncio.sleep(1.0)
+
     def _prepare(self, request: dict):
         """Validate and encode one request before it joins the running batch; returns (ids, params) or errors.
         The Gateway's schema checked the sampling fields already; they are checked again (the same
@@ -239,6 +264,7 @@ class GeneratorDeployment:
     async def generate(self, request: dict) -> dict:
         from rnnlab.serve.scheduler import GenerationFailed
 
+        self._watch()
         ids, params = self._prepare(request)
         if ids is None:
             return params
@@ -249,6 +275,7 @@ class GeneratorDeployment:
         except GenerationFailed as error:
             return {"failed": error.request_id}
         text = "".join(pieces)
+        metrics.generated(len(text))
         return {"model": _model_id(self.info), "text": text, "seed": params.seed, "tokens": len(text)}
 
     async def generate_stream(self, request: dict):
@@ -256,6 +283,7 @@ class GeneratorDeployment:
         id}. Closing the stream (the client went away; Serve cancels this generator) frees the sequence's slot."""
         from rnnlab.serve.scheduler import GenerationFailed
 
+        self._watch()
         ids, params = self._prepare(request)
         if ids is None:
             yield params
@@ -264,7 +292,9 @@ class GeneratorDeployment:
         stream = self.scheduler.generate(ids, params, request_id=request.get("request_id"))
         try:
             async for chunk in stream:
-                yield {"text": self._decode(chunk)}
+                text = self._decode(chunk)
+                metrics.generated(len(text))
+                yield {"text": text}
         except GenerationFailed as error:
             yield {"failed": error.request_id}
         finally:
@@ -286,9 +316,16 @@ api = FastAPI(
     "Concurrent requests are batched: @serve.batch for classification and forecasting, iteration-level "
     "batching (one LSTM step for every active sequence) for generation.",
 )
-_ERRORS = {422: {"model": ErrorResponse, "description": "Invalid input; `loc` names the field."},
+# key, body-size and idle-send checks before any route (rnnlab.serve.limits); added before @serve.ingress freezes
+# the app
+api.add_middleware(limits.Guard)
+_ERRORS = {401: {"model": ErrorResponse, "description": "No or a wrong API key (when the service has one)."},
+           413: {"model": ErrorResponse, "description": "The request body is over the service's limit."},
+           422: {"model": ErrorResponse, "description": "Invalid input; `loc` names the field."},
            500: {"model": ErrorResponse, "description": "A fault inside the service; `request_id` names the log line."},
-           503: {"model": ErrorResponse, "description": "No bundle of this kind is being served."}}
+           503: {"model": ErrorResponse, "description": "No bundle of this kind is being served, or the service is "
+                 "overloaded or restarting a replica: retry after the `Retry-After` seconds."},
+           504: {"model": ErrorResponse, "description": "The request took longer than the service's timeout."}}
 
 
 @api.exception_handler(RequestValidationError)
@@ -297,6 +334,53 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     detail = [error_item([str(p) if not isinstance(p, int) else p for p in e["loc"]], e["msg"], e["type"])
               for e in error.errors()]
     return JSONResponse(status_code=422, content={"detail": detail})
+
+
+# What the Gateway answers when a model deployment cannot: a JSON 5xx, never a hang or an HTML page.
+
+
+def _retry_later(status: int, msg: str, kind: str) -> JSONResponse:
+    metrics.rejected(kind)
+    return JSONResponse(status_code=status, content={"detail": [error_item(["service"], msg, kind)]},
+                        headers={"Retry-After": str(math.ceil(limits.SETTINGS.retry_after_s))})
+
+
+@api.exception_handler(BackPressureError)
+async def _overloaded(request: Request, error: Exception) -> JSONResponse:
+    return _retry_later(503, "The service is at its queue limit; retry after the Retry-After seconds.", "overloaded")
+
+
+@api.exception_handler(RayActorError)
+@api.exception_handler(DeploymentUnavailableError)
+@api.exception_handler(ReplicaUnavailableError)
+async def _replica_failed(request: Request, error: Exception) -> JSONResponse:
+    logger.warning("rnnlab serve: a model replica failed during %s: %s", request.url.path, type(error).__name__)
+    return _retry_later(503, "A model replica failed and is being restarted; retry after the Retry-After seconds.",
+                        "replica_failed")
+
+
+@api.exception_handler(TimeoutError)
+async def _timed_out(request: Request, error: Exception) -> JSONResponse:
+    return _retry_later(504, "The request took longer than the service's request_timeout_s; retry, or ask for less.",
+                        "timeout")
+
+
+@api.exception_handler(RayError)
+async def _ray_failed(request: Request, error: Exception) -> JSONResponse:
+    logger.error("rnnlab serve: %s failed: %s", request.url.path, str(error).strip().splitlines()[0:1])
+    return JSONResponse(status_code=500, content={"detail": [error_item(
+        ["service"], "The model deployment failed on this request; see the replica logs.", "internal")]})
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's own 4xx (an unparseable body, an unknown path or method) in the service's shape: a list naming
+    # where the fault is, like every other error it answers
+    detail = error.detail
+    if not isinstance(detail, list):
+        where = {404: ["path"], 405: ["method"]}.get(error.status_code, ["body"])
+        detail = [error_item(where, str(detail), "http_error")]
+    return JSONResponse(status_code=error.status_code, content={"detail": detail}, headers=error.headers)
 
 
 def _unavailable(kind: str) -> JSONResponse:
@@ -336,20 +420,41 @@ def _request_id() -> str:
     return request_id or secrets.token_hex(8)
 
 
-async def _events(first: dict, stream):
+class _ShuttingDown(Exception):
+    pass
+
+
+async def _events(first: dict, stream, deadline: float, stopping: asyncio.Event, on_close=None):
     tokens = 0
     try:
         yield _sse("start", first)
-        async for item in stream:
+        while True:
+            try:
+                item = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+            except StopAsyncIteration:
+                break
+            if stopping.is_set():
+                raise _ShuttingDown
             if "failed" in item:  # this sequence failed; the others in its batch go on
                 yield _sse("error", {"detail": _failure_message(item["failed"]), "request_id": item["failed"]})
                 return
             tokens += len(item["text"])
             yield _sse(None, item)
         yield _sse("done", {"tokens": tokens})
+    except (RayError, TimeoutError, _ShuttingDown) as error:
+        # headers are sent: the fault goes to the client as an event, and the stream ends
+        reason = {TimeoutError: "timeout", _ShuttingDown: "shutting_down"}.get(type(error), "replica_failed")
+        metrics.rejected(reason)
+        message = {"timeout": "The stream took longer than the service's request_timeout_s.",
+                   "shutting_down": "The service is shutting down; retry the request against its next instance.",
+                   "replica_failed": "The generation replica failed during this stream; retry the request."}[reason]
+        logger.warning("rnnlab serve: a generation stream ended early: %s", type(error).__name__)
+        yield _sse("error", {"detail": [error_item(["service"], message, reason)], "tokens": tokens})
     finally:
         # the client went away (or we finished): stop the replica's generator so its slot is freed now
         stream.cancel()
+        if on_close is not None:
+            on_close()
 
 
 # Everything the Gateway calls must be defined above it: @serve.ingress serializes the class when applied.
@@ -361,9 +466,21 @@ class Gateway:
         sentiment: DeploymentHandle | None = None,
         forecast: DeploymentHandle | None = None,
         generator: DeploymentHandle | None = None,
+        guard: dict | None = None,
     ) -> None:
         self.handles = {"sentiment": sentiment, "forecast": forecast, "generate": generator}
         self.batch_wait_timeout_s = DEFAULT_BATCH["batch_wait_timeout_s"]
+        guard = dict(guard or {})
+        self.limits = limits.check_limits({k: v for k, v in guard.items() if k in limits.LIMITS})
+        limits.configure(limits.GuardSettings(key_sha256=guard.get("key_sha256"),
+                                              max_body_bytes=int(self.limits["max_body_bytes"]),
+                                              idle_send_timeout_s=self.limits["idle_send_timeout_s"],
+                                              retry_after_s=self.limits["retry_after_s"]))
+        # open streams: the SSE generators not yet finished (a WeakSet, so one the server dropped without ever
+        # starting it cannot hold a slot forever) plus those still waiting for their first item
+        self._streams: weakref.WeakSet = weakref.WeakSet()
+        self._starting = 0
+        self._stopping = asyncio.Event()
 
     def reconfigure(self, config: dict) -> None:
         """max_batch_size / batch_wait_timeout_s for gathering sentiment texts and forecast histories (the model
@@ -387,6 +504,30 @@ class Gateway:
         answer = await self.handles["forecast"].run_batch.remote(histories)
         return [(answer["model"], result) for result in answer["results"]]
 
+    async def _within_timeout(self, awaitable):
+        """Await a model call for at most request_timeout_s (Ray's own timeout can be lifted by a client header)."""
+        return await asyncio.wait_for(awaitable, self.limits["request_timeout_s"])
+
+    @property
+    def open_streams(self) -> int:
+        return self._starting + sum(1 for events in self._streams if events.ag_frame is not None)
+
+    def _stream_closed(self) -> None:  # called from the closing stream's finally, so it still counts itself
+        metrics.queue_depth("gateway", "streams", max(0, self.open_streams - 1))
+
+    async def drain(self, grace_s: float = 10.0) -> int:
+        """Before shutdown (``rnnlab serve`` calls this on Ctrl-C / SIGTERM): open streams get ``grace_s`` to
+        finish, then each gets an ``error`` event and ends, so no client is left with a cut connection. Returns
+        how many were ended early. (Serve's own graceful shutdown waits for them, but its proxy closes first.)"""
+        deadline = time.monotonic() + grace_s
+        while self.open_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        ended = self.open_streams
+        self._stopping.set()
+        while self.open_streams and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.05)
+        return ended
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "serving": [kind for kind, handle in self.handles.items() if handle is not None]}
@@ -398,13 +539,14 @@ class Gateway:
         for kind, info in zip(kinds, described):
             if kind != "generate":  # gathered here, in the Gateway
                 info["batching"]["batch_wait_timeout_s"] = self.batch_wait_timeout_s
-        return {"models": [{"endpoint": f"/v1/{kind}"} | info for kind, info in zip(kinds, described)]}
+        return {"models": [{"endpoint": f"/v1/{kind}"} | info for kind, info in zip(kinds, described)],
+                "streams": {"open": self.open_streams, "max": int(self.limits["max_streams"])}}
 
     @api.post("/v1/sentiment", response_model=SentimentResponse, responses=_ERRORS)
     async def sentiment(self, body: SentimentRequest):
         if self.handles["sentiment"] is None:
             return _unavailable("sentiment")
-        answers = await asyncio.gather(*(self._sentiment_batch(text) for text in body.texts))
+        answers = await self._within_timeout(asyncio.gather(*(self._sentiment_batch(text) for text in body.texts)))
         errors = [error_item(["body", "texts", i], result["error"])
                   for i, (_, result) in enumerate(answers) if "error" in result]
         if errors:
@@ -416,7 +558,7 @@ class Gateway:
         if self.handles["forecast"] is None:
             return _unavailable("stock forecast")
         rows = [row.model_dump(mode="json") for row in body.rows]  # ISO dates, nulls kept
-        model, result = await self._forecast_batch(rows)
+        model, result = await self._within_timeout(self._forecast_batch(rows))
         if "error" in result:
             return _invalid([error_item(["body", "rows"], result["error"])])
         return {"model": model, "forecast": result["forecast"]}
@@ -434,17 +576,35 @@ class Gateway:
             return _unavailable("text generation")
         request = body.model_dump() | {"request_id": _request_id()}
         if not body.stream:
-            answer = await handle.generate.remote(request)
+            response = handle.generate.remote(request)
+            try:
+                answer = await self._within_timeout(response)
+            except TimeoutError:
+                response.cancel()
+                raise
             if "failed" in answer:
                 return _failed(answer["failed"])
             return _invalid(answer["errors"]) if "errors" in answer else answer
+        if self.open_streams >= self.limits["max_streams"]:
+            return _retry_later(503, f"The service already has {self.open_streams} generation streams open, its "
+                                "max_streams; retry after the Retry-After seconds.", "overloaded")
+        deadline = time.monotonic() + self.limits["request_timeout_s"]
+        self._starting += 1  # counted from here: a slow first item holds a stream slot too
         stream = handle.options(stream=True).generate_stream.remote(request)
-        first = await stream.__anext__()
+        try:
+            first = await self._within_timeout(stream.__anext__())
+        except BaseException:
+            stream.cancel()
+            raise
+        finally:
+            self._starting -= 1
         if "errors" in first:
             stream.cancel()
             return _invalid(first["errors"])
-        return StreamingResponse(_events(first, stream), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        events = _events(first, stream, deadline, self._stopping, self._stream_closed)
+        self._streams.add(events)
+        metrics.queue_depth("gateway", "streams", self.open_streams)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 # --- the application builder -----------------------------------------------------------------------------------
@@ -454,32 +614,46 @@ def build_app(args: dict | None = None) -> serve.Application:
     args: ``bundles`` (a folder of bundles) and/or ``sentiment`` / ``stock`` / ``charlm`` (one bundle each);
     ``torch_threads`` per replica (default 1: on a small CPU box the replicas share the cores);
     ``max_batch_size`` / ``batch_wait_timeout_s`` for the Gateway's gathering and all three model deployments
-    (a deployment's ``user_config`` in the YAML wins over these).
+    (a deployment's ``user_config`` in the YAML wins over these); ``api_key_file`` (else ``RNNLAB_API_KEY``) and
+    the limits of ``rnnlab.serve.limits.LIMITS`` (``max_queued_requests`` applies to every deployment, a
+    deployment's own setting in the YAML wins).
     """
+    from ray.serve.config import BackpressureConfig
+
     from rnnlab.errors import ConfigError
+    from rnnlab.serve import auth
     from rnnlab.serve.bundles import find_bundles
 
     args = dict(args or {})
-    known = {"bundles", "sentiment", "stock", "charlm", "torch_threads", "max_batch_size", "batch_wait_timeout_s"}
+    known = {"bundles", "sentiment", "stock", "charlm", "torch_threads", "max_batch_size", "batch_wait_timeout_s",
+             "api_key_file", *limits.LIMITS}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"Unknown serve argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}.")
+    checked = limits.check_limits({name: args.get(name) for name in limits.LIMITS})
+    batching = {key: args[key] for key in ("max_batch_size", "batch_wait_timeout_s") if args.get(key) is not None}
+    key = auth.load_key(args.get("api_key_file"))
     found = find_bundles(args.get("bundles"), explicit={job: args.get(job) for job in ("sentiment", "stock", "charlm")})
     threads = args.get("torch_threads", 1)
-    batching = {key: args[key] for key in ("max_batch_size", "batch_wait_timeout_s") if args.get(key) is not None}
     checked_batching(batching, DEFAULT_BATCH, "serve argument")
     generation = {"max_batch_size": batching["max_batch_size"]} if "max_batch_size" in batching else {}
+    # excess load is a 503 with Retry-After at every hop (the proxy's queue for the Gateway, the Gateway's for
+    # the models), never an unbounded wait
+    shedding = {"max_queued_requests": int(checked["max_queued_requests"]),
+                "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=checked["retry_after_s"])}
 
     def bind(deployment, job: str, user_config: dict):
         if job not in found:
             return None
-        if user_config:
-            deployment = deployment.options(user_config=user_config)
-        return deployment.bind(str(found[job]), threads)
+        options = shedding | ({"user_config": user_config} if user_config else {})
+        return deployment.options(**options).bind(str(found[job]), threads)
 
-    gateway = Gateway.options(user_config=batching) if batching else Gateway
+    gateway = Gateway.options(max_ongoing_requests=int(checked["max_ongoing_requests"]), **shedding,
+                              **({"user_config": batching} if batching else {}))
+    guard = {name: checked[name] for name in limits.LIMITS} | {"key_sha256": auth.digest(key) if key else None}
     return gateway.bind(
         bind(SentimentDeployment, "sentiment", batching),
         bind(ForecastDeployment, "stock", batching),
         bind(GeneratorDeployment, "charlm", generation),
+        guard,
     )

@@ -103,7 +103,7 @@ def bundle_info(bundle) -> dict:
         "job": bundle.job,
         "version": version,
         "format_version": format_version,
-        "path": str(path),
+        "digest": f"sha256:{digest}" if digest else None,  # of the weights; no path: it tells strangers the layout
         "model": bundle.model_config,
         "metrics": bundle.metrics,
     }
