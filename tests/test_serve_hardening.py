@@ -187,7 +187,7 @@ def test_limits_and_batch_sizes_are_checked_with_one_sentence(bundles, capsys):
 
     assert main(["serve", "--bundles", str(bundles), "--max-streams", "0"]) == 2
     assert capsys.readouterr().err.strip() == "rnnlab: --max-streams must be at least 1, got 0."
-    with pytest.raises(ConfigError, match="max_batch_size must be at least 1, got 0"):
+    with pytest.raises(ConfigError, match="max_batch_size must be a whole number of at least 1, got 0"):
         build_app({"bundles": str(bundles), "max_batch_size": 0})
     with pytest.raises(ConfigError, match="max_queued_requests must be a whole number"):
         build_app({"bundles": str(bundles), "max_queued_requests": "many"})
