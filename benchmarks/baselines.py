@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: fin
 from _common import machine_description, write_json  # noqa: E402
 from ngram import WittenBellNgram  # noqa: E402
 
-JOBS = ("sentiment", "charlm", "stock")
+from rnnlab.registry import JOBS  # noqa: E402
+
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = True
 
     from rnnlab.errors import ConfigError
-    from rnnlab.trainers.loop import resolve_precision
+    from rnnlab.trainers.precision import resolve_precision
 
     report["trainer_resolves"] = {}
     for requested in ("no", "bf16", "fp16"):

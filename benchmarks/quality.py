@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_description, write_json  # noqa: E402
 
+from rnnlab.registry import JOBS, PRESETS  # noqa: E402
+
 # Measured with baselines.py on the mirror (see benchmarks/README.md); used when --baselines is not given.
 REFERENCE_BASELINES: dict[str, Any] = {
     "sentiment": {"TF-IDF + LR test accuracy": 0.9085, "chapter's LSTM (reported) test accuracy": 0.861},
@@ -173,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                               "runs": {}}
     for spec in args.runs:
         job, _, preset = spec.partition(":")
-        if job not in ("sentiment", "stock", "charlm") or preset not in ("chapter", "default", "smoke"):
-            parser.error(f"{spec!r} is not JOB:PRESET (jobs sentiment/stock/charlm, presets chapter/default/smoke)")
+        if job not in JOBS or preset not in PRESETS:
+            parser.error(f"{spec!r} is not JOB:PRESET (jobs {'/'.join(JOBS)}, presets {'/'.join(PRESETS)})")
         sets = [s.split(":", 1)[1] for s in args.sets if s.startswith(f"{job}:")]
         output = args.output / f"{job}-{preset}"
         run: dict[str, Any] = {"sets": sets, "wall_s": None}

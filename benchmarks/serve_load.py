@@ -149,7 +149,7 @@ def random_bundles(directory: Path, reviews: list[str], preset: str = "chapter")
     from rnnlab.data.vocab import build_vocab
     from rnnlab.models import build_model
 
-    from rnnlab.trainers.config import load_config
+    from rnnlab.config import load_config
 
     torch.manual_seed(0)
     vocab = build_vocab(tokenize(text) for text in reviews)

@@ -43,8 +43,8 @@ class JobLoop:
 
     def __init__(self, job_name: str, overrides: list[str], *, device: torch.device, precision: str,
                  mirror: str | None) -> None:
-        from rnnlab.trainers.config import load_config
-        from rnnlab.trainers.jobs import make_job
+        from rnnlab.config import load_config
+        from rnnlab.trainers.job import make_job
 
         sets = [*overrides, "tracking.wandb=false"]
         if mirror:

@@ -33,7 +33,8 @@ from torch import nn
 from rnnlab import __version__
 from rnnlab.data.sources import sha256_of
 from rnnlab.errors import BundleError, ConfigError
-from rnnlab.models import MODELS, build_model
+from rnnlab.models import build_model
+from rnnlab.registry import JOBS
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -70,8 +71,8 @@ def save_bundle(
     so a mistyped path never deletes a user's folder.
     """
     directory = Path(directory)
-    if job not in MODELS:
-        raise ConfigError(f"Unknown job {job!r}; choose one of {', '.join(MODELS)}.")
+    if job not in JOBS:
+        raise ConfigError(f"Unknown job {job!r}; choose one of {', '.join(JOBS)}.")
     for name in assets:
         if not _is_asset_name(name):
             raise BundleError(f"Asset name {name!r} cannot be a bundle file name; use letters, digits and '_'.")
@@ -253,8 +254,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
             f"Bundle {directory} {CONFIG_FILE} was edited after export (its checksum does not match); "
             "re-export the bundle instead of editing it."
         )
-    if manifest["job"] not in MODELS:
-        raise BundleError(f"Bundle {directory} is for unknown job {manifest['job']!r}; expected one of {', '.join(MODELS)}.")
+    if manifest["job"] not in JOBS:
+        raise BundleError(f"Bundle {directory} is for unknown job {manifest['job']!r}; expected one of {', '.join(JOBS)}.")
     _check_file_names(directory, manifest)
     return manifest
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from rnnlab import registry
 from rnnlab.bundle import Bundle, load_bundle
 from rnnlab.data.imdb import tokenize
 from rnnlab.data.stock import FEATURE_NAMES, Scaler, features_for_history, min_history_rows, to_price
@@ -262,13 +263,10 @@ class TextGenerator:
 # ------------------------------------------------------------------------------------------------ loading
 
 Predictor = Union[SentimentClassifier, StockForecaster, TextGenerator]
-PREDICTORS: dict[str, type] = {"sentiment": SentimentClassifier, "stock": StockForecaster, "charlm": TextGenerator}
-
-
 def load_predictor(bundle_dir: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
     """The predictor for whatever job the bundle at ``bundle_dir`` was trained for."""
     bundle = load_bundle(bundle_dir, device=device)
-    return PREDICTORS[bundle.job](bundle)
+    return registry.job(bundle.job).load("predictor")(bundle)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -19,6 +19,7 @@ a bundle of another job an InputError: one sentence each.
 from __future__ import annotations
 
 import datetime
+import inspect
 import math
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rnnlab import registry
 from rnnlab.bundle import Bundle, load_bundle
 from rnnlab.errors import DataError, InputError
 
@@ -43,19 +45,17 @@ def score_data(
 ) -> dict[str, Any]:
     """The scores of the bundle at ``bundle_dir`` on ``data`` (a path in the bundle's job's format)."""
     bundle = load_bundle(bundle_dir)
-    if (start is not None or end is not None) and bundle.job != "stock":
+    spec = registry.job(bundle.job)
+    if spec.scorer is None:  # a job this module does not know yet
+        raise InputError(f"Scoring data for {bundle.job} bundles is not supported.")
+    scorer = spec.load("scorer")
+    dated = "start" in inspect.signature(scorer).parameters  # the scorer can cut its data to a span of days
+    if (start is not None or end is not None) and not dated:
         raise InputError(f"Dates select days of a price file; {bundle_dir} is a {bundle.job} bundle, which scores "
                          "all of its data: leave out --from/--to.")
     if start is not None and end is not None and str(start) > str(end):
         raise InputError(f"The start date {start} comes after the end date {end}; swap them.")
-    if bundle.job == "sentiment":
-        result = score_reviews(bundle, data)
-    elif bundle.job == "charlm":
-        result = score_text(bundle, data)
-    elif bundle.job == "stock":
-        result = score_prices(bundle, data, start=start, end=end)
-    else:  # a job this module does not know yet
-        raise InputError(f"Scoring data for {bundle.job} bundles is not supported.")
+    result = scorer(bundle, data, start=start, end=end) if dated else scorer(bundle, data)
     return _finite({"job": bundle.job, "bundle": str(bundle_dir), "data": str(data), **result})
 
 

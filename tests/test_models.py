@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rnnlab.errors import ConfigError
+from rnnlab.registry import JOBS
 from rnnlab.models import (
-    MODELS,
     CharConfig,
     CharLSTM,
     SentimentConfig,
@@ -143,9 +143,9 @@ def test_charlm_window_equals_step_by_step_and_carries_state():
         torch.testing.assert_close(state[0], h)
 
 
-@pytest.mark.parametrize("job", sorted(MODELS))
+@pytest.mark.parametrize("job", sorted(JOBS))
 def test_config_round_trip(job):
-    config_class, model_class = MODELS[job]
+    config_class, model_class = JOBS[job].load("model_config"), JOBS[job].load("model")
     settings = {"sentiment": {"vocab_size": 50, "bidirectional": True, "num_layers": 2, "dropout": 0.2},
                 "stock": {"num_features": 12, "hidden_size": 8},
                 "charlm": {"vocab_size": 57, "hidden_size": 16, "embed_dim": 4}}[job]

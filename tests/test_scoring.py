@@ -217,7 +217,7 @@ def test_evaluate_data_prints_json_or_lines_and_refuses_bad_data_in_one_line(sto
 @pytest.mark.slow
 @pytest.mark.mirror
 def test_mirror_stock_bundle_scores_its_test_half_year_as_training_did(mirror, tmp_path):
-    from rnnlab.trainers.config import load_config
+    from rnnlab.config import load_config
     from rnnlab.trainers.loop import train
 
     config = load_config("stock", "smoke", overrides=["tracking.wandb=false"])

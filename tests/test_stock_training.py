@@ -13,8 +13,8 @@ from fixtures import make_stock_csv
 from safetensors.torch import load_file
 
 from rnnlab.errors import ConfigError
-from rnnlab.trainers.config import load_config
-from rnnlab.trainers.jobs import stock_loss
+from rnnlab.config import load_config
+from rnnlab.trainers.stock import stock_loss
 from rnnlab.trainers.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

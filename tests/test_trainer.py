@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from fixtures import make_imdb_tar, make_stock_csv, make_text
 from wandb_files import read_finished_wandb_run
 from rnnlab.errors import ConfigError
-from rnnlab.trainers.config import load_config
-from rnnlab.trainers.jobs import make_job
+from rnnlab.config import load_config
+from rnnlab.trainers.job import make_job
 from rnnlab.trainers.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_bf16_on_cpu_trains(data, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real cuDNN answers (benchmarks/gpu_probe.py)")
 def test_bf16_falls_back_to_fp32_where_the_lstm_would_compute_in_another_dtype(monkeypatch, caplog):
     """On an H200, bf16 autocast ran cuDNN's LSTM in float16 (no loss scaling): the trainer must not train so."""
-    from rnnlab.trainers.loop import resolve_precision
+    from rnnlab.trainers.precision import resolve_precision
 
     forward = torch.nn.LSTM.forward
 

@@ -19,8 +19,7 @@ import yaml
 
 from rnnlab.errors import ConfigError
 from rnnlab.launch.cli import main
-from rnnlab.launch.tune_space import load_space
-from rnnlab.launch.tuning import flatten_metrics, plan_search
+from rnnlab.tuning import SearchSettings, flatten_metrics, load_space, plan_search, run_search
 from fixtures import make_stock_csv
 from wandb_files import read_finished_wandb_run
 
@@ -41,7 +40,7 @@ def test_default_space_is_valid_for_every_preset(job, tmp_path):
     for preset in ("chapter", "default", "smoke"):
         # stock's chapter preset holds no validation split (the chapter's protocol): give it one to tune it
         sets = ["data.val_days=252"] if (job, preset) == ("stock", "chapter") else []
-        plan = plan_search(job, preset=preset, overrides=sets, output=tmp_path, num_cpus=2)
+        plan = plan_search(job, SearchSettings(num_cpus=2), preset=preset, overrides=sets, output=tmp_path)
         keys = plan.space.params
         assert keys["train.lr"] == {"loguniform": keys["train.lr"]["loguniform"]}
         assert {"train.batch_size", "model.hidden_size", "model.num_layers", "model.dropout"} <= set(keys)
@@ -62,7 +61,7 @@ def test_user_space_merges_over_defaults(tmp_path):
     assert merged.searched_keys[0] == "train.lr" and "train.optimizer" not in merged.searched_keys
     only = load_space("stock", {"inherit": False, "params": {"train.lr": {"choice": [0.1]}}})
     assert list(only.params) == ["train.lr"]
-    plan = plan_search("stock", space, output=tmp_path, num_cpus=2)
+    plan = plan_search("stock", SearchSettings(num_cpus=2), space=space, output=tmp_path)
     assert (plan.space.metric, plan.space.mode) == ("val/r2", "max")  # r2: higher is better
 
 
@@ -95,6 +94,10 @@ BAD_INPUT = {
     "unknown distribution": (["tune", "stock", "--space", "{baddist}"], "unknown distribution 'normal'"),
     "float range for an integer": (["tune", "stock", "--space", "{floatint}"], "whole number in the config"),
     "value the config refuses": (["tune", "stock", "--space", "{badvalue}"], "which the config refuses"),
+    # model keys are checked like every other section: a dropout of 1.5 would fail inside a trial
+    "model value out of range": (["tune", "stock", "--space", "{baddropout}"],
+                                 "'model.dropout' can take 1.5, which the config refuses (model.dropout must be a "
+                                 "number in [0, 1), not 1.5)"),
     "unknown metric": (["tune", "stock", "--space", "{badmetric}"], "report no metric 'val/accuracy'"),
     "reserved key": (["tune", "stock", "--space", "{reserved}"], "set by rnnlab tune itself"),
     "grid with optuna": (["tune", "stock", "--space", "{grid}", "--search", "optuna"], "optuna cannot"),
@@ -126,6 +129,7 @@ def test_bad_input_is_one_sentence_before_ray_starts(case, tmp_path, capsys, mon
         "floatint": write_yaml(tmp_path / "floatint.yaml", {"params": {"model.hidden_size": {"uniform": [4, 8]}}}),
         "badvalue": write_yaml(tmp_path / "badvalue.yaml", {"params": {"train.optimizer": {"choice": ["adam", "rmsprop"]}}}),
         "badmetric": write_yaml(tmp_path / "badmetric.yaml", {"metric": "val/accuracy", "params": {}}),
+        "baddropout": write_yaml(tmp_path / "baddropout.yaml", {"params": {"model.dropout": {"uniform": [0, 1.5]}}}),
         "reserved": write_yaml(tmp_path / "reserved.yaml", {"params": {"train.epochs": {"int": [1, 3]}}}),
         "grid": write_yaml(tmp_path / "grid.yaml", {"params": {"train.lr": {"grid": [0.1, 0.01]}}}),
     }
@@ -142,10 +146,9 @@ def test_bad_input_is_one_sentence_before_ray_starts(case, tmp_path, capsys, mon
 
 def test_existing_search_is_not_overwritten(tmp_path):
     (tmp_path / "out" / "s1").mkdir(parents=True)
+    plan = plan_search("stock", SearchSettings(num_cpus=2), output=tmp_path / "out", name="s1")
     with pytest.raises(ConfigError, match="already holds a search; pass --resume"):
-        from rnnlab.launch.tuning import run_search
-
-        run_search("stock", output=tmp_path / "out", name="s1", num_cpus=2)
+        run_search(plan)
 
 
 # --- real searches on a local Ray instance ---------------------------------------------------------------

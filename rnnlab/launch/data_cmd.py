@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib import import_module
 
-# data set -> (module, summary function); imported lazily so `rnnlab --help` stays instant.
-SUMMARIES = {
-    "imdb": ("rnnlab.data.imdb", "summarize_imdb"),
-    "stock": ("rnnlab.data.stock", "summarize_stock"),
-    "text": ("rnnlab.data.text", "summarize_text"),
-}
+from rnnlab.registry import JOBS
+
+# data set -> its job (the registry names each job's data set and summary function, imported when asked for)
+SUMMARIES = {spec.data_set: spec for spec in JOBS.values()}
 
 
 def add_parser(subparsers) -> None:
@@ -38,8 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from rnnlab.data.sources import resolve
 
     path = resolve(args.dataset, args.source)
-    module_name, function_name = SUMMARIES[args.dataset]
-    summary = getattr(import_module(module_name), function_name)(path)
+    summary = SUMMARIES[args.dataset].load("data_summary")(path)
     summary = {"dataset": args.dataset, "source": str(path), **summary}
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

@@ -25,7 +25,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-JOBS = ("sentiment", "stock", "charlm")
+from rnnlab.registry import JOBS
+
 PRESET = "demo"  # each job's demo preset: where its size and its measured figures are written down
 # (review, the label a right answer gives)
 REVIEWS = [

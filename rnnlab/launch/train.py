@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from rnnlab.trainers.config import JOBS, PRESETS
+from rnnlab.registry import JOBS, PRESETS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rnnlab.trainers.config import load_config
+    from rnnlab.config import load_config
     from rnnlab.trainers.loop import train
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-save INFO lines drown ours

@@ -8,7 +8,7 @@
 
 Everything is checked before Ray starts (job, space, resources); results go under --output: results.csv,
 best.yaml (``rnnlab train JOB --config DIR/best.yaml`` retrains the winner), best_bundle/, and one folder per
-trial under DIR/NAME/. See rnnlab/launch/tuning.py for the Python API.
+trial under DIR/NAME/. The search itself lives in rnnlab/tuning/ (its Python API).
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-JOBS = ("sentiment", "stock", "charlm")
-PRESETS = ("chapter", "default", "smoke")
+from rnnlab.registry import JOBS, PRESETS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--space merges your own file over them. Results, best.yaml and best_bundle/ go under --output.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("job", help="what to tune: sentiment, stock or charlm")
+    parser.add_argument("job", help=f"what to tune: {', '.join(JOBS)}")
     parser.add_argument("--num-samples", type=int, default=8, help="trials to run (times each grid value)")
     parser.add_argument("--max-epochs", type=int, default=5, help="epochs a trial may train (ASHA's max_t)")
     parser.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
@@ -67,31 +66,38 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from rnnlab.launch.tuning import run_search
+    from rnnlab.errors import ConfigError
+    from rnnlab.tuning import SearchSettings, load_plan, plan_search, run_search
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    overrides = list(args.overrides)
-    if args.source:
-        overrides.append(f"data.source={json.dumps(str(Path(args.source).expanduser().resolve()))}")
-    result = run_search(
-        args.job,
-        args.space,
-        num_samples=args.num_samples,
-        max_epochs=args.max_epochs,
-        scheduler=args.scheduler,
-        search=args.search,
-        cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial,
-        address=args.address,
-        name=args.name,
-        preset=args.preset,
-        config_path=args.config,
-        overrides=overrides,
-        output=args.output,
-        resume=args.resume,
+    settings = SearchSettings(
+        num_samples=args.num_samples, max_epochs=args.max_epochs, scheduler=args.scheduler, search=args.search,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         num_cpus=args.num_cpus,
-        verbose=0 if args.quiet else 1,
-    )
+    )  # fmt: skip
+    if args.resume:  # the saved plan as it was, so finished trials stay comparable; only where it runs is new
+        if args.output is None and args.name is None:
+            raise ConfigError("--resume needs the --output folder (or --name) of the search to continue.")
+        plan = load_plan(args.output or Path("runs") / "tune" / args.name, address=args.address,
+                         num_cpus=args.num_cpus)
+        if plan.job != args.job:
+            raise ConfigError(f"The search in {plan.output} is a {plan.job} search, not {args.job}; check --output.")
+    else:
+        overrides = list(args.overrides)
+        if args.source:
+            overrides.append(f"data.source={json.dumps(str(Path(args.source).expanduser().resolve()))}")
+        plan = plan_search(args.job, settings, space=args.space, preset=args.preset, config_path=args.config,
+                           overrides=overrides, name=args.name, output=args.output)
+    result = run_search(plan, resume=args.resume, verbose=0 if args.quiet else 1)
+    report(result)
+    if result.interrupted:
+        print(f"the search was interrupted; continue it with: rnnlab tune {result.job} --output {result.output} "
+              "--resume")
+        return 130
+    return 1 if result.best is None else 0
+
+
+def report(result) -> None:
     print()
     print(f"search '{result.name}' ({result.job}): {len(result.trials)} trials in {result.wall_s:.1f} s, "
           f"ranked by {result.metric} ({result.mode})")
@@ -108,8 +114,3 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         print(f"{len(failed)} trial(s) failed; first error ({failed[0].name}): {failed[0].error}")
         print(f"  full tracebacks: {result.output / result.name}/trial_*/error.txt")
-    if result.interrupted:
-        print(f"the search was interrupted; continue it with: rnnlab tune {result.job} --output {result.output} "
-              "--resume")
-        return 130
-    return 1 if result.best is None else 0

@@ -8,27 +8,24 @@ State shapes: ``h, c: [num_layers, B, hidden_size]``. The chapter's recipe is em
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from rnnlab.models._config import ConfigMixin, check_dropout, check_positive_int
+from rnnlab.config import ModelSettings, PositiveInt, Probability
 
 State = tuple[torch.Tensor, torch.Tensor]
 
 
-@dataclass
-class CharConfig(ConfigMixin):
-    vocab_size: int
-    embed_dim: int = 256
-    hidden_size: int = 512
-    num_layers: int = 1
-    dropout: float = 0.0  # between LSTM layers and before the output layer
+class CharConfig(ModelSettings):
+    FROM_DATA: ClassVar[tuple[str, ...]] = ("vocab_size",)
 
-    def __post_init__(self) -> None:
-        check_positive_int(self, "vocab_size", "embed_dim", "hidden_size", "num_layers")
-        check_dropout(self)
+    vocab_size: PositiveInt
+    embed_dim: PositiveInt = 256
+    hidden_size: PositiveInt = 512
+    num_layers: PositiveInt = 1
+    dropout: Probability = 0.0  # between LSTM layers and before the output layer
 
 
 class CharLSTM(nn.Module):

@@ -28,39 +28,29 @@ The LSTM stack is built one layer and one direction at a time (``layers[i][d]``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rnnlab.errors import ConfigError
-from rnnlab.models._config import ConfigMixin, check_dropout, check_positive_int
+from rnnlab.config import ModelSettings, PositiveInt, Probability
 
 LENGTH_STRATEGIES = ("padded", "packed")
-POOLINGS = ("last", "max_mean")
 
 
-@dataclass
-class SentimentConfig(ConfigMixin):
-    vocab_size: int
-    embed_dim: int = 32
-    hidden_size: int = 50
-    num_layers: int = 1
+class SentimentConfig(ModelSettings):
+    FROM_DATA: ClassVar[tuple[str, ...]] = ("vocab_size",)
+
+    vocab_size: PositiveInt
+    embed_dim: PositiveInt = 32
+    hidden_size: PositiveInt = 50
+    num_layers: PositiveInt = 1
     bidirectional: bool = False
-    dropout: float = 0.0  # between LSTM layers; with pooling max_mean also on the pooled features
-    fc_size: int = 32
-    pooling: str = "last"  # last | max_mean (see the module docstring)
-    embed_dropout: float = 0.0  # on the embeddings, before the first LSTM layer
-
-    def __post_init__(self) -> None:
-        check_positive_int(self, "vocab_size", "embed_dim", "hidden_size", "num_layers", "fc_size")
-        check_dropout(self)
-        check_dropout(self, "embed_dropout")
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"SentimentConfig.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}.")
-        if not isinstance(self.bidirectional, bool):
-            raise ConfigError(f"SentimentConfig.bidirectional must be true or false, got {self.bidirectional!r}.")
+    dropout: Probability = 0.0  # between LSTM layers; with pooling max_mean also on the pooled features
+    fc_size: PositiveInt = 32
+    pooling: Literal["last", "max_mean"] = "last"  # see the module docstring
+    embed_dropout: Probability = 0.0  # on the embeddings, before the first LSTM layer
 
 
 def reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -6,25 +6,22 @@ LSTM layers over the window -> last step's output -> FC -> ReLU -> FC. The chapt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from rnnlab.models._config import ConfigMixin, check_dropout, check_positive_int
+from rnnlab.config import ModelSettings, PositiveInt, Probability
 
 
-@dataclass
-class StockConfig(ConfigMixin):
-    num_features: int = 37
-    hidden_size: int = 16
-    num_layers: int = 2
-    fc_size: int = 16
-    dropout: float = 0.0  # between LSTM layers (only used when num_layers > 1)
+class StockConfig(ModelSettings):
+    FROM_DATA: ClassVar[tuple[str, ...]] = ("num_features",)
 
-    def __post_init__(self) -> None:
-        check_positive_int(self, "num_features", "hidden_size", "num_layers", "fc_size")
-        check_dropout(self)
+    num_features: PositiveInt = 37
+    hidden_size: PositiveInt = 16
+    num_layers: PositiveInt = 2
+    fc_size: PositiveInt = 16
+    dropout: Probability = 0.0  # between LSTM layers (only used when num_layers > 1)
 
 
 class StockLSTM(nn.Module):

@@ -625,15 +625,17 @@ def build_app(args: dict | None = None) -> serve.Application:
     from rnnlab.serve.bundles import find_bundles
 
     args = dict(args or {})
-    known = {"bundles", "sentiment", "stock", "charlm", "torch_threads", "max_batch_size", "batch_wait_timeout_s",
-             "api_key_file", *limits.LIMITS}
+    from rnnlab.serve.bundles import KINDS
+
+    known = {"bundles", *KINDS, "torch_threads", "max_batch_size", "batch_wait_timeout_s", "api_key_file",
+             *limits.LIMITS}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"Unknown serve argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}.")
     checked = limits.check_limits({name: args.get(name) for name in limits.LIMITS})
     batching = {key: args[key] for key in ("max_batch_size", "batch_wait_timeout_s") if args.get(key) is not None}
     key = auth.load_key(args.get("api_key_file"))
-    found = find_bundles(args.get("bundles"), explicit={job: args.get(job) for job in ("sentiment", "stock", "charlm")})
+    found = find_bundles(args.get("bundles"), explicit={job: args.get(job) for job in KINDS})
     threads = args.get("torch_threads", 1)
     checked_batching(batching, DEFAULT_BATCH, "serve argument")
     generation = {"max_batch_size": batching["max_batch_size"]} if "max_batch_size" in batching else {}

@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 from rnnlab.errors import BundleError, ConfigError
+from rnnlab.registry import served
 
-# bundle job -> the service's name for it (deployment and endpoint)
-KINDS = {"sentiment": "sentiment", "stock": "forecast", "charlm": "generate"}
+# bundle job -> the service's name for it (deployment and endpoint), from the job registry
+KINDS = served()
 
 
 def _job_of(directory: Path) -> str:

@@ -14,7 +14,7 @@ def evaluate_bundle(bundle_dir: str | Path, *, source: str | Path | None = None)
     from accelerate import Accelerator
 
     from rnnlab.bundle import load_bundle
-    from rnnlab.trainers.jobs import make_job
+    from rnnlab.trainers.job import make_job
 
     bundle = load_bundle(bundle_dir)
     config = copy.deepcopy(bundle.config)

@@ -1,4 +1,4 @@
-"""Search spaces for ``rnnlab tune`` as plain data: reading, merging and checking them before Ray starts.
+"""Search spaces as plain data: reading, merging and checking them before Ray starts.
 
 A space file is YAML (defaults in ``configs/tune/{job}.yaml``)::
 
@@ -26,26 +26,17 @@ This module never imports Ray, so checking a space is instant.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from rnnlab import registry
+from rnnlab.config import get_path, is_number, read_yaml, validate, with_values
 from rnnlab.errors import ConfigError
 
-JOBS = ("sentiment", "stock", "charlm")
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "grid")
 TOP_LEVEL_KEYS = ("metric", "mode", "seed", "asha", "params", "inherit")
 ASHA_KEYS = ("grace_period", "reduction_factor")
-# Validation metrics each job's evaluate() reports (rnnlab/trainers/jobs.py); a search ranks trials by one.
-KNOWN_METRICS = {
-    "sentiment": ("loss", "accuracy", "roc_auc"),
-    "stock": ("loss", "r2", "mae", "mape"),
-    "charlm": ("loss", "bpc", "perplexity"),
-}
 # Set by `rnnlab tune` itself; a space that searched them would fight the scheduler or the search's grouping.
 RESERVED_KEYS = ("train.epochs", "train.eval_every", "tracking.group", "tracking.run_name", "job")
 
@@ -122,39 +113,21 @@ class SearchSpace:
         return corners
 
 
-def default_space_path(job: str) -> Path:
-    return CONFIGS_DIR / "tune" / f"{job}.yaml"
-
-
-def check_job(job: str) -> None:
-    if job not in JOBS:
-        raise ConfigError(f"Unknown job '{job}': rnnlab tune knows {', '.join(JOBS)}.")
-
-
 def read_space_file(path: Path) -> dict:
     """The raw mapping in a space file; ConfigError for a missing, empty or malformed file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Search space file {path} does not exist; pass an existing YAML file to --space.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        where = getattr(error, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(f"Search space file {path} is not valid YAML{line}; fix its syntax.") from None
+    data = read_yaml(Path(path), what="search space file", missing_hint="; pass an existing YAML file to --space")
     if data is None:
-        raise ConfigError(f"Search space file {path} is empty; give it a 'params:' mapping of dotted keys.")
+        raise ConfigError(f"The search space file {path} is empty; give it a 'params:' mapping of dotted keys.")
     if not isinstance(data, dict):
         raise ConfigError(
-            f"Search space file {path} must be a mapping with a 'params:' section, not a {type(data).__name__}."
+            f"The search space file {path} must be a mapping with a 'params:' section, not a {type(data).__name__}."
         )
     return data
 
 
 def load_space(job: str, space: str | Path | dict | None = None) -> SearchSpace:
     """The job's default space, with a user's space (a file or a mapping) merged over it."""
-    check_job(job)
-    default_path = default_space_path(job)
+    default_path = registry.job(job).tune_space_file
     defaults = read_space_file(default_path)
     _check_shape(defaults, f"Search space {default_path}")
     if space is None:
@@ -216,8 +189,9 @@ def _build(job: str, data: dict, where: str) -> SearchSpace:
     seed = data.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError(f"{where}: seed must be a whole number or null, not {seed!r}.")
-    if metric is not None and metric.split("/", 1)[1] not in KNOWN_METRICS[job]:
-        known = ", ".join(f"val/{name}" for name in KNOWN_METRICS[job])
+    metrics = registry.job(job).metrics
+    if metric is not None and metric.split("/", 1)[1] not in metrics:
+        known = ", ".join(f"val/{name}" for name in metrics)
         raise ConfigError(f"{where}: {job} trials report no metric {metric!r}; use one of {known}.")
     return SearchSpace(
         job=job, metric=metric, mode=mode, params=dict(params), seed=seed, asha=asha, source=where
@@ -229,10 +203,6 @@ def _distribution(spec: Any) -> str | None:
     if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS:
         return next(iter(spec))
     return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_spec(key: str, spec: Any, where: str) -> None:
@@ -255,7 +225,7 @@ def _check_spec(key: str, spec: Any, where: str) -> None:
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where}: '{key}' {kind} needs a non-empty list of values.")
         return
-    if not isinstance(args, list) or len(args) != 2 or not all(_is_number(arg) for arg in args):
+    if not isinstance(args, list) or len(args) != 2 or not all(is_number(arg) for arg in args):
         raise ConfigError(f"{where}: '{key}' {kind} needs [low, high] as two numbers, not {args!r}.")
     low, high = args
     if not low < high:
@@ -269,61 +239,20 @@ def _check_spec(key: str, spec: Any, where: str) -> None:
 # --- checking a space against the job's config --------------------------------------------------------
 
 
-def get_path(config: dict, key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def has_path(config: dict, key: str) -> bool:
-    try:
-        get_path(config, key)
-    except (KeyError, TypeError):
-        return False
-    return True
-
-
-def set_path(config: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = config
-    for part in parts[:-1]:
-        node = node[part]
-    node[parts[-1]] = value
-
-
-def apply_params(config: dict, params: dict[str, Any]) -> dict:
-    """A copy of ``config`` with each dotted key set to the trial's value (numpy scalars made plain)."""
-    config = copy.deepcopy(config)
-    for key, value in params.items():
-        set_path(config, key, _plain(value))
-    return config
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars from Tune's samplers -> Python scalars, so configs stay YAML/JSON friendly."""
-    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
-        return value.item()
-    return value
-
-
 def resolve_metric(space: SearchSpace, base_config: dict) -> SearchSpace:
     """Fill in the metric (val/<train.monitor>) and mode (from the metric's direction) when the space left
     them out, so trials are ranked the way each trial picks its own best checkpoint."""
-    from rnnlab.trainers.jobs import LOWER_IS_BETTER
-
     if space.metric is None:
         space.metric = f"val/{base_config['train']['monitor']}"
     if space.mode is None:
-        name = space.metric.split("/", 1)[1]
-        space.mode = "min" if name in LOWER_IS_BETTER else "max"
+        space.mode = registry.job(space.job).mode(space.metric.split("/", 1)[1])
     return space
 
 
 def check_against_config(space: SearchSpace, base_config: dict, preset: str) -> None:
     """Refuse params the preset does not have, and values whose type cannot fit the setting."""
     for key, spec in space.params.items():
-        if not has_path(base_config, key) or isinstance(get_path(base_config, key), dict):
+        if not _has_path(base_config, key) or isinstance(get_path(base_config, key), dict):
             section = key.split(".")[0]
             known = sorted(_leaf_keys(base_config.get(section, {}), section)) if isinstance(
                 base_config.get(section), dict
@@ -348,14 +277,13 @@ def check_against_config(space: SearchSpace, base_config: dict, preset: str) -> 
 
 
 def check_values(space: SearchSpace, base_config: dict) -> None:
-    """Every extreme value of every param goes through the config's own validation, so a range the trainer
-    would refuse (lr <= 0, an unknown optimizer) is refused now, not in a trial minutes later."""
-    from rnnlab.trainers.config import validate
-
+    """Every extreme value of every param goes through the config's own validation, model keys included, so a
+    range the trainer would refuse (lr <= 0, an unknown optimizer, a dropout of 1.5) is refused now, not in a
+    trial minutes later."""
     for key, values in space.corner_values().items():
         for value in values:
             try:
-                validate(apply_params(base_config, {key: value}))
+                validate(with_values(base_config, {key: value}))
             except ConfigError as error:
                 reason = str(error).rstrip(".")
                 raise ConfigError(
@@ -369,3 +297,11 @@ def _leaf_keys(node: dict, prefix: str) -> list[str]:
         path = f"{prefix}.{name}"
         keys.extend(_leaf_keys(value, path) if isinstance(value, dict) else [path])
     return keys
+
+
+def _has_path(config: dict, key: str) -> bool:
+    try:
+        get_path(config, key)
+    except (KeyError, TypeError):
+        return False
+    return True

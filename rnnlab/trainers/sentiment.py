@@ -1,0 +1,144 @@
+"""The IMDb sentiment job: length-bucketed batches of reviews, binary cross-entropy, accuracy and ROC AUC."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from rnnlab.config import DataSettings, JobConfig, PositiveInt, Probability, model_section
+from rnnlab.models.sentiment import SentimentConfig
+from rnnlab.trainers.job import Batch, EvalResult, Job, gather
+
+log = logging.getLogger(__name__)
+
+
+class SentimentData(DataSettings):
+    val_fraction: Probability = 0.1  # of the training reviews, held out for validation
+    min_freq: PositiveInt = 1
+    max_vocab: PositiveInt | None = None
+    max_length: PositiveInt | None = None  # tokens kept per review (its start)
+    bucket_size_multiplier: PositiveInt = 100
+
+
+SentimentModel = model_section(SentimentConfig)
+
+
+class SentimentJobConfig(JobConfig):
+    job: Literal["sentiment"] = "sentiment"
+    data: SentimentData = Field(default_factory=SentimentData)
+    model: SentimentModel = Field(default_factory=SentimentModel)
+
+
+class SentimentJob(Job):
+    Config = SentimentJobConfig
+
+    def load_data(self) -> None:
+        from rnnlab.data import imdb
+
+        data_cfg = self.config.data
+        data = imdb.load_sentiment_data(
+            self.source_path(), val_fraction=data_cfg.val_fraction, seed=self.seed, min_freq=data_cfg.min_freq,
+            max_vocab=data_cfg.max_vocab, max_length=data_cfg.max_length,
+        )  # fmt: skip
+        self.vocab = data.vocab
+        self.splits = {}
+        for split in ("train", "val", "test"):
+            encoded = getattr(data, split)
+            keep = self._limit(len(encoded.labels), f"limit_{split}")
+            ids = [np.asarray(encoded.ids[i], dtype=np.int64) for i in keep]
+            labels = np.asarray(encoded.labels, dtype=np.float32)[keep]
+            self.splits[split] = (ids, labels)
+        self._imdb = imdb
+        self._global_batches: list[list[int]] = []
+
+    def _lengths(self, split: str) -> np.ndarray:
+        return np.array([len(x) for x in self.splits[split][0]], dtype=np.int64)
+
+    def _sampler(self):
+        return self._imdb.BucketBatchSampler(
+            self._lengths("train"), self.batch_size, shuffle=True, seed=self.seed,
+            bucket_size_multiplier=self.config.data.bucket_size_multiplier, drop_last=False,
+        )  # fmt: skip
+
+    def steps_per_epoch(self) -> int:
+        return len(self._sampler())
+
+    def start_epoch(self, epoch: int, start: int) -> None:
+        sampler = self._sampler()
+        sampler.set_epoch(epoch)
+        # Same global batches on every process; a final batch smaller than the world cannot be split.
+        self._global_batches = [list(b) for b in sampler if len(b) >= self.world_size]
+
+    def _collate(self, split: str, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, labels = self.splits[split]
+        return self._imdb.collate_reviews([(ids[i], float(labels[i])) for i in indices])
+
+    def batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        for global_batch in self._global_batches[start:]:
+            mine = self._share(np.asarray(global_batch))
+            x, lengths, y = self._collate("train", mine)
+            yield Batch(
+                inputs=(x.to(self.device), lengths.to(self.device)), targets=y.to(self.device).float(),
+                global_units=len(global_batch), samples=len(mine), tokens=int(lengths.sum()),
+            )  # fmt: skip
+
+    def data_model_config(self) -> dict:
+        return {"vocab_size": len(self.vocab)}
+
+    def loss_sum(self, model, batch: Batch) -> torch.Tensor:
+        logits = model(*batch.inputs).float()
+        return F.binary_cross_entropy_with_logits(logits, batch.targets, reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self, model, split: str, accelerator) -> EvalResult:
+        ids, labels = self.splits[split]
+        order = np.argsort(self._lengths(split), kind="stable")  # similar lengths together: little padding
+        mine = self._share(order)
+        logits_parts = []
+        for start in range(0, len(mine), self.eval_batch_size):
+            chunk = mine[start : start + self.eval_batch_size]
+            x, lengths, _ = self._collate(split, chunk)
+            with accelerator.autocast():
+                logits_parts.append(model(x.to(self.device), lengths.to(self.device)).float().cpu().numpy())
+        local_logits = np.concatenate(logits_parts) if logits_parts else np.zeros(0, np.float32)
+        pieces = gather(accelerator, (mine, local_logits))
+        index = np.concatenate([p[0] for p in pieces])
+        logits = np.empty(len(labels), dtype=np.float64)
+        logits[index] = np.concatenate([p[1] for p in pieces])
+        return EvalResult(sentiment_metrics(labels, logits), {"labels": labels, "logits": logits})
+
+    def assets(self) -> dict[str, dict]:
+        return {"vocab": self.vocab.to_json()}
+
+    def report(self, model, val: dict, test: EvalResult, output_dir, tracker) -> dict:
+        from sklearn.metrics import confusion_matrix
+
+        labels = test.details["labels"].astype(int)
+        predicted = (test.details["logits"] > 0).astype(int)
+        matrix = confusion_matrix(labels, predicted, labels=[0, 1]).tolist()
+        log.info("test confusion matrix [[TN, FP], [FN, TP]]: %s", matrix)
+        if tracker is not None:
+            import wandb
+
+            tracker.log({"test/confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=labels.tolist(), preds=predicted.tolist(), class_names=["negative", "positive"])})
+        return {"confusion_matrix": matrix}
+
+
+def sentiment_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    labels = np.asarray(labels, dtype=np.float64)
+    logits = np.asarray(logits, dtype=np.float64)
+    # BCE from logits, stable for large ones (sklearn's log_loss takes probabilities and clips them)
+    loss = np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits))))
+    metrics = {"loss": float(loss), "accuracy": float(accuracy_score(labels > 0.5, logits > 0))}
+    if 0 < labels.sum() < len(labels):
+        metrics["roc_auc"] = float(roc_auc_score(labels, logits))
+    return metrics
