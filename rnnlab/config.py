@@ -207,7 +207,7 @@ def load_config(
 ) -> dict:
     """The full config for ``job`` as plain data: defaults <- preset <- user YAML <- ``--set`` overrides."""
     cls = config_class(job)
-    config: dict = {}
+    config: dict = {"job": job}  # a layer may name the job too (best.yaml does), but only this one
     config = merge(config, preset_config(job, preset), cls, where=f"preset {preset!r}")
     if config_path is not None:
         config = merge(config, read_user_yaml(Path(config_path), preset), cls, where=str(config_path))
@@ -315,7 +315,11 @@ def merge(base: Mapping, update: Mapping, cls: type[BaseModel], *, where: str, p
         if dotted in RETIRED_KEYS:
             continue
         fields = cls.model_fields
-        if key not in fields or key == "job":
+        if key == "job" and not prefix:
+            if value != base.get("job", value):
+                raise ConfigError(f"{where} is a config for job {value!r}, not {base['job']!r}; check the file.")
+            continue
+        if key not in fields:
             known = ", ".join(name for name in fields if name != "job")
             raise ConfigError(f"Unknown config key {dotted!r} in {where}; known keys here: {known}.")
         section = _model_of(fields[key].annotation)
