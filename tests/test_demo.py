@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rnnlab.launch.demo import JOBS, PRESET, share_of_known_words
-from rnnlab.trainers.config import load_config
+from rnnlab.config import load_config
 
 
 @pytest.mark.parametrize("job", JOBS)

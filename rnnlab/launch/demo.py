@@ -39,7 +39,7 @@ TEMPERATURE = 0.5
 
 
 def train_all(output: Path) -> dict[str, dict]:
-    from rnnlab.trainers.config import load_config
+    from rnnlab.config import load_config
     from rnnlab.trainers.loop import train
 
     results = {}
