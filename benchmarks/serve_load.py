@@ -4,12 +4,21 @@
     python benchmarks/serve_load.py --bundles runs/bundles   # ... over trained bundles instead of random ones
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --only sentiment   # a running service, as is
 
-Phases (own service): each endpoint with batching on (max_batch_size 32 for sentiment/forecast, 64 sequences
+Phases (own service): each endpoint with batching on (max_batch_size 32 for sentiment/forecast, 128 sequences
 for generation) and then with max_batch_size=1 everywhere (the Gateway's gathering and the model deployments:
 one request at a time), switched by redeploying with a new user_config (Ray restarts the replicas); `--rounds N` alternates the two N times. Per phase:
 requests/s, p50/p99 latency, errors; for generation also characters/s. Two ceilings with no model behind them:
 GET /healthz, and POST /v1/sentiment with the benchmark's own body plus an unknown field (a 422 from the
 Gateway's schema check) -- the most the sentiment endpoint can reach through Serve's proxy, batched or not.
+`--generation` measures generation against the model's own speed instead: the decode-step ceiling (CharLSTM.step
+at batch 32 and 128 in a plain loop, one torch thread, softmax + multinomial, in a Ray worker like the replica)
+and the served characters/s at 32 and 128 concurrent clients, plain and streamed, 100- and 400-character
+requests (`--gen-clients`, `--gen-lengths`), each phase beside the ceiling measured just before and after it,
+with the Generator replica's busy fraction and ms/step (where the time went):
+
+    python benchmarks/serve_load.py --generation --seconds 10 --json gen.json
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=1 python benchmarks/serve_load.py --generation   # without Serve's proxy
+
 Without --bundles it builds chapter-sized bundles from randomly initialised models (same compute as trained
 ones) and uses real IMDb reviews from the mirror when it is there (else synthetic ones of the same length).
 """
@@ -36,6 +45,18 @@ FLOORS = ("healthz", "post-422")  # no model behind them: the HTTP path's own ce
 
 
 # --- load generation -------------------------------------------------------------------------------------------
+def streamed_chars(payload: bytes) -> int:
+    """Characters in an SSE answer of /v1/generate (its `data: {"text": ...}` events); -1 if it did not end with
+    `event: done` (an error event, a cut stream)."""
+    chars, done = 0, False
+    for block in payload.decode("utf-8").split("\n\n"):
+        if block.startswith("event: done"):
+            done = True
+        elif block.startswith("data: "):
+            chars += len(json.loads(block[len("data: "):])["text"])
+    return chars if done else -1
+
+
 async def run_clients(url: str, make_body, *, clients: int, seconds: float, count_chars: bool = False,
                       method: str = "POST", ok_status: int = 200) -> dict:
     """``clients`` tasks, each sending one request after another until ``seconds`` pass.
@@ -63,7 +84,12 @@ async def run_clients(url: str, make_body, *, clients: int, seconds: float, coun
                         errors.append(f"{response.status} {payload[:200]!r}")
                         continue
                 if count_chars:
-                    chars += len(json.loads(payload)["text"])
+                    got = (streamed_chars(payload) if response.content_type == "text/event-stream"
+                           else len(json.loads(payload)["text"]))
+                    if got < 0:
+                        errors.append(f"stream without a done event: {payload[-200:]!r}")
+                        continue
+                    chars += got
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                 errors.append(f"{type(error).__name__}: {error}")
                 continue
@@ -231,6 +257,89 @@ def phase_stats(before: dict, after: dict) -> dict:
     return out
 
 
+# --- generation near the ceiling ----------------------------------------------------------------------------------
+def decode_ceiling(bundles: Path, batch: int, seconds: float) -> dict:
+    """The model's own speed: ``CharLSTM.step`` for ``batch`` sequences in a plain loop with one torch thread (as a
+    replica has), each step sampled with softmax + torch.multinomial -- no HTTP, Ray, scheduler or per-request
+    sampling. Characters/s = batch * steps/s."""
+    import torch
+
+    from rnnlab.bundle import load_bundle
+    from rnnlab.serve.bundles import find_bundles
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = load_bundle(find_bundles(bundles, check=False)["charlm"]).model
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        state = model.init_state(batch)
+        ids = torch.zeros(batch, dtype=torch.long)
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            logits, state = model.step(ids, state)
+            ids = torch.multinomial(torch.softmax(logits / 0.8, dim=-1), 1, generator=generator).squeeze(1)
+            steps += 1
+        elapsed = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    return {"batch": batch, "steps_per_s": steps / elapsed, "chars_per_s": batch * steps / elapsed}
+
+
+def generation_phases(base: str, bundles: Path, args) -> list[dict]:
+    """Served characters/s at each (clients, request length, streaming) against the decode-step ceiling at
+    batch = clients, the ceiling measured right before and right after each phase and averaged (load from other
+    jobs drifts; a phase and its own ceiling see about the same). The ceiling runs in a Ray worker, as the
+    Generator replica does: Ray starts its workers at nice 15, and on a shared box a loop in this (nice 0)
+    process gets more CPU than any replica can, which would measure the machine's scheduler, not the service."""
+    import ray
+
+    remote_ceiling = ray.remote(num_cpus=0)(decode_ceiling)
+
+    def decode_ceiling_in_worker(bundles: Path, clients: int, seconds: float) -> dict:
+        return ray.get(remote_ceiling.remote(bundles, clients, seconds))
+
+    out = []
+    for clients in args.gen_clients:
+        for length in args.gen_lengths:
+            for stream in (False, True):
+                first = decode_ceiling_in_worker(bundles, clients, args.ceiling_seconds / 2)
+                body = lambda rng, length=length, stream=stream: {  # noqa: E731
+                    "prompt": "the emperor", "max_new_tokens": length, "temperature": 0.8,
+                    "seed": rng.randrange(2**31), "stream": stream}
+                before = batching_stats(base)
+                served = asyncio.run(run_clients(f"{base}/v1/generate", body, clients=clients, seconds=args.seconds,
+                                                 count_chars=True))
+                after = batching_stats(base)
+                steps = phase_stats(before, after)["/v1/generate"]
+                # where the time went in the Generator replica: decoding (busy) vs waiting, and its step speed
+                busy = after["/v1/generate"]["decode_s"] - before["/v1/generate"]["decode_s"]
+                steps["decode_busy_fraction"] = busy / served["seconds"]
+                steps["served_step_ms"] = 1000 * busy / max(1, steps["batches"])
+                last = decode_ceiling_in_worker(bundles, clients, args.ceiling_seconds / 2)
+                ceiling = {"batch": clients, "before": first, "after": last,
+                           "chars_per_s": (first["chars_per_s"] + last["chars_per_s"]) / 2}
+                ratio = served["chars_per_s"] / ceiling["chars_per_s"]
+                ceiling_steps = (first["steps_per_s"] + last["steps_per_s"]) / 2
+                label = f"{clients:3d} clients, {length:3d} chars, {'stream' if stream else 'plain '}"
+                print(f"[generate] {label}: served {served['chars_per_s']:7.0f} chars/s vs ceiling "
+                      f"{ceiling['chars_per_s']:7.0f} (before {first['chars_per_s']:.0f}, after "
+                      f"{last['chars_per_s']:.0f}) at batch {clients} -> {ratio:5.1%}; mean active "
+                      f"{steps['batch_size_mean']:5.1f}; decoding {steps['decode_busy_fraction']:4.0%} of the time, "
+                      f"{steps['served_step_ms']:.2f} ms/step vs {1000 / ceiling_steps:.2f} alone; p50 "
+                      f"{served['p50_ms']:6.0f} ms; errors {served['errors']}"
+                      + (f" ({served['first_error']})" if served["errors"] else ""), flush=True)
+                out.append({"clients": clients, "max_new_tokens": length, "stream": stream, "served": served,
+                            "ceiling": ceiling, "ratio": ratio, "decode_steps": steps})
+    return out
+
+
+def print_generation_summary(phases: list[dict]) -> None:
+    print("\nserved / ceiling (same run, each phase beside the ceiling measured just before it):")
+    for p in phases:
+        print(f"  {p['clients']:3d} clients  {p['max_new_tokens']:3d} chars  {'stream' if p['stream'] else 'plain '}"
+              f"  {p['served']['chars_per_s']:7.0f} / {p['ceiling']['chars_per_s']:7.0f} = {p['ratio']:5.1%}"
+              f"  errors {p['served']['errors']}")
+
+
 # --- main ------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,13 +351,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="batched phases' max_batch_size (default: "
-                        "the deployments' defaults, 32 for sentiment/forecast, 64 sequences for generation)")
+                        "the deployments' defaults, 32 for sentiment/forecast, 128 sequences for generation)")
     parser.add_argument("--only", nargs="*", choices=[*FLOORS, "sentiment", "forecast", "generate"],
                         default=[*FLOORS, "sentiment", "forecast", "generate"])
     parser.add_argument("--batch-wait", type=float, default=None, help="batched phases' batch_wait_timeout_s "
                         "(default: the Gateway's 0.02)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate batched and unbatched phases this many times (ratios per round, medians)")
+    parser.add_argument("--generation", action="store_true",
+                        help="generation near the model's ceiling instead of batching on/off: served chars/s at "
+                        "--gen-clients x --gen-lengths, plain and streamed, each beside the decode-step ceiling")
+    parser.add_argument("--gen-clients", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--gen-lengths", type=int, nargs="+", default=[100, 400])
+    parser.add_argument("--ceiling-seconds", type=float, default=4.0)
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
@@ -305,6 +420,18 @@ def main(argv: list[str] | None = None) -> int:
         rounds: list[dict] = []
         with tempfile.TemporaryDirectory() as scratch:
             bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch), reviews, args.preset)
+            if args.generation:
+                # room for every client's sequence in one decoding batch
+                deploy(bundles, max(args.gen_clients))
+                results = {"generation": generation_phases(base, bundles, args)}
+                serve.shutdown()
+                ray.shutdown()
+                print_generation_summary(results["generation"])
+                results["setup"] = {"seconds": args.seconds, "ceiling_seconds": args.ceiling_seconds,
+                                    "bundles": args.bundles or "random chapter-sized"}
+                if args.json:
+                    Path(args.json).write_text(json.dumps(results, indent=2))
+                return 0
             # Batched and unbatched phases alternate, `--rounds` times: load from other processes on the machine
             # comes and goes, and alternating spreads it over both sides; ratios are taken within each round.
             for number in range(1, args.rounds + 1):

@@ -97,7 +97,9 @@ def sample_next(
     ``top_p`` None/1.0 = off (nucleus: keep the most likely tokens until their mass reaches top_p; the top token
     always stays). Ranges are checked by ``SamplingParams``, not here (this runs once per decoding step).
 
-    Randomness: exactly one uniform draw per row per call, inverse-CDF over the sorted, filtered distribution.
+    Randomness: exactly one uniform draw per row per call, inverse-CDF over the vocabulary in its own order with
+    the filtered-out tokens' probability set to 0 (sorting is needed only to find them, so batches without top-k
+    or top-p skip it; either way a row's token depends only on its own scores, settings and draw).
     ``uniforms[B]`` gives the draws directly; else with a list of generators (CPU ``torch.Generator``s) row i draws
     from ``generator[i]`` only, so a sequence's tokens depend on its own seed and never on what else shares the
     batch; one generator draws B numbers in row order; None uses torch's global RNG. ``torch.rand(n, generator=g)``
@@ -111,31 +113,30 @@ def sample_next(
     rows, vocab = logits.shape
     device = logits.device
     scores = logits.float()
-    broken = ~(scores < float("inf")).all(dim=-1)  # NaN compares false too
-    if bool(broken.any()):
-        raise NonFiniteScores(broken.nonzero().flatten().tolist())
     temperature_t = _per_row(temperature, rows, default=1.0, dtype=torch.float32, device=device)
     top_k_t = _per_row(top_k, rows, default=0, dtype=torch.long, device=device)
     top_p_t = _per_row(top_p, rows, default=1.0, dtype=torch.float32, device=device)
-    top_k_t = torch.where(top_k_t <= 0, vocab, top_k_t.clamp(max=vocab))
     if uniforms is None:
         uniforms = _uniforms(rows, generator)
     uniforms = uniforms.to(device=device, dtype=torch.float32)
 
     greedy = temperature_t <= 0
-    scaled = scores / torch.where(greedy, torch.ones_like(temperature_t), temperature_t).unsqueeze(1)
-    sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
-    probs = sorted_logits.softmax(dim=-1)
-    ranks = torch.arange(vocab, device=device).unsqueeze(0)
-    drop = ranks >= top_k_t.unsqueeze(1)
-    drop |= (probs.cumsum(dim=-1) - probs) >= top_p_t.unsqueeze(1)  # mass before a token already reaches top_p
-    drop[:, 0] = False
-    probs = probs.masked_fill(drop, 0.0)
+    probs = (scores / torch.where(greedy, 1.0, temperature_t).unsqueeze(1)).softmax(dim=-1)
+    filtered = (top_k_t > 0) & (top_k_t < vocab) | (top_p_t < 1)
+    if bool(filtered.any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        ranks = torch.arange(vocab, device=device).unsqueeze(0)
+        drop = ranks >= torch.where(top_k_t > 0, top_k_t, vocab).unsqueeze(1)
+        drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p_t.unsqueeze(1)  # mass before reaches top_p
+        drop[:, 0] = False  # the most likely token always stays
+        probs = probs.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), 0.0)
     cdf = probs.cumsum(dim=-1)
-    target = (uniforms * cdf[:, -1]).unsqueeze(1)
-    choice = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)
-    choice = torch.where(greedy.unsqueeze(1), torch.zeros_like(choice), choice)
-    return order.gather(1, choice).squeeze(1)
+    total = cdf[:, -1]
+    broken = ~torch.isfinite(total)  # NaN or +inf anywhere in a row's scores makes its softmax NaN
+    if bool(broken.any()):
+        raise NonFiniteScores(broken.nonzero().flatten().tolist())
+    choice = torch.searchsorted(cdf, (uniforms * total).unsqueeze(1), right=True).squeeze(1).clamp_(max=vocab - 1)
+    return torch.where(greedy, scores.argmax(dim=-1), choice)
 
 
 def per_row_params(params: Sequence[SamplingParams], device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:

@@ -7,13 +7,16 @@ through ``forward`` (the prefill) and its (h, c) is concatenated onto the slot t
 fixed-size (h, c) per sequence, so a slot costs ``2 * layers * hidden`` floats and joining or leaving is one
 ``torch.cat`` / index.
 
-Speed: decoding runs in blocks of steps (about ``block_s`` of compute) in a worker thread, so the event loop
-(new requests, streaming to clients) runs while torch computes; between blocks the loop admits new requests and
-drops cancelled ones. Per step there is one model call, one vectorised sampling call and no Python work per
-sequence: the per-row sampling settings are tensors built when the batch changes, each sequence's uniform draws
-are made when it joins, and finished rows are known in advance from their lengths. Tokens reach a consumer in
-chunks: a streaming one is woken at most every ``stream_interval_s`` (a few events per second is all a reader
-needs; one event per character cost more than the decoding), a non-streaming one once, at the end.
+Speed: one thread decodes in a tight loop -- admit, a block of steps (about ``block_s`` of compute), hand the new
+tokens to their consumers, again -- and never waits for an event loop, so the model is busy whenever there is
+work; torch releases the GIL while it computes, so the replica's event loop streams to clients and takes requests
+meanwhile. Per step there is one model call, one vectorised sampling call and no Python work per sequence: the
+per-row sampling settings are tensors built when the batch changes, each sequence's uniform draws are made when it
+joins, and the steps at which rows finish are known from their lengths. Prompts joining together are prefilled in
+one forward per prompt length. Consumers are woken with one ``call_soon_threadsafe`` per block: a streaming one at
+most every ``stream_interval_s``, stretched so that all streams together make about ``stream_events_per_s``
+chunks (each is an event through Ray and HTTP; one per character cost more than the decoding), a plain one once,
+at the end.
 
 Determinism: a sequence's tokens depend only on its prompt, its parameters and its seed (one uniform draw per
 step from its own generator, drawn ahead in one call, which gives the same numbers), never on which other
@@ -35,6 +38,7 @@ import asyncio
 import collections
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +50,7 @@ from rnnlab.sampling import NonFiniteScores, SamplingParams, per_row_params, sam
 logger = logging.getLogger(__name__)
 
 MAX_STEPS_PER_BLOCK = 64
+IDLE_EXIT_S = 10.0  # the decoding thread ends after this long with nothing to do (the next request restarts it)
 
 
 class GenerationFailed(RuntimeError):
@@ -64,6 +69,7 @@ class _Sequence:
     params: SamplingParams  # with a seed
     request_id: str
     streaming: bool
+    loop: asyncio.AbstractEventLoop  # the consumer's: woken from the decoding thread with call_soon_threadsafe
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     tokens: list[int] = field(default_factory=list)
     uniforms: torch.Tensor | None = None  # all of the sequence's draws, made when it joins
@@ -87,13 +93,15 @@ class GenerationScheduler:
     """
 
     def __init__(self, model: torch.nn.Module, *, max_batch_size: int = 64, device: str | torch.device = "cpu",
-                 block_s: float = 0.02, stream_interval_s: float = 0.1, log: logging.Logger = logger) -> None:
+                 block_s: float = 0.02, stream_interval_s: float = 0.1, stream_events_per_s: float = 200.0,
+                 log: logging.Logger = logger) -> None:
         self.model = model
         self.log = log  # the Serve deployment passes Serve's logger, whose lines land in the replica's log file
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self.block_s = block_s
         self.stream_interval_s = stream_interval_s
+        self.stream_events_per_s = stream_events_per_s
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         # the batch, row i = self._active[i]
@@ -102,11 +110,13 @@ class GenerationScheduler:
         self._sampling: tuple[torch.Tensor, ...] = ()  # per-row temperature, top_k, top_p
         self._step_s = 0.0  # running estimate of one step's time, to size blocks
         self._unexplained = 0  # step failures in a row that no single row reproduced
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._wakeup = threading.Event()  # set when a request arrives or leaves
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # starting the thread
         # statistics, exposed by /v1/models
         self.step_sizes: collections.Counter[int] = collections.Counter()
         self.counts = collections.Counter(joined=0, finished=0, cancelled=0, failed=0, tokens=0)
+        self.decode_s = 0.0  # time spent decoding (steps, sampling, bookkeeping): busy time, vs wall-clock
 
     # --- public ------------------------------------------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, request_id: str | None = None,
@@ -114,7 +124,8 @@ class GenerationScheduler:
         """Yield the new token ids in chunks: with ``stream`` every ``stream_interval_s`` or so, else all at once
         at the end. Raises GenerationFailed if the sequence failed. Closing the iterator (a client that went
         away) frees the slot before the next block."""
-        sequence = _Sequence(list(prompt_ids), params.with_seed(), request_id or secrets.token_hex(8), stream)
+        sequence = _Sequence(list(prompt_ids), params.with_seed(), request_id or secrets.token_hex(8), stream,
+                             asyncio.get_running_loop())
         self._waiting.append(sequence)
         self._ensure_running()
         self._wakeup.set()
@@ -124,11 +135,12 @@ class GenerationScheduler:
                 await sequence.wake.wait()
                 sequence.wake.clear()
                 if len(sequence.tokens) > sent:
-                    chunk, sent = sequence.tokens[sent:], len(sequence.tokens)
+                    chunk = sequence.tokens[sent:]
+                    sent += len(chunk)
                     yield chunk
                 if sequence.error is not None:
                     raise GenerationFailed(sequence.request_id, sequence.error)
-                if sequence.done:
+                if sequence.done and sent == len(sequence.tokens):
                     return
         finally:
             if not sequence.done:
@@ -144,64 +156,108 @@ class GenerationScheduler:
         return {
             "max_batch_size": self.max_batch_size,
             "active": len(self._active),
-            "waiting": sum(not s.cancelled for s in self._waiting),
+            "waiting": sum(not s.cancelled for s in list(self._waiting)),  # list(): one atomic copy
             "steps": steps,
             "batch_size_histogram": {str(k): sizes[k] for k in sorted(sizes)},
             "batch_size_max": max(sizes, default=0),
             "batch_size_mean": (sum(k * n for k, n in sizes.items()) / steps) if steps else 0.0,
+            "decode_s": round(self.decode_s, 3),
             **dict(self.counts),
         }
 
     # --- the loop ----------------------------------------------------------------------------------------------
     def _ensure_running(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="rnnlab-decode", daemon=True)
+                self._thread.start()
 
-    async def _run(self) -> None:
+    def _run(self) -> None:
+        """The decoding thread: admit, decode a block, hand chunks to the consumers' loops, again. It never waits
+        for an event loop, so the model is busy whenever there is work (torch releases the GIL while it
+        computes, so the loops stream to clients and take requests meanwhile)."""
         while True:
-            self._drop_cancelled()
-            self._admit()
+            touched: list[_Sequence] = []
+            try:
+                touched += self._drop_cancelled()
+                touched += self._admit()
+                if self._active:
+                    touched += self._active
+                    self._decode_block()
+            except Exception as error:  # noqa: BLE001 -- a bug outside a step: fail what is in flight, keep serving
+                self.log.exception("rnnlab generate: the decoding loop failed; failing the requests in flight")
+                for sequence in [*self._active, *list(self._waiting)]:
+                    self._fail(sequence, _reason(error))
+                    touched.append(sequence)
+                self._active, self._state, self._ids, self._sampling = [], None, None, ()
+                self._waiting.clear()
+            self._notify(touched)
             if not self._active:
                 self._wakeup.clear()
-                if not self._waiting:
-                    await self._wakeup.wait()
-                continue
-            touched = list(self._active)
-            # in a worker thread: torch releases the GIL, so the loop streams and takes requests meanwhile
-            await asyncio.to_thread(self._decode_block)
-            self._notify(touched)
+                if not self._waiting and not self._wakeup.wait(IDLE_EXIT_S):
+                    with self._lock:  # idle: end the thread unless a request arrived just now
+                        if not self._waiting:
+                            self._thread = None
+                            return
 
     def _notify(self, sequences: list[_Sequence]) -> None:
+        """Wake the consumers that have something for their client: finished sequences, and streams whose last
+        chunk is older than the interval. Every chunk is an event through Ray and HTTP to a client (about a
+        millisecond of CPU on the way), so the interval grows with the number of streams to keep the total near
+        ``stream_events_per_s``: 10 chunks a second each for a few streams, fewer and longer ones for many.
+        One ``call_soon_threadsafe`` per consumer loop (a replica has one), not one per sequence."""
         now = time.perf_counter()
-        for sequence in sequences:
-            if sequence.done or (sequence.streaming and now - sequence.last_wake >= self.stream_interval_s):
+        streams = sum(s.streaming for s in self._active)
+        interval = max(self.stream_interval_s, streams / self.stream_events_per_s)
+        due: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+        for sequence in dict.fromkeys(sequences):  # unique, in order
+            if sequence.done or (sequence.streaming and now - sequence.last_wake >= interval):
                 sequence.last_wake = now
-                sequence.wake.set()
+                due.setdefault(sequence.loop, []).append(sequence.wake)
+        for loop, events in due.items():
+            try:
+                loop.call_soon_threadsafe(_set_all, events)
+            except RuntimeError:  # that loop is closed: nobody is waiting there any more
+                pass
 
     def _fail(self, sequence: _Sequence, reason: str) -> None:
-        """Mark one sequence failed and log one line with its request id. Its consumer is woken by the loop
-        (``_notify``; an asyncio.Event must not be set from the decoding thread)."""
+        """Mark one sequence failed and log one line with its request id (its consumer is woken by ``_notify``)."""
         self.log.error("rnnlab generate: request %s failed: %s", sequence.request_id, reason)
         sequence.error, sequence.done = reason, True
         self.counts["failed"] += 1
 
     # --- joining -----------------------------------------------------------------------------------------------
-    def _admit(self) -> None:
-        joined, states = [], []
+    def _admit(self) -> list[_Sequence]:
+        """Move waiting requests into free slots; returns those that failed on the way."""
+        joined, failed = [], []
         while self._waiting and len(self._active) + len(joined) < self.max_batch_size:
             sequence = self._waiting.popleft()
             if sequence.cancelled:
-                continue
-            try:  # one sequence's prefill failing fails that sequence only
-                states.append(self._prefill(sequence))
+                self.counts["cancelled"] += 1
+            else:
                 joined.append(sequence)
-            except Exception as error:  # noqa: BLE001 -- a fault of this sequence, reported to its client
-                self._fail(sequence, _reason(error))
-                sequence.wake.set()
         if not joined:
-            return
-        h = torch.cat([s[0] for s in states], dim=1)
-        c = torch.cat([s[1] for s in states], dim=1)
+            return failed
+        states = {}
+        # one forward per prompt length for the prompts joining together, not one per request
+        by_length: dict[int, list[_Sequence]] = collections.defaultdict(list)
+        for sequence in joined:
+            by_length[len(sequence.prompt_ids)].append(sequence)
+        for group in by_length.values():
+            try:
+                states.update(zip(group, self._prefill(group)))
+            except Exception:  # noqa: BLE001 -- find the one at fault: each alone
+                for sequence in group:
+                    try:  # one sequence's prefill failing fails that sequence only
+                        states.update(zip([sequence], self._prefill([sequence])))
+                    except Exception as error:  # noqa: BLE001 -- a fault of this sequence, reported to its client
+                        self._fail(sequence, _reason(error))
+                        failed.append(sequence)
+        joined = [s for s in joined if s in states]
+        if not joined:
+            return failed
+        h = torch.cat([states[s][0] for s in joined], dim=1)
+        c = torch.cat([states[s][1] for s in joined], dim=1)
         ids = torch.tensor([s.next_id for s in joined], dtype=torch.long, device=self.device)
         if self._state is not None:
             h = torch.cat([self._state[0], h], dim=1)
@@ -211,20 +267,23 @@ class GenerationScheduler:
         self._active.extend(joined)
         self._sampling = per_row_params([s.params for s in self._active], self.device)
         self.counts["joined"] += len(joined)
+        return failed
 
     @torch.inference_mode()
-    def _prefill(self, sequence: _Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the prompt except its last character through forward(); the last one is the first step's input,
-        so every sequence, new or old, advances by exactly one step() per iteration."""
-        generator = torch.Generator(device="cpu").manual_seed(sequence.params.seed)
-        sequence.uniforms = torch.rand(sequence.params.max_new_tokens, generator=generator)
-        *context, last = sequence.prompt_ids
-        sequence.next_id = last
-        if context:
-            ids = torch.tensor([context], dtype=torch.long, device=self.device)
+    def _prefill(self, group: list[_Sequence]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Run prompts of one length except their last character through forward(); the last one is the first
+        step's input, so every sequence, new or old, advances by exactly one step() per iteration. Also makes each
+        sequence's draws. Returns each one's (h, c)."""
+        for sequence in group:
+            generator = torch.Generator(device="cpu").manual_seed(sequence.params.seed)
+            sequence.uniforms = torch.rand(sequence.params.max_new_tokens, generator=generator)
+            sequence.next_id = sequence.prompt_ids[-1]
+        if len(group[0].prompt_ids) > 1:
+            ids = torch.tensor([s.prompt_ids[:-1] for s in group], dtype=torch.long, device=self.device)
             _, (h, c) = self.model.forward(ids)
-            return h, c
-        return self.model.init_state(1, self.device)
+        else:
+            h, c = self.model.init_state(len(group), self.device)
+        return [(h[:, i : i + 1], c[:, i : i + 1]) for i in range(len(group))]
 
     # --- decoding ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -267,6 +326,7 @@ class GenerationScheduler:
                 uniforms = uniforms[keep]
                 until_finish = min((s.remaining for s in self._active), default=0)
         self._flush(segment)
+        self.decode_s += time.perf_counter() - started
         if step:
             elapsed = (time.perf_counter() - started) / step
             self._step_s = elapsed if not self._step_s else 0.8 * self._step_s + 0.2 * elapsed
@@ -311,15 +371,14 @@ class GenerationScheduler:
         return [row for row in range(len(self._active)) if row not in at_fault]
 
     # --- leaving -----------------------------------------------------------------------------------------------
-    def _drop_cancelled(self) -> None:
+    def _drop_cancelled(self) -> list[_Sequence]:
         keep = [i for i, s in enumerate(self._active) if not s.cancelled]
         dropped = len(self._active) - len(keep)
         if dropped:
             self.counts["cancelled"] += dropped
             self._retain(keep)
-        before = len(self._waiting)
-        self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
-        self.counts["cancelled"] += before - len(self._waiting)
+        # waiting ones that were cancelled are skipped by _admit (the deque is shared with the loops: not rebuilt)
+        return []
 
     def _retain(self, keep: list[int]) -> None:
         if len(keep) == len(self._active):
@@ -332,6 +391,11 @@ class GenerationScheduler:
         self._state = _rows(self._state, index)
         self._ids = self._ids.index_select(0, index)
         self._sampling = tuple(t.index_select(0, index) for t in self._sampling)
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 def _rows(state: tuple[torch.Tensor, torch.Tensor], rows) -> tuple[torch.Tensor, torch.Tensor]:
