@@ -225,12 +225,13 @@ def model_ceiling(bundles: Path, reviews: list[str], seconds: float = 3.0) -> di
     return out
 
 
-def deploy(bundles: Path, max_batch_size: int | None, batch_wait_timeout_s: float | None = None) -> None:
+def deploy(bundles: Path, max_batch_size: int | None, batch_wait_timeout_s: float | None = None,
+           **limits: int) -> None:
     from ray import serve
 
     from rnnlab.serve.app import build_app
 
-    args = {"bundles": str(bundles)}
+    args = {"bundles": str(bundles), **limits}
     if max_batch_size is not None:
         args["max_batch_size"] = max_batch_size
     if batch_wait_timeout_s is not None:
@@ -421,8 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as scratch:
             bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch), reviews, args.preset)
             if args.generation:
-                # room for every client's sequence in one decoding batch
-                deploy(bundles, max(args.gen_clients))
+                # room for every client's sequence in one decoding batch, and for every client's stream and
+                # request at the Gateway (the service's defaults shed load above 32 streams)
+                most = max(args.gen_clients)
+                deploy(bundles, most, max_streams=most, max_ongoing_requests=2 * most)
                 results = {"generation": generation_phases(base, bundles, args)}
                 serve.shutdown()
                 ray.shutdown()
