@@ -198,8 +198,12 @@ def test_load_sentiment_data_splits_and_vocab(archive):
     assert data.vocab.itos[:2] == ["<pad>", "<unk>"]
     # The vocabulary comes from train-minus-val only: "xylophone" (test only) is unknown.
     assert "xylophone" not in data.vocab.stoi
+    # seed 3 holds out "Bad bad bad." and a positive review, so the one training review with "awful"
+    # (train/neg/0_1.txt) stays in train: "awful" is known and the test review reads it back
+    assert ["bad", "bad", "bad"] in [data.vocab.decode(ids) for ids in data.val.ids]
+    assert "awful" in data.vocab.stoi
     test_tokens = [data.vocab.decode(ids) for ids in data.test.ids]
-    assert ["bad", "film", "awful", "<unk>"] in test_tokens or "awful" not in data.vocab.stoi
+    assert ["bad", "film", "awful", "<unk>"] in test_tokens
     ids, label = data.train[0]
     assert ids.dtype.kind == "i" and isinstance(label, float)
     assert data.train.lengths.tolist() == [len(x) for x in data.train.ids]

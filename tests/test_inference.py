@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures import make_stock_csv
+from tiny_datasets import make_stock_csv
 from rnnlab.bundle import load_bundle, save_bundle
 from rnnlab.data.stock import load_stock_data, read_prices, to_price
 from rnnlab.data.vocab import build_vocab

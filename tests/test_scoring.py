@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures import make_stock_csv
+from tiny_datasets import make_stock_csv
 from rnnlab.bundle import save_bundle
 from rnnlab.data.stock import load_stock_data, naive_same_day_open, regression_metrics, to_price
 from rnnlab.data.vocab import build_vocab

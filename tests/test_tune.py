@@ -20,7 +20,7 @@ import yaml
 from rnnlab.errors import ConfigError
 from rnnlab.launch.cli import main
 from rnnlab.tuning import SearchSettings, flatten_metrics, load_space, plan_search, run_search
-from fixtures import make_stock_csv
+from tiny_datasets import make_stock_csv
 from wandb_files import read_finished_wandb_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ BAD_INPUT = {
     "reserved key": (["tune", "stock", "--space", "{reserved}"], "set by rnnlab tune itself"),
     "grid with optuna": (["tune", "stock", "--space", "{grid}", "--search", "optuna"], "optuna cannot"),
     "too many CPUs": (["tune", "stock", "--cpus-per-trial", "{too_many_cpus}"], "more than this machine's"),
-    "GPUs the machine lacks": (["tune", "stock", "--gpus-per-trial", "{too_many_gpus}"], "GPU"),
+    "GPUs the machine lacks": (["tune", "stock", "--gpus-per-trial", "{too_many_gpus}"], "{gpu_refusal}"),
     "1.5 GPUs": (["tune", "stock", "--gpus-per-trial", "1.5"], "neither a fraction"),
     "no samples": (["tune", "stock", "--num-samples", "0"], "--num-samples"),
     "resume of no search": (["tune", "stock", "--resume"], "holds no search to resume"),
@@ -134,9 +134,12 @@ def test_bad_input_is_one_sentence_before_ray_starts(case, tmp_path, capsys, mon
         "grid": write_yaml(tmp_path / "grid.yaml", {"params": {"train.lr": {"grid": [0.1, 0.01]}}}),
     }
     values = {**{k: str(v) for k, v in files.items()}, "too_many_cpus": str((os.cpu_count() or 1) + 1),
-              "too_many_gpus": str(torch.cuda.device_count() + 1)}
+              "too_many_gpus": str(torch.cuda.device_count() + 1),
+              "gpu_refusal": (f"is more than this machine's {torch.cuda.device_count()} GPUs" if torch.cuda.is_available()
+                              else "asks for a GPU but this machine has none")}
     argv, expected = BAD_INPUT[case]
     argv = [arg.format(**values) for arg in argv] + ["--output", str(tmp_path / "out")]
+    expected = expected.format(**values)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err
@@ -220,6 +223,13 @@ def _results_recorded(trial: Path) -> int:
     return len(results.read_text().splitlines()) if results.is_file() else 0
 
 
+def _finished_and_checkpointed(experiment: Path) -> bool:
+    trials = list(experiment.glob("trial_*"))
+    finished = [t for t in trials if (t / "bundle" / "config.json").is_file()]
+    # at most 2 of its 4 epochs recorded: it cannot finish in the 2 s before the interrupt
+    return bool(finished) and any(1 <= _results_recorded(t) <= 2 for t in trials if t not in finished)
+
+
 def _read_csv(path: Path) -> list[dict]:
     import csv
 
@@ -239,8 +249,10 @@ def test_resume_after_interrupt_skips_finished_trials(tmp_path, prices):
     process = subprocess.Popen([sys.executable, "-m", "rnnlab.launch.cli", *argv], env=env, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 150
-        while time.time() < deadline and not list((out / "resume-test").glob("trial_*/bundle/config.json")):
+        # interrupt once one trial has finished AND another has a result (with its checkpoint) recorded by Tune's
+        # controller, so the resume below is tested on both: a finished trial kept, a checkpointed one continued
+        deadline = time.time() + 300
+        while time.time() < deadline and not _finished_and_checkpointed(out / "resume-test"):
             assert process.poll() is None, process.stdout.read()
             time.sleep(0.5)
         time.sleep(2)  # let Tune record the trial as finished
@@ -260,6 +272,7 @@ def test_resume_after_interrupt_skips_finished_trials(tmp_path, prices):
     # from scratch. "Recorded" is read from the controller's own result.json (each report carries a checkpoint):
     # a checkpoint_* folder alone can be written in the instant before the interrupt, unseen by the controller.
     checkpointed = [name for name in unfinished if _results_recorded(out / "resume-test" / name)]
+    assert checkpointed, first
 
     assert main(["tune", "stock", "--output", str(out), "--resume", "--num-cpus", "2", "--quiet"]) == 0
     second = {row["trial"]: row for row in _read_csv(out / "results.csv")}
