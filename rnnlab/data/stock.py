@@ -557,16 +557,16 @@ def naive_previous_close(frame: pd.DataFrame) -> np.ndarray:
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """R^2, mean absolute error and mean absolute percentage error (a fraction, as sklearn returns it)."""
+    """R^2, mean absolute error and mean absolute percentage error (a fraction), as scikit-learn computes them."""
+    from sklearn.metrics import mean_absolute_error, mean_absolute_percentage_error, r2_score
+
     y_true = np.asarray(y_true, dtype=np.float64).reshape(-1)
     y_pred = np.asarray(y_pred, dtype=np.float64).reshape(-1)
     if y_true.shape != y_pred.shape or y_true.size == 0:
         raise ValueError(f"need equal non-empty arrays, got {y_true.shape} and {y_pred.shape}")
-    error = y_true - y_pred
-    total = np.sum((y_true - y_true.mean()) ** 2)
-    r2 = 1.0 - np.sum(error**2) / total if total > 0 else float("nan")
-    mape = np.mean(np.abs(error) / np.maximum(np.abs(y_true), np.finfo(np.float64).eps))
-    return {"r2": float(r2), "mae": float(np.mean(np.abs(error))), "mape": float(mape)}
+    r2 = r2_score(y_true, y_pred) if np.ptp(y_true) > 0 else float("nan")  # R^2 of a constant series is undefined
+    return {"r2": float(r2), "mae": float(mean_absolute_error(y_true, y_pred)),
+            "mape": float(mean_absolute_percentage_error(y_true, y_pred))}
 
 
 def summarize_stock(

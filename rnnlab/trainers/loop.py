@@ -105,18 +105,11 @@ def train(config: JobConfig | Mapping, output_dir: str | Path, *, resume: bool |
     Returns ``{"val": best validation metrics, "test": test metrics, "best_step": int, "steps": int,
     "stopped_early": bool, "bundle": str}`` on every process.
     """
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     config = config if isinstance(config, JobConfig) else validate(config)
     output_dir = Path(output_dir)
-    accelerator, precision = make_accelerator(config)
-    if accelerator.is_main_process:
-        (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    set_seed(config.train.seed)
-    use_deterministic_kernels(config.train.deterministic)
-
+    accelerator, precision = start_process(config, output_dir)
     job = make_job(config, rank=accelerator.process_index, world_size=accelerator.num_processes)
     job.device = accelerator.device
     with accelerator.main_process_first():  # the main process fills the token cache; the others read it
@@ -129,12 +122,8 @@ def train(config: JobConfig | Mapping, output_dir: str | Path, *, resume: bool |
     check_validation(job, on_eval, accelerator.is_main_process)
 
     checkpoints = Checkpoints(output_dir / "checkpoints")
-    state, resume_dir = TrainState(), checkpoints.resume_dir(resume)
-    if resume_dir is not None:
-        state = TrainState(**checkpoints.restore(accelerator, resume_dir, job))
-        if accelerator.is_main_process:
-            log.info("resumed from %s (step %d, epoch %d, batch %d)", resume_dir, state.step, state.epoch,
-                     state.micro)
+    resume_dir = checkpoints.resume_dir(resume)
+    state = restore_state(accelerator, checkpoints, resume_dir, job)
     tracking = Tracking(accelerator, config, output_dir)
     tracking.write("config", config=config.to_dict(), precision=precision, device=str(accelerator.device),
                    world_size=accelerator.num_processes, total_steps=schedule.total_steps,
@@ -193,11 +182,11 @@ def train(config: JobConfig | Mapping, output_dir: str | Path, *, resume: bool |
         accelerator.end_training()
 
 
-def make_accelerator(config: JobConfig):
-    """The Accelerator for this run and the precision it trains in."""
+def start_process(config: JobConfig, output_dir: Path):
+    """This process's Accelerator and the precision it trains in; the output folder made, the seed set."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
 
     precision = resolve_precision(config.train.mixed_precision)
     # Accelerate keeps its settings in process-wide singletons; a second train() in one process (tests, Ray
@@ -224,7 +213,23 @@ def make_accelerator(config: JobConfig):
             f"{launched} processes were launched but Accelerate set up {accelerator.num_processes}; "
             "check the accelerate config (e.g. configs/accelerate/cpu.yaml on a machine without GPUs)."
         )
+    if accelerator.is_main_process:
+        (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    set_seed(config.train.seed)
+    use_deterministic_kernels(config.train.deterministic)
     return accelerator, precision
+
+
+def restore_state(accelerator, checkpoints: Checkpoints, resume_dir: Path | None, job: Job) -> TrainState:
+    """A fresh state, or the one saved with the checkpoint the run resumes from (weights, optimizer and RNG
+    states restored with it)."""
+    if resume_dir is None:
+        return TrainState()
+    state = TrainState(**checkpoints.restore(accelerator, resume_dir, job))
+    if accelerator.is_main_process:
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", resume_dir, state.step, state.epoch, state.micro)
+    return state
 
 
 def check_validation(job: Job, on_eval: OnEval | None, is_main: bool) -> None:
