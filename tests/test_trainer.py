@@ -17,6 +17,7 @@ from tiny_datasets import make_imdb_tar, make_stock_csv, make_text
 from wandb_files import read_finished_wandb_run
 from rnnlab.errors import ConfigError
 from rnnlab.config import load_config
+from rnnlab.registry import JOBS
 from rnnlab.trainers.job import make_job
 from rnnlab.trainers.loop import train
 
@@ -63,6 +64,8 @@ def test_smoke_run_writes_metrics_checkpoints_and_bundle(job, data, tmp_path):
         assert {"loss", "bpc"} <= set(result["val"])
     if job == "sentiment":
         assert {"accuracy", "roc_auc"} <= set(result["test"])
+    # the registry's metrics (what Tune ranks by and which direction is better) are what the job reports
+    assert set(JOBS[job].metrics) == {k for k in result["val"] if not k.startswith("baseline_")}
 
 
 def _flatten_like_cudnn(module: torch.nn.Module) -> None:
@@ -220,6 +223,31 @@ def test_config_layers_and_unknown_keys(tmp_path):
     user.write_text("model: {hiden_size: 7}\n")
     with pytest.raises(ConfigError, match="model.hiden_size"):
         load_config("sentiment", "default", user)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.dropout=1.5", "model.dropout must be a number in [0, 1), not 1.5."),  # model keys are checked too
+    ("model.hidden_size=0", "model.hidden_size must be a positive integer, not 0."),
+    ("train.batch_size=2.5", "train.batch_size must be a positive integer, not 2.5."),
+    ("train.lr=fast", "train.lr must be a positive number, not 'fast'."),
+    ("train.deterministic=1", "train.deterministic must be true or false, not 1."),
+    ("train.monitor=accuracy", "train.monitor is 'accuracy'; choose one of loss, r2, mae, mape."),
+    ("data.window=0", "data.window must be a positive integer, not 0."),
+])
+def test_every_section_refuses_a_bad_value_in_one_sentence_naming_the_key(setting, message):
+    with pytest.raises(ConfigError) as error:
+        load_config("stock", "smoke", None, [setting])
+    assert str(error.value) == message
+
+
+def test_a_config_file_may_name_its_job_and_hold_retired_keys(tmp_path):
+    """best.yaml (rnnlab tune) names its job; configs written before train.num_workers went still hold it."""
+    user = tmp_path / "best.yaml"
+    user.write_text("job: stock\ntrain: {lr: 0.01, num_workers: 0}\n")
+    config = load_config("stock", "smoke", user)
+    assert config["train"]["lr"] == 0.01 and "num_workers" not in config["train"]
+    with pytest.raises(ConfigError, match="is a config for job 'stock', not 'charlm'"):
+        load_config("charlm", "smoke", user)
 
 
 def test_a_bare_no_for_mixed_precision_means_no(tmp_path):

@@ -48,6 +48,9 @@ FEATURE_NAMES: list[str] = [
     "moving_avg_5", "moving_avg_30", "moving_avg_365",
 ]  # fmt: skip
 TARGET_COLUMN = "close"
+# The chapter's split, the one place it is written: train up to TRAIN_END (its last VAL_DAYS trading days held out
+# for validation), test TEST_START..TEST_END. The stock job's data.* keys default to these.
+TRAIN_END, TEST_START, TEST_END, VAL_DAYS = "2022-12-31", "2023-01-01", "2023-06-30", 252
 
 # moving_avg_365 = return_1 (first defined at row index 2) -> rolling(252) (+251) -> shift(1) (+1) = index 254.
 WARMUP_ROWS = 2 + (PERIODS["365"] - 1) + 1
@@ -315,10 +318,10 @@ def make_features(prices: pd.DataFrame) -> pd.DataFrame:
 def split_by_date(
     frame: pd.DataFrame,
     *,
-    train_end: str = "2022-12-31",
-    test_start: str = "2023-01-01",
-    test_end: str = "2023-06-30",
-    val_days: int = 252,
+    train_end: str = TRAIN_END,
+    test_start: str = TEST_START,
+    test_end: str = TEST_END,
+    val_days: int = VAL_DAYS,
 ) -> dict[str, pd.DataFrame]:
     """train / val / test by date: val is the last ``val_days`` rows up to ``train_end``, train the rows before.
 
@@ -495,10 +498,10 @@ def load_stock_data(
     *,
     window: int = 5,
     target: str = "close",
-    train_end: str = "2022-12-31",
-    test_start: str = "2023-01-01",
-    test_end: str = "2023-06-30",
-    val_days: int = 252,
+    train_end: str = TRAIN_END,
+    test_start: str = TEST_START,
+    test_end: str = TEST_END,
+    val_days: int = VAL_DAYS,
     scale_target: bool = True,
 ) -> StockData:
     """Read, featurize, split, scale (fit on train) and window a price file.
@@ -572,10 +575,10 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
 def summarize_stock(
     path: Path | str,
     *,
-    train_end: str = "2022-12-31",
-    test_start: str = "2023-01-01",
-    test_end: str = "2023-06-30",
-    val_days: int = 252,
+    train_end: str = TRAIN_END,
+    test_start: str = TEST_START,
+    test_end: str = TEST_END,
+    val_days: int = VAL_DAYS,
 ) -> dict[str, Any]:
     """Facts about a price file for ``rnnlab data stock``: rows, span, features, split sizes, naive baselines."""
     prices = read_prices(path)

@@ -16,6 +16,7 @@ from pydantic import Field
 from rnnlab.config import (
     Count, DataSettings, Date, JobConfig, PositiveInt, PositiveNumber, TrainSettings, model_section,
 )  # fmt: skip
+from rnnlab.data.stock import TEST_END, TEST_START, TRAIN_END, VAL_DAYS
 from rnnlab.errors import ConfigError
 from rnnlab.models.stock import StockConfig
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
@@ -28,10 +29,10 @@ LOSSES = ("mse", "l1", "huber")
 class StockData(DataSettings):
     window: PositiveInt = 5  # days of features per prediction
     target: Literal["close", "log_return"] = "close"
-    train_end: Date = "2022-12-31"
-    test_start: Date = "2023-01-01"
-    test_end: Date = "2023-06-30"
-    val_days: Count = 252  # the last trading days before train_end, held out; 0 = no validation split
+    train_end: Date = TRAIN_END
+    test_start: Date = TEST_START
+    test_end: Date = TEST_END
+    val_days: Count = VAL_DAYS  # the last trading days before train_end, held out; 0 = no validation split
     scale_target: bool = True  # false: train on the raw target (the chapter's raw close)
 
 
