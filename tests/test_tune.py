@@ -18,13 +18,13 @@ import pytest
 import yaml
 
 from rnnlab.errors import ConfigError
+from rnnlab.registry import JOBS, PRESETS
 from rnnlab.launch.cli import main
 from rnnlab.tuning import SearchSettings, flatten_metrics, load_space, plan_search, run_search
 from tiny_datasets import make_stock_csv
 from wandb_files import read_finished_wandb_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-JOBS = ("sentiment", "stock", "charlm")
 
 
 def write_yaml(path: Path, data) -> Path:
@@ -37,7 +37,7 @@ def write_yaml(path: Path, data) -> Path:
 
 @pytest.mark.parametrize("job", JOBS)
 def test_default_space_is_valid_for_every_preset(job, tmp_path):
-    for preset in ("chapter", "default", "smoke"):
+    for preset in PRESETS:
         # stock's chapter preset holds no validation split (the chapter's protocol): give it one to tune it
         sets = ["data.val_days=252"] if (job, preset) == ("stock", "chapter") else []
         plan = plan_search(job, SearchSettings(num_cpus=2), preset=preset, overrides=sets, output=tmp_path)
