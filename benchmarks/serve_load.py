@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                 # room for every client's sequence in one decoding batch, and for every client's stream and
                 # request at the Gateway (the service's defaults shed load above 32 streams)
                 most = max(args.gen_clients)
-                deploy(bundles, most, max_streams=most, max_ongoing_requests=2 * most)
+                deploy(bundles, most, max_streams=most, max_ongoing_requests=2 * most, max_queued_requests=2 * most)
                 results = {"generation": generation_phases(base, bundles, args)}
                 serve.shutdown()
                 ray.shutdown()
