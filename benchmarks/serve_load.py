@@ -40,7 +40,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-MIRROR = REPO.parent / "shared" / "data"
+MIRROR = Path(os.environ.get("RNNLAB_DATA_MIRROR") or REPO.parent / "shared" / "data")
 FLOORS = ("healthz", "post-422")  # no model behind them: the HTTP path's own ceilings, measured once per round
 
 
@@ -480,6 +480,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"({', '.join(f'{r:.1f}x' for r in ratios)}; {key} median {statistics.median(on):.1f} vs "
                   f"{statistics.median(off):.1f}); errors {errors}; batched phases' mean batch size: "
                   f"{', '.join(f'{m:.1f}' for m in sizes)}")
+        if {"sentiment", "forecast"} <= set(args.only):
+            # the issue's yardstick: a forecast (a 300-row history, 37 features) against a review, same run
+            shares = [r["batched"]["forecast"]["requests_per_s"] / r["batched"]["sentiment"]["requests_per_s"]
+                      for r in rounds]
+            results["summary"]["forecast_vs_sentiment"] = {"ratios": shares, "ratio_median": statistics.median(shares)}
+            print(f"forecast / sentiment requests/s (batched, same round): {statistics.median(shares):.0%} median "
+                  f"({', '.join(f'{s:.0%}' for s in shares)})")
     results["setup"] = {"clients": args.clients, "seconds": args.seconds, "max_new_tokens": args.max_new_tokens,
                         "rounds": args.rounds, "bundles": args.bundles or f"random, sentiment preset {args.preset}"}
     if args.json:

@@ -24,7 +24,15 @@ import torch
 from rnnlab import registry
 from rnnlab.bundle import Bundle, load_bundle
 from rnnlab.data.imdb import tokenize
-from rnnlab.data.stock import FEATURE_NAMES, Scaler, features_for_history, min_history_rows, to_price
+from rnnlab.data.stock import (
+    UNDEFINED_FEATURES,
+    PriceHistory,
+    Scaler,
+    forecast_features,
+    min_history_rows,
+    read_history,
+    to_price,
+)
 from rnnlab.data.text import encode_text
 from rnnlab.data.vocab import Vocab
 from rnnlab.errors import BundleError, InputError, RnnlabError
@@ -136,47 +144,64 @@ class StockForecaster:
         self.min_rows = min_history_rows(self.window)
         self.device = _device_of(self.model)
 
-    def validate(self, history: pd.DataFrame | Sequence[dict]) -> None:
-        self.features(history)
+    def validate(self, history: pd.DataFrame | Sequence[dict] | dict) -> None:
+        self.prepare(history)
 
-    def features(self, history: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
-        """Validate ONE history and return its unscaled feature rows (InputError for anything malformed); a
-        server computes them once per request and passes them to :meth:`predict_features`."""
+    def prepare(self, history: pd.DataFrame | Sequence[dict] | dict) -> PriceHistory:
+        """Validate ONE history and keep the rows its forecast reads (InputError for anything malformed). A server
+        prepares each request as it arrives and forecasts the gathered batch with :meth:`predict_prepared`.
+        ``history`` may also be a mapping of columns (what the service sends: dates and float arrays)."""
         if isinstance(history, Sequence) and not isinstance(history, str):
             history = pd.DataFrame(list(history))
-        if isinstance(history, pd.DataFrame) and len(history) > MAX_HISTORY_ROWS:
+        if isinstance(history, dict):
+            rows = len(next(iter(history.values()), []))
+        else:
+            rows = len(history) if isinstance(history, pd.DataFrame) else 0
+        if rows > MAX_HISTORY_ROWS:
             raise InputError(
-                f"The price history has {len(history):,} rows, more than the limit of {MAX_HISTORY_ROWS:,}; "
+                f"The price history has {rows:,} rows, more than the limit of {MAX_HISTORY_ROWS:,}; "
                 f"send the last {self.min_rows} or more, up to {MAX_HISTORY_ROWS:,}."
             )
-        return features_for_history(history, window=self.window)
+        return read_history(history, window=self.window)
 
-    def predict(self, histories: Sequence[pd.DataFrame | Sequence[dict]]) -> list[dict[str, Any]]:
-        return self.predict_features([_at_position(self.features, h, "History", i) for i, h in enumerate(histories)])
+    def predict(self, histories: Sequence[pd.DataFrame | Sequence[dict] | dict]) -> list[dict[str, Any]]:
+        prepared = [_at_position(self.prepare, h, "History", i) for i, h in enumerate(histories)]
+        results = self.predict_prepared(prepared)
+        for position, result in enumerate(results):
+            if "error" in result:
+                raise InputError(f"History {position}: {result['error']}")
+        return results
 
     @torch.inference_mode()
-    def predict_features(
-        self, features: Sequence[pd.DataFrame], batch_size: int = PREDICT_BATCH_SIZE
+    def predict_prepared(
+        self, histories: Sequence[PriceHistory], batch_size: int = PREDICT_BATCH_SIZE
     ) -> list[dict[str, Any]]:
-        """Forecasts from :meth:`features` outputs (one per history), batched through the model."""
-        if not features:
+        """Forecasts for :meth:`prepare` outputs: the features of the whole batch in one vectorised pass, then the
+        model ``batch_size`` windows at a time. A history whose last days give an undefined feature (a zero
+        volume or constant prices make a ratio 0/0) gets ``{"error": sentence}`` in its place."""
+        if not histories:
             return []
-        windows = np.stack([self.scaler.transform(f[FEATURE_NAMES].iloc[-self.window :]) for f in features])
-        last_rows = pd.concat([f.iloc[[-1]] for f in features])
-        outputs = []
+        features = forecast_features(np.stack([h.values for h in histories]), self.window)
+        defined = np.isfinite(features).all(axis=(1, 2))
+        windows = self.scaler.transform(features[defined]).astype(np.float32)
+        outputs = [np.zeros((0,), dtype=np.float32)]
         for start in range(0, len(windows), batch_size):
-            x = torch.from_numpy(windows[start : start + batch_size].astype(np.float32))
-            outputs.append(self.model(x.to(self.device)).float().cpu().numpy())
+            x = torch.from_numpy(windows[start : start + batch_size])
+            outputs.append(self.model(x.to(self.device)).float().cpu().numpy().reshape(-1))
         target = self.target_scaler.inverse_transform(np.concatenate(outputs).astype(np.float64))
-        closes = to_price(target, last_rows, self.target)
+        last_days = [h.values[-1] for h, ok in zip(histories, defined) if ok]
+        closes = iter(to_price(target, pd.DataFrame({"open": [day[0] for day in last_days]}), self.target))
         results = []
-        for (date, row), close in zip(last_rows.iterrows(), closes):
-            actual = row["close"]
+        for history, ok in zip(histories, defined):
+            if not ok:
+                results.append({"error": UNDEFINED_FEATURES})
+                continue
+            open_, close = history.values[-1, 0], history.values[-1, 3]
             results.append({
-                "date": pd.Timestamp(date).date().isoformat(),
-                "close": float(close),
-                "baseline_open": float(row["open"]),
-                "actual_close": None if pd.isna(actual) else float(actual),
+                "date": str(history.dates[-1]),
+                "close": float(next(closes)),
+                "baseline_open": float(open_),
+                "actual_close": None if np.isnan(close) else float(close),
             })  # fmt: skip
         return results
 

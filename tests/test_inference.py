@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from tiny_datasets import make_stock_csv
 from rnnlab.bundle import load_bundle, save_bundle
-from rnnlab.data.stock import load_stock_data, read_prices, to_price
+from rnnlab.data.stock import FEATURE_NAMES, features_for_history, load_stock_data, read_prices, to_price
 from rnnlab.data.vocab import build_vocab
 from rnnlab.errors import BundleError, InputError
 from rnnlab.inference import (
@@ -105,7 +106,7 @@ def test_stock_forecast_matches_the_training_pipeline(stock_setup):
     assert isinstance(forecaster, StockForecaster)
     prices = read_prices(csv)
     [result] = forecaster.predict([prices])
-    assert forecaster.predict_features([forecaster.features(prices)], batch_size=1) == [result]  # features once
+    assert forecaster.predict_prepared([forecaster.prepare(prices)], batch_size=1) == [result]  # prepared once
     X, _, rows = data.splits["test"]
     with torch.no_grad():
         scaled = forecaster.model(torch.from_numpy(X[-1:])).numpy()
@@ -144,6 +145,79 @@ def test_stock_rejects_short_long_and_broken_histories(stock_setup):
     broken.iloc[-10, 0] = np.nan  # a missing open in the middle of the history
     with pytest.raises(InputError, match="History 1"):
         forecaster.predict([prices, broken])
+
+
+def pandas_path_forecasts(forecaster: StockForecaster, histories: list) -> list[float]:
+    """The forecasts as the forecaster made them before its vectorised features: pandas over each whole request,
+    then the same batches through the model (the CPU LSTM's last bits depend on the batch it runs in)."""
+    features = [features_for_history(history, window=forecaster.window) for history in histories]
+    windows = np.stack([forecaster.scaler.transform(f[FEATURE_NAMES].iloc[-forecaster.window :]) for f in features])
+    with torch.no_grad():
+        outputs = [forecaster.model(torch.from_numpy(windows[start : start + 64].astype(np.float32))).numpy()
+                   for start in range(0, len(windows), 64)]
+    target = forecaster.target_scaler.inverse_transform(np.concatenate(outputs).astype(np.float64))
+    return [float(close) for close in to_price(target, pd.concat([f.iloc[[-1]] for f in features]), forecaster.target)]
+
+
+def test_stock_forecasts_equal_the_pandas_path_to_the_last_digit(stock_setup):
+    path, csv, _ = stock_setup
+    forecaster = load_predictor(path)
+    prices = read_prices(csv)
+    histories = [prices.iloc[end - 300 : end] for end in range(len(prices) - 60, len(prices) + 1)]
+    served = forecaster.predict(histories)  # one batch: features for all 61 histories in one pass
+    assert [result["close"] for result in served] == pandas_path_forecasts(forecaster, histories)
+
+
+def service_columns(prices) -> dict:
+    """A history as the service's Gateway hands it over: datetime64 days and float64 columns, NaN for nulls."""
+    return {"date": prices.index.to_numpy().astype("datetime64[D]"),
+            **{name.lower(): prices[name].to_numpy(dtype=np.float64, copy=True) for name in prices.columns}}
+
+
+def test_stock_history_forms_give_the_same_forecast(stock_setup):
+    path, csv, _ = stock_setup
+    forecaster = load_predictor(path)
+    prices = read_prices(csv).iloc[-400:]
+    rows = [{"date": str(d.date()), "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close,
+             "volume": r.Volume} for d, r in prices.iterrows()]
+    strings = pd.DataFrame(rows).astype(str)  # numeric strings take the general (pandas) checks
+    forms = [prices, service_columns(prices), rows, pd.DataFrame(rows), strings]
+    answers = forecaster.predict(forms)
+    assert all(answer == answers[0] for answer in answers), answers
+
+
+@pytest.mark.parametrize("break_it", [
+    lambda c: c["date"].__setitem__(10, c["date"][20]),  # duplicate date
+    lambda c: c["date"].__setitem__(slice(None), c["date"][::-1].copy()),  # unsorted
+    lambda c: c["close"].__setitem__(100, np.nan),  # missing value mid-history
+    lambda c: c["open"].__setitem__(-1, np.nan),  # the forecast day without its open
+    lambda c: c["high"].__setitem__(5, np.inf),
+    lambda c: c["low"].__setitem__(7, 0.0),
+    lambda c: c["volume"].__setitem__(9, -1.0),
+    lambda c: c.pop("volume"),
+])  # fmt: skip
+def test_stock_service_columns_fail_with_the_pandas_checks_words(stock_setup, break_it):
+    path, csv, _ = stock_setup
+    forecaster = load_predictor(path)
+    columns = service_columns(read_prices(csv).iloc[-300:])
+    break_it(columns)
+    with pytest.raises(InputError) as fast:
+        forecaster.prepare(columns)
+    with pytest.raises(InputError) as general:
+        features_for_history(pd.DataFrame(columns), window=forecaster.window)
+    assert str(fast.value) == str(general.value)
+
+
+def test_stock_undefined_features_fail_only_their_history(stock_setup):
+    path, csv, _ = stock_setup
+    forecaster = load_predictor(path)
+    prices = read_prices(csv).iloc[-300:]
+    flat = prices.copy()
+    flat.iloc[-30:, flat.columns.get_indexer(["Volume"])] = 0.0  # a 21-day average volume of 0: a 0/0 ratio
+    good, bad = forecaster.predict_prepared([forecaster.prepare(prices), forecaster.prepare(flat)])
+    assert "close" in good and "undefined features" in bad["error"]
+    with pytest.raises(InputError, match="History 1: .*undefined features"):
+        forecaster.predict([prices, flat])
 
 
 def pd_concat_repeated(prices, rows):

@@ -327,6 +327,68 @@ def test_features_for_history_rejects_bad_rows(prices_csv):
         stock.features_for_history(bad)
 
 
+# --- forecast features: the serving path against the training pipeline ------------------------------------
+
+# No rolling sums behind these: the same float operations in both paths, so the same bits.
+EXACT_FEATURES = ["open", "open_1", "close_1", "high_1", "low_1", "volume_1",
+                  "return_1", "return_5", "return_30", "return_365"]  # fmt: skip
+
+
+def assert_forecast_features_match_training(prices: pd.DataFrame, window: int = 5) -> None:
+    """``forecast_features`` on every history a forecast could be asked for (min_history_rows rows ending on each
+    day) against ``make_features`` over the whole file, as the model reads them: scaled, float32."""
+    reference = stock.make_features(prices)[stock.FEATURE_NAMES].to_numpy()
+    values = prices[stock.VALUE_COLUMNS].to_numpy()
+    histories = np.lib.stride_tricks.sliding_window_view(values, stock.min_history_rows(window), axis=0)
+    served = stock.forecast_features(histories.transpose(0, 2, 1), window)  # [days, window, 37]
+    trained = np.lib.stride_tricks.sliding_window_view(reference, window, axis=0).transpose(0, 2, 1)
+    assert served.shape == trained.shape and np.isfinite(served).all()
+    exact = [stock.FEATURE_NAMES.index(name) for name in EXACT_FEATURES]
+    np.testing.assert_array_equal(served[..., exact], trained[..., exact])
+    # pandas' rolling std drifts by up to ~1e-9 of its value over a long series (Welford updates); ours is exact
+    np.testing.assert_allclose(served, trained, rtol=1e-8, atol=1e-15)
+    scaler = stock.Scaler.fit(reference[: len(reference) // 2])
+    served32, trained32 = (scaler.transform(f).astype(np.float32) for f in (served, trained))
+    differ = served32 != trained32
+    assert differ.mean() < 1e-4, f"{differ.sum()} of {differ.size} float32 model inputs differ"
+    # one float32 step, or (for a value next to its feature's mean, where steps are tiny) a billionth of a std
+    step = np.maximum(np.spacing(np.abs(trained32)), np.spacing(np.abs(served32)))
+    assert (np.abs(served32 - trained32) <= np.maximum(step, 1e-9)).all()
+
+
+def test_forecast_features_match_the_training_pipeline(prices_csv):
+    assert_forecast_features_match_training(stock.read_prices(prices_csv))
+
+
+def test_forecast_features_match_an_independent_computation(prices_csv):
+    raw = pd.read_csv(prices_csv)
+    values = raw[stock.VALUE_COLUMNS].to_numpy(dtype=float)[None]  # one history: the whole file
+    served = stock.forecast_features(values, window=N_DAYS - stock.WARMUP_ROWS)[0]
+    for t in (254, 255, 287, N_DAYS - 1):
+        for name, value in expected_features(raw, t).items():
+            got = served[t - stock.WARMUP_ROWS, stock.FEATURE_NAMES.index(name)]
+            assert math.isclose(got, value, rel_tol=1e-12, abs_tol=1e-15), (t, name, got, value)
+
+
+def test_forecast_features_read_only_the_rows_the_windows_need(prices_csv):
+    values = stock.read_prices(prices_csv)[stock.VALUE_COLUMNS].to_numpy()[None]
+    needed = stock.min_history_rows(5)
+    older = values.copy()
+    older[:, :-needed] *= 3.0  # rows before the 259 read: no effect, to the bit
+    np.testing.assert_array_equal(stock.forecast_features(older, 5), stock.forecast_features(values, 5))
+    assert stock.forecast_features(values, 5).shape == (1, 5, 37)
+    with pytest.raises(ValueError, match="259"):
+        stock.forecast_features(values[:, -needed + 1 :], 5)
+
+
+def test_forecast_features_mark_undefined_ratios_nan(prices_csv):
+    values = stock.read_prices(prices_csv)[stock.VALUE_COLUMNS].to_numpy()
+    zero_volume = values.copy()
+    zero_volume[-30:, 4] = 0.0  # 21-day average volume of 0 -> a 0/0 ratio
+    features = stock.forecast_features(np.stack([values, zero_volume]), 5)
+    assert np.isfinite(features[0]).all() and np.isnan(features[1]).any()
+
+
 # --- real data -------------------------------------------------------------------------------------------------
 
 DJIA = "19900101_20230630.csv"
@@ -361,3 +423,8 @@ def test_djia_summary_and_windows(mirror):
     X, y, rows = data.splits["test"]
     assert X.shape == (124, 5, 37) and len(rows) == 124  # every test day gets a prediction
     np.testing.assert_allclose(data.to_price(y, "test"), rows["close"], rtol=1e-5)
+
+
+@pytest.mark.mirror
+def test_djia_forecast_features_match_the_training_pipeline(mirror):
+    assert_forecast_features_match_training(stock.read_prices(mirror / DJIA))

@@ -58,6 +58,11 @@ MIN_ROWS = WARMUP_ROWS + 1  # rows a price file needs for a single feature row
 
 TARGETS = ("close", "log_return")
 
+UNDEFINED_FEATURES = (
+    "The price history gives undefined features for its last days (a zero volume or constant prices make a ratio "
+    "0/0); send a history with non-zero volumes."
+)
+
 # Cells that mean "no value" (Yahoo writes "null" for days it has no quote).
 _MISSING_TOKENS = {"", "null", "nan", "na", "n/a", "none", "-"}
 
@@ -124,10 +129,7 @@ def features_for_history(prices_frame: pd.DataFrame, *, window: int = 1) -> pd.D
         )
     features = _compute_features(prices).iloc[WARMUP_ROWS:].replace([np.inf, -np.inf], np.nan)
     if features[FEATURE_NAMES].iloc[-window:].isna().any(axis=None):
-        raise InputError(
-            "The price history gives undefined features for its last days (a zero volume or constant prices "
-            "make a ratio 0/0); send a history with non-zero volumes."
-        )
+        raise InputError(UNDEFINED_FEATURES)
     return features
 
 
@@ -287,6 +289,165 @@ def _compute_features(prices: pd.DataFrame) -> pd.DataFrame:
     frame = pd.DataFrame({name: out[name] for name in FEATURE_NAMES})
     frame[TARGET_COLUMN] = close
     return frame
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forecast features: the last days of many histories at once, from only the rows their windows read
+
+
+@dataclass
+class PriceHistory:
+    """A validated request history, cut to the ``min_history_rows(window)`` rows its forecast reads."""
+
+    dates: np.ndarray  # datetime64[D], oldest first
+    values: np.ndarray  # float64 [rows, 5]: Open, High, Low, Close, Volume; NaN where the last row's are unknown
+
+
+def read_history(history: Any, *, window: int) -> PriceHistory:
+    """``features_for_history``'s checks and errors, keeping the rows a forecast with ``window`` days reads.
+
+    ``history``: a DataFrame as ``features_for_history`` takes it, or a mapping of columns (date -> ISO strings,
+    dates or datetime64; open, high, low, close, volume -> numbers, with None/NaN for the last row's unknowns).
+    Clean typed columns (what the service sends) are checked in numpy; anything else, or anything that fails
+    a check, goes through the general pandas validation, which words the error exactly as it always has.
+    """
+    needed = min_history_rows(window)
+    typed = _typed_history(history)
+    if typed is None:
+        frame = pd.DataFrame(dict(history)) if isinstance(history, dict) else history
+        if not isinstance(frame, pd.DataFrame):
+            raise InputError("The price history must be a table of rows with date, open, high, low, close, volume.")
+        if isinstance(frame.index, pd.DatetimeIndex) and not any(str(c).strip().lower() == "date" for c in frame.columns):
+            frame = frame.reset_index(names="Date")
+        prices = _validate_prices(frame.reset_index(drop=True), "The price history", InputError,
+                                  last_row_may_be_open_only=True)
+        typed = PriceHistory(dates=prices.index.to_numpy().astype("datetime64[D]"),
+                             values=prices[VALUE_COLUMNS].to_numpy(dtype=np.float64))
+    if len(typed.values) < needed:
+        raise InputError(
+            f"The price history has {len(typed.values)} rows but one prediction with windows of {window} days needs "
+            f"at least {needed} (254 warm-up days for the 252-day features plus the window)."
+        )
+    return PriceHistory(dates=typed.dates[-needed:], values=typed.values[-needed:])
+
+
+def _typed_history(history: Any) -> PriceHistory | None:
+    """The history as arrays when its columns are already clean (numbers, ISO dates, sorted, positive, complete
+    but for the last row's high/low/close/volume); None when it needs the general checks."""
+    if isinstance(history, pd.DataFrame):
+        columns = {str(name): history[name].to_numpy() for name in history.columns}
+        if isinstance(history.index, pd.DatetimeIndex) and not any(c.strip().lower() == "date" for c in columns):
+            columns["date"] = history.index.to_numpy()
+    elif isinstance(history, dict):
+        columns = {str(name): np.asarray(cells) if not isinstance(cells, np.ndarray) else cells
+                   for name, cells in history.items()}
+    else:
+        return None
+    by_name = {name.strip().lower(): cells for name, cells in columns.items()}
+    if len(by_name) != len(columns) or any(c.lower() not in by_name for c in REQUIRED_COLUMNS):
+        return None
+    try:
+        dates = _days(by_name["date"])
+        values = np.stack([_numeric(by_name[c.lower()]) for c in VALUE_COLUMNS], axis=1)
+    except (TypeError, ValueError):
+        return None
+    if values.ndim != 2 or len(values) == 0 or np.isnat(dates).any() or not (np.diff(dates) > np.timedelta64(0)).all():
+        return None
+    known = values.copy()
+    known[-1, 1:] = np.where(np.isnan(known[-1, 1:]), 1.0, known[-1, 1:])  # the day to forecast: open only
+    if not np.isfinite(known).all() or (known[:, :4] <= 0).any() or (known[:, 4] < 0).any():
+        return None
+    return PriceHistory(dates=dates, values=values)
+
+
+def _days(cells: np.ndarray) -> np.ndarray:
+    """datetime64[D] for dates that are plain days (datetime64 at midnight, date objects, YYYY-MM-DD strings);
+    ValueError for anything else (numpy would silently cut a time of day or read 20200101 as a year)."""
+    cells = np.asarray(cells)
+    if cells.dtype.kind not in "MOU":
+        raise ValueError("not dates")
+    days = cells.astype("datetime64[D]")
+    same = days == cells if cells.dtype.kind == "M" else days.astype(str) == cells.astype(str)
+    if not same.all():
+        raise ValueError("not plain days")
+    return days
+
+
+def _numeric(cells: np.ndarray) -> np.ndarray:
+    """float64 for numeric cells (None -> NaN); ValueError for anything pandas would have to interpret."""
+    cells = np.asarray(cells)
+    if cells.dtype.kind in "fiu":
+        return cells.astype(np.float64)
+    if cells.dtype.kind == "O" and all(
+        cell is None or (isinstance(cell, (int, float, np.integer, np.floating)) and not isinstance(cell, bool))
+        for cell in cells
+    ):
+        return cells.astype(np.float64)
+    raise ValueError("not plain numbers")
+
+
+def forecast_features(values: np.ndarray, window: int) -> np.ndarray:
+    """FEATURE_NAMES for the last ``window`` days of each history: ``values`` [B, rows, 5] (Open, High, Low,
+    Close, Volume, oldest first; only the last ``min_history_rows(window)`` rows are read) -> [B, window, 37].
+
+    The same features as ``_compute_features``, computed from each window's own rows and vectorised over the
+    batch instead of rolled over the whole series: pandas' rolling sums carry rounding from every earlier row,
+    so these agree with the training pipeline's features to rounding (the model reads them as float32), and
+    shifts, returns and opens exactly. A row with an undefined feature (a ratio with a zero denominator) is
+    NaN, as in pandas.
+    """
+    values = np.asarray(values, dtype=np.float64)[:, -min_history_rows(window):]
+    if values.ndim != 3 or values.shape[1] < min_history_rows(window):
+        raise ValueError(f"need [batch, >= {min_history_rows(window)} rows, 5] prices, got {values.shape}")
+    open_, high, low, close, volume = (values[..., i] for i in range(5))
+    days = slice(-window, None)  # the forecast days; day t's features read rows up to t-1
+
+    def before(series: np.ndarray, length: int) -> np.ndarray:
+        """[B, window, length]: the ``length`` values before each forecast day."""
+        return sliding_window_view(series[:, :-1], length, axis=1)[:, -window:]
+
+    # return_d for day t is (close[t-1] - close[t-1-d]) / close[t-1-d], elementwise as pandas computes it
+    def returns(days_back: int) -> np.ndarray:
+        previous = close[:, :-1]
+        change = (previous[:, days_back:] - previous[:, :-days_back]) / previous[:, :-days_back]
+        return np.concatenate([np.full((len(close), days_back + 1), np.nan), change], axis=1)
+
+    return_1 = returns(1)
+    out = {
+        "open": open_[:, days],
+        "open_1": open_[:, :-1][:, -window:],
+        "close_1": close[:, :-1][:, -window:],
+        "high_1": high[:, :-1][:, -window:],
+        "low_1": low[:, :-1][:, -window:],
+        "volume_1": volume[:, :-1][:, -window:],
+    }
+    for kind, series in (("price", close), ("volume", volume)):
+        for label, length in PERIODS.items():
+            out[f"avg_{kind}_{label}"], out[f"std_{kind}_{label}"] = _mean_std(before(series, length))
+    for stat in ("avg", "std"):
+        for kind in ("price", "volume"):
+            for short, long in (("5", "30"), ("5", "365"), ("30", "365")):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = out[f"{stat}_{kind}_{short}"] / out[f"{stat}_{kind}_{long}"]
+                out[f"ratio_{stat}_{kind}_{short}_{long}"] = ratio
+    out["return_1"] = return_1[:, days]
+    for label, length in PERIODS.items():
+        out[f"return_{label}"] = returns(length)[:, days]
+        out[f"moving_avg_{label}"] = _mean_std(before(return_1, length))[0]
+    features = np.stack([out[name] for name in FEATURE_NAMES], axis=-1)
+    features[~np.isfinite(features)] = np.nan
+    return features
+
+
+def _mean_std(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample std (ddof=1) over the last axis, two-pass; a window of one repeated value gets that value
+    and 0 exactly (as pandas' rolling gives it), not a rounding residue."""
+    windows = np.ascontiguousarray(windows)
+    mean = windows.sum(axis=-1) / windows.shape[-1]
+    deviations = windows - mean[..., None]
+    std = np.sqrt((deviations * deviations).sum(axis=-1) / (windows.shape[-1] - 1))
+    constant = windows.max(axis=-1) == windows.min(axis=-1)
+    return np.where(constant, windows[..., 0], mean), np.where(constant, 0.0, std)
 
 
 def make_features(prices: pd.DataFrame) -> pd.DataFrame:

@@ -114,8 +114,7 @@ def run_forecast(args: argparse.Namespace) -> int:
     # The forecast needs the last few hundred days only (252-day features + a window); a full file is longer
     # than the service limit, so keep its tail.
     history = read_prices(args.csv).iloc[-1000:]
-    features = predictor.features(history)  # validates; computed once
-    print(json.dumps(predictor.predict_features([features])[0], default=str))
+    print(json.dumps(predictor.predict([history])[0], default=str))
     return 0
 
 

@@ -43,6 +43,9 @@ class SentimentResponse(BaseModel):
 
 
 # --- forecast ----------------------------------------------------------------------------------------------
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()  # datetime64[D] counts days from here
+
+
 class PriceRow(_Strict):
     date: dt.date
     open: float = Field(gt=0)
@@ -61,6 +64,16 @@ class ForecastRequest(_Strict):
         f"{MAX_HISTORY_ROWS} rows. The LAST row is the day to forecast: its date and open (high, low, close, "
         "volume may be null and are ignored). The model needs 254 + window rows (about a year of history).",
     )
+
+    def columns(self) -> dict:
+        """The rows as columns (datetime64 days, float64 with NaN for nulls): what the Forecast deployment reads,
+        a few arrays to ship to it rather than hundreds of dicts."""
+        import numpy as np
+
+        rows = self.rows
+        days = np.array([row.date.toordinal() for row in rows], dtype=np.int64) - _EPOCH_ORDINAL
+        values = np.array([(row.open, row.high, row.low, row.close, row.volume) for row in rows], dtype=np.float64)
+        return {"date": days.astype("datetime64[D]")} | dict(zip(("open", "high", "low", "close", "volume"), values.T))
 
 
 class Forecast(BaseModel):
