@@ -23,6 +23,8 @@ use.
 # replica, where string annotations of the Gateway's methods (shipped by cloudpickle) no longer resolve.
 import asyncio
 import collections
+import functools
+import importlib.resources
 import json
 import logging
 import math
@@ -33,9 +35,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -419,6 +421,11 @@ def _invalid(errors: list[dict]) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": errors})
 
 
+@functools.cache
+def _playground_page() -> str:
+    return importlib.resources.files("rnnlab.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
 def _sse(event: str | None, data: Any) -> str:
     # JSON keeps newlines inside generated text from breaking SSE framing
     head = f"event: {event}\n" if event else ""
@@ -554,6 +561,11 @@ class Gateway:
         while self.open_streams and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.05)
         return ended
+
+    @api.get("/", include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        """One static page that calls the /v1/* routes: try the three models in a browser."""
+        return HTMLResponse(_playground_page())
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

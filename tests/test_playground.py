@@ -1,0 +1,170 @@
+"""The playground page at GET /, in a real browser: headless Chromium loads it from a running service (Ray Serve
+over tiny random bundles, as in test_serve.py), submits each panel and checks what appears against the API's own
+answers. Skips with a reason where no Chromium (or Selenium) is installed; `.ci/run` installs both when it can.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from fixtures import make_stock_csv
+from test_serve import _free_port, make_bundles
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1280,1050"]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory) -> str:
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from rnnlab.serve.app import build_app
+
+    bundles = make_bundles(tmp_path_factory.mktemp("bundles"))
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"bundles": str(bundles)}), name="rnnlab", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    binary = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                   if shutil.which(name)), None)
+    driver_path = shutil.which("chromedriver")
+    if binary is None or driver_path is None:
+        pytest.skip("no Chromium and chromedriver installed (Debian: apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="Selenium is not installed (the test extra has it)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for_text(driver, element_id: str, predicate=bool, timeout: float = 60) -> str:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def ready(d):
+        elements = d.find_elements(By.ID, element_id)
+        return elements and predicate(elements[0].text) and elements[0].text
+
+    return WebDriverWait(driver, timeout).until(ready, f"#{element_id} never showed the expected text")
+
+
+def fill(driver, element_id: str, value: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    element = driver.find_element(By.ID, element_id)
+    element.clear()
+    element.send_keys(value)
+
+
+def click(driver, element_id: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, element_id).click()
+
+
+def test_the_page_is_one_static_file_with_nothing_from_elsewhere(service):
+    page = httpx.get(f"{service}/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "rnnlab playground" in page.text
+    for outside in ('src="http', "src='http", 'href="http', "href='http", "@import", "//cdn"):
+        assert outside not in page.text  # no CDN: everything the page needs is in it
+
+
+def test_each_panel_in_a_real_browser(service, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{service}/")
+    assert "generate" in wait_for_text(browser, "serving", lambda t: t.startswith("serving:"))
+
+    # a key field that the service without keys ignores (the same calls carry it as a Bearer token when set)
+    fill(browser, "api-key", "any-key-the-service-does-not-ask-for")
+
+    fill(browser, "review", "The movie was great, a great plot and a great cast.")
+    click(browser, "classify")
+    label = wait_for_text(browser, "sentiment-label")
+    probability = float(wait_for_text(browser, "sentiment-probability").split("=")[1])
+    expected = httpx.post(f"{service}/v1/sentiment", json={"texts": [
+        "The movie was great, a great plot and a great cast."]}, timeout=30).json()["results"][0]
+    assert label == expected["label"] and probability == pytest.approx(expected["probability"], abs=1e-3)
+
+    # streamed text, reassembled from the events, equals the same seeded request answered in one piece
+    fill(browser, "prompt", "the war")
+    for element_id, value in (("max-new-tokens", "80"), ("temperature", "0.9"), ("top-k", "10"), ("top-p", "0.95"),
+                              ("seed", "7")):
+        fill(browser, element_id, value)
+    click(browser, "run-generate")
+    wait_for_text(browser, "generate-meta", lambda t: "80 characters" in t)
+    streamed = browser.find_element(By.ID, "generated-text").get_attribute("textContent")
+    whole = httpx.post(f"{service}/v1/generate", json={"prompt": "the war", "max_new_tokens": 80, "temperature": 0.9,
+                                                       "top_k": 10, "top_p": 0.95, "seed": 7}, timeout=60).json()
+    assert streamed == whole["text"] and "seed 7" in browser.find_element(By.ID, "generate-meta").text
+
+    # forecast from an uploaded Yahoo CSV: the file's last day, back-tested, drawn beside close = open
+    csv = make_stock_csv(tmp_path)
+    browser.find_element(By.ID, "csv-file").send_keys(str(csv))
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "csv").get_attribute("value"), "no upload")
+    click(browser, "run-forecast")
+    shown = float(wait_for_text(browser, "forecast-close").replace(",", ""))
+    prices = pd.read_csv(csv).tail(400)
+    rows = [{"date": r.Date, "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close, "volume": r.Volume}
+            for r in prices.itertuples()]
+    forecast = httpx.post(f"{service}/v1/forecast", json={"rows": rows}, timeout=30).json()["forecast"]
+    assert shown == pytest.approx(forecast["close"], abs=0.006)
+    assert browser.find_element(By.ID, "forecast-date").text == forecast["date"]
+    assert float(browser.find_element(By.ID, "forecast-actual").text.replace(",", "")) == pytest.approx(
+        forecast["actual_close"], abs=0.006)
+    chart = browser.find_element(By.ID, "forecast-chart")
+    assert chart.find_elements(By.TAG_NAME, "polyline") and chart.find_elements(By.ID, "forecast-point")
+
+    # the next day, from an open typed in: no actual close yet
+    browser.execute_script("document.getElementById('next-date').value = '2023-07-03'")
+    fill(browser, "next-open", "1234.5")
+    click(browser, "run-forecast")
+    wait_for_text(browser, "forecast-date", lambda t: t == "2023-07-03")
+    assert browser.find_element(By.ID, "forecast-actual").text == "not known yet"
+    assert browser.find_element(By.ID, "forecast-open").text == "1,234.50"
+
+    browser.execute_script("window.scrollTo(0, 0)")
+    screenshot = tmp_path / "playground.png"
+    browser.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+
+
+def test_bad_input_shows_the_services_sentence(service, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{service}/")
+    wait_for_text(browser, "serving", lambda t: t.startswith("serving:"))
+    browser.execute_script("document.getElementById('csv').value = arguments[0]",
+                           "Date,Open,High,Low,Close,Adj Close,Volume\n2023-01-03,1,1,1,1,1,100\n2023-01-04,1,1,1,1,1,100")
+    click(browser, "run-forecast")
+    message = wait_for_text(browser, "forecast-out", lambda t: t.startswith("422"))
+    assert "259" in message  # the minimum history, in the service's own words
+    fill(browser, "prompt", "the ☃")
+    click(browser, "run-generate")
+    assert "☃" in wait_for_text(browser, "generate-meta", lambda t: t.startswith("422"))
+    assert browser.find_elements(By.CSS_SELECTOR, "#generate-meta .error")
