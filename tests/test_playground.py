@@ -1,6 +1,7 @@
 """The playground page at GET /, in a real browser: headless Chromium loads it from a running service (Ray Serve
-over tiny random bundles, as in test_serve.py), submits each panel and checks what appears against the API's own
-answers. Skips with a reason where no Chromium (or Selenium) is installed; `.ci/run` installs both when it can.
+over tiny random bundles, as in test_serve.py, with an API key), submits each panel and checks what appears
+against the API's own answers. Skips with a reason where no Chromium (or Selenium) is installed; `.ci/run`
+installs both when it can. (Without a key the page sends no Authorization header; the service then ignores it.)
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from test_serve import _free_port, make_bundles
 
 pytestmark = pytest.mark.slow
 
+KEY = "playground-test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--window-size=1280,1050"]
@@ -30,11 +33,14 @@ def service(tmp_path_factory) -> str:
     from rnnlab.serve.app import build_app
 
     bundles = make_bundles(tmp_path_factory.mktemp("bundles"))
+    key_file = tmp_path_factory.mktemp("key") / "api-key"
+    key_file.write_text(KEY)
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"bundles": str(bundles)}), name="rnnlab", route_prefix="/")
+        serve.run(build_app({"bundles": str(bundles), "api_key_file": str(key_file)}), name="rnnlab",
+                  route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -100,15 +106,16 @@ def test_each_panel_in_a_real_browser(service, browser, tmp_path):
     browser.get(f"{service}/")
     assert "generate" in wait_for_text(browser, "serving", lambda t: t.startswith("serving:"))
 
-    # a key field that the service without keys ignores (the same calls carry it as a Bearer token when set)
-    fill(browser, "api-key", "any-key-the-service-does-not-ask-for")
-
+    # the page itself is open; the API is not, until the key goes in the field
     fill(browser, "review", "The movie was great, a great plot and a great cast.")
+    click(browser, "classify")
+    assert "API key" in wait_for_text(browser, "sentiment-out", lambda t: t.startswith("401"))
+    fill(browser, "api-key", KEY)
     click(browser, "classify")
     label = wait_for_text(browser, "sentiment-label")
     probability = float(wait_for_text(browser, "sentiment-probability").split("=")[1])
     expected = httpx.post(f"{service}/v1/sentiment", json={"texts": [
-        "The movie was great, a great plot and a great cast."]}, timeout=30).json()["results"][0]
+        "The movie was great, a great plot and a great cast."]}, headers=AUTH, timeout=30).json()["results"][0]
     assert label == expected["label"] and probability == pytest.approx(expected["probability"], abs=1e-3)
 
     # streamed text, reassembled from the events, equals the same seeded request answered in one piece
@@ -120,7 +127,8 @@ def test_each_panel_in_a_real_browser(service, browser, tmp_path):
     wait_for_text(browser, "generate-meta", lambda t: "80 characters" in t)
     streamed = browser.find_element(By.ID, "generated-text").get_attribute("textContent")
     whole = httpx.post(f"{service}/v1/generate", json={"prompt": "the war", "max_new_tokens": 80, "temperature": 0.9,
-                                                       "top_k": 10, "top_p": 0.95, "seed": 7}, timeout=60).json()
+                                                       "top_k": 10, "top_p": 0.95, "seed": 7},
+                       headers=AUTH, timeout=60).json()
     assert streamed == whole["text"] and "seed 7" in browser.find_element(By.ID, "generate-meta").text
 
     # forecast from an uploaded Yahoo CSV: the file's last day, back-tested, drawn beside close = open
@@ -132,7 +140,7 @@ def test_each_panel_in_a_real_browser(service, browser, tmp_path):
     prices = pd.read_csv(csv).tail(400)
     rows = [{"date": r.Date, "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close, "volume": r.Volume}
             for r in prices.itertuples()]
-    forecast = httpx.post(f"{service}/v1/forecast", json={"rows": rows}, timeout=30).json()["forecast"]
+    forecast = httpx.post(f"{service}/v1/forecast", json={"rows": rows}, headers=AUTH, timeout=30).json()["forecast"]
     assert shown == pytest.approx(forecast["close"], abs=0.006)
     assert browser.find_element(By.ID, "forecast-date").text == forecast["date"]
     assert float(browser.find_element(By.ID, "forecast-actual").text.replace(",", "")) == pytest.approx(
@@ -159,6 +167,7 @@ def test_bad_input_shows_the_services_sentence(service, browser):
 
     browser.get(f"{service}/")
     wait_for_text(browser, "serving", lambda t: t.startswith("serving:"))
+    fill(browser, "api-key", KEY)
     browser.execute_script("document.getElementById('csv').value = arguments[0]",
                            "Date,Open,High,Low,Close,Adj Close,Volume\n2023-01-03,1,1,1,1,1,100\n2023-01-04,1,1,1,1,1,100")
     click(browser, "run-forecast")
