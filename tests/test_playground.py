@@ -13,7 +13,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from fixtures import make_stock_csv
+from tiny_datasets import make_stock_csv
 from test_serve import _free_port, make_bundles
 
 pytestmark = pytest.mark.slow
