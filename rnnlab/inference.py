@@ -291,6 +291,9 @@ Predictor = Union[SentimentClassifier, StockForecaster, TextGenerator]
 def load_predictor(bundle_dir: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
     """The predictor for whatever job the bundle at ``bundle_dir`` was trained for."""
     bundle = load_bundle(bundle_dir, device=device)
+    if registry.job(bundle.job).predictor is None:
+        raise BundleError(f"Bundle {bundle_dir} is a {bundle.job} bundle, which answers no requests; it is a starting "
+                          "point for training (model.init_from).")
     return registry.job(bundle.job).load("predictor")(bundle)
 
 

@@ -16,7 +16,8 @@ from typing import Any
 from rnnlab.errors import ConfigError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-PRESETS = ("chapter", "default", "smoke", "demo")  # the top-level keys of every configs/presets/JOB.yaml
+# the top-level keys a configs/presets/JOB.yaml may hold (pretrained: sentiment from a review LM bundle)
+PRESETS = ("chapter", "default", "smoke", "demo", "pretrained")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class JobSpec:
     model: str  # nn.Module class; its ``Config`` (a pydantic model) declares the model's keys
     model_config: str
     job: str  # rnnlab.trainers.job.Job subclass: batches, loss, metrics
-    predictor: str  # rnnlab.inference class that answers from a bundle
+    predictor: str | None  # rnnlab.inference class that answers from a bundle (None: its bundles answer nothing)
     route: str | None = None  # the HTTP endpoint /v1/<route> that serves it (None: not served)
     data_summary: str | None = None  # ``rnnlab data`` summary function
     scorer: str | None = None  # ``rnnlab evaluate BUNDLE --data PATH``: scores any data in the job's format
@@ -92,6 +93,16 @@ JOBS: dict[str, JobSpec] = {
             route="generate",
             data_summary="rnnlab.data.text:summarize_text",
             scorer="rnnlab.scoring:score_text",
+        ),
+        JobSpec(
+            name="lm",
+            description="IMDb review word language model (train + unlabelled reviews), what sentiment starts from",
+            data_set="imdb",
+            metrics={"loss": "min", "perplexity": "min"},
+            model="rnnlab.models.wordlm:WordLSTM",
+            model_config="rnnlab.models.wordlm:WordLMConfig",
+            job="rnnlab.trainers.lm:ReviewLMJob",
+            predictor=None,  # a starting point for sentiment (model.init_from), not served
         ),
     )
 }

@@ -148,7 +148,8 @@ def test_config_round_trip(job):
     config_class, model_class = JOBS[job].load("model_config"), JOBS[job].load("model")
     settings = {"sentiment": {"vocab_size": 50, "bidirectional": True, "num_layers": 2, "dropout": 0.2},
                 "stock": {"num_features": 12, "hidden_size": 8},
-                "charlm": {"vocab_size": 57, "hidden_size": 16, "embed_dim": 4}}[job]
+                "charlm": {"vocab_size": 57, "hidden_size": 16, "embed_dim": 4},
+                "lm": {"vocab_size": 300, "hidden_size": 8, "embed_dim": 4, "cutoffs": [20, 100]}}[job]
     model = build_model(job, settings)
     assert isinstance(model, model_class)
     d = model.config.to_dict()

@@ -14,8 +14,9 @@ _NEGATIVE = ["awful", "boring", "hated", "terrible", "dull", "worst", "waste", "
 _FILLER = ["the", "movie", "film", "plot", "actor", "was", "and", "a", "it", "this", "story", "scene"]
 
 
-def make_imdb_tar(directory: Path, per_class: int = 40, seed: int = 0) -> Path:
-    """An aclImdb_v1.tar.gz-shaped archive: train/test x pos/neg, reviews whose words give away the label."""
+def make_imdb_tar(directory: Path, per_class: int = 40, seed: int = 0, unsup: int = 0) -> Path:
+    """An aclImdb_v1.tar.gz-shaped archive: train/test x pos/neg, reviews whose words give away the label, and
+    ``unsup`` unlabelled reviews in train/unsup."""
     rng = np.random.default_rng(seed)
     path = Path(directory) / "aclImdb_v1.tar.gz"
     with tarfile.open(path, "w:gz") as archive:
@@ -30,6 +31,12 @@ def make_imdb_tar(directory: Path, per_class: int = 40, seed: int = 0) -> Path:
                     info = tarfile.TarInfo(f"aclImdb/{split}/{label}/{i}_{rating}.txt")
                     info.size = len(data)
                     archive.addfile(info, io.BytesIO(data))
+        for i in range(unsup):
+            words = _POSITIVE if i % 2 else _NEGATIVE
+            data = " ".join(str(rng.choice(_FILLER if rng.random() < 0.6 else words)) for _ in range(20)).encode()
+            info = tarfile.TarInfo(f"aclImdb/train/unsup/{i}_0.txt")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
     return path
 
 

@@ -8,7 +8,7 @@ import json
 from rnnlab.registry import JOBS
 
 # data set -> its job (the registry names each job's data set and summary function, imported when asked for)
-SUMMARIES = {spec.data_set: spec for spec in JOBS.values()}
+SUMMARIES = {spec.data_set: spec for spec in JOBS.values() if spec.data_summary}
 
 
 def add_parser(subparsers) -> None:

@@ -25,7 +25,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from rnnlab.registry import JOBS
+from rnnlab.registry import served
+
+JOBS = tuple(served())  # the jobs the service answers for (the review LM is a starting point, not served)
 
 PRESET = "demo"  # each job's demo preset: where its size and its measured figures are written down
 # (review, the label a right answer gives)

@@ -1,4 +1,4 @@
-"""The three models; ``build_model`` makes the one a job names (rnnlab/registry.py says which)."""
+"""The models; ``build_model`` makes the one a job names (rnnlab/registry.py says which)."""
 
 from __future__ import annotations
 

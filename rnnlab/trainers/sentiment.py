@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from rnnlab.config import DataSettings, JobConfig, PositiveInt, Probability, model_section
+from rnnlab.errors import ConfigError
 from rnnlab.models.sentiment import SentimentConfig
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
 
@@ -26,7 +27,10 @@ class SentimentData(DataSettings):
     bucket_size_multiplier: PositiveInt = 100
 
 
-SentimentModel = model_section(SentimentConfig)
+class SentimentModel(model_section(SentimentConfig)):
+    # a review LM bundle (``rnnlab train lm``) whose embedding and LSTM layers the classifier starts from; its
+    # vocabulary must be this run's (same data.val_fraction, min_freq, max_vocab and train.seed)
+    init_from: str | None = None
 
 
 class SentimentJobConfig(JobConfig):
@@ -90,6 +94,36 @@ class SentimentJob(Job):
 
     def data_model_config(self) -> dict:
         return {"vocab_size": len(self.vocab)}
+
+    def build_model(self):
+        from rnnlab.models import build_model
+
+        settings = self.config.model.to_dict()
+        init_from = settings.pop("init_from")
+        model = build_model("sentiment", {**settings, **self.data_model_config()})
+        if init_from is not None:
+            self._start_from(model, init_from)
+        return model
+
+    def _start_from(self, model, path: str) -> None:
+        """Copy the embedding and LSTM layers of the review LM bundle at ``path`` into ``model``."""
+        from rnnlab.bundle import load_bundle
+        from rnnlab.data.vocab import Vocab
+        from rnnlab.models.wordlm import copy_into_classifier
+
+        bundle = load_bundle(path)
+        if bundle.job != "lm":
+            raise ConfigError(f"model.init_from: {path} is a {bundle.job} bundle; give a review LM bundle "
+                              "(rnnlab train lm).")
+        lm_vocab = Vocab.from_json(bundle.assets["vocab"])
+        if lm_vocab != self.vocab:
+            raise ConfigError(
+                f"model.init_from: the LM's vocabulary ({len(lm_vocab):,} words) is not this run's "
+                f"({len(self.vocab):,}); train both with the same data.val_fraction, min_freq, max_vocab and "
+                "train.seed."
+            )
+        copied = copy_into_classifier(bundle.model, model)
+        log.info("model.init_from %s: copied %s", path, ", ".join(copied))
 
     def loss_sum(self, model, batch: Batch) -> torch.Tensor:
         logits = model(*batch.inputs).float()
