@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures import make_imdb_tar
+from tiny_datasets import make_imdb_tar
 from rnnlab.config import load_config
 from rnnlab.errors import ConfigError
 from rnnlab.models.wordlm import OUTPUTS, WordLSTM
+from rnnlab.registry import JOBS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -81,6 +82,7 @@ def test_lm_trains_to_a_bundle_with_perplexity(lm_run):
     assert lm_run["test"]["perplexity"] == pytest.approx(math.exp(lm_run["test"]["loss"]))
     bundle = load_bundle(lm_run["bundle"])
     assert bundle.job == "lm" and "vocab" in bundle.assets
+    assert set(JOBS["lm"].metrics) == set(lm_run["val"])  # what Tune would rank by is what the job reports
 
 
 def test_sentiment_starts_from_the_lm_weights(archive, lm_run):
