@@ -46,21 +46,23 @@ async def one_request(http, base: str, kind: str, rng: random.Random, reviews, r
             "generate": {"prompt": "the emperor", "max_new_tokens": 100, "seed": rng.randrange(2**31)},
             "stream": {"prompt": "the emperor", "max_new_tokens": 100, "seed": rng.randrange(2**31), "stream": True}}
     path = "/v1/generate" if kind == "stream" else f"/v1/{kind}"
+    async def send() -> str:
+        async with http.post(base + path, json=body[kind]) as response:
+            if response.status != 200:
+                await response.read()
+                return f"http {response.status}"
+            if kind != "stream":
+                await response.read()
+                return "ok"
+            last_event = None
+            async for line in response.content:
+                if line.startswith(b"event: "):
+                    last_event = line[7:].strip().decode()
+            return {"done": "ok", "error": "sse error"}.get(last_event, "stream cut")
+
     try:
-        async with asyncio.timeout(timeout):
-            async with http.post(base + path, json=body[kind]) as response:
-                if response.status != 200:
-                    await response.read()
-                    return f"http {response.status}"
-                if kind != "stream":
-                    await response.read()
-                    return "ok"
-                last_event = None
-                async for line in response.content:
-                    if line.startswith(b"event: "):
-                        last_event = line[7:].strip().decode()
-                return {"done": "ok", "error": "sse error"}.get(last_event, "stream cut")
-    except TimeoutError:
+        return await asyncio.wait_for(send(), timeout)
+    except asyncio.TimeoutError:
         return "hang"
     except aiohttp.ClientError as error:
         return f"connection {type(error).__name__}"

@@ -363,7 +363,7 @@ async def _replica_failed(request: Request, error: Exception) -> JSONResponse:
                         "replica_failed")
 
 
-@api.exception_handler(TimeoutError)
+@api.exception_handler(asyncio.TimeoutError)  # the builtin TimeoutError from Python 3.11
 async def _timed_out(request: Request, error: Exception) -> JSONResponse:
     return _retry_later(504, "The request took longer than the service's request_timeout_s; retry, or ask for less.",
                         "timeout")
@@ -475,9 +475,10 @@ async def _events(first: dict, stream, deadline: float, stopping: asyncio.Event,
             tokens += len(item["text"])
             yield _sse(None, item)
         yield _sse("done", {"tokens": tokens})
-    except (RayError, TimeoutError, _ShuttingDown) as error:
+    except (RayError, asyncio.TimeoutError, _ShuttingDown) as error:
         # headers are sent: the fault goes to the client as an event, and the stream ends
-        reason = {TimeoutError: "timeout", _ShuttingDown: "shutting_down"}.get(type(error), "replica_failed")
+        reason = ("timeout" if isinstance(error, asyncio.TimeoutError) else
+                  "shutting_down" if isinstance(error, _ShuttingDown) else "replica_failed")
         metrics.rejected(reason)
         message = {"timeout": "The stream took longer than the service's request_timeout_s.",
                    "shutting_down": "The service is shutting down; retry the request against its next instance.",
@@ -621,7 +622,7 @@ class Gateway:
             response = handle.generate.remote(request)
             try:
                 answer = await self._within_timeout(response)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 response.cancel()
                 raise
             if "failed" in answer:

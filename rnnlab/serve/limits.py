@@ -149,7 +149,11 @@ class Guard:
 
         async def send_or_give_up(message):
             try:
-                await asyncio.wait_for(send(message), settings.idle_send_timeout_s)
+                if hasattr(asyncio, "timeout"):  # Python 3.11+: no extra task per message, as wait_for makes
+                    async with asyncio.timeout(settings.idle_send_timeout_s):
+                        await send(message)
+                else:
+                    await asyncio.wait_for(send(message), settings.idle_send_timeout_s)
             except asyncio.TimeoutError:
                 raise _ClientStoppedReading from None
 
