@@ -1,6 +1,7 @@
 """rnnlab's own Prometheus metrics, exported by Ray beside Serve's (``ray.serve.metrics``).
 
-    rnnlab_batch_size            histogram  items per forward pass (sentiment, forecast) / sequences per step (generate)
+    rnnlab_batch_size            histogram  items per forward pass (sentiment, forecast); generation: each second's
+                                            mean sequences per decode step (one value a second)
     rnnlab_queue_depth           gauge      generation: sequences waiting for a slot and active; Gateway: open streams
     rnnlab_generated_characters  counter    characters generated
     rnnlab_rejected_requests     counter    requests turned away, by reason (unauthorized, body_too_large, overloaded,
@@ -42,10 +43,9 @@ def _metrics():
         return None
 
 
-def batch_size(kind: str, size: int, count: int = 1) -> None:
+def batch_size(kind: str, size: float) -> None:
     if (m := _metrics()) is not None:
-        for _ in range(count):
-            m["batch"].observe(size, tags={"kind": kind})
+        m["batch"].observe(size, tags={"kind": kind})
 
 
 def queue_depth(kind: str, state: str, value: int) -> None:
