@@ -229,7 +229,7 @@ def preset_config(job: str, preset: str) -> dict:
     path = registry.job(job).presets_file
     presets = read_yaml(path, what="config file")
     if preset not in presets:
-        raise ConfigError(f"The preset file {path} has no {preset!r} section.")
+        raise ConfigError(f"The {job} job has no {preset!r} preset ({path}); choose one of {', '.join(presets)}.")
     return presets[preset] or {}
 
 

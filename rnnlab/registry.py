@@ -38,6 +38,12 @@ class JobSpec:
     def presets_file(self) -> Path:
         return CONFIGS_DIR / "presets" / f"{self.name}.yaml"
 
+    def presets(self) -> tuple[str, ...]:
+        """The presets this job has: the top-level sections of its preset file, in file order."""
+        from rnnlab.config import read_yaml
+
+        return tuple(read_yaml(self.presets_file) or {})
+
     @property
     def tune_space_file(self) -> Path:
         return CONFIGS_DIR / "tune" / f"{self.name}.yaml"

@@ -30,11 +30,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("data")
-    return {"sentiment": make_imdb_tar(folder), "stock": make_stock_csv(folder), "charlm": make_text(folder)}
+    reviews = make_imdb_tar(folder, unsup=60)  # lm trains on the labelled and the unlabelled reviews
+    return {"sentiment": reviews, "lm": reviews, "stock": make_stock_csv(folder), "charlm": make_text(folder)}
+
+
+# the tiny archive holds 60 unlabelled reviews: the lm smoke preset's held-out blocks must fit in it
+FIXTURE_SIZES = {"lm": ["data.heldout_reviews=5", "data.limit_train=0"]}
 
 
 def smoke(job: str, data: dict, *overrides: str) -> dict:
-    return load_config(job, "smoke", overrides=[f"data.source={data[job]}", "tracking.wandb=false", *overrides])
+    return load_config(job, "smoke", overrides=[f"data.source={data[job]}", "tracking.wandb=false",
+                                                *FIXTURE_SIZES.get(job, []), *overrides])
 
 
 def events(output: Path, kind: str) -> list[dict]:

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from rnnlab.errors import ConfigError
-from rnnlab.registry import JOBS, PRESETS
+from rnnlab import registry
+from rnnlab.registry import JOBS
 from rnnlab.launch.cli import main
 from rnnlab.tuning import SearchSettings, flatten_metrics, load_space, plan_search, run_search
 from tiny_datasets import make_stock_csv
@@ -37,7 +38,7 @@ def write_yaml(path: Path, data) -> Path:
 
 @pytest.mark.parametrize("job", JOBS)
 def test_default_space_is_valid_for_every_preset(job, tmp_path):
-    for preset in PRESETS:
+    for preset in registry.job(job).presets():
         # stock's chapter preset holds no validation split (the chapter's protocol): give it one to tune it
         sets = ["data.val_days=252"] if (job, preset) == ("stock", "chapter") else []
         plan = plan_search(job, SearchSettings(num_cpus=2), preset=preset, overrides=sets, output=tmp_path)
@@ -47,7 +48,7 @@ def test_default_space_is_valid_for_every_preset(job, tmp_path):
         # the metric defaults to the monitor the loop picks its best checkpoint by
         assert plan.space.metric == f"val/{plan.base_config['train']['monitor']}"
         assert plan.base_config["train"]["eval_every"] == 0 and plan.base_config["train"]["epochs"] == 5
-    assert {"sentiment": "model.bidirectional", "stock": "data.window", "charlm": "data.seq_len"}[job] in keys
+    assert {"sentiment": "model.bidirectional", "stock": "data.window", "charlm": "data.seq_len", "lm": "data.seq_len"}[job] in keys
 
 
 def test_user_space_merges_over_defaults(tmp_path):
