@@ -36,8 +36,9 @@ def add_parser(subparsers) -> None:
                         help="address to bind; another than loopback (0.0.0.0) needs an API key or --insecure")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--address", default=None,
-                        help="an existing Ray cluster to deploy onto ('auto' or host:port); default starts a new "
-                        "one (never a stale one left under the Ray temp folder)")
+                        help="an existing Ray cluster to deploy onto ('auto' or HOST:PORT of its head; replicas "
+                        "spread over its nodes, HTTP enters on the head); default starts a new local instance "
+                        "(never a stale one left under the Ray temp folder)")
     parser.add_argument("--api-key-file", metavar="FILE", default=None,
                         help="file holding the API key every /v1/* request must send as 'Authorization: Bearer "
                         f"KEY' (also from ${ENV_VAR}); /healthz stays open")
@@ -87,31 +88,6 @@ def _direct_ingress_ports(host: str, port: int) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
-
-
-def _ray_address(address: str | None) -> str:
-    """Where ray.init should go, refusing an unreachable cluster in one sentence instead of retrying forever.
-    Without --address: "local", a new instance; ray.init would otherwise follow the address file of an earlier
-    instance under the Ray temp folder, which after an unclean stop names a dead GCS."""
-    if address is None:
-        return "local"
-    if address.startswith("ray://"):
-        return address
-    if address == "auto":
-        from ray._private.utils import read_ray_address
-
-        address = os.environ.get("RAY_ADDRESS") or read_ray_address()
-        if not address:
-            raise ConfigError("--address auto found no running Ray instance; start one with 'ray start --head' "
-                              "or drop --address to let rnnlab serve start its own.")
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-    except (OSError, ValueError) as error:
-        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        raise ConfigError(f"Ray at {address} cannot be reached ({reason}); start it with 'ray start --head' or drop "
-                          "--address to let rnnlab serve start its own.") from None
-    return address
 
 
 def _stop_on_signals() -> None:
@@ -167,17 +143,23 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    address = _ray_address(args.address)
-    own = {"_metrics_export_port": args.metrics_port} if args.metrics_port and address == "local" else {}
+    from rnnlab.cluster import connect
+
+    init = {"logging_level": logging.WARNING, "log_to_driver": bool(getattr(args, "verbose", 0))}
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=bool(getattr(args, "verbose", 0)), **own)
+        if args.address:  # a cluster that does not answer is one sentence within seconds (rnnlab/cluster.py)
+            connect(args.address, **init)
+        else:  # a new instance, never one a stale address file names
+            own = {"_metrics_export_port": args.metrics_port} if args.metrics_port else {}
+            connect(None, address="local", include_dashboard=False, **init, **own)
     except (ConnectionError, RuntimeError, TimeoutError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise RnnlabError(f"Ray could not be started or reached ({first_line}); check --address or 'ray status'.")
     try:
-        serve.start(http_options={"host": args.host, "port": proxy_port,
-                                  "request_timeout_s": limits["request_timeout_s"]})
+        # One HTTP proxy, on the head node: with one per node, nodes sharing a machine would fight for the port,
+        # and a cluster's load balancer points at the head anyway. Replicas still spread over every node.
+        serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": proxy_port,
+                                                             "request_timeout_s": limits["request_timeout_s"]})
         try:
             serve.run(app, name="rnnlab", route_prefix="/")
         except RuntimeError as error:

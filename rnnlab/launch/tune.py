@@ -40,9 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-trial", type=float, default=0,
                         help="GPUs per trial: a fraction packs trials on one GPU (0.5 = two per GPU); a whole "
                         "number above 1 runs each trial through Ray Train's TorchTrainer on that many GPUs")
-    parser.add_argument("--address", metavar="auto|ray://HOST:PORT", default=None,
-                        help="run on an existing Ray cluster (--output must then be on storage every node sees); "
-                        "default: a local Ray instance")
+    parser.add_argument("--address", metavar="auto|HOST:PORT|ray://HOST:PORT", default=None,
+                        help="run on an existing Ray cluster: its head's HOST:PORT as `ray start --head` printed "
+                        "it, or auto (RAY_ADDRESS, else the cluster started on this machine); --output must "
+                        "then be on storage every node sees. Default: a local Ray instance")
     parser.add_argument("--space", metavar="SPACE.yaml", help="your search space, merged over configs/tune/JOB.yaml")
     parser.add_argument("--name", help="the search's name: its folder under --output and its W&B group "
                         "(default: JOB-DATE-TIME)")

@@ -50,11 +50,13 @@ def run_search(plan: SearchPlan, *, resume: bool = False, verbose: int = 1) -> S
     started_here = not ray.is_initialized()
     env_vars = worker_env()
     if started_here:
-        if plan.settings.address:
-            ray.init(address=plan.settings.address, runtime_env={"env_vars": env_vars}, log_to_driver=verbose > 0)
+        from rnnlab.cluster import connect
+
+        if plan.settings.address:  # an unreachable or stale address is one sentence within seconds
+            connect(plan.settings.address, runtime_env={"env_vars": env_vars}, log_to_driver=verbose > 0)
         else:
-            ray.init(num_cpus=plan.settings.num_cpus or os.cpu_count(), include_dashboard=False,
-                     runtime_env={"env_vars": env_vars}, log_to_driver=verbose > 0)
+            connect(None, num_cpus=plan.settings.num_cpus or os.cpu_count(), include_dashboard=False,
+                    runtime_env={"env_vars": env_vars}, log_to_driver=verbose > 0)
     start = time.perf_counter()
     try:
         if plan.settings.address:
@@ -172,6 +174,7 @@ def trial_dirname(trial) -> str:
 
 def _trial(params: dict, *, base_config: dict, settings: dict) -> None:
     """One trial: the training loop itself on the base config with this trial's params."""
+    import ray
     from ray import tune
 
     from rnnlab.trainers.loop import train
@@ -180,8 +183,11 @@ def _trial(params: dict, *, base_config: dict, settings: dict) -> None:
     trial_dir = Path(settings["experiment_dir"]) / f"trial_{context.get_trial_id()}"
     config = trial_config(base_config, params, settings["name"], trial_dir.name)
 
+    node_id = ray.get_runtime_context().get_node_id()  # where the trial ran, in its result.json
+
     def on_eval(metrics: dict, checkpoint_dir: Path) -> None:
-        tune.report(flatten_metrics(metrics), checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        tune.report({**flatten_metrics(metrics), "node_id": node_id},
+                    checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:

