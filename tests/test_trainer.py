@@ -266,27 +266,78 @@ def test_a_bare_no_for_mixed_precision_means_no(tmp_path):
         load_config("stock", "smoke", None, ["train.mixed_precision=yes"])
 
 
-@pytest.mark.slow
-def test_two_processes_follow_the_one_process_loss_curve(data, tmp_path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _train_argv(data: dict) -> list[str]:
+    return ["charlm", "--preset", "smoke", "--source", str(data["charlm"]), "--set", "tracking.wandb=false",
+            "--set", "train.log_every=1", "--set", "train.max_steps=15"]
+
+
+def _quiet_env(tmp: Path) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RNNLAB_CACHE_DIR": str(tmp / "cache")}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(data, tmp_path_factory) -> Path:
+    """The 1-process charlm smoke run that the multi-process runs must follow."""
+    out = tmp_path_factory.mktemp("one-process")
+    one = subprocess.run([sys.executable, "-m", "rnnlab.launch.train", *_train_argv(data), "--output", str(out)],
+                         env=_quiet_env(out), capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    return out
+
+
+def _assert_follows(one: Path, many: Path) -> None:
     """Same global batch (8 rows) split 4+4 over two gloo processes vs one process: the per-step train loss
     agrees to 1e-4 relative (float summation order differs; dropout is 0 so no RNG stream differs)."""
-    common = ["charlm", "--preset", "smoke", "--source", str(data["charlm"]), "--set", "tracking.wandb=false",
-              "--set", "train.log_every=1", "--set", "train.max_steps=15"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RNNLAB_CACHE_DIR": str(tmp_path / "cache")}
-    one = subprocess.run([sys.executable, "-m", "rnnlab.launch.train", *common, "--output", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-         "-m", "rnnlab.launch.train", *common, "--output", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, cwd=REPO, timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert events(tmp_path / "two", "config")[0]["world_size"] == 2
-    curve_one = [r["loss"] for r in events(tmp_path / "one", "train")]
-    curve_two = [r["loss"] for r in events(tmp_path / "two", "train")]
+    assert events(many, "config")[0]["world_size"] == 2
+    curve_one = [r["loss"] for r in events(one, "train")]
+    curve_two = [r["loss"] for r in events(many, "train")]
     assert len(curve_one) == len(curve_two) == 15
     assert curve_one == pytest.approx(curve_two, rel=1e-4)
-    val_one, val_two = events(tmp_path / "one", "val")[-1], events(tmp_path / "two", "val")[-1]
-    assert val_one["loss"] == pytest.approx(val_two["loss"], rel=1e-4)
+    assert events(one, "val")[-1]["loss"] == pytest.approx(events(many, "val")[-1]["loss"], rel=1e-4)
+
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_one_process_loss_curve(data, one_process_run, tmp_path):
+    two = subprocess.run(
+        [*LAUNCH, "--num_machines", "1", "--main_process_port", str(_free_port()),
+         "-m", "rnnlab.launch.train", *_train_argv(data), "--output", str(tmp_path / "two")],
+        env=_quiet_env(tmp_path), capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    _assert_follows(one_process_run, tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_two_machines_of_one_process_follow_the_one_process_loss_curve(data, one_process_run, tmp_path):
+    """``--num_machines 2``: one launcher per "machine" (machine ranks 0 and 1), meeting at 127.0.0.1 over gloo,
+    as two nodes would at the main node's address (configs/accelerate/multi_node.yaml)."""
+    port = str(_free_port())
+    launchers = [
+        subprocess.Popen(
+            [*LAUNCH, "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+             "--main_process_port", port, "-m", "rnnlab.launch.train", *_train_argv(data),
+             "--output", str(tmp_path / "two")],
+            env=_quiet_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+    for launcher, output in zip(launchers, outputs):
+        assert launcher.returncode == 0, output[-3000:]
+    _assert_follows(one_process_run, tmp_path / "two")
