@@ -99,21 +99,26 @@ def _tune_argv(tmp_path: Path, cluster, name: str, *extra: str) -> list[str]:
 
 
 def _trial_reports(search: Path) -> dict[str, list[dict]]:
-    return {trial.name: [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
-            for trial in sorted(search.glob("trial_*"))}
+    """Each trial's reports so far (Tune's result.json: one JSON line per report, node_id included)."""
+    reports = {}
+    for trial in sorted(search.glob("trial_*")):
+        path = trial / "result.json"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        reports[trial.name] = [json.loads(line) for line in lines if line.endswith("}")]
+    return reports
 
 
 @pytest.mark.slow
 def test_tune_address_spreads_trials_over_both_nodes(cluster, tmp_path, capsys):
     assert cluster.address.startswith("127.0.0.1:")
     started = time.perf_counter()
-    code = main(_tune_argv(tmp_path, cluster, "spread", "--max-epochs", "2"))
+    code = main(_tune_argv(tmp_path, cluster, "spread", "--max-epochs", "1"))
     wall = time.perf_counter() - started
     out = capsys.readouterr().out
     assert code == 0, out
     reports = _trial_reports(tmp_path / "search" / "spread")
     where = {name: {r["node_id"] for r in rows} for name, rows in reports.items()}
-    print(f"2-node search, 4 trials x 2 epochs: {wall:.1f} s; trials per node: "
+    print(f"2-node search, 4 trials x 1 epoch: {wall:.1f} s; trials per node: "
           f"{ {node[:8]: sum(node in nodes for nodes in where.values()) for node in _node_ids(cluster)} }")
     assert len(where) == 4 and all(len(nodes) == 1 for nodes in where.values())
     assert set().union(*where.values()) == _node_ids(cluster)  # both nodes ran trials
@@ -169,3 +174,47 @@ def test_serve_address_places_replicas_on_both_nodes(cluster, tmp_path):
             process.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.mark.slow
+def test_a_search_that_loses_a_worker_node_finishes_every_trial(cluster, tmp_path):
+    """The worker node is killed (no graceful shutdown) once a trial running there has reported a checkpoint;
+    Tune retries that trial (--max-failures) on the head from its last checkpoint, and all four finish."""
+    worker = next(iter(cluster.worker_nodes))
+    search = tmp_path / "search" / "node-loss"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rnnlab.launch.cli", *_tune_argv(tmp_path, cluster, "node-loss", "--max-epochs", "3",
+                                                                 "--max-failures", "2")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            reports = _trial_reports(search) if search.is_dir() else {}
+            on_worker = [name for name, rows in reports.items() if any(r["node_id"] == worker.node_id for r in rows)]
+            if on_worker:
+                break
+            time.sleep(0.2)
+        assert on_worker, "no trial reported from the worker node"
+        cluster.remove_node(worker, allow_graceful=False)
+        removed_at = time.perf_counter() - started
+        output, _ = process.communicate(timeout=400)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if not cluster.worker_nodes:
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")  # the module's other tests want two nodes
+    wall = time.perf_counter() - started
+    assert process.returncode == 0, output[-3000:]
+    rows = {row["trial"]: row for row in _csv(tmp_path / "search" / "results.csv")}
+    print(f"node-loss search: worker removed at {removed_at:.1f} s, {len(rows)} trials, "
+          f"{sum(int(r['retries']) for r in rows.values())} retries, "
+          f"{sum(r['status'] == 'completed' for r in rows.values())} completed, wall {wall:.1f} s")
+    assert len(rows) == 4 and all(row["status"] == "completed" and row["epochs"] == "3" for row in rows.values()), rows
+    for name in on_worker:
+        assert int(rows[name]["retries"]) >= 1
+        starts = [json.loads(line) for line in (search / name / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["event"] == "config"]
+        assert len(starts) >= 2 and "checkpoint_" in starts[-1]["resumed_from"], starts  # not from scratch

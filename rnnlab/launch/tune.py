@@ -56,6 +56,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted search in --output: unfinished and errored trials go on "
                         "from their last checkpoint, finished ones are kept as they are")
+    parser.add_argument("--max-failures", type=int, default=None,
+                        help="times a failed trial (its process or node died) is retried, each time from its last "
+                        "checkpoint; 0 gives up at once (default: 3)")
+    parser.add_argument("--max-failures", type=int, default=None,
+                        help="times a failed trial (its process or node died) is retried, each time from its last "
+                        "checkpoint; 0 gives up at once (default: 3)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     parser.add_argument("--quiet", action="store_true", help="hide Ray's progress output; print only the results")
     add_common_flags(parser)
@@ -69,18 +75,19 @@ def run(args: argparse.Namespace) -> int:
 
     from rnnlab.errors import ConfigError
     from rnnlab.tuning import SearchSettings, load_plan, plan_search, run_search
+    from rnnlab.tuning.plan import DEFAULT_MAX_FAILURES
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     settings = SearchSettings(
         num_samples=args.num_samples, max_epochs=args.max_epochs, scheduler=args.scheduler, search=args.search,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
-        num_cpus=args.num_cpus,
+        num_cpus=args.num_cpus, max_failures=DEFAULT_MAX_FAILURES if args.max_failures is None else args.max_failures,
     )  # fmt: skip
     if args.resume:  # the saved plan as it was, so finished trials stay comparable; only where it runs is new
         if args.output is None and args.name is None:
             raise ConfigError("--resume needs the --output folder (or --name) of the search to continue.")
         plan = load_plan(args.output or Path("runs") / "tune" / args.name, address=args.address,
-                         num_cpus=args.num_cpus)
+                         num_cpus=args.num_cpus, max_failures=args.max_failures)
         if plan.job != args.job:
             raise ConfigError(f"The search in {plan.output} is a {plan.job} search, not {args.job}; check --output.")
     else:

@@ -19,6 +19,10 @@ from rnnlab.tuning.space import SearchSpace, check_against_config, check_values,
 SCHEDULERS = ("asha", "fifo")
 SEARCHERS = ("random", "optuna")
 PLAN_FILE = "search.yaml"
+# A trial whose process or node dies is retried this many times, from its last checkpoint (one per epoch), so
+# losing a node costs at most an epoch of each trial it ran; a trial that fails deterministically (a bug, a bad
+# value) fails this many more times, which on these small trials costs seconds.
+DEFAULT_MAX_FAILURES = 3
 
 
 @dataclass
@@ -33,15 +37,17 @@ class SearchSettings:
     gpus_per_trial: float = 0  # a fraction shares a GPU; a whole number > 1 runs a Ray Train trial
     address: str | None = None  # a running cluster (auto | ray://host:port); None = a local Ray instance
     num_cpus: int | None = None  # CPUs of the local Ray instance; None = every core
+    max_failures: int = DEFAULT_MAX_FAILURES  # retries of a failed trial, each from its last checkpoint
 
     def check(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"Unknown scheduler '{self.scheduler}'; choose one of {', '.join(SCHEDULERS)}.")
         if self.search not in SEARCHERS:
             raise ConfigError(f"Unknown search '{self.search}'; choose one of {', '.join(SEARCHERS)}.")
-        for flag, value in (("--num-samples", self.num_samples), ("--max-epochs", self.max_epochs)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{flag} must be a whole number of at least 1, not {value!r}.")
+        for flag, value, least in (("--num-samples", self.num_samples, 1), ("--max-epochs", self.max_epochs, 1),
+                                   ("--max-failures", self.max_failures, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"{flag} must be a whole number of at least {least}, not {value!r}.")
         if self.search == "optuna":
             try:
                 import optuna  # noqa: F401
@@ -111,8 +117,10 @@ def plan_search(
                       space=search_space, settings=settings)
 
 
-def load_plan(output: str | Path, *, address: str | None = None, num_cpus: int | None = None) -> SearchPlan:
-    """The plan a search saved, to resume it; only where it runs (``address``, ``num_cpus``) is new."""
+def load_plan(output: str | Path, *, address: str | None = None, num_cpus: int | None = None,
+              max_failures: int | None = None) -> SearchPlan:
+    """The plan a search saved, to resume it; only where it runs (``address``, ``num_cpus``) and how often a
+    failed trial is retried (``max_failures``) may be new."""
     output = Path(output).resolve()
     path = output / PLAN_FILE
     if not path.is_file():
@@ -125,7 +133,9 @@ def load_plan(output: str | Path, *, address: str | None = None, num_cpus: int |
     )
     settings = SearchSettings(**{key: saved[key] for key in ("num_samples", "max_epochs", "scheduler", "search",
                                                              "cpus_per_trial", "gpus_per_trial")},
-                              address=address, num_cpus=num_cpus)
+                              address=address, num_cpus=num_cpus,
+                              max_failures=saved.get("max_failures", DEFAULT_MAX_FAILURES)
+                              if max_failures is None else max_failures)
     return SearchPlan(job=saved["job"], name=saved["name"], output=output, preset=saved["preset"],
                       base_config=saved["base_config"], space=space, settings=settings)
 

@@ -29,6 +29,7 @@ class TrialSummary:
     epochs: int
     trial_dir: Path
     error: str = ""
+    retries: int = 0  # times the trial failed (a process or node died) and went on from its last checkpoint
 
     @property
     def bundle_dir(self) -> Path | None:
@@ -61,10 +62,10 @@ class SearchResult:
             keys.extend(key for key in trial.params if key not in keys)
         rows = [{"trial": t.name, "status": t.status, "epochs": t.epochs, self.metric: t.metric,
                  f"last_{self.metric}": t.last_metric, **{key: t.params.get(key) for key in keys},
-                 "best": int(t is self.best), "trial_dir": str(t.trial_dir), "error": t.error}
+                 "best": int(t is self.best), "retries": t.retries, "trial_dir": str(t.trial_dir), "error": t.error}
                 for t in self.trials]
         frame = pd.DataFrame(rows, columns=["trial", "status", "epochs", self.metric, f"last_{self.metric}", *keys,
-                                            "best", "trial_dir", "error"])
+                                            "best", "retries", "trial_dir", "error"])
         return frame.sort_values(self.metric, ascending=self.mode == "min", na_position="last", kind="stable")
 
     def table(self) -> str:
@@ -72,7 +73,7 @@ class SearchResult:
         frame = self.frame()
         frame["trial"] = [("*" if best else " ") + name for name, best in zip(frame["trial"], frame["best"])]
         columns = ["trial", *[c for c in frame.columns if c not in ("trial", "status", "epochs", "best", "trial_dir",
-                                                                    "error", f"last_{self.metric}")],
+                                                                    "error", "retries", f"last_{self.metric}")],
                    "epochs", "status"]
         return frame[columns].to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")
 
@@ -94,6 +95,7 @@ def summarize_search(plan: SearchPlan) -> SearchResult:
             metric=_value(best_rows, trial.trial_id, metric), last_metric=_value(last, trial.trial_id, metric),
             epochs=int(_value(last, trial.trial_id, "training_iteration") or 0),
         )
+        summary.retries = int(getattr(trial, "num_failures", 0) or 0)
         summary.status = _status(trial, summary)
         if summary.status == "error":
             summary.error = _first_error_line(trial)

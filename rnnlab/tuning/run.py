@@ -158,7 +158,8 @@ def build_tuner(plan: SearchPlan, trainable, *, verbose: int = 1):
             storage_path=str(plan.output),
             # The loop keeps its own checkpoints in the trial folder; Tune needs only the latest to resume.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=0),
+            # A trial whose process or node dies starts again from its last checkpoint (tune.get_checkpoint).
+            failure_config=tune.FailureConfig(max_failures=plan.settings.max_failures),
             verbose=verbose,
         ),
     )
