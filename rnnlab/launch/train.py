@@ -41,7 +41,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="override one setting, e.g. --set train.lr=1e-3 (repeatable; value parsed as YAML)")
     parser.add_argument("--source", metavar="PATH", help="train on this file/folder instead of the default data set")
     parser.add_argument("--output", metavar="DIR", help="where everything goes (default: runs/JOB-PRESET)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint under --output")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|CHECKPOINT",
+                        help="continue the run in --output from its last good checkpoint, or start it when it has "
+                        "none ('auto', the default when the flag is bare: the same command line then works for a "
+                        "first start and every restart, as elastic launchers and schedulers need); or from the "
+                        "checkpoint folder given")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.source={json.dumps(str(Path(args.source).expanduser()))}")
     config = load_config(args.job, args.preset, args.config, overrides)
     output = Path(args.output or f"runs/{args.job}-{args.preset}")
-    result = train(config, output, resume=args.resume)
+    resume = {None: False, "auto": True}.get(args.resume, Path(args.resume) if args.resume else False)
+    result = train(config, output, resume=resume)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
