@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -276,7 +277,7 @@ def _free_port() -> int:
 
 def _train_argv(data: dict) -> list[str]:
     return ["charlm", "--preset", "smoke", "--source", str(data["charlm"]), "--set", "tracking.wandb=false",
-            "--set", "train.log_every=1", "--set", "train.max_steps=15"]
+            "--set", "train.log_every=1", "--set", "train.max_steps=15", "--set", "train.eval_every=5"]
 
 
 def _quiet_env(tmp: Path) -> dict:
@@ -308,15 +309,71 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
           "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-@pytest.mark.slow
-def test_two_processes_follow_the_one_process_loss_curve(data, one_process_run, tmp_path):
+@pytest.fixture(scope="module")
+def two_process_run(data, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process (gloo) run: the curve to follow and the weights the elastic run must end with."""
+    out = tmp_path_factory.mktemp("two-processes")
     two = subprocess.run(
         [*LAUNCH, "--num_machines", "1", "--main_process_port", str(_free_port()),
-         "-m", "rnnlab.launch.train", *_train_argv(data), "--output", str(tmp_path / "two")],
-        env=_quiet_env(tmp_path), capture_output=True, text=True, cwd=REPO, timeout=300,
+         "-m", "rnnlab.launch.train", *_train_argv(data), "--output", str(out)],
+        env=_quiet_env(out), capture_output=True, text=True, cwd=REPO, timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    _assert_follows(one_process_run, tmp_path / "two")
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_one_process_loss_curve(one_process_run, two_process_run):
+    _assert_follows(one_process_run, two_process_run)
+
+
+def _rank_process(launcher: subprocess.Popen, rank: int):
+    """The training process of one rank under ``accelerate launch`` (torchrun sets RANK in its environment)."""
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "rnnlab.launch.train" in " ".join(child.cmdline()):
+                return child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_elastic_run_survives_a_killed_rank_and_ends_with_the_uninterrupted_weights(data, two_process_run,
+                                                                                      tmp_path):
+    """``accelerate launch --max_restarts 1``: rank 1 is SIGKILLed once the first checkpoint is written; torchrun
+    stops the group and starts it again with the same command line, whose ``--resume auto`` continues from the
+    last checkpoint. The run ends with the same weights as the uninterrupted 2-process run, bit for bit."""
+    out = tmp_path / "elastic"
+    launcher = subprocess.Popen(
+        [*LAUNCH, "--num_machines", "1", "--main_process_port", str(_free_port()), "--max_restarts", "1",
+         "--monitor_interval", "0.5", "-m", "rnnlab.launch.train", *_train_argv(data), "--output", str(out),
+         "--resume", "auto"],
+        env=_quiet_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        deadline = time.time() + 240
+        while not (out / "checkpoints" / "latest.json").is_file():
+            assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()[-3000:]
+            time.sleep(0.05)
+        victim = _rank_process(launcher, 1)
+        assert victim is not None
+        killed_at_step = json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
+        victim.kill()  # SIGKILL
+        output, _ = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, output[-3000:]
+    starts = events(out, "config")
+    assert len(starts) == 2 and starts[1]["resumed_from"], starts  # restarted once, from a checkpoint
+    assert killed_at_step < 15
+    straight = load_file(str(two_process_run / "bundle" / "model.safetensors"))
+    resumed = load_file(str(out / "bundle" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ import torch
 from rnnlab.config import JobConfig, TrainSettings, validate
 from rnnlab.errors import ConfigError
 from rnnlab.trainers.checkpoints import Checkpoints, register_hooks
+from rnnlab.trainers.elastic import join_restarted_group
 from rnnlab.trainers.job import Job, make_job
 from rnnlab.trainers.optim import make_optimizer, make_scheduler
 from rnnlab.trainers.precision import resolve_precision, use_deterministic_kernels
@@ -194,6 +195,8 @@ def start_process(config: JobConfig, output_dir: Path):
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1:  # after a torchrun restart, meet on a fresh store (rnnlab/trainers/elastic.py says why)
+        join_restarted_group("nccl" if torch.cuda.is_available() else "gloo")
     cpu_group = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     accelerator = Accelerator(
         # Several processes and no GPU (``accelerate launch --multi_gpu`` or ``--cpu`` on a CPU machine): run
