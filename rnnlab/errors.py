@@ -23,3 +23,7 @@ class BundleError(RnnlabError):
 
 class InputError(RnnlabError):
     """A request to a trained model (text, prompt, price rows) cannot be served."""
+
+
+class TrainingError(RnnlabError):
+    """Training cannot go on as configured (e.g. the loss became NaN); the last good checkpoint is kept."""

@@ -140,11 +140,27 @@ def test_no_validation_split_refuses_tuning_callbacks(prices, tmp_path):
         train(smoke(prices, "data.val_days=0"), tmp_path, on_eval=lambda metrics, checkpoint: None)
 
 
-def test_no_validation_split_resumes_to_identical_weights(prices, tmp_path):
+def test_no_validation_split_resumes_to_identical_weights(prices, tmp_path, monkeypatch):
+    from rnnlab.trainers.checkpoints import Checkpoints
+
     config = smoke(prices, "data.val_days=0", "train.epochs=2", "train.eval_every=3", "train.log_every=1")
     straight = train(config, tmp_path / "straight")
-    first = train({**config, "train": {**config["train"], "max_steps": 6}}, tmp_path / "resumed")
-    assert first["steps"] == 6
+
+    class Interrupt(Exception):
+        pass
+
+    save = Checkpoints.save
+
+    def save_then_stop_at_step_6(self, accelerator, step, *args, **kwargs):
+        saved = save(self, accelerator, step, *args, **kwargs)
+        if step == 6:  # no validation, so no on_eval to stop from: stop once step 6 is on disk
+            raise Interrupt
+        return saved
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpoints, "save", save_then_stop_at_step_6)
+        with pytest.raises(Interrupt):
+            train(config, tmp_path / "resumed")
     resumed = train(config, tmp_path / "resumed", resume=True)
     assert resumed["steps"] == straight["steps"]
     a = load_file(str(tmp_path / "straight" / "bundle" / "model.safetensors"))

@@ -59,9 +59,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-failures", type=int, default=None,
                         help="times a failed trial (its process or node died) is retried, each time from its last "
                         "checkpoint; 0 gives up at once (default: 3)")
-    parser.add_argument("--max-failures", type=int, default=None,
-                        help="times a failed trial (its process or node died) is retried, each time from its last "
-                        "checkpoint; 0 gives up at once (default: 3)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     parser.add_argument("--quiet", action="store_true", help="hide Ray's progress output; print only the results")
     add_common_flags(parser)

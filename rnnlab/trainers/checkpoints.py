@@ -2,8 +2,8 @@
 
 Layout (under the run's ``checkpoints/``)::
 
-    step-000120/   accelerator.save_state + loop_state.json + job_state_<rank>.safetensors
-    latest.json    {"checkpoint": "step-000120", "step": 120}   (replaced atomically, read by resume)
+    step-000120/   accelerator.save_state + loop_state.json + job_state_<rank>.safetensors + manifest.json
+    latest.json    {"checkpoint": "step-000120", "step": 120, "previous": "step-000080"}   (read by resume)
     best.json      {"checkpoint": ..., "step": ..., "value": ...}
 """
 
@@ -13,25 +13,34 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from rnnlab.errors import ConfigError
+from rnnlab.trainers import durable
 
 log = logging.getLogger(__name__)
 
 
 class Checkpoints:
-    """``checkpoints/step-N`` folders written atomically (temp folder + rename); ``latest.json`` and ``best.json``
-    point at them (replaced atomically); every other folder is pruned, so at most two are kept."""
+    """``checkpoints/step-N`` folders, each written to a temporary folder, fsynced with a manifest of its files and
+    renamed into place (rnnlab/trainers/durable.py); ``latest.json`` (with the ``previous`` checkpoint) and
+    ``best.json`` point at them and move only once the folder is on disk. The latest, the one before it and the
+    best are kept, so a damaged latest one always leaves an older one to resume from."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, config: Mapping | None = None) -> None:
         self.root = root
+        self.config = dict(config or {})  # fingerprinted into every manifest; a resume under other settings fails
 
     def _pointer(self, name: str) -> dict | None:
         path = self.root / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        try:
+            pointer = json.loads(path.read_text())
+            return pointer if isinstance(pointer, dict) and "checkpoint" in pointer else None
+        except (OSError, ValueError):
+            return None
 
     def latest(self) -> Path | None:
         pointer = self._pointer("latest")
@@ -40,12 +49,11 @@ class Checkpoints:
     def best(self) -> dict | None:
         return self._pointer("best")
 
-    def write_pointer(self, name: str, payload: dict) -> None:
-        tmp = self.root / f".{name}.json.tmp"
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, self.root / f"{name}.json")
-
     def save(self, accelerator, step: int, loop_state: dict, job, is_best: bool, best_value) -> Path:
+        with durable.storage("a checkpoint", self.root):
+            return self._save(accelerator, step, loop_state, job, is_best, best_value)
+
+    def _save(self, accelerator, step: int, loop_state: dict, job, is_best: bool, best_value) -> Path:
         from safetensors.torch import save_file
 
         name = f"step-{step:07d}"
@@ -61,30 +69,69 @@ class Checkpoints:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / "loop_state.json").write_text(json.dumps(loop_state, indent=1))
-            if final.exists():  # a rerun of the same step after an interruption
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self.write_pointer("latest", {"checkpoint": name, "step": step})
+            durable.write_manifest(tmp, self.config)
+            durable.publish(tmp, final)  # fsync files and folder, rename, fsync the parent
+            latest = self._pointer("latest")
+            previous = latest["checkpoint"] if latest and latest["checkpoint"] != name else None
+            durable.write_json(self.root / "latest.json", {"checkpoint": name, "step": step, "previous": previous})
             if is_best:
-                self.write_pointer("best", {"checkpoint": name, "step": step, "value": best_value})
-            self.prune()
+                durable.write_json(self.root / "best.json", {"checkpoint": name, "step": step, "value": best_value})
+            self.prune()  # only now: every pointer names a folder that is on disk
         accelerator.wait_for_everyone()
         return final
 
     def resume_dir(self, resume: bool | str | Path) -> Path | None:
-        """The checkpoint to continue from: ``True`` = the latest one here (None when there is none), a path =
-        that checkpoint folder (Ray Tune hands one back through ``tune.get_checkpoint``)."""
+        """The checkpoint to continue from: ``True`` = the newest whole one here (None when there is none), a path
+        = that checkpoint folder (Ray Tune hands one back through ``tune.get_checkpoint``). Each is checked against
+        its manifest and the run's settings."""
         if resume is False or resume is None:
             return None
-        if resume is True:
-            latest = self.latest()
-            if latest is None:
-                log.info("no checkpoint under %s; starting from scratch", self.root)
-            return latest
-        path = Path(resume)
-        if not (path / "loop_state.json").is_file():
-            raise ConfigError(f"{path} is not an rnnlab checkpoint (no loop_state.json); pass a checkpoint folder.")
-        return path
+        if resume is not True:
+            path = Path(resume)
+            if not (path / "loop_state.json").is_file() and not (path / durable.MANIFEST).is_file():
+                raise ConfigError(f"{path} is not an rnnlab checkpoint (no loop_state.json); pass a checkpoint folder.")
+            problem = self._problem(path)
+            if problem:
+                raise ConfigError(f"Cannot resume from {path}: {problem}; pass a whole checkpoint folder.")
+            self._check_settings(path)
+            return path
+        problems = []
+        for candidate in self._candidates(problems):
+            problem = self._problem(candidate)
+            if problem is None:
+                if problems:
+                    log.warning("The latest checkpoint is unusable (%s); falling back to %s.", "; ".join(problems),
+                                candidate.name)
+                self._check_settings(candidate)
+                return candidate
+            problems.append(problem)
+        if problems:
+            log.warning("No checkpoint under %s is whole (%s); starting from scratch.", self.root, "; ".join(problems))
+        else:
+            log.info("no checkpoint under %s; starting from scratch", self.root)
+        return None
+
+    def _candidates(self, problems: list[str]) -> list[Path]:
+        """The pointer's checkpoint and the one before it first, then every other folder, newest first."""
+        named = []
+        pointer = self._pointer("latest")
+        if pointer is None and (self.root / "latest.json").exists():
+            problems.append("latest.json is empty or not valid JSON")
+        if pointer:
+            named = [pointer["checkpoint"], pointer.get("previous")]
+        folders = sorted((p.name for p in self.root.glob("step-*") if p.is_dir()), reverse=True)
+        order = [name for name in named if name] + [name for name in folders if name not in named]
+        return [self.root / name for name in dict.fromkeys(order)]
+
+    def _check_settings(self, folder: Path) -> None:
+        if (folder / durable.MANIFEST).is_file():
+            durable.check_same_config(folder, self.config)
+
+    @staticmethod
+    def _problem(folder: Path) -> str | None:
+        if (folder / "loop_state.json").is_file() and not (folder / durable.MANIFEST).exists():
+            return None  # written before checkpoints carried a manifest: renamed into place whole all the same
+        return durable.checkpoint_problem(folder)
 
     def restore(self, accelerator, directory: Path, job) -> dict:
         """Model, optimizer, schedule and RNG states back from ``directory``, and this process's job state;
@@ -94,17 +141,25 @@ class Checkpoints:
         return json.loads((directory / "loop_state.json").read_text())
 
     def load_best_weights(self, model: torch.nn.Module) -> bool:
-        """The best checkpoint's weights into ``model``; False when no checkpoint was ever the best."""
+        """The best checkpoint's weights into ``model``; False when no checkpoint was ever the best (or it is
+        damaged: then the weights stay the final ones, with a warning)."""
         from safetensors.torch import load_file
 
         best = self.best()
         if best is None:
             return False
-        model.load_state_dict(load_file(str(self.root / best["checkpoint"] / "model.safetensors")))
+        folder = self.root / best["checkpoint"]
+        problem = self._problem(folder)
+        if problem:
+            log.warning("The best checkpoint is unusable (%s); exporting the final weights instead.", problem)
+            return False
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
         return True
 
     def prune(self) -> None:
-        keep = {p["checkpoint"] for p in (self._pointer("latest"), self._pointer("best")) if p}
+        latest, best = self._pointer("latest"), self._pointer("best")
+        keep = {name for name in (latest and latest["checkpoint"], latest and latest.get("previous"),
+                                  best and best["checkpoint"]) if name}
         for path in self.root.glob("step-*"):
             if path.name not in keep:
                 shutil.rmtree(path, ignore_errors=True)

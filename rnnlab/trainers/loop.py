@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from rnnlab.config import JobConfig, TrainSettings, validate
-from rnnlab.errors import ConfigError
+from rnnlab.errors import ConfigError, TrainingError
+from rnnlab.trainers import durable
 from rnnlab.trainers.checkpoints import Checkpoints, register_hooks
 from rnnlab.trainers.elastic import join_restarted_group
 from rnnlab.trainers.job import Job, make_job
@@ -110,7 +111,14 @@ def train(config: JobConfig | Mapping, output_dir: str | Path, *, resume: bool |
 
     config = config if isinstance(config, JobConfig) else validate(config)
     output_dir = Path(output_dir)
+    if resume is False or resume is None:  # a fresh run never mixes its files with another run's
+        durable.refuse_used_output(output_dir)
     accelerator, precision = start_process(config, output_dir)
+    checkpoints = Checkpoints(output_dir / "checkpoints", config.to_dict())
+    if accelerator.is_main_process:
+        removed = durable.remove_temporaries(checkpoints.root)
+        if removed:
+            log.info("removed %s, left half-written by an interrupted run", ", ".join(removed))
     job = make_job(config, rank=accelerator.process_index, world_size=accelerator.num_processes)
     job.device = accelerator.device
     with accelerator.main_process_first():  # the main process fills the token cache; the others read it
@@ -122,16 +130,18 @@ def train(config: JobConfig | Mapping, output_dir: str | Path, *, resume: bool |
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     check_validation(job, on_eval, accelerator.is_main_process)
 
-    checkpoints = Checkpoints(output_dir / "checkpoints")
     resume_dir = checkpoints.resume_dir(resume)
     state = restore_state(accelerator, checkpoints, resume_dir, job)
     tracking = Tracking(accelerator, config, output_dir)
     tracking.write("config", config=config.to_dict(), precision=precision, device=str(accelerator.device),
                    world_size=accelerator.num_processes, total_steps=schedule.total_steps,
                    steps_per_epoch=schedule.micro_per_epoch // config.train.grad_accum,
-                   resumed_from=str(resume_dir or ""))
+                   resumed_from=str(resume_dir or ""), resumed_step=state.step)
 
     def validate_and_checkpoint() -> None:
+        # every loss since the last log line, before anything trained on it is checkpointed
+        check_finite("training loss", float(accelerator.reduce(window.loss.clone(), reduction="sum")), state,
+                     checkpoints)
         validate_step(accelerator, model, job, state, schedule, checkpoints, tracking, on_eval)
 
     progress = tqdm(total=schedule.total_steps, initial=state.step, desc=f"train {config.job}", dynamic_ncols=True,
@@ -162,6 +172,7 @@ def train(config: JobConfig | Mapping, output_dir: str | Path, *, resume: bool |
                 progress.update(1)
                 if state.step % log_every == 0 or state.step == schedule.total_steps:
                     record = window.flush(accelerator, scheduler.get_last_lr()[0])
+                    check_finite("training loss", record["loss"], state, checkpoints)
                     record["epoch"] = round(schedule.epoch_progress(state), 4)
                     tracking.log("train", record, step=state.step)
                     progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -217,7 +228,8 @@ def start_process(config: JobConfig, output_dir: Path):
             "check the accelerate config (e.g. configs/accelerate/cpu.yaml on a machine without GPUs)."
         )
     if accelerator.is_main_process:
-        (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        with durable.storage("the run folder", output_dir):
+            (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     set_seed(config.train.seed)
     use_deterministic_kernels(config.train.deterministic)
@@ -257,9 +269,12 @@ def validate_step(accelerator, model, job: Job, state: TrainState, schedule: Sch
     model.eval()
     metrics = job.evaluate(accelerator.unwrap_model(model), "val", accelerator).metrics
     model.train()
+    check_finite("validation loss", metrics.get("loss", 0.0), state, checkpoints)
     monitor, mode = job.monitor()
     value = metrics[monitor]
-    is_best = state.best_value is None or (value < state.best_value if mode == "min" else value > state.best_value)
+    # a NaN (e.g. ROC-AUC of a one-class split) is never the best, so it can never pin the best checkpoint
+    is_best = math.isfinite(value) and (
+        state.best_value is None or (value < state.best_value if mode == "min" else value > state.best_value))
     if is_best:
         state.best_value, state.best_step, state.best_val, state.evals_since_best = value, state.step, metrics, 0
     else:
@@ -277,6 +292,16 @@ def validate_step(accelerator, model, job: Job, state: TrainState, schedule: Sch
                  "is_best": is_best}, checkpoint)
 
 
+def check_finite(what: str, value: float, state: TrainState, checkpoints: Checkpoints) -> None:
+    """Stop a diverged run before it writes a checkpoint, naming the last good one."""
+    if math.isfinite(value):
+        return
+    latest = checkpoints.latest()
+    kept = f"{latest.name} is the last good checkpoint" if latest is not None else "no checkpoint was written"
+    raise TrainingError(f"The {what} is not finite ({value}) at step {state.step}, so training stopped and {kept}; "
+                        "lower train.lr or set train.grad_clip and start a new --output.")
+
+
 def finish(accelerator, model, job: Job, checkpoints: Checkpoints, state: TrainState, tracking: Tracking,
            output_dir: Path) -> dict:
     """Best weights back in, the test split scored once, the job's report, the bundle exported."""
@@ -292,10 +317,20 @@ def finish(accelerator, model, job: Job, checkpoints: Checkpoints, state: TrainS
     result = {"val": val, "test": dict(test.metrics), "best_step": state.best_step, "steps": state.step,
               "stopped_early": state.stopped_early, "bundle": str(output_dir / "bundle")}
     if accelerator.is_main_process:
-        extra = job.report(unwrapped, val, test, output_dir, tracking.tracker)
-        result["test"].update({k: v for k, v in extra.items() if isinstance(v, (int, float))})
-        save_bundle(output_dir / "bundle", job=job.config.job, model=unwrapped, assets=job.assets(),
-                    metrics={**result, **({"extra": extra} if extra else {})}, config=job.config.to_dict())
+        def export(extra: dict) -> None:
+            with durable.storage("the bundle", output_dir):
+                save_bundle(output_dir / "bundle", job=job.config.job, model=unwrapped, assets=job.assets(),
+                            metrics={**result, **({"extra": extra} if extra else {})}, config=job.config.to_dict())
+
+        export({})  # the model first: plots, tables and W&B come after and can never cost it
+        try:
+            extra = job.report(unwrapped, val, test, output_dir, tracking.tracker)
+        except Exception as error:  # a plotting backend, W&B's service: a report is never worth the run
+            log.warning("The end-of-run report failed (%s: %s); the bundle is saved.", type(error).__name__, error)
+            extra = {}
+        if extra:
+            result["test"].update({k: v for k, v in extra.items() if isinstance(v, (int, float))})
+            export(extra)
         tracking.write("summary", **result)
         log.info("best step %s; test %s; bundle %s", state.best_step, _brief(test.metrics), output_dir / "bundle")
     accelerator.wait_for_everyone()

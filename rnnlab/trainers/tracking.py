@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -12,20 +13,41 @@ from typing import Any
 import torch
 
 from rnnlab.config import JobConfig
+from rnnlab.trainers import durable
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog:
-    """``metrics.jsonl`` on the main process: one JSON object per event, appended (a resumed run continues it)."""
+    """``metrics.jsonl`` on the main process: one JSON object per event, appended (a resumed run continues it).
+    A line a killed run left half-written is cut off first, so every line stays whole JSON."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
+        if enabled:
+            with durable.storage("metrics.jsonl", path.parent):
+                _drop_partial_line(path)
 
     def write(self, event: str, **fields: Any) -> None:
         if not self.enabled:
             return
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with durable.storage("metrics.jsonl", self.path.parent), open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, default=_jsonable) + "\n")
+
+
+def _drop_partial_line(path: Path) -> None:
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(path, "r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _jsonable(value: Any) -> Any:
@@ -41,16 +63,42 @@ class Tracking:
         self.accelerator = accelerator
         self.log_file = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process)
         self.tracker = None  # the wandb run, on the main process (jobs log figures and tables to it)
+        self._warned = False
         if config.tracking.wandb:
-            init_kwargs = wandb_settings(config, output_dir) if accelerator.is_main_process else {}
+            self._start_wandb(config, output_dir)
+
+    def _start_wandb(self, config: JobConfig, output_dir: Path) -> None:
+        """W&B failing to start (a bad key, no network) never stops training: offline, else no W&B at all."""
+        accelerator = self.accelerator
+        init_kwargs = wandb_settings(config, output_dir) if accelerator.is_main_process else {}
+        try:
             accelerator.init_trackers(config.tracking.project, config=config.to_dict(),
                                       init_kwargs={"wandb": init_kwargs})
-            if accelerator.is_main_process:
-                self.tracker = accelerator.get_tracker("wandb", unwrap=True)
+        except Exception as error:  # W&B raises its own errors, and anything its service does
+            log.warning("W&B could not start (%s); logging this run offline under %s instead.", _first_line(error),
+                        init_kwargs.get("dir", output_dir))
+            os.environ["WANDB_MODE"] = "offline"
+            accelerator.trackers = []
+            try:
+                accelerator.init_trackers(config.tracking.project, config=config.to_dict(),
+                                          init_kwargs={"wandb": {**init_kwargs, "mode": "offline"}})
+            except Exception as again:
+                log.warning("W&B could not start offline either (%s); this run logs to metrics.jsonl only.",
+                            _first_line(again))
+                accelerator.trackers = []
+                return
+        if accelerator.is_main_process:
+            self.tracker = accelerator.get_tracker("wandb", unwrap=True)
 
     def log(self, event: str, metrics: dict, *, step: int, **fields: Any) -> None:
-        """``metrics`` as ``event/name`` to W&B at ``step``, and one ``event`` line (with ``fields``) to the file."""
-        self.accelerator.log({f"{event}/{k}": v for k, v in metrics.items()}, step=step)
+        """``metrics`` as ``event/name`` to W&B at ``step``, and one ``event`` line (with ``fields``) to the file.
+        A W&B failure is a warning (once): the run, its checkpoints and metrics.jsonl go on."""
+        try:
+            self.accelerator.log({f"{event}/{k}": v for k, v in metrics.items()}, step=step)
+        except Exception as error:
+            if not self._warned:
+                log.warning("W&B logging failed (%s); metrics.jsonl keeps every record.", _first_line(error))
+                self._warned = True
         self.log_file.write(event, step=step, **fields, **metrics)
 
     def write(self, event: str, **fields: Any) -> None:

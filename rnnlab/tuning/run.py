@@ -192,6 +192,9 @@ def _trial(params: dict, *, base_config: dict, settings: dict) -> None:
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
+        from rnnlab.trainers.durable import clear_run_files
+
+        clear_run_files(trial_dir)  # a retry that failed before its first checkpoint starts over, cleanly
         train(config, trial_dir, on_eval=on_eval)
         return
     # A restored trial (--resume, or a retry) continues from the checkpoint Tune last took, not the loop's own
