@@ -287,3 +287,25 @@ def test_resume_after_interrupt_skips_finished_trials(tmp_path, prices):
         events = [json.loads(line) for line in (out / "resume-test" / name / "metrics.jsonl").read_text().splitlines()]
         starts = [event for event in events if event["event"] == "config"]
         assert len(starts) == 2 and "checkpoint_" in starts[-1]["resumed_from"], starts
+
+
+@pytest.mark.slow
+def test_a_trial_of_two_cpu_workers_trains_over_gloo_and_reports_with_checkpoints(tmp_path, prices):
+    """--workers-per-trial 2: the trial is a Ray Train TorchTrainer of two gloo processes; rank 0's validations
+    reach Tune through the trial's driver (tune.report with a checkpoint each epoch)."""
+    space = write_yaml(tmp_path / "space.yaml", {"inherit": False, "params": {"train.lr": {"choice": [0.01]}}})
+    out = tmp_path / "search"
+    assert main(["tune", "stock", "--preset", "smoke", "--source", str(prices), "--space", str(space),
+                 "--num-samples", "1", "--max-epochs", "2", "--scheduler", "fifo", "--workers-per-trial", "2",
+                 "--cpus-per-trial", "2", "--num-cpus", "3", "--output", str(out), "--name", "workers", "--quiet",
+                 "--set", "tracking.wandb=false"]) == 0
+    [row] = _read_csv(out / "results.csv")
+    assert row["status"] == "completed" and row["epochs"] == "2"
+    trial = next((out / "workers").glob("trial_*"))
+    config = next(json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["event"] == "config")
+    assert config["world_size"] == 2  # one process group of two
+    reports = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+    assert len(reports) == 2 and all("val/mae" in r for r in reports)
+    assert len(list(trial.glob("checkpoint_*"))) >= 1  # Tune took the checkpoints
+    assert (trial / "bundle" / "config.json").is_file()

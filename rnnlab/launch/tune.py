@@ -56,6 +56,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted search in --output: unfinished and errored trials go on "
                         "from their last checkpoint, finished ones are kept as they are")
+    parser.add_argument("--workers-per-trial", type=int, default=1,
+                        help="training processes per trial: above 1, each trial runs as a Ray Train TorchTrainer of "
+                        "that many workers (gloo on CPUs; with --gpus-per-trial, one GPU each), plus a driver "
+                        "that reports to Tune; --cpus-per-trial is split over the workers, at least 1 each")
     parser.add_argument("--max-failures", type=int, default=None,
                         help="times a failed trial (its process or node died) is retried, each time from its last "
                         "checkpoint; 0 gives up at once (default: 3)")
@@ -78,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     settings = SearchSettings(
         num_samples=args.num_samples, max_epochs=args.max_epochs, scheduler=args.scheduler, search=args.search,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
+        workers_per_trial=args.workers_per_trial,
         num_cpus=args.num_cpus, max_failures=DEFAULT_MAX_FAILURES if args.max_failures is None else args.max_failures,
     )  # fmt: skip
     if args.resume:  # the saved plan as it was, so finished trials stay comparable; only where it runs is new

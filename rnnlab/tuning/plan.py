@@ -35,6 +35,7 @@ class SearchSettings:
     search: str = "random"  # random | optuna
     cpus_per_trial: float = 1
     gpus_per_trial: float = 0  # a fraction shares a GPU; a whole number > 1 runs a Ray Train trial
+    workers_per_trial: int = 1  # > 1: a Ray Train TorchTrainer of that many processes (gloo on CPUs)
     address: str | None = None  # a running cluster (auto | ray://host:port); None = a local Ray instance
     num_cpus: int | None = None  # CPUs of the local Ray instance; None = every core
     max_failures: int = DEFAULT_MAX_FAILURES  # retries of a failed trial, each from its last checkpoint
@@ -53,7 +54,29 @@ class SearchSettings:
                 import optuna  # noqa: F401
             except ImportError:
                 raise ConfigError("--search optuna needs the optuna package; pip install 'rnnlab[optuna]'.") from None
+        if not isinstance(self.workers_per_trial, int) or isinstance(self.workers_per_trial, bool) \
+                or self.workers_per_trial < 1:
+            raise ConfigError(f"--workers-per-trial must be a whole number of at least 1, not "
+                              f"{self.workers_per_trial!r}.")
+        if self.workers_per_trial > 1 and self.gpus_per_trial and self.gpus_per_trial != self.workers_per_trial:
+            raise ConfigError(f"--workers-per-trial {self.workers_per_trial} with --gpus-per-trial "
+                              f"{self.gpus_per_trial:g}: each worker takes one whole GPU, so give both the same number.")
         check_resources(self)
+
+    @property
+    def workers(self) -> int:
+        """Training processes per trial: --workers-per-trial, or one per GPU when a trial has several GPUs."""
+        return max(self.workers_per_trial, int(self.gpus_per_trial) if self.gpus_per_trial > 1 else 1)
+
+    @property
+    def cpus_per_worker(self) -> float:
+        """A multi-worker trial's CPUs split over its workers, at least one each."""
+        return max(1.0, float(self.cpus_per_trial) / self.workers)
+
+    @property
+    def cpus_reserved(self) -> float:
+        """CPUs one trial holds: itself, or its workers plus the driver that reports for them."""
+        return self.cpus_per_trial if self.workers == 1 else self.workers * self.cpus_per_worker + 1
 
 
 @dataclass
@@ -133,6 +156,7 @@ def load_plan(output: str | Path, *, address: str | None = None, num_cpus: int |
     )
     settings = SearchSettings(**{key: saved[key] for key in ("num_samples", "max_epochs", "scheduler", "search",
                                                              "cpus_per_trial", "gpus_per_trial")},
+                              workers_per_trial=saved.get("workers_per_trial", 1),
                               address=address, num_cpus=num_cpus,
                               max_failures=saved.get("max_failures", DEFAULT_MAX_FAILURES)
                               if max_failures is None else max_failures)
@@ -172,6 +196,11 @@ def check_resources(settings: SearchSettings) -> None:
             f"--cpus-per-trial {cpus:g} is more than this machine's {cores} CPUs; "
             f"ask for at most {cores} (or pass --address to use a cluster)."
         )
+    if settings.workers > 1 and settings.cpus_reserved > cores:
+        raise ConfigError(
+            f"A trial of {settings.workers} workers needs {settings.cpus_reserved:g} CPUs (one per worker at least, "
+            f"and one for its driver) and this machine has {cores}; pass --num-cpus or --address to use a cluster."
+        )
     if gpus > 0:
         import torch
 
@@ -198,7 +227,11 @@ def check_cluster_resources(settings: SearchSettings) -> None:
     most_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
     total_gpus = sum(node.get("GPU", 0) for node in nodes)
     most_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
-    if gpus > 1:
+    if settings.workers > 1:  # its workers may sit on different nodes
+        total_cpus = sum(node.get("CPU", 0) for node in nodes)
+        if settings.cpus_reserved > total_cpus:
+            raise ConfigError(f"A trial of {settings.workers} workers needs {settings.cpus_reserved:g} CPUs and the "
+                              f"cluster has {total_cpus:g}.")
         if gpus > total_gpus:
             raise ConfigError(f"--gpus-per-trial {gpus:g} is more than the cluster's {total_gpus:g} GPUs.")
         return

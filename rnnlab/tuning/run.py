@@ -24,6 +24,10 @@ from rnnlab.errors import ConfigError
 from rnnlab.tuning.plan import SearchPlan, check_cluster_resources
 from rnnlab.tuning.results import SearchResult, summarize_search
 
+# How long a multi-worker trial's rank 0 waits for its driver to take a checkpoint: generous (a slow shared
+# filesystem), but bounded, so a dead driver fails the trial (and Tune retries it) instead of hanging it.
+ACK_TIMEOUT_S = 600
+
 # Environment the trials need on every node; Ray workers on a running cluster do not inherit the driver's.
 FORWARDED_ENV = (
     "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_DIR",
@@ -99,11 +103,11 @@ def make_trainable(plan: SearchPlan):
     from ray import tune
 
     settings = {"name": plan.name, "experiment_dir": str(plan.experiment_dir), "job": plan.job}
-    if plan.settings.gpus_per_trial > 1:
-        workers = int(plan.settings.gpus_per_trial)
-        settings.update(workers=workers, cpus_per_worker=max(1.0, plan.settings.cpus_per_trial // workers))
+    if plan.settings.workers > 1:
+        settings.update(workers=plan.settings.workers, cpus_per_worker=plan.settings.cpus_per_worker,
+                        use_gpu=plan.settings.gpus_per_trial > 0)
         function = tune.with_parameters(_distributed_trial, base_config=plan.base_config, settings=settings)
-        # The trial is only the driver; Ray Train reserves the workers' GPUs itself.
+        # The trial is only the driver; Ray Train reserves the workers' CPUs and GPUs itself.
         return tune.with_resources(function, {"cpu": 1})
     function = tune.with_parameters(_trial, base_config=plan.base_config, settings=settings)
     return tune.with_resources(function, {"cpu": plan.settings.cpus_per_trial, "gpu": plan.settings.gpus_per_trial})
@@ -135,11 +139,15 @@ def build_tuner(plan: SearchPlan, trainable, *, verbose: int = 1):
     else:
         searcher = BasicVariantGenerator(random_state=space.seed)
     max_concurrent = None
-    if plan.settings.gpus_per_trial > 1:
-        # Tune sees only the drivers' CPU; cap the trials so their Ray Train workers fit the GPUs.
+    if plan.settings.workers > 1:
+        # Tune sees only the drivers' CPU: cap the trials so that their Ray Train workers fit too (else drivers
+        # would hold the CPUs their own workers wait for).
         import ray
 
-        max_concurrent = max(1, int(ray.cluster_resources().get("GPU", 0) // plan.settings.gpus_per_trial))
+        resources = ray.cluster_resources()
+        max_concurrent = max(1, int(resources.get("CPU", 0) // plan.settings.cpus_reserved))
+        if plan.settings.gpus_per_trial > 0:
+            max_concurrent = min(max_concurrent, max(1, int(resources.get("GPU", 0) // plan.settings.workers)))
     return tune.Tuner(
         trainable,
         param_space=space.to_tune(),
@@ -227,16 +235,18 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 def _distributed_trial(params: dict, *, base_config: dict, settings: dict) -> None:
-    """A trial with several GPUs: this function is the driver of a Ray Train ``TorchTrainer`` whose workers
-    each run the same ``train`` (one process per GPU; Accelerate uses the process group Ray Train set up).
+    """A trial of several processes (``--workers-per-trial``, or several GPUs): this function is the driver of a
+    Ray Train ``TorchTrainer`` whose workers each run the same ``train`` (gloo on CPUs, NCCL with one GPU each;
+    Accelerate uses the process group Ray Train set up).
 
     The loop calls ``on_eval`` on its main process only, while ``ray.train.report`` is a barrier every worker
-    must reach; so rank 0 sends each validation to this driver through a queue and waits for the driver's
-    ``tune.report`` to take the checkpoint before training on. Needs a shared filesystem for the trial folder
-    (as multi-node Tune does anyway). Not exercised by the CPU test suite.
+    must reach; so rank 0 sends each validation to this driver through a queue and waits (boundedly) for the
+    driver's ``tune.report`` to take the checkpoint before training on. Needs a shared filesystem for the trial
+    folder (as multi-node Tune does anyway). tests/test_tune.py runs one with 2 CPU workers.
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    import ray
     from ray import tune
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -248,6 +258,11 @@ def _distributed_trial(params: dict, *, base_config: dict, settings: dict) -> No
     checkpoint = tune.get_checkpoint()
     # Workers read the checkpoint from the shared trial folder (Tune keeps it under the trial's storage path).
     resume = Path(checkpoint.path) if checkpoint is not None else False
+    if checkpoint is None:
+        from rnnlab.trainers.durable import clear_run_files
+
+        clear_run_files(trial_dir)  # a retry that failed before its first checkpoint starts over, cleanly
+    node_id = ray.get_runtime_context().get_node_id()
     reports, acks = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
 
     def worker(_: dict) -> None:
@@ -257,7 +272,12 @@ def _distributed_trial(params: dict, *, base_config: dict, settings: dict) -> No
 
         def on_eval(metrics: dict, checkpoint_dir: Path) -> None:
             reports.put((flatten_metrics(metrics), str(checkpoint_dir)))
-            acks.get()  # the driver has copied the checkpoint
+            try:
+                acks.get(timeout=ACK_TIMEOUT_S)  # the driver has taken the checkpoint
+            except Empty:
+                raise RuntimeError(f"The trial's driver did not take the checkpoint {checkpoint_dir} within "
+                                   f"{ACK_TIMEOUT_S} s (it died or hangs); the trial stops so Tune can retry "
+                                   "it.") from None
 
         train(config, trial_dir, resume=resume, on_eval=on_eval)
         if ray.train.get_context().get_world_rank() == 0:
@@ -266,8 +286,8 @@ def _distributed_trial(params: dict, *, base_config: dict, settings: dict) -> No
     trainer = TorchTrainer(
         worker,
         scaling_config=ScalingConfig(
-            num_workers=settings["workers"], use_gpu=True,
-            resources_per_worker={"CPU": settings["cpus_per_worker"], "GPU": 1},
+            num_workers=settings["workers"], use_gpu=settings["use_gpu"],
+            resources_per_worker={"CPU": settings["cpus_per_worker"], **({"GPU": 1} if settings["use_gpu"] else {})},
         ),
         run_config=RunConfig(name=f"{trial_dir.name}-train", storage_path=str(trial_dir / "ray_train")),
     )
@@ -284,6 +304,6 @@ def _distributed_trial(params: dict, *, base_config: dict, settings: dict) -> No
             if item is None:
                 break
             metrics, checkpoint_dir = item
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+            tune.report({**metrics, "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
             acks.put(True)
         fit.result()
