@@ -21,13 +21,10 @@ Two things ``ray.init(address=...)`` alone gets wrong for a user:
 from __future__ import annotations
 
 import ipaddress
-import logging
 import socket
 from dataclasses import dataclass
 
 from rnnlab.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
 _CLIENT_PREFIX = "ray://"
@@ -56,8 +53,9 @@ def connect(address: str | None, **init_kwargs) -> list[Node] | None:
         _check_listening(host, port, address)
         _init(ray, address, init_kwargs)
         return None
-    host, port = split_address(_resolve_auto(address), original=address)
-    nodes = cluster_nodes(host, port, shown=address)
+    resolved = _resolve_auto(address)
+    host, port = split_address(resolved, original=address)
+    nodes = cluster_nodes(host, port, shown=address if resolved == address else f"{address} = {resolved}")
     if _is_loopback(host) and any(_is_loopback(node.address) for node in nodes):
         keep_loopback()
     _init(ray, f"{host}:{port}", init_kwargs)
@@ -75,7 +73,8 @@ def split_address(address: str, *, original: str | None = None) -> tuple[str, in
 
 
 def cluster_nodes(host: str, port: int, *, shown: str | None = None) -> list[Node]:
-    """The cluster's live nodes, asked of its GCS at host:port; ConfigError when nothing there answers as one."""
+    """The cluster's live nodes, asked of its GCS at host:port; ConfigError when nothing there answers as one.
+    Empty when the head wants an auth token this probe does not carry (ray.init then connects with it)."""
     import grpc
     from ray.core.generated import gcs_pb2, gcs_service_pb2, gcs_service_pb2_grpc
 
@@ -83,7 +82,7 @@ def cluster_nodes(host: str, port: int, *, shown: str | None = None) -> list[Nod
 
     def unreachable(why: str) -> ConfigError:
         return ConfigError(
-            f"No Ray cluster answers at --address {shown} ({why}); start one with `ray start --head`, "
+            f"The Ray cluster at --address {shown} cannot be reached ({why}); start one with `ray start --head`, "
             "or pass the address its head printed (a stopped or killed cluster leaves a stale address behind)."
         )
 
@@ -96,9 +95,12 @@ def cluster_nodes(host: str, port: int, *, shown: str | None = None) -> list[Nod
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
         reply = stub.GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(), timeout=PROBE_TIMEOUT_S)
     except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNAUTHENTICATED:  # a head with token auth: ray.init brings the token
+            return []
         raise unreachable(f"port {port} is open but is not a Ray head ({error.code().name})") from None
     except grpc.FutureTimeoutError:
-        raise unreachable(f"port {port} is open but did not answer as a Ray head within {PROBE_TIMEOUT_S:g} s") from None
+        why = f"port {port} is open but did not answer as a Ray head within {PROBE_TIMEOUT_S:g} s"
+        raise unreachable(why) from None
     finally:
         channel.close()
     alive = gcs_pb2.GcsNodeInfo.GcsNodeState.Value("ALIVE")
@@ -108,7 +110,7 @@ def cluster_nodes(host: str, port: int, *, shown: str | None = None) -> list[Nod
              is_head=bool(info.is_head_node))
         for info in reply.node_info_list if info.state == alive
     ]
-    if not nodes:
+    if not nodes:  # the head's GCS outlived its raylet
         raise ConfigError(f"The Ray cluster at --address {shown} has no live node left; restart its head "
                           "(`ray stop; ray start --head`) and add the workers again.")
     return nodes
@@ -155,8 +157,8 @@ def _init(ray, address: str, init_kwargs: dict) -> None:
 def _check_listening(host: str, port: int, shown: str) -> None:
     why = _tcp_problem(host, port)
     if why:
-        raise ConfigError(f"No Ray Client server answers at --address {shown} ({why}); start the head with "
-                          "`ray start --head` (its Ray Client server listens on port 10001).")
+        raise ConfigError(f"The Ray Client server at --address {shown} cannot be reached ({why}); start the head "
+                          "with `ray start --head` (its Ray Client server listens on port 10001).")
 
 
 def _tcp_problem(host: str, port: int) -> str | None:

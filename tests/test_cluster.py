@@ -6,7 +6,9 @@
 - a worker node removed mid-search: every trial still finishes (failed trials resume from their checkpoint);
 - an address where no cluster answers is one sentence within seconds (no cluster needed).
 
-Each node has 1 CPU, so two 1-CPU trials run at once, one per node. Ray's temp folder follows RAY_TMPDIR.
+- a trial of two gloo workers (Ray Train's TorchTrainer) trains across the nodes and reports with checkpoints;
+
+The head has 2 CPUs and the worker 1, so three 1-CPU trials run at once. Ray's temp folder follows RAY_TMPDIR.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def test_an_address_where_no_cluster_answers_is_one_sentence_within_seconds(comm
     argv = {"tune": ["tune", "stock", "--preset", "smoke", "--source", str(make_stock_csv(tmp_path)),
                      "--output", str(tmp_path / "out")],
             "serve": ["serve", "--bundles", str(_bundles(tmp_path / "bundles")), "--port", str(_free_port())]}[command]
-    for address, expected in ((closed, f"No Ray cluster answers at --address {closed} (nothing listens on port"),
+    unreachable = f"The Ray cluster at --address {closed} cannot be reached (nothing listens on port"
+    for address, expected in ((closed, unreachable),
                               ("my-head", "--address 'my-head' is not HOST:PORT")):
         started = time.perf_counter()
         assert main([*argv, "--address", address]) == 2
@@ -70,16 +73,19 @@ def _bundles(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and one worker node, each 1 CPU, both on 127.0.0.1 (loopback only: the case Ray's own address
+    """A head (2 CPUs) and one worker node (1 CPU), both on 127.0.0.1 (loopback only: the case Ray's own address
     rewriting got wrong). Yields the Cluster; ``cluster.address`` is ``127.0.0.1:PORT``."""
     from ray.cluster_utils import Cluster
 
-    node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
-    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-    cluster.add_node(**node)
+    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "include_dashboard": False})
+    cluster.add_node(**WORKER)
     cluster.wait_for_nodes()
     yield cluster
     cluster.shutdown()
+
+
+HEAD = {"num_cpus": 2, "node_ip_address": "127.0.0.1"}
+WORKER = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
 
 
 def _node_ids(cluster) -> set[str]:
@@ -205,7 +211,7 @@ def test_a_search_that_loses_a_worker_node_finishes_every_trial(cluster, tmp_pat
         if process.poll() is None:
             process.kill()
         if not cluster.worker_nodes:
-            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")  # the module's other tests want two nodes
+            cluster.add_node(**WORKER)  # the module's other tests want two nodes
     wall = time.perf_counter() - started
     assert process.returncode == 0, output[-3000:]
     rows = {row["trial"]: row for row in _csv(tmp_path / "search" / "results.csv")}
@@ -218,3 +224,26 @@ def test_a_search_that_loses_a_worker_node_finishes_every_trial(cluster, tmp_pat
         starts = [json.loads(line) for line in (search / name / "metrics.jsonl").read_text().splitlines()
                   if json.loads(line)["event"] == "config"]
         assert len(starts) >= 2 and "checkpoint_" in starts[-1]["resumed_from"], starts  # not from scratch
+
+
+@pytest.mark.slow
+def test_a_trial_of_two_cpu_workers_trains_over_gloo_and_reports_with_checkpoints(cluster, tmp_path):
+    """--workers-per-trial 2: the trial is a Ray Train TorchTrainer of two gloo processes; rank 0's validations
+    reach Tune through the trial's driver (tune.report with a checkpoint each epoch)."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"inherit": False, "params": {"train.lr": {"choice": [0.01]}}}))
+    out = tmp_path / "search"
+    assert main(["tune", "stock", "--preset", "smoke", "--source", str(make_stock_csv(tmp_path)), "--space",
+                 str(space), "--num-samples", "1", "--max-epochs", "2", "--scheduler", "fifo",
+                 "--workers-per-trial", "2", "--cpus-per-trial", "2", "--address", cluster.address, "--output",
+                 str(out), "--name", "workers", "--quiet", "--set", "tracking.wandb=false"]) == 0
+    [row] = _csv(out / "results.csv")
+    assert row["status"] == "completed" and row["epochs"] == "2"
+    trial = next((out / "workers").glob("trial_*"))
+    config = next(json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["event"] == "config")
+    assert config["world_size"] == 2  # one process group of two
+    reports = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+    assert len(reports) == 2 and all("val/mae" in r for r in reports)
+    assert len(list(trial.glob("checkpoint_*"))) >= 1  # Tune took the checkpoints
+    assert (trial / "bundle" / "config.json").is_file()

@@ -210,7 +210,8 @@ def test_a_nan_first_validation_is_never_the_best(prices, tmp_path, monkeypatch)
         if split == "val":
             seen["n"] += 1
             if seen["n"] == 1:  # every metric but the loss (a NaN loss stops the run)
-                result.metrics = {key: value if key == "loss" else float("nan") for key, value in result.metrics.items()}
+                result.metrics = {key: value if key == "loss" else float("nan")
+                                  for key, value in result.metrics.items()}
         return result
 
     monkeypatch.setattr(job_class, "evaluate", nan_first)
@@ -274,10 +275,10 @@ def test_tracking_never_costs_the_model(prices, tmp_path, monkeypatch, caplog):
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_ends_with_the_uninterrupted_weights(prices, tmp_path):
-    """benchmarks/kill_resume.py with two kills (the benchmark runs 20): one early, one late in the run."""
+    """benchmarks/kill_resume.py with one kill, late in the run (the benchmark runs 20 at random moments)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from kill_resume import kill_loop
 
     report = kill_loop(tmp_path, job="stock", extra=["--source", str(prices), "--set", "tracking.wandb=false"],
-                       kills=2, moments=[0.6, 0.9])
-    assert report.identical == 2, report.runs
+                       kills=1, moments=[0.8])
+    assert report.identical == 1, report.runs

@@ -60,7 +60,8 @@ class SearchSettings:
                               f"{self.workers_per_trial!r}.")
         if self.workers_per_trial > 1 and self.gpus_per_trial and self.gpus_per_trial != self.workers_per_trial:
             raise ConfigError(f"--workers-per-trial {self.workers_per_trial} with --gpus-per-trial "
-                              f"{self.gpus_per_trial:g}: each worker takes one whole GPU, so give both the same number.")
+                              f"{self.gpus_per_trial:g}: each worker takes one whole GPU, so give both the same "
+                              "number.")
         check_resources(self)
 
     @property
