@@ -40,12 +40,15 @@ class Node:
 
 
 def connect(address: str | None, **init_kwargs) -> list[Node] | None:
-    """``ray.init`` for a local instance (``address=None``) or an existing cluster; returns the cluster's live
-    nodes (None for Ray Client or a local instance). Raises ConfigError, one sentence, when no cluster answers."""
+    """``ray.init`` for a new local instance (``address=None``) or an existing cluster; returns the cluster's live
+    nodes (None for Ray Client or a local instance). Raises ConfigError, one sentence, when no cluster answers.
+
+    A local instance is always a new one: ``ray.init()`` alone would join whatever cluster a ``ray start`` on this
+    machine recorded in Ray's address file, a stale one after an unclean stop, or one meant for something else."""
     import ray
 
     if address is None:
-        ray.init(**init_kwargs)
+        ray.init(address="local", **init_kwargs)
         return None
     address = address.strip()
     if address.startswith(_CLIENT_PREFIX):  # Ray Client: its server is not the GCS; a TCP check is what we can do

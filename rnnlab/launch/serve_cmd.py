@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             connect(args.address, **init)
         else:  # a new instance, never one a stale address file names
             own = {"_metrics_export_port": args.metrics_port} if args.metrics_port else {}
-            connect(None, address="local", include_dashboard=False, **init, **own)
+            connect(None, include_dashboard=False, **init, **own)
     except (ConnectionError, RuntimeError, TimeoutError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise RnnlabError(f"Ray could not be started or reached ({first_line}); check --address or 'ray status'.")

@@ -132,12 +132,6 @@ def build_tuner(plan: SearchPlan, trainable, *, verbose: int = 1):
         )
     else:
         scheduler = FIFOScheduler()
-    if plan.settings.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        searcher = OptunaSearch(seed=space.seed)
-    else:
-        searcher = BasicVariantGenerator(random_state=space.seed)
     max_concurrent = None
     if plan.settings.workers > 1:
         # Tune sees only the drivers' CPU: cap the trials so that their Ray Train workers fit too (else drivers
@@ -148,6 +142,16 @@ def build_tuner(plan: SearchPlan, trainable, *, verbose: int = 1):
         max_concurrent = max(1, int(resources.get("CPU", 0) // plan.settings.cpus_reserved))
         if plan.settings.gpus_per_trial > 0:
             max_concurrent = min(max_concurrent, max(1, int(resources.get("GPU", 0) // plan.settings.workers)))
+    # The cap goes to the searcher itself: Tune ignores max_concurrent_trials for a BasicVariantGenerator.
+    if plan.settings.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=space.seed)
+        if max_concurrent:
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+    else:
+        searcher = BasicVariantGenerator(random_state=space.seed, max_concurrent=max_concurrent or 0)
     return tune.Tuner(
         trainable,
         param_space=space.to_tune(),
@@ -157,7 +161,6 @@ def build_tuner(plan: SearchPlan, trainable, *, verbose: int = 1):
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=plan.settings.num_samples,
-            max_concurrent_trials=max_concurrent,
             trial_name_creator=trial_dirname,
             trial_dirname_creator=trial_dirname,
         ),
