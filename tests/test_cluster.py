@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures import make_stock_csv
+from tiny_datasets import make_stock_csv
 from rnnlab.launch.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures import make_stock_csv
+from tiny_datasets import make_stock_csv
 from rnnlab.errors import ConfigError, RnnlabError
 from rnnlab.config import load_config
 from rnnlab.trainers.loop import train
