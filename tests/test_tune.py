@@ -229,8 +229,8 @@ def _finished_and_checkpointed(experiment: Path) -> bool:
     # finished = its last record written (the bundle is saved before the end-of-run report, so it comes earlier)
     finished = [t for t in trials if (t / "metrics.jsonl").is_file() and '"event": "summary"' in
                 (t / "metrics.jsonl").read_text()]
-    # at most 2 of its 4 epochs recorded: it cannot finish in the 2 s before the interrupt
-    return bool(finished) and any(1 <= _results_recorded(t) <= 2 for t in trials if t not in finished)
+    # at most 3 of its 4 epochs recorded: it cannot finish in the 2 s before the interrupt
+    return bool(finished) and any(1 <= _results_recorded(t) <= 3 for t in trials if t not in finished)
 
 
 def _read_csv(path: Path) -> list[dict]:
