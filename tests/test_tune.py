@@ -257,7 +257,7 @@ def test_resume_after_interrupt_skips_finished_trials(tmp_path, prices):
         deadline = time.time() + 300
         while time.time() < deadline and not _finished_and_checkpointed(out / "resume-test"):
             assert process.poll() is None, process.stdout.read()
-            time.sleep(0.5)
+            time.sleep(0.2)
         time.sleep(2)  # let Tune record the trial as finished
         process.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
         output, _ = process.communicate(timeout=120)
