@@ -226,11 +226,9 @@ def _results_recorded(trial: Path) -> int:
 
 def _finished_and_checkpointed(experiment: Path) -> bool:
     trials = list(experiment.glob("trial_*"))
-    # finished = its last record written (the bundle is saved before the end-of-run report, so it comes earlier)
-    finished = [t for t in trials if (t / "metrics.jsonl").is_file() and '"event": "summary"' in
-                (t / "metrics.jsonl").read_text()]
-    # at most 3 of its 4 epochs recorded: it cannot finish in the 2 s before the interrupt
-    return bool(finished) and any(1 <= _results_recorded(t) <= 3 for t in trials if t not in finished)
+    finished = [t for t in trials if (t / "bundle" / "config.json").is_file()]
+    # at most 2 of its 4 epochs recorded: it cannot finish in the 2 s before the interrupt
+    return bool(finished) and any(1 <= _results_recorded(t) <= 2 for t in trials if t not in finished)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -289,4 +287,3 @@ def test_resume_after_interrupt_skips_finished_trials(tmp_path, prices):
         events = [json.loads(line) for line in (out / "resume-test" / name / "metrics.jsonl").read_text().splitlines()]
         starts = [event for event in events if event["event"] == "config"]
         assert len(starts) == 2 and "checkpoint_" in starts[-1]["resumed_from"], starts
-
