@@ -180,8 +180,9 @@ def random_bundles(directory: Path, reviews: list[str], preset: str = "chapter")
     torch.manual_seed(0)
     vocab = build_vocab(tokenize(text) for text in reviews)
     recipe = load_config("sentiment", preset)  # the architecture (and max_length) that preset trains
+    architecture = {key: value for key, value in recipe["model"].items() if key != "init_from"}  # a training key
     save_bundle(directory / "sentiment", job="sentiment",
-                model=build_model("sentiment", {**recipe["model"], "vocab_size": len(vocab)}),
+                model=build_model("sentiment", {**architecture, "vocab_size": len(vocab)}),
                 assets={"vocab": vocab.to_json()}, metrics={},
                 config={"job": "sentiment", "data": {"max_length": recipe["data"].get("max_length")}})
     import numpy as np
