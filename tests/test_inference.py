@@ -7,9 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tiny_datasets import make_stock_csv
 from rnnlab.bundle import load_bundle, save_bundle
-from rnnlab.data.stock import FEATURE_NAMES, features_for_history, load_stock_data, read_prices, to_price
+from rnnlab.data.stock import FEATURE_NAMES, features_for_history, read_prices, to_price
 from rnnlab.data.vocab import build_vocab
 from rnnlab.errors import BundleError, InputError
 from rnnlab.inference import (
@@ -47,20 +46,6 @@ def charlm_bundle(tmp_path_factory):
     save_bundle(path, job="charlm", model=model, assets={"vocab": vocab.to_json()}, metrics={},
                 config={"job": "charlm", "data": {"lowercase": True}})
     return path
-
-
-@pytest.fixture(scope="module")
-def stock_setup(tmp_path_factory):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("stock")
-    csv = make_stock_csv(directory)
-    data = load_stock_data(csv, window=5, target="log_return", train_end="2022-06-30", test_start="2022-07-01",
-                           test_end="2023-06-30", val_days=50)
-    model = build_model("stock", {"num_features": data.num_features, "hidden_size": 4})
-    path = save_bundle(directory / "bundle", job="stock", model=model, metrics={},
-                       assets={"scaler": data.scaler.to_json(), "target_scaler": data.target_scaler.to_json()},
-                       config={"job": "stock", "data": {"window": 5, "target": "log_return"}})
-    return path, csv, data
 
 
 # --------------------------------------------------------------------------------------------- sentiment
@@ -101,7 +86,7 @@ def test_sentiment_rejects_bad_reviews_one_at_a_time(sentiment_bundle, text, mat
 
 
 def test_stock_forecast_matches_the_training_pipeline(stock_setup):
-    path, csv, data = stock_setup
+    path, csv, data, _ = stock_setup
     forecaster = load_predictor(path)
     assert isinstance(forecaster, StockForecaster)
     prices = read_prices(csv)
@@ -118,7 +103,7 @@ def test_stock_forecast_matches_the_training_pipeline(stock_setup):
 
 
 def test_stock_last_row_needs_only_date_and_open(stock_setup):
-    path, csv, _ = stock_setup
+    path, csv, _, _ = stock_setup
     forecaster = load_predictor(path)
     prices = read_prices(csv)
     open_only = prices.copy()
@@ -132,7 +117,7 @@ def test_stock_last_row_needs_only_date_and_open(stock_setup):
 
 
 def test_stock_rejects_short_long_and_broken_histories(stock_setup):
-    path, csv, _ = stock_setup
+    path, csv, _, _ = stock_setup
     forecaster = load_predictor(path)
     prices = read_prices(csv)
     with pytest.raises(InputError, match=str(forecaster.min_rows)):
@@ -160,7 +145,7 @@ def pandas_path_forecasts(forecaster: StockForecaster, histories: list) -> list[
 
 
 def test_stock_forecasts_equal_the_pandas_path_to_the_last_digit(stock_setup):
-    path, csv, _ = stock_setup
+    path, csv, _, _ = stock_setup
     forecaster = load_predictor(path)
     prices = read_prices(csv)
     histories = [prices.iloc[end - 300 : end] for end in range(len(prices) - 60, len(prices) + 1)]
@@ -175,7 +160,7 @@ def service_columns(prices) -> dict:
 
 
 def test_stock_history_forms_give_the_same_forecast(stock_setup):
-    path, csv, _ = stock_setup
+    path, csv, _, _ = stock_setup
     forecaster = load_predictor(path)
     prices = read_prices(csv).iloc[-400:]
     rows = [{"date": str(d.date()), "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close,
@@ -197,7 +182,7 @@ def test_stock_history_forms_give_the_same_forecast(stock_setup):
     lambda c: c.pop("volume"),
 ])  # fmt: skip
 def test_stock_service_columns_fail_with_the_pandas_checks_words(stock_setup, break_it):
-    path, csv, _ = stock_setup
+    path, csv, _, _ = stock_setup
     forecaster = load_predictor(path)
     columns = service_columns(read_prices(csv).iloc[-300:])
     break_it(columns)
@@ -209,7 +194,7 @@ def test_stock_service_columns_fail_with_the_pandas_checks_words(stock_setup, br
 
 
 def test_stock_undefined_features_fail_only_their_history(stock_setup):
-    path, csv, _ = stock_setup
+    path, csv, _, _ = stock_setup
     forecaster = load_predictor(path)
     prices = read_prices(csv).iloc[-300:]
     flat = prices.copy()

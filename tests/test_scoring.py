@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_datasets import make_stock_csv
 from rnnlab.bundle import save_bundle
-from rnnlab.data.stock import load_stock_data, naive_same_day_open, regression_metrics, to_price
+from rnnlab.data.stock import naive_same_day_open, regression_metrics, to_price
 from rnnlab.data.vocab import build_vocab
 from rnnlab.errors import DataError, InputError
 from rnnlab.launch.cli import main
@@ -43,20 +42,6 @@ def charlm_bundle(tmp_path_factory):
     save_bundle(path, job="charlm", model=model, assets={"vocab": vocab.to_json()}, metrics={},
                 config={"job": "charlm", "data": {"lowercase": True, "seq_len": 16}})
     return path
-
-
-@pytest.fixture(scope="module")
-def stock_setup(tmp_path_factory):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("stock")
-    csv = make_stock_csv(directory)
-    data = load_stock_data(csv, window=5, target="log_return", train_end="2022-06-30", test_start="2022-07-01",
-                           test_end="2023-06-30", val_days=50)
-    model = build_model("stock", {"num_features": data.num_features, "hidden_size": 4})
-    path = save_bundle(directory / "bundle", job="stock", model=model, metrics={},
-                       assets={"scaler": data.scaler.to_json(), "target_scaler": data.target_scaler.to_json()},
-                       config={"job": "stock", "data": {"window": 5, "target": "log_return"}})
-    return path, csv, data, model
 
 
 def write_folder(root, reviews):

@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from rnnlab.data.sources import sha256_of
 from rnnlab.errors import ConfigError, RnnlabError
 
 MANIFEST = "manifest.json"
@@ -96,17 +97,9 @@ def storage(what: str, where: Path) -> Iterator[None]:
 # --- checkable checkpoints -------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path, config: Mapping) -> None:
     """``manifest.json``: each file's size and SHA-256, and the fingerprint of the config that wrote them."""
-    files = {str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    files = {str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
              for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
     fingerprint, shaping = config_fingerprint(config)
     (folder / MANIFEST).write_text(json.dumps({"files": files, "config_fingerprint": fingerprint,
@@ -137,7 +130,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         size = path.stat().st_size
         if size != expected["bytes"]:
             return f"{folder.name}/{name} has {size} bytes, not {expected['bytes']} (truncated)"
-        if _sha256(path) != expected["sha256"]:
+        if sha256_of(path) != expected["sha256"]:
             return f"{folder.name}/{name} does not match its checksum (corrupted)"
     return None
 
