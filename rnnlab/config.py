@@ -103,6 +103,9 @@ class TrainSettings(Settings):
     batch_size: PositiveInt = 32  # the GLOBAL batch: split evenly across processes
     eval_batch_size: Count = 0  # 0 = same as batch_size
     lr: PositiveNumber = 3e-3
+    # parameter-name prefix -> multiple of ``lr`` for those parameters (discriminative learning rates), e.g.
+    # ``{ngrams: 5, embedding: 0.3}``; the longest matching prefix wins, the rest train at ``lr``
+    lr_multipliers: dict[str, PositiveNumber] = Field(default_factory=dict)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: NonNegativeNumber = 0.0
     scheduler: Literal["none", "cosine", "onecycle", "linear"] = "none"

@@ -113,6 +113,40 @@ def test_sentiment_padding_embedding_is_zero_and_stays_untrained():
     assert torch.count_nonzero(model.embedding.weight[0]) == 0
 
 
+def test_ngram_branch_counts_each_distinct_ngram_once_and_ignores_pads():
+    from rnnlab.models.sentiment import BIGRAM_HASH, distinct_ngrams
+
+    vocab, buckets = 10, 1000
+    ids = torch.tensor([[5, 6, 5, 6, 0, 0], [7, 7, 7, 0, 0, 0]])
+    indices, weights = distinct_ngrams(ids, torch.tensor([4, 2]), vocab, buckets)
+    bigram = lambda a, b: vocab + (a * BIGRAM_HASH + b) % (buckets - vocab)  # noqa: E731
+    # review 0: unigrams {5, 6}, bigrams {(5,6), (6,5)} -> 4 distinct, each weighted 1/sqrt(4)
+    assert {int(i): float(w) for i, w in zip(indices[0], weights[0]) if w > 0} == {
+        5: 0.5, 6: 0.5, bigram(5, 6): 0.5, bigram(6, 5): 0.5}
+    # review 1 (length 2): unigram 7 and bigram (7, 7); the pads and the bigrams into them do not count
+    assert {int(i): pytest.approx(float(w)) for i, w in zip(indices[1], weights[1]) if w > 0} == {
+        7: pytest.approx(2 ** -0.5), bigram(7, 7): pytest.approx(2 ** -0.5)}
+
+
+def test_ngram_branch_adds_a_linear_logit_that_padding_does_not_change():
+    torch.manual_seed(0)
+    config = SentimentConfig(vocab_size=40, embed_dim=6, hidden_size=5, bidirectional=True, fc_size=4,
+                             pooling="max_mean", ngram_buckets=500)
+    model = SentimentLSTM(config).eval()
+    torch.nn.init.normal_(model.ngrams.weight)
+    lengths = [9, 3, 1, 6]
+    ids, lens = padded_batch(lengths)
+    with torch.no_grad():
+        lstm, ngrams = model(ids, lens, branches=True)
+        batched = model(ids, lens)
+        alone = torch.stack([model(ids[i : i + 1, :n], lens[i : i + 1])[0] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(batched, lstm + ngrams)
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-6)
+    assert ngrams.abs().min() > 0  # the branch is live, not a zero added on
+    with pytest.raises(ConfigError, match=r"ngram_buckets \(40\) must exceed the vocabulary size \(40\)"):
+        SentimentConfig(vocab_size=40, ngram_buckets=40)
+
+
 def test_sentiment_refuses_empty_sequences():
     model = SentimentLSTM(SentimentConfig(vocab_size=10))
     with pytest.raises(ValueError):

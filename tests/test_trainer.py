@@ -398,3 +398,36 @@ def test_two_machines_of_one_process_follow_the_one_process_loss_curve(data, one
     for launcher, output in zip(launchers, outputs):
         assert launcher.returncode == 0, output[-3000:]
     _assert_follows(one_process_run, tmp_path / "two")
+
+
+def test_ngram_branch_trains_beside_the_lstm_at_its_own_learning_rate(data, tmp_path):
+    from rnnlab.bundle import load_bundle
+    from rnnlab.trainers.optim import make_optimizer
+
+    config = smoke("sentiment", data, "model.ngram_buckets=5000", "train.lr_multipliers={ngrams: 5}")
+    job = make_job(config, rank=0, world_size=1)
+    job.load_data()
+    lr = job.config.train.lr
+    rates = {len(g["params"]): g["lr"] for g in make_optimizer(job.build_model(), job.config.train).param_groups}
+    assert sorted(rates.values()) == [pytest.approx(lr), pytest.approx(5 * lr)]
+    assert rates[1] == pytest.approx(5 * lr)  # the one n-gram table, at 5x
+
+    result = train(config, tmp_path)
+    model = load_bundle(tmp_path / "bundle").model
+    assert model.ngrams.weight.abs().max() > 0  # the zero-initialised table learned
+    assert {"accuracy", "roc_auc"} <= set(result["test"])
+
+
+def test_lr_multipliers_must_name_parameters_of_the_model():
+    from rnnlab.errors import ConfigError
+    from rnnlab.models import SentimentConfig, SentimentLSTM
+    from rnnlab.trainers.optim import parameter_groups
+
+    model = SentimentLSTM(SentimentConfig(vocab_size=20, num_layers=2))
+    groups = parameter_groups(model, 0.01, {"layers": 0.5, "layers.1": 2.0})
+    by_lr = {round(g["lr"], 9): sum(p.numel() for p in g["params"]) for g in groups}
+    layer = lambda i: sum(p.numel() for p in model.layers[i].parameters())  # noqa: E731
+    everything = sum(p.numel() for p in model.parameters())
+    assert by_lr == {0.005: layer(0), 0.02: layer(1), 0.01: everything - layer(0) - layer(1)}
+    with pytest.raises(ConfigError, match="no parameter of the model is named 'ngram'.*embedding, head, layers"):
+        parameter_groups(model, 0.01, {"ngram": 5})

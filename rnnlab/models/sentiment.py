@@ -24,6 +24,13 @@ the default; ``model.length_strategy = "packed"`` switches.
 The LSTM stack is built one layer and one direction at a time (``layers[i][d]``, each a one-layer
 ``nn.LSTM``) because the exact backward trick has to run between layers; it holds exactly the parameters of
 ``nn.LSTM(num_layers=..., bidirectional=...)``, laid out per layer.
+
+``ngram_buckets > 0`` adds a linear bag of n-grams beside the LSTM (the "wide" half of wide-and-deep; on IMDb
+a linear model over word bigrams beats an LSTM trained on 25,000 reviews, and the two err on different
+reviews). Each distinct unigram and bigram of a review adds one learned weight, scaled by 1/sqrt(number of
+distinct n-grams), to a second logit: unigrams by their id, bigrams hashed into the remaining buckets. The
+model's logit is the sum of the two; ``forward(..., branches=True)`` returns them apart so that training can
+make each a classifier of its own.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rnnlab.config import ModelSettings, PositiveInt, Probability
+from pydantic import model_validator
+
+from rnnlab.config import Count, ModelSettings, PositiveInt, Probability
 
 LENGTH_STRATEGIES = ("padded", "packed")
 
@@ -51,6 +60,35 @@ class SentimentConfig(ModelSettings):
     fc_size: PositiveInt = 32
     pooling: Literal["last", "max_mean"] = "last"  # see the module docstring
     embed_dropout: Probability = 0.0  # on the embeddings, before the first LSTM layer
+    ngram_buckets: Count = 0  # > vocab_size: a linear bag-of-n-grams logit beside the LSTM's; 0 = none
+
+    @model_validator(mode="after")
+    def _room_for_bigrams(self):
+        if self.ngram_buckets and self.ngram_buckets <= self.vocab_size:
+            raise ValueError(f"ngram_buckets ({self.ngram_buckets:,}) must exceed the vocabulary size "
+                             f"({self.vocab_size:,}): unigrams take one bucket each, bigrams share the rest")
+        return self
+
+
+BIGRAM_HASH = 1_000_003  # a prime multiplier: (first * BIGRAM_HASH + second) mod the bigram buckets
+
+
+def distinct_ngrams(ids: torch.Tensor, lengths: torch.Tensor, vocab_size: int, buckets: int):
+    """Bucket indices of each review's unigrams and hashed bigrams, and weights that count each distinct one once,
+    scaled by 1/sqrt(its number of distinct n-grams): ids[B, T] -> (indices[B, 2T-1], weights[B, 2T-1])."""
+    T = ids.size(1)
+    steps = torch.arange(T, device=ids.device).unsqueeze(0)
+    lengths = lengths.to(ids.device).unsqueeze(1)
+    bigrams = vocab_size + (ids[:, :-1] * BIGRAM_HASH + ids[:, 1:]) % (buckets - vocab_size)
+    grams = torch.cat([ids, bigrams], dim=1)
+    valid = torch.cat([steps < lengths, steps[:, 1:] < lengths], dim=1)  # bigram t ends at token t + 1
+    grams = grams.masked_fill(~valid, -1)  # sorts first; weighted 0
+    grams, _ = grams.sort(dim=1)
+    first = torch.ones_like(grams, dtype=torch.bool)
+    first[:, 1:] = grams[:, 1:] != grams[:, :-1]
+    keep = (first & (grams >= 0)).float()
+    weights = keep / keep.sum(dim=1, keepdim=True).clamp(min=1).sqrt()
+    return grams.clamp(min=0), weights
 
 
 def reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -101,9 +139,13 @@ class SentimentLSTM(nn.Module):
             nn.ReLU(),
             nn.Linear(config.fc_size, 1),
         )
+        if config.ngram_buckets:
+            self.ngrams = nn.EmbeddingBag(config.ngram_buckets, 1, mode="sum")
+            nn.init.zeros_(self.ngrams.weight)
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids: LongTensor[B, T] right-padded with 0; lengths: LongTensor[B] (each >= 1). Returns logits[B]."""
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, branches: bool = False):
+        """ids: LongTensor[B, T] right-padded with 0; lengths: LongTensor[B] (each >= 1). Returns logits[B], or with
+        ``branches`` the LSTM's and the n-grams' logits apart (their sum is the model's)."""
         if self.length_strategy not in LENGTH_STRATEGIES:
             raise ValueError(f"length_strategy must be one of {LENGTH_STRATEGIES}, got {self.length_strategy!r}")
         if bool((lengths < 1).any()):
@@ -130,7 +172,12 @@ class SentimentLSTM(nn.Module):
             # Final states: the forward direction ends at length-1; the backward one (in reversed order) too,
             # i.e. after it has read the review from its last token back to its first.
             features = torch.cat([last_valid(out, lengths) for out in outputs], dim=-1)
-        return self.head(features).squeeze(-1)
+        logits = self.head(features).squeeze(-1)
+        if not self.config.ngram_buckets:
+            return (logits,) if branches else logits
+        indices, weights = distinct_ngrams(ids, lengths, self.config.vocab_size, self.config.ngram_buckets)
+        ngram_logits = self.ngrams(indices, per_sample_weights=weights.to(self.ngrams.weight.dtype)).squeeze(-1)
+        return (logits, ngram_logits) if branches else logits + ngram_logits
 
     @staticmethod
     def _run_padded(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -126,8 +126,11 @@ class SentimentJob(Job):
         log.info("model.init_from %s: copied %s", path, ", ".join(copied))
 
     def loss_sum(self, model, batch: Batch) -> torch.Tensor:
-        logits = model(*batch.inputs).float()
-        return F.binary_cross_entropy_with_logits(logits, batch.targets, reduction="sum")
+        # With an n-gram branch each half is trained as a classifier of its own (the model answers with the sum
+        # of their logits): trained on the sum alone, the bag of n-grams soon fits the training reviews and
+        # leaves the LSTM little gradient to learn from.
+        return sum(F.binary_cross_entropy_with_logits(logits.float(), batch.targets, reduction="sum")
+                   for logits in model(*batch.inputs, branches=True))
 
     @torch.no_grad()
     def evaluate(self, model, split: str, accelerator) -> EvalResult:
