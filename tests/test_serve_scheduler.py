@@ -30,9 +30,11 @@ def generator() -> TextGenerator:
 
 async def _collect(scheduler: GenerationScheduler, generator: TextGenerator, prompt: str, params: SamplingParams,
                    done: list | None = None) -> str:
-    ids = []
+    ids, marks = [], []
     async for chunk in scheduler.generate(generator.encode_prompt(prompt), params):
-        ids.extend(chunk)
+        ids.extend(chunk.ids)
+        marks.append(chunk.last)
+    assert marks and marks[-1] and not any(marks[:-1])  # exactly the final chunk says it is the last
     if done is not None:
         done.append(prompt)
     return "".join(generator.vocab.itos[i] for i in ids)

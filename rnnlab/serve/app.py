@@ -282,7 +282,7 @@ class GeneratorDeployment:
             return params
         request_id = request.get("request_id")
         try:
-            pieces = [self._decode(chunk) async for chunk in self.scheduler.generate(
+            pieces = [self._decode(chunk.ids) async for chunk in self.scheduler.generate(
                 ids, params, request_id=request_id, stream=False)]
         except GenerationFailed as error:
             return {"failed": error.request_id}
@@ -291,8 +291,8 @@ class GeneratorDeployment:
         return {"model": _model_id(self.info), "text": text, "seed": params.seed, "tokens": len(text)}
 
     async def generate_stream(self, request: dict):
-        """First item: {"model", "seed"} or {"errors"}; then {"text": chunk} items, or a last {"failed": request
-        id}. Closing the stream (the client went away; Serve cancels this generator) frees the sequence's slot."""
+        """First item: {"model", "seed"} or {"errors"}; then {"text": chunk} items, the final one marked
+        ``"last": True``, or a last {"failed": request id}. Closing the stream (the client went away; Serve cancels this generator) frees the sequence's slot."""
         from rnnlab.serve.scheduler import GenerationFailed
 
         self._watch()
@@ -304,9 +304,9 @@ class GeneratorDeployment:
         stream = self.scheduler.generate(ids, params, request_id=request.get("request_id"))
         try:
             async for chunk in stream:
-                text = self._decode(chunk)
+                text = self._decode(chunk.ids)
                 metrics.generated(len(text))
-                yield {"text": text}
+                yield {"text": text, "last": True} if chunk.last else {"text": text}
         except GenerationFailed as error:
             yield {"failed": error.request_id}
         finally:
@@ -467,9 +467,11 @@ class _ShuttingDown(Exception):
 
 
 async def _events(first: dict, stream, deadline: float, stopping: asyncio.Event, on_close=None):
-    tokens = 0
+    tokens, finished = 0, False
+    # `start` goes out with the first chunk, and the final chunk with `done`: every message is a send through Ray
+    # and the proxy, and a short stream would otherwise cost twice as many
+    pending = _sse("start", first)
     try:
-        yield _sse("start", first)
         while True:
             try:
                 item = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
@@ -478,11 +480,18 @@ async def _events(first: dict, stream, deadline: float, stopping: asyncio.Event,
             if stopping.is_set():
                 raise _ShuttingDown
             if "failed" in item:  # this sequence failed; the others in its batch go on
-                yield _sse("error", {"detail": _failure_message(item["failed"]), "request_id": item["failed"]})
+                failure = {"detail": _failure_message(item["failed"]), "request_id": item["failed"]}
+                yield pending + _sse("error", failure)
                 return
             tokens += len(item["text"])
-            yield _sse(None, item)
-        yield _sse("done", {"tokens": tokens})
+            if item.pop("last", False):
+                finished = True
+                yield pending + _sse(None, item) + _sse("done", {"tokens": tokens})
+                return
+            yield pending + _sse(None, item)
+            pending = ""
+        finished = True
+        yield pending + _sse("done", {"tokens": tokens})
     except (RayError, asyncio.TimeoutError, _ShuttingDown) as error:
         # headers are sent: the fault goes to the client as an event, and the stream ends
         reason = ("timeout" if isinstance(error, asyncio.TimeoutError) else
@@ -492,10 +501,10 @@ async def _events(first: dict, stream, deadline: float, stopping: asyncio.Event,
                    "shutting_down": "The service is shutting down; retry the request against its next instance.",
                    "replica_failed": "The generation replica failed during this stream; retry the request."}[reason]
         logger.warning("rnnlab serve: a generation stream ended early: %s", type(error).__name__)
-        yield _sse("error", {"detail": [error_item(["service"], message, reason)], "tokens": tokens})
+        yield pending + _sse("error", {"detail": [error_item(["service"], message, reason)], "tokens": tokens})
     finally:
-        # the client went away (or we finished): stop the replica's generator so its slot is freed now
-        stream.cancel()
+        if not finished:  # the client went away: stop the replica's generator so its slot is freed now
+            stream.cancel()
         if on_close is not None:
             on_close()
 

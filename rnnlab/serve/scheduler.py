@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -51,6 +52,11 @@ logger = logging.getLogger(__name__)
 
 MAX_STEPS_PER_BLOCK = 64
 IDLE_EXIT_S = 10.0  # the decoding thread ends after this long with nothing to do (the next request restarts it)
+
+
+class Chunk(NamedTuple):
+    ids: list[int]
+    last: bool  # no more chunks follow: the sequence is complete
 
 
 class GenerationFailed(RuntimeError):
@@ -93,7 +99,7 @@ class GenerationScheduler:
     """
 
     def __init__(self, model: torch.nn.Module, *, max_batch_size: int = 64, device: str | torch.device = "cpu",
-                 block_s: float = 0.02, stream_interval_s: float = 0.1, stream_events_per_s: float = 200.0,
+                 block_s: float = 0.02, stream_interval_s: float = 0.1, stream_events_per_s: float = 100.0,
                  log: logging.Logger = logger) -> None:
         self.model = model
         self.log = log  # the Serve deployment passes Serve's logger, whose lines land in the replica's log file
@@ -120,9 +126,9 @@ class GenerationScheduler:
 
     # --- public ------------------------------------------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, request_id: str | None = None,
-                       stream: bool = True) -> AsyncIterator[list[int]]:
+                       stream: bool = True) -> AsyncIterator[Chunk]:
         """Yield the new token ids in chunks: with ``stream`` every ``stream_interval_s`` or so, else all at once
-        at the end. Raises GenerationFailed if the sequence failed. Closing the iterator (a client that went
+        at the end. The final chunk says so (``last``), so that a consumer can end its answer in the same message. Raises GenerationFailed if the sequence failed. Closing the iterator (a client that went
         away) frees the slot before the next block."""
         sequence = _Sequence(list(prompt_ids), params.with_seed(), request_id or secrets.token_hex(8), stream,
                              asyncio.get_running_loop())
@@ -137,7 +143,10 @@ class GenerationScheduler:
                 if len(sequence.tokens) > sent:
                     chunk = sequence.tokens[sent:]
                     sent += len(chunk)
-                    yield chunk
+                    last = sequence.done and sequence.error is None and sent == len(sequence.tokens)
+                    yield Chunk(chunk, last)
+                    if last:
+                        return
                 if sequence.error is not None:
                     raise GenerationFailed(sequence.request_id, sequence.error)
                 if sequence.done and sent == len(sequence.tokens):
