@@ -16,8 +16,9 @@ from typing import Any
 from rnnlab.errors import ConfigError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-# the top-level keys a configs/presets/JOB.yaml may hold (pretrained: sentiment from a review LM bundle)
-PRESETS = ("chapter", "default", "smoke", "demo", "pretrained")
+# the top-level keys a configs/presets/JOB.yaml may hold (pretrained: sentiment from a review LM bundle; wide:
+# sentiment with a bag of n-grams beside the LSTM)
+PRESETS = ("chapter", "default", "smoke", "demo", "pretrained", "wide")
 
 
 @dataclass(frozen=True)

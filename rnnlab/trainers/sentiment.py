@@ -126,11 +126,13 @@ class SentimentJob(Job):
         log.info("model.init_from %s: copied %s", path, ", ".join(copied))
 
     def loss_sum(self, model, batch: Batch) -> torch.Tensor:
-        # With an n-gram branch each half is trained as a classifier of its own (the model answers with the sum
-        # of their logits): trained on the sum alone, the bag of n-grams soon fits the training reviews and
-        # leaves the LSTM little gradient to learn from.
-        return sum(F.binary_cross_entropy_with_logits(logits.float(), batch.targets, reduction="sum")
-                   for logits in model(*batch.inputs, branches=True))
+        # With an n-gram branch the loss is the sum's (what the model answers with) plus each half's as a classifier
+        # of its own: trained on the sum alone the bag of n-grams soon fits the training reviews and leaves the
+        # LSTM little to learn from; on the halves alone they never learn to combine. Chosen on validation
+        # (`wide` preset): 90.36 % for the three terms, 89.88 % halves only, 89.76 % sum only.
+        branches = model(*batch.inputs, branches=True)
+        terms = (*branches, sum(branches)) if len(branches) == 2 else branches
+        return sum(F.binary_cross_entropy_with_logits(logits.float(), batch.targets, reduction="sum") for logits in terms)
 
     @torch.no_grad()
     def evaluate(self, model, split: str, accelerator) -> EvalResult:
