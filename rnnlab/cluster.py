@@ -24,7 +24,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from rnnlab.errors import ConfigError
+from rnnlab.errors import ConfigError, first_line
 
 PROBE_TIMEOUT_S = 5.0
 _CLIENT_PREFIX = "ray://"
@@ -153,8 +153,8 @@ def _init(ray, address: str, init_kwargs: dict) -> None:
     try:
         ray.init(address=address, **init_kwargs)
     except (ConnectionError, RuntimeError, ValueError) as error:  # e.g. another Ray version on the cluster
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"Could not join the Ray cluster at {address} ({first.rstrip('.')}).") from None
+        reason = first_line(error).rstrip(".")
+        raise ConfigError(f"Could not join the Ray cluster at {address} ({reason}).") from None
 
 
 def _check_listening(host: str, port: int, shown: str) -> None:

@@ -27,3 +27,10 @@ class InputError(RnnlabError):
 
 class TrainingError(RnnlabError):
     """Training cannot go on as configured (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty): a library's error
+    quoted inside one of our one-sentence messages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -33,7 +33,7 @@ from torch.utils.data import Sampler
 
 from rnnlab.data.sources import cache_dir
 from rnnlab.data.vocab import Vocab, vocab_from_counts
-from rnnlab.errors import ConfigError, DataError, InputError
+from rnnlab.errors import ConfigError, DataError, InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -548,10 +548,9 @@ def _read_review_csv(path: Path) -> LabelledTexts:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(
-            f"{path} is not a readable UTF-8 CSV ({reason}); pass a CSV with text,label columns or a folder with "
-            "pos/ and neg/ text files."
+            f"{path} is not a readable UTF-8 CSV ({first_line(error)}); pass a CSV with text,label columns or a "
+            "folder with pos/ and neg/ text files."
         ) from None
     columns = {str(name).strip().lower(): name for name in frame.columns}
     if "text" not in columns or "label" not in columns:

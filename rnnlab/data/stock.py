@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
-from rnnlab.errors import DataError, InputError, RnnlabError
+from rnnlab.errors import DataError, InputError, RnnlabError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def read_prices(path: Path | str) -> pd.DataFrame:
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"Price file {path} is not a readable CSV ({reason}); export it again as CSV.") from exc
+        raise DataError(f"Price file {path} is not a readable CSV ({first_line(exc)}); export it again as CSV.") \
+            from exc
     prices = _validate_prices(raw, f"Price file {path}", DataError, last_row_may_be_open_only=False)
     if len(prices) < MIN_ROWS:
         raise DataError(

@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 
-from rnnlab.errors import ConfigError, RnnlabError
+from rnnlab.errors import ConfigError, RnnlabError, first_line
 from rnnlab.serve.auth import ENV_VAR
 from rnnlab.serve.limits import LIMITS
 
@@ -153,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
             own = {"_metrics_export_port": args.metrics_port} if args.metrics_port else {}
             connect(None, include_dashboard=False, **init, **own)
     except (ConnectionError, RuntimeError, TimeoutError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise RnnlabError(f"Ray could not be started or reached ({first_line}); check --address or 'ray status'.")
+        raise RnnlabError(f"Ray could not be started or reached ({first_line(error)}); check --address or "
+                          "'ray status'.")
     try:
         # One HTTP proxy, on the head node: with one per node, nodes sharing a machine would fight for the port,
         # and a cluster's load balancer points at the head anyway. Replicas still spread over every node.
@@ -163,8 +163,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             serve.run(app, name="rnnlab", route_prefix="/")
         except RuntimeError as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise RnnlabError(f"The service failed to start ({first_line}); see the replica logs in "
+            raise RnnlabError(f"The service failed to start ({first_line(error)}); see the replica logs in "
                               "/tmp/ray/session_latest/logs/serve.") from None
         _stop_on_signals()
         print(f"rnnlab: serving {kinds} on http://{args.host}:{args.port} (API docs at /docs); Ctrl-C stops.",

@@ -38,10 +38,9 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import model_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-from pydantic import model_validator
 
 from rnnlab.config import Count, ModelSettings, PositiveInt, Probability
 

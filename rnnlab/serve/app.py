@@ -292,7 +292,8 @@ class GeneratorDeployment:
 
     async def generate_stream(self, request: dict):
         """First item: {"model", "seed"} or {"errors"}; then {"text": chunk} items, the final one marked
-        ``"last": True``, or a last {"failed": request id}. Closing the stream (the client went away; Serve cancels this generator) frees the sequence's slot."""
+        ``"last": True``, or a last {"failed": request id}. Closing the stream (the client went away; Serve cancels
+        this generator) frees the sequence's slot."""
         from rnnlab.serve.scheduler import GenerationFailed
 
         self._watch()

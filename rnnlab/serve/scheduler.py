@@ -128,8 +128,9 @@ class GenerationScheduler:
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, request_id: str | None = None,
                        stream: bool = True) -> AsyncIterator[Chunk]:
         """Yield the new token ids in chunks: with ``stream`` every ``stream_interval_s`` or so, else all at once
-        at the end. The final chunk says so (``last``), so that a consumer can end its answer in the same message. Raises GenerationFailed if the sequence failed. Closing the iterator (a client that went
-        away) frees the slot before the next block."""
+        at the end; the final chunk says so (``last``), so that a consumer can end its answer in the same message.
+        Raises GenerationFailed if the sequence failed. Closing the iterator (a client that went away) frees the
+        slot before the next block."""
         sequence = _Sequence(list(prompt_ids), params.with_seed(), request_id or secrets.token_hex(8), stream,
                              asyncio.get_running_loop())
         self._waiting.append(sequence)

@@ -12,7 +12,7 @@ from rnnlab.errors import ConfigError
 
 def make_optimizer(model: torch.nn.Module, train: TrainSettings) -> torch.optim.Optimizer:
     lr, wd = train.lr, train.weight_decay
-    groups = parameter_groups(model, train.lr, train.lr_multipliers)
+    groups = parameter_groups(model, lr, train.lr_multipliers)
     if train.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr, weight_decay=wd)
     if train.optimizer == "adamw":

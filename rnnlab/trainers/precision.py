@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from rnnlab.errors import ConfigError
+from rnnlab.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,8 @@ def resolve_precision(requested: str) -> str:
             out, _ = lstm(x)
         out.float().sum().backward()
     except RuntimeError as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         log.warning("LSTM in %s on %s is not supported here (%s); training in fp32 instead.",
-                    requested, device, first_line)
+                    requested, device, first_line(error))
         return "no"
     if out.dtype != dtype:
         # Seen on an H200 (torch 2.11, cuDNN 9.19): under bf16 autocast cuDNN's LSTM computes in float16, without

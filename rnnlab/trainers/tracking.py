@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from rnnlab.config import JobConfig
+from rnnlab.errors import first_line
 from rnnlab.trainers import durable
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,6 @@ def _drop_partial_line(path: Path) -> None:
             handle.truncate(data.rfind(b"\n") + 1)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -75,7 +71,7 @@ class Tracking:
             accelerator.init_trackers(config.tracking.project, config=config.to_dict(),
                                       init_kwargs={"wandb": init_kwargs})
         except Exception as error:  # W&B raises its own errors, and anything its service does
-            log.warning("W&B could not start (%s); logging this run offline under %s instead.", _first_line(error),
+            log.warning("W&B could not start (%s); logging this run offline under %s instead.", first_line(error),
                         init_kwargs.get("dir", output_dir))
             os.environ["WANDB_MODE"] = "offline"
             accelerator.trackers = []
@@ -84,7 +80,7 @@ class Tracking:
                                           init_kwargs={"wandb": {**init_kwargs, "mode": "offline"}})
             except Exception as again:
                 log.warning("W&B could not start offline either (%s); this run logs to metrics.jsonl only.",
-                            _first_line(again))
+                            first_line(again))
                 accelerator.trackers = []
                 return
         if accelerator.is_main_process:
@@ -97,7 +93,7 @@ class Tracking:
             self.accelerator.log({f"{event}/{k}": v for k, v in metrics.items()}, step=step)
         except Exception as error:
             if not self._warned:
-                log.warning("W&B logging failed (%s); metrics.jsonl keeps every record.", _first_line(error))
+                log.warning("W&B logging failed (%s); metrics.jsonl keeps every record.", first_line(error))
                 self._warned = True
         self.log_file.write(event, step=step, **fields, **metrics)
 
