@@ -17,7 +17,12 @@ requests (`--gen-clients`, `--gen-lengths`), each phase beside the ceiling measu
 with the Generator replica's busy fraction and ms/step (where the time went):
 
     python benchmarks/serve_load.py --generation --seconds 10 --json gen.json
-    RAY_SERVE_ENABLE_DIRECT_INGRESS=1 python benchmarks/serve_load.py --generation   # without Serve's proxy
+    python benchmarks/serve_load.py --generation --proxy   # HTTP through Ray's proxy actor, as on a cluster
+
+The service it starts takes HTTP the way `rnnlab serve` does on one machine: the Gateway replica listens on
+--port itself (Ray Serve's direct ingress); `--proxy` puts Ray's proxy actor in front, as `rnnlab serve --proxy`
+and `--address` do. Each generation phase also prints the cores each process kept busy (Generator, Gateway,
+proxy, this load generator, Ray's own), read from /proc.
 
 Without --bundles it builds chapter-sized bundles from randomly initialised models (same compute as trained
 ones) and uses real IMDb reviews from the mirror when it is there (else synthetic ones of the same length).
@@ -286,6 +291,34 @@ def decode_ceiling(bundles: Path, batch: int, seconds: float) -> dict:
     return {"batch": batch, "steps_per_s": steps / elapsed, "chars_per_s": batch * steps / elapsed}
 
 
+# Ray names its actor processes "ray::<Actor>" (Serve replicas "ray::ServeReplica:<app>:<deployment>"): CPU seconds
+# per role during a phase show where a 2-core box's time goes besides the decode step.
+ROLES = ((":Generator", "generator"), (":Gateway", "gateway"), (":Sentiment", "sentiment"), (":Forecast", "forecast"),
+         ("ProxyActor", "proxy"), ("ServeController", "controller"), ("raylet", "ray core"),
+         ("gcs_server", "ray core"))
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each role's processes on this machine (Linux /proc); this
+    process is the load generator. Other processes count as "other"."""
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(entry.name) == os.getpid():
+            role = "load generator"
+        else:
+            role = next((name for key, name in ROLES if key in command), "other")
+        seconds[role] = seconds.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
 def generation_phases(base: str, bundles: Path, args) -> list[dict]:
     """Served characters/s at each (clients, request length, streaming) against the decode-step ceiling at
     batch = clients, the ceiling measured right before and right after each phase and averaged (load from other
@@ -307,10 +340,13 @@ def generation_phases(base: str, bundles: Path, args) -> list[dict]:
                 body = lambda rng, length=length, stream=stream: {  # noqa: E731
                     "prompt": "the emperor", "max_new_tokens": length, "temperature": 0.8,
                     "seed": rng.randrange(2**31), "stream": stream}
-                before = batching_stats(base)
+                before, cpu_before = batching_stats(base), cpu_by_role()
                 served = asyncio.run(run_clients(f"{base}/v1/generate", body, clients=clients, seconds=args.seconds,
                                                  count_chars=True))
-                after = batching_stats(base)
+                after, cpu_after = batching_stats(base), cpu_by_role()
+                # cores each role kept busy during the phase (2.0 = the whole of a 2-core box)
+                cores = {role: round((cpu_after[role] - cpu_before.get(role, 0.0)) / served["seconds"], 3)
+                         for role in cpu_after}
                 steps = phase_stats(before, after)["/v1/generate"]
                 # where the time went in the Generator replica: decoding (busy) vs waiting, and its step speed
                 busy = after["/v1/generate"]["decode_s"] - before["/v1/generate"]["decode_s"]
@@ -329,8 +365,10 @@ def generation_phases(base: str, bundles: Path, args) -> list[dict]:
                       f"{steps['served_step_ms']:.2f} ms/step vs {1000 / ceiling_steps:.2f} alone; p50 "
                       f"{served['p50_ms']:6.0f} ms; errors {served['errors']}"
                       + (f" ({served['first_error']})" if served["errors"] else ""), flush=True)
+                print("           cores busy: " + ", ".join(f"{role} {used:.2f}" for role, used in sorted(
+                    cores.items(), key=lambda item: -item[1]) if used >= 0.01), flush=True)
                 out.append({"clients": clients, "max_new_tokens": length, "stream": stream, "served": served,
-                            "ceiling": ceiling, "ratio": ratio, "decode_steps": steps})
+                            "ceiling": ceiling, "ratio": ratio, "decode_steps": steps, "cores_busy": cores})
     return out
 
 
@@ -367,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-lengths", type=int, nargs="+", default=[100, 400])
     parser.add_argument("--ceiling-seconds", type=float, default=4.0)
     parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--proxy", action="store_true",
+                        help="HTTP through Ray's proxy actor (rnnlab serve --proxy) instead of direct ingress")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -407,16 +447,17 @@ def main(argv: list[str] | None = None) -> int:
         import ray
         from ray import serve
 
-        if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
+        direct = not args.proxy
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if direct else "0"
+        if direct:
             os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(args.port))
             os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(args.port + 1))  # exclusive
             # each phase's serve.run restarts the Gateway: the new replica needs the one port back at once
             os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
             os.environ.setdefault("RAY_SERVE_PORT_QUARANTINE_S", "0")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        # direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the Gateway replica binds --port itself, Serve's
-        # proxy (still started on the head node) is moved aside to --port + 2
-        direct = os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
+        # direct ingress: the Gateway replica binds --port itself, Serve's proxy (still started on the head node)
+        # is moved aside to --port + 2
         serve.start(http_options={"host": "127.0.0.1", "port": args.port + 2 if direct else args.port})
         base = f"http://127.0.0.1:{args.port}"
         rounds: list[dict] = []
@@ -431,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                 serve.shutdown()
                 ray.shutdown()
                 print_generation_summary(results["generation"])
-                results["setup"] = {"seconds": args.seconds, "ceiling_seconds": args.ceiling_seconds,
+                results["setup"] = {"ingress": "proxy" if args.proxy else "direct",
+                                    "seconds": args.seconds, "ceiling_seconds": args.ceiling_seconds,
                                     "bundles": args.bundles or "random chapter-sized"}
                 if args.json:
                     Path(args.json).write_text(json.dumps(results, indent=2))
@@ -488,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             results["summary"]["forecast_vs_sentiment"] = {"ratios": shares, "ratio_median": statistics.median(shares)}
             print(f"forecast / sentiment requests/s (batched, same round): {statistics.median(shares):.0%} median "
                   f"({', '.join(f'{s:.0%}' for s in shares)})")
-    results["setup"] = {"clients": args.clients, "seconds": args.seconds, "max_new_tokens": args.max_new_tokens,
+    results["setup"] = {"ingress": "proxy" if args.proxy else "direct", "clients": args.clients, "seconds": args.seconds, "max_new_tokens": args.max_new_tokens,
                         "rounds": args.rounds, "bundles": args.bundles or f"random, sentiment preset {args.preset}"}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -1,6 +1,6 @@
 """Iteration-level batching for character generation (the Orca / vLLM idea, for an LSTM).
 
-One asyncio task decodes every active sequence together, one ``CharLSTM.step`` call per step for all of them.
+One thread decodes every active sequence together, one ``CharLSTM.step`` call per step for all of them.
 Each sequence keeps its own temperature / top-k / top-p, length and seeded draws; a sequence that is done leaves
 after the step that finished it, and a request that arrives joins at the next block boundary: its prompt is run
 through ``forward`` (the prefill) and its (h, c) is concatenated onto the slot tensors. An LSTM's state is a
