@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_description, write_json  # noqa: E402
 
-from rnnlab.registry import JOBS, PRESETS  # noqa: E402
+from rnnlab.registry import JOBS, presets  # noqa: E402
 
 # Measured with baselines.py on the mirror (see benchmarks/README.md); used when --baselines is not given.
 REFERENCE_BASELINES: dict[str, Any] = {
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                               "runs": {}}
     for spec in args.runs:
         job, _, preset = spec.partition(":")
-        if job not in JOBS or preset not in PRESETS:
-            parser.error(f"{spec!r} is not JOB:PRESET (jobs {'/'.join(JOBS)}, presets {'/'.join(PRESETS)})")
+        if job not in JOBS or preset not in presets():
+            parser.error(f"{spec!r} is not JOB:PRESET (jobs {'/'.join(JOBS)}, presets {'/'.join(presets())})")
         sets = [s.split(":", 1)[1] for s in args.sets if s.startswith(f"{job}:")]
         output = args.output / f"{job}-{preset}"
         run: dict[str, Any] = {"sets": sets, "wall_s": None}

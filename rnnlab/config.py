@@ -34,7 +34,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from rnnlab import registry
 from rnnlab.errors import ConfigError
 
-PRESETS = registry.PRESETS
 # Keys that once existed and do nothing now. Configs and bundles written before they went still hold them, so
 # they are dropped rather than refused. train.num_workers: nothing read it (batches are built in the process).
 RETIRED_KEYS = ("train.num_workers",)
@@ -227,8 +226,6 @@ def validate(config: Mapping) -> JobConfig:
 
 
 def preset_config(job: str, preset: str) -> dict:
-    if preset not in PRESETS:
-        raise ConfigError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     path = registry.job(job).presets_file
     presets = read_yaml(path, what="config file")
     if preset not in presets:
@@ -255,7 +252,7 @@ def read_user_yaml(path: Path, preset: str) -> dict:
     loaded = read_yaml(path) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"The config file {path} must hold a mapping of sections, not a {type(loaded).__name__}.")
-    if loaded and set(loaded) <= set(PRESETS):
+    if loaded and set(loaded) <= set(registry.presets()):
         return loaded.get(preset) or {}
     return loaded
 

@@ -16,9 +16,6 @@ from typing import Any
 from rnnlab.errors import ConfigError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-# the top-level keys a configs/presets/JOB.yaml may hold (pretrained: sentiment from a review LM bundle; wide:
-# sentiment with a bag of n-grams beside the LSTM)
-PRESETS = ("chapter", "default", "smoke", "demo", "pretrained", "wide")
 
 
 @dataclass(frozen=True)
@@ -120,6 +117,12 @@ def job(name: str) -> JobSpec:
     if name not in JOBS:
         raise ConfigError(f"Unknown job {name!r}; choose one of {', '.join(JOBS)}.")
     return JOBS[name]
+
+
+def presets() -> tuple[str, ...]:
+    """Every preset some job's preset file declares, in file order: what ``--preset`` accepts (whether the job
+    at hand has it is checked when its config is loaded)."""
+    return tuple(dict.fromkeys(name for spec in JOBS.values() for name in spec.presets()))
 
 
 def by_route(route: str) -> JobSpec:

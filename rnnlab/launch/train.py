@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from rnnlab.registry import JOBS, PRESETS
+from rnnlab.registry import JOBS, presets
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", choices=JOBS, help="what to train")
-    parser.add_argument("--preset", choices=PRESETS, default="default",
+    parser.add_argument("--preset", choices=presets(), default="default",
                         help="recipe to start from (configs/presets/JOB.yaml); default: %(default)s")
     parser.add_argument("--config", metavar="YAML", help="a YAML file merged on top of the preset")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from rnnlab.registry import JOBS, PRESETS
+from rnnlab.registry import JOBS, presets
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--space", metavar="SPACE.yaml", help="your search space, merged over configs/tune/JOB.yaml")
     parser.add_argument("--name", help="the search's name: its folder under --output and its W&B group "
                         "(default: JOB-DATE-TIME)")
-    parser.add_argument("--preset", choices=PRESETS, default="default", help="config every trial starts from")
+    parser.add_argument("--preset", choices=presets(), default="default", help="config every trial starts from")
     parser.add_argument("--config", metavar="YAML", help="a YAML file merged on top of the preset")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                         help="override one setting of the base config, e.g. --set data.limit_train=2000")
