@@ -178,14 +178,15 @@ def random_bundles(directory: Path, reviews: list[str], preset: str = "chapter")
     from rnnlab.data.imdb import tokenize
     from rnnlab.data.stock import FEATURE_NAMES, Scaler
     from rnnlab.data.vocab import build_vocab
-    from rnnlab.models import build_model
+    from rnnlab.models import SentimentConfig, build_model
 
     from rnnlab.config import load_config
 
     torch.manual_seed(0)
     vocab = build_vocab(tokenize(text) for text in reviews)
     recipe = load_config("sentiment", preset)  # the architecture (and max_length) that preset trains
-    architecture = {key: value for key, value in recipe["model"].items() if key != "init_from"}  # a training key
+    # the model's own keys: the section also holds training's (init_from, fit_lstm_weight)
+    architecture = {key: value for key, value in recipe["model"].items() if key in SentimentConfig.model_fields}
     save_bundle(directory / "sentiment", job="sentiment",
                 model=build_model("sentiment", {**architecture, "vocab_size": len(vocab)}),
                 assets={"vocab": vocab.to_json()}, metrics={},

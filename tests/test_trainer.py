@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -416,6 +417,40 @@ def test_ngram_branch_trains_beside_the_lstm_at_its_own_learning_rate(data, tmp_
     model = load_bundle(tmp_path / "bundle").model
     assert model.ngrams.weight.abs().max() > 0  # the zero-initialised table learned
     assert {"accuracy", "roc_auc"} <= set(result["test"])
+
+
+def test_fit_lstm_weight_picks_the_validation_loss_minimum_and_the_bundle_answers_with_it(data, tmp_path):
+    from rnnlab.bundle import load_bundle
+    from rnnlab.trainers.sentiment import LSTM_WEIGHTS, sentiment_metrics
+
+    config = smoke("sentiment", data, "model.ngram_buckets=5000", "train.lr_multipliers={ngrams: 20}",
+                   "model.fit_lstm_weight=true", "train.epochs=3")
+    result = train(config, tmp_path)
+    bundle = load_bundle(tmp_path / "bundle")
+    weight = bundle.model_config["lstm_weight"]
+    assert weight == result["val"]["lstm_weight"] and weight in LSTM_WEIGHTS
+
+    # the same choice made here from the bundle's two branches on the validation reviews
+    job = make_job(bundle.config, rank=0, world_size=1)
+    job.load_data()
+    ids, labels = job.splits["val"]
+    x, lengths, _ = job._collate("val", range(len(ids)))
+    with torch.no_grad():
+        lstm, ngrams = (branch.double().numpy() for branch in bundle.model(x, lengths, branches=True))
+        answered = bundle.model(x, lengths).double().numpy()
+    losses = {w: sentiment_metrics(labels, w * lstm + ngrams)["loss"] for w in LSTM_WEIGHTS}
+    assert losses[weight] == pytest.approx(min(losses.values()), abs=1e-9)
+    np.testing.assert_allclose(answered, weight * lstm + ngrams, rtol=1e-5, atol=1e-5)  # what it serves
+    assert result["val"]["loss"] == pytest.approx(losses[weight], rel=1e-4)
+    assert result["val"]["loss"] <= result["val"]["before_fit"]["loss"] + 1e-9  # 1 was among the choices
+    assert [e["lstm_weight"] for e in events(tmp_path, "val_fitted")] == [weight]
+
+
+def test_fit_lstm_weight_needs_an_ngram_branch(data, tmp_path):
+    from rnnlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.fit_lstm_weight weighs the LSTM against the n-gram branch"):
+        train(smoke("sentiment", data, "model.fit_lstm_weight=true"), tmp_path)
 
 
 def test_lr_multipliers_must_name_parameters_of_the_model():

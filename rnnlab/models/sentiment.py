@@ -29,26 +29,28 @@ The LSTM stack is built one layer and one direction at a time (``layers[i][d]``,
 a linear model over word bigrams beats an LSTM trained on 25,000 reviews, and the two err on different
 reviews). Each distinct unigram and bigram of a review adds one learned weight, scaled by 1/sqrt(number of
 distinct n-grams), to a second logit: unigrams by their id, bigrams hashed into the remaining buckets. The
-model's logit is the sum of the two; ``forward(..., branches=True)`` returns them apart so that training can
-make each a classifier of its own.
+model's logit is the sum of the two, the LSTM's weighted by ``lstm_weight`` (1 while training; with
+``model.fit_lstm_weight`` the job then picks it on the validation split); ``forward(..., branches=True)``
+returns them apart so that training can make each a classifier of its own.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rnnlab.config import Count, ModelSettings, PositiveInt, Probability
+from rnnlab.config import Count, ModelSettings, Number, PositiveInt, Probability
 
 LENGTH_STRATEGIES = ("padded", "packed")
 
 
 class SentimentConfig(ModelSettings):
-    FROM_DATA: ClassVar[tuple[str, ...]] = ("vocab_size",)
+    # lstm_weight is the job's to set, from the validation split after training (model.fit_lstm_weight)
+    FROM_DATA: ClassVar[tuple[str, ...]] = ("vocab_size", "lstm_weight")
 
     vocab_size: PositiveInt
     embed_dim: PositiveInt = 32
@@ -60,6 +62,7 @@ class SentimentConfig(ModelSettings):
     pooling: Literal["last", "max_mean"] = "last"  # see the module docstring
     embed_dropout: Probability = 0.0  # on the embeddings, before the first LSTM layer
     ngram_buckets: Count = 0  # > vocab_size: a linear bag-of-n-grams logit beside the LSTM's; 0 = none
+    lstm_weight: Annotated[Number, Field(ge=0, le=1)] = 1.0  # the LSTM logit's weight in its sum with the n-grams'
 
     @model_validator(mode="after")
     def _room_for_bigrams(self):
@@ -176,7 +179,7 @@ class SentimentLSTM(nn.Module):
             return (logits,) if branches else logits
         indices, weights = distinct_ngrams(ids, lengths, self.config.vocab_size, self.config.ngram_buckets)
         ngram_logits = self.ngrams(indices, per_sample_weights=weights.to(self.ngrams.weight.dtype)).squeeze(-1)
-        return (logits, ngram_logits) if branches else logits + ngram_logits
+        return (logits, ngram_logits) if branches else self.config.lstm_weight * logits + ngram_logits
 
     @staticmethod
     def _run_padded(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

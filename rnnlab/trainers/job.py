@@ -99,6 +99,11 @@ class Job:
     def evaluate(self, model: nn.Module, split: str, accelerator) -> EvalResult:
         raise NotImplementedError
 
+    def fit_on_validation(self, model: nn.Module, accelerator) -> dict:
+        """After training, with the best weights in: settle what the job picks on the validation split (its
+        model config may change; the bundle keeps it). Returns the choices for the run's summary; {} for none."""
+        return {}
+
     def monitor(self) -> tuple[str, str]:
         """The validation metric that picks the best checkpoint, and whether lower or higher is better."""
         name = self.config.train.monitor

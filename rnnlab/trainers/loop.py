@@ -304,15 +304,21 @@ def check_finite(what: str, value: float, state: TrainState, checkpoints: Checkp
 
 def finish(accelerator, model, job: Job, checkpoints: Checkpoints, state: TrainState, tracking: Tracking,
            output_dir: Path) -> dict:
-    """Best weights back in, the test split scored once, the job's report, the bundle exported."""
+    """Best weights back in, what the job picks on validation, the test split scored once, the job's report, the
+    bundle exported."""
     from rnnlab.bundle import save_bundle
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     checkpoints.load_best_weights(unwrapped)
     unwrapped.eval()
-    test = job.evaluate(unwrapped, "test", accelerator)
     val = state.best_val or {}
+    fitted = job.fit_on_validation(unwrapped, accelerator)
+    if fitted:  # the model answers differently now: its validation figures again, beside what they were
+        refit = {**job.evaluate(unwrapped, "val", accelerator).metrics, **fitted}
+        tracking.log("val_fitted", refit, step=state.step)
+        val = {**refit, "before_fit": val}
+    test = job.evaluate(unwrapped, "test", accelerator)
     tracking.log("test", test.metrics, step=state.step, best_step=state.best_step)
     result = {"val": val, "test": dict(test.metrics), "best_step": state.best_step, "steps": state.step,
               "stopped_early": state.stopped_early, "bundle": str(output_dir / "bundle")}

@@ -18,6 +18,8 @@ from rnnlab.trainers.job import Batch, EvalResult, Job, gather
 
 log = logging.getLogger(__name__)
 
+LSTM_WEIGHTS = tuple(i / 20 for i in range(21))  # model.fit_lstm_weight's choices: 0, 0.05, ..., 1
+
 
 class SentimentData(DataSettings):
     val_fraction: Probability = 0.1  # of the training reviews, held out for validation
@@ -31,6 +33,10 @@ class SentimentModel(model_section(SentimentConfig)):
     # a review LM bundle (``rnnlab train lm``) whose embedding and LSTM layers the classifier starts from; its
     # vocabulary must be this run's (same data.val_fraction, min_freq, max_vocab and train.seed)
     init_from: str | None = None
+    # with an n-gram branch: after training, weigh the LSTM's logit by the value in 0, 0.05, ..., 1 with the
+    # lowest validation loss (the bundle keeps it as lstm_weight); trained together, the LSTM fits the training
+    # reviews sooner and the plain sum leans on it more than unseen reviews bear out
+    fit_lstm_weight: bool = False
 
 
 class SentimentJobConfig(JobConfig):
@@ -100,6 +106,9 @@ class SentimentJob(Job):
 
         settings = self.config.model.to_dict()
         init_from = settings.pop("init_from")
+        if settings.pop("fit_lstm_weight") and not settings["ngram_buckets"]:
+            raise ConfigError("model.fit_lstm_weight weighs the LSTM against the n-gram branch; set "
+                              "model.ngram_buckets too, or drop it.")
         model = build_model("sentiment", {**settings, **self.data_model_config()})
         if init_from is not None:
             self._start_from(model, init_from)
@@ -135,23 +144,42 @@ class SentimentJob(Job):
         return sum(F.binary_cross_entropy_with_logits(logits.float(), batch.targets, reduction="sum")
                    for logits in terms)
 
-    @torch.no_grad()
     def evaluate(self, model, split: str, accelerator) -> EvalResult:
+        labels = self.splits[split][1]
+        logits = self._logits(model, split, accelerator)[0]
+        return EvalResult(sentiment_metrics(labels, logits), {"labels": labels, "logits": logits})
+
+    @torch.no_grad()
+    def _logits(self, model, split: str, accelerator, branches: bool = False) -> np.ndarray:
+        """Logits of every review of ``split`` on every process: [1, N], or with ``branches`` [branches, N]."""
         ids, labels = self.splits[split]
         order = np.argsort(self._lengths(split), kind="stable")  # similar lengths together: little padding
         mine = self._share(order)
-        logits_parts = []
+        parts = []
         for start in range(0, len(mine), self.eval_batch_size):
             chunk = mine[start : start + self.eval_batch_size]
             x, lengths, _ = self._collate(split, chunk)
             with accelerator.autocast():
-                logits_parts.append(model(x.to(self.device), lengths.to(self.device)).float().cpu().numpy())
-        local_logits = np.concatenate(logits_parts) if logits_parts else np.zeros(0, np.float32)
-        pieces = gather(accelerator, (mine, local_logits))
+                out = model(x.to(self.device), lengths.to(self.device), branches=branches)
+            parts.append(torch.stack(out if branches else (out,)).float().cpu().numpy())
+        rows = 2 if branches and accelerator.unwrap_model(model).config.ngram_buckets else 1
+        local = np.concatenate(parts, axis=1) if parts else np.zeros((rows, 0), np.float32)
+        pieces = gather(accelerator, (mine, local))
         index = np.concatenate([p[0] for p in pieces])
-        logits = np.empty(len(labels), dtype=np.float64)
-        logits[index] = np.concatenate([p[1] for p in pieces])
-        return EvalResult(sentiment_metrics(labels, logits), {"labels": labels, "logits": logits})
+        logits = np.empty((rows, len(labels)), dtype=np.float64)
+        logits[:, index] = np.concatenate([p[1] for p in pieces], axis=1)
+        return logits
+
+    def fit_on_validation(self, model, accelerator) -> dict:
+        if not (self.config.model.fit_lstm_weight and self.has_validation()):
+            return {}
+        lstm, ngrams = self._logits(model, "val", accelerator, branches=True)
+        labels = self.splits["val"][1]
+        losses = {weight: sentiment_metrics(labels, weight * lstm + ngrams)["loss"] for weight in LSTM_WEIGHTS}
+        model.config.lstm_weight = min(losses, key=losses.get)
+        log.info("model.fit_lstm_weight: LSTM logit weighed %.2f (validation loss %.4f; %.4f at 1)",
+                 model.config.lstm_weight, losses[model.config.lstm_weight], losses[1.0])
+        return {"lstm_weight": model.config.lstm_weight}
 
     def assets(self) -> dict[str, dict]:
         return {"vocab": self.vocab.to_json()}
