@@ -40,8 +40,6 @@ def test_bad_source_is_one_sentence_and_nonzero(tmp_path):
 
 
 def test_generate_refuses_an_out_of_range_sampling_flag_in_one_sentence(tmp_path):
-    import torch
-
     from rnnlab.bundle import save_bundle
     from rnnlab.data.vocab import Vocab
     from rnnlab.models import build_model

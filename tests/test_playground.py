@@ -7,7 +7,6 @@ installs both when it can. (Without a key the page sends no Authorization header
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import httpx
 import pandas as pd

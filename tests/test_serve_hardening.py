@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serve import _free_port, make_bundles, sse_events
+from test_serve import _free_port, make_bundles
 
 pytestmark = pytest.mark.slow
 
