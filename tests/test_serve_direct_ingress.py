@@ -7,6 +7,7 @@ the cluster starts; test_serve.py's in-process instance runs with Ray's defaults
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -40,6 +41,13 @@ def _listener(port: int) -> str:
     return ""
 
 
+async def _burst(base: str, count: int) -> tuple[list[int], set[str]]:
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        answers = await asyncio.gather(*(client.post("/v1/generate", json={"prompt": "the ", "max_new_tokens": 2000,
+                                                                          "seed": i}) for i in range(count)))
+    return [a.status_code for a in answers], {a.headers.get("retry-after") for a in answers if a.status_code == 503}
+
+
 @pytest.mark.parametrize("ingress", ["direct", "proxy"])
 def test_serve_answers_on_the_asked_port_and_stops_cleanly(tmp_path, ingress):
     bundles = make_bundles(tmp_path / "bundles")
@@ -49,6 +57,7 @@ def test_serve_answers_on_the_asked_port_and_stops_cleanly(tmp_path, ingress):
     env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if ingress == "proxy" else "0"
     service = subprocess.Popen(
         [sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(bundles), "--port", str(port),
+         "--max-ongoing-requests", "4", "--max-queued-requests", "4", "--retry-after-s", "2",
          *(["--proxy"] if ingress == "proxy" else [])],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
@@ -73,6 +82,10 @@ def test_serve_answers_on_the_asked_port_and_stops_cleanly(tmp_path, ingress):
         answer = httpx.post(f"{base}/v1/sentiment", json={"texts": ["a fine film", "a dull one"]}, timeout=60)
         assert answer.status_code == 200
         assert [r["label"] in ("positive", "negative") for r in answer.json()["results"]] == [True, True]
+        # load is shed either way: 4 at work and 4 queued, the rest of a burst gets 503 + Retry-After at once
+        codes, retry = asyncio.run(_burst(base, 40))
+        assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 10, codes
+        assert retry == {"2"}
     finally:
         os.killpg(service.pid, signal.SIGINT)
         try:
