@@ -292,7 +292,7 @@ def test_a_client_that_stops_reading_frees_its_slot(base, http):
 def test_the_guard_closes_a_response_nobody_reads():
     """The idle-send timeout itself, on the ASGI level: a send that never completes ends the app's response
     (through Ray's proxy the replica's sends are buffered, so the real service frees the slot when the
-    generation ends; under --direct-ingress this timeout is what cuts a stalled socket)."""
+    generation ends; under direct ingress, the default, this timeout is what cuts a stalled socket)."""
     from rnnlab.serve import limits
 
     finished = asyncio.Event()
