@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="HTTP through Ray's proxy actor (rnnlab serve --proxy) instead of direct ingress")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    ingress = "proxy" if args.proxy else "direct"  # of the service this script starts (not of --url's)
 
     reviews = imdb_reviews()
     rows = price_rows()
@@ -448,18 +449,12 @@ def main(argv: list[str] | None = None) -> int:
         import ray
         from ray import serve
 
-        direct = not args.proxy
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if direct else "0"
-        if direct:
-            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(args.port))
-            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(args.port + 1))  # exclusive
-            # each phase's serve.run restarts the Gateway: the new replica needs the one port back at once
-            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
-            os.environ.setdefault("RAY_SERVE_PORT_QUARANTINE_S", "0")
+        from rnnlab.launch.serve_cmd import choose_ingress
+
+        # as rnnlab serve does (each phase's serve.run restarts the Gateway, which gets its one port back at once)
+        proxy_port = choose_ingress(not args.proxy, "127.0.0.1", args.port)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        # direct ingress: the Gateway replica binds --port itself, Serve's proxy (still started on the head node)
-        # is moved aside to --port + 2
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port + 2 if direct else args.port})
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
         base = f"http://127.0.0.1:{args.port}"
         rounds: list[dict] = []
         with tempfile.TemporaryDirectory() as scratch:
@@ -473,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                 serve.shutdown()
                 ray.shutdown()
                 print_generation_summary(results["generation"])
-                results["setup"] = {"ingress": "proxy" if args.proxy else "direct",
-                                    "seconds": args.seconds, "ceiling_seconds": args.ceiling_seconds,
+                results["setup"] = {"ingress": ingress, "seconds": args.seconds,
+                                    "ceiling_seconds": args.ceiling_seconds,
                                     "bundles": args.bundles or "random chapter-sized"}
                 if args.json:
                     Path(args.json).write_text(json.dumps(results, indent=2))
@@ -531,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
             results["summary"]["forecast_vs_sentiment"] = {"ratios": shares, "ratio_median": statistics.median(shares)}
             print(f"forecast / sentiment requests/s (batched, same round): {statistics.median(shares):.0%} median "
                   f"({', '.join(f'{s:.0%}' for s in shares)})")
-    results["setup"] = {"ingress": "proxy" if args.proxy else "direct", "clients": args.clients, "seconds": args.seconds, "max_new_tokens": args.max_new_tokens,
-                        "rounds": args.rounds, "bundles": args.bundles or f"random, sentiment preset {args.preset}"}
+    results["setup"] = {"ingress": None if args.url else ingress, "clients": args.clients, "seconds": args.seconds,
+                        "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "bundles": args.bundles or f"random, sentiment preset {args.preset}"}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -74,13 +74,19 @@ def _check_port(host: str, port: int) -> None:
             raise ConfigError(f"Cannot bind {host}:{port} ({error.strerror}); pass another --host or --port.")
 
 
-def _direct_ingress_ports(host: str, port: int) -> int:
-    """Direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): the Gateway replica itself listens on ``port`` (no
-    proxy hop: ~5x the POST rate on 2 cores, benchmarks/README.md). Ray 2.60 still starts its proxy on the head
-    node and hands ingress replicas ports from RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT (max exclusive), so
-    the range is pinned to ``port`` alone and the proxy is moved to a free port. One port means one Gateway
-    replica, and a restarted one must get it back at once: no drain period, no quarantine. Returns the proxy's
-    port. Must run before ray.init (the controller and replicas read these at import)."""
+def choose_ingress(direct: bool, host: str, port: int) -> int:
+    """Set up, before ray.init, who takes HTTP on ``port`` (the controller and replicas read these settings when
+    they start); returns the port for Ray's proxy.
+
+    ``direct``: Ray Serve's direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``), the Gateway replica itself
+    listens on ``port`` (no proxy hop: ~5x the POST rate on 2 cores, benchmarks/README.md). Ray 2.60 still starts
+    its proxy on the head node and hands ingress replicas ports from RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT
+    (max exclusive), so the range is pinned to ``port`` alone and the proxy is moved to a free port. One port
+    means one Gateway replica, and a restarted one must get it back at once: no drain period, no quarantine.
+    Otherwise the proxy takes ``port`` (an exported RAY_SERVE_ENABLE_DIRECT_INGRESS does not decide it)."""
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if direct else "0"
+    if not direct:
+        return port
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(port))
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(port + 1))
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
@@ -130,14 +136,10 @@ def run(args: argparse.Namespace) -> int:
     app = build_app({"bundles": args.bundles, "torch_threads": args.torch_threads,
                      "max_batch_size": args.max_batch_size, "api_key_file": args.api_key_file} | limits)
     kinds = ", ".join(f"/v1/{KINDS[job]}" for job in sorted(find_bundles(args.bundles, check=False)))
-    # Direct ingress needs the Ray instance started here: the ports it hands replicas are read when Ray starts.
-    direct = args.address is None and not args.proxy
-    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if direct else "0"
-    proxy_port = args.port
     if args.address is None:
         _check_port(args.host, args.port)
-        if direct:
-            proxy_port = _direct_ingress_ports(args.host, args.port)
+    # direct ingress needs the Ray instance started here: the ports it hands replicas are read when Ray starts
+    proxy_port = choose_ingress(args.address is None and not args.proxy, args.host, args.port)
 
     import ray
     from ray import serve
