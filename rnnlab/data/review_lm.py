@@ -61,12 +61,10 @@ def load_review_lm_data(
     sentiment = imdb.load_sentiment_data(path, val_fraction=val_fraction, seed=seed, min_freq=min_freq,
                                          max_vocab=max_vocab, max_length=None, cache=cache)
     vocab = sentiment.vocab
-    tokens, ids, offsets = _unsup_corpus(Path(path), cache=cache)
-    if 2 * heldout_reviews >= len(offsets) - 1:
+    unsup = unlabelled_reviews(path, vocab, cache=cache)
+    if 2 * heldout_reviews >= len(unsup):
         raise ConfigError(f"data.heldout_reviews={heldout_reviews} leaves no unlabelled review to train on "
-                          f"({len(offsets) - 1} in all); choose fewer.")
-    lookup = np.array([vocab.stoi.get(token, vocab.unk_index) for token in tokens], dtype=np.int64)
-    unsup = np.split(lookup[ids], offsets[1:-1])
+                          f"({len(unsup)} in all); choose fewer.")
     order = np.random.default_rng(seed).permutation(len(unsup))
     val = [unsup[i] for i in order[:heldout_reviews]]
     test = [unsup[i] for i in order[heldout_reviews : 2 * heldout_reviews]]
@@ -78,6 +76,16 @@ def load_review_lm_data(
              "/".join(str(n) for n in data.reviews.values()),
              "/".join(f"{len(s):,}" for s in (data.train, data.val, data.test)), len(vocab))
     return data
+
+
+def unlabelled_reviews(path: str | os.PathLike, vocab: Vocab, *, max_length: int | None = None,
+                       cache: bool = True) -> list[np.ndarray]:
+    """The 50,000 unlabelled reviews as int64 ids of ``vocab`` (unknown words -> ``<unk>``), in file order;
+    ``max_length`` keeps a longer review's LAST tokens, as the sentiment splits do."""
+    tokens, ids, offsets = _unsup_corpus(Path(path), cache=cache)
+    lookup = np.array([vocab.stoi.get(token, vocab.unk_index) for token in tokens], dtype=np.int64)
+    reviews = np.split(lookup[ids], offsets[1:-1])
+    return reviews if max_length is None else [review[-max_length:] for review in reviews]
 
 
 def _stream(reviews: list[np.ndarray]) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from rnnlab.config import DataSettings, JobConfig, PositiveInt, Probability, model_section
+from rnnlab.config import Count, DataSettings, JobConfig, PositiveInt, Probability, model_section
 from rnnlab.errors import ConfigError
 from rnnlab.models.sentiment import SentimentConfig
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
@@ -27,6 +27,10 @@ class SentimentData(DataSettings):
     max_vocab: PositiveInt | None = None
     max_length: PositiveInt | None = None  # tokens kept per review (its start)
     bucket_size_multiplier: PositiveInt = 100
+    # a sentiment bundle (the teacher) that labels the 50,000 unlabelled reviews: they join the training reviews
+    # with its probabilities as soft targets (self-training); its validation reviews must be this run's
+    pseudo_labels_from: str | None = None
+    limit_unlabelled: Count = 0
 
 
 class SentimentModel(model_section(SentimentConfig)):
@@ -64,8 +68,44 @@ class SentimentJob(Job):
             ids = [np.asarray(encoded.ids[i], dtype=np.int64) for i in keep]
             labels = np.asarray(encoded.labels, dtype=np.float32)[keep]
             self.splits[split] = (ids, labels)
+        if data_cfg.pseudo_labels_from is not None:
+            self._add_pseudo_labelled(data_cfg.pseudo_labels_from)
         self._imdb = imdb
         self._global_batches: list[list[int]] = []
+
+    def _add_pseudo_labelled(self, teacher_path: str) -> None:
+        """Append the unlabelled reviews to train, each labelled with the teacher bundle's P(positive)."""
+        from rnnlab.bundle import load_bundle
+        from rnnlab.data.review_lm import unlabelled_reviews
+        from tqdm.auto import tqdm
+
+        from rnnlab.inference import SentimentClassifier
+
+        teacher = load_bundle(teacher_path)
+        if teacher.job != "sentiment":
+            raise ConfigError(f"data.pseudo_labels_from: {teacher_path} is a {teacher.job} bundle; give a sentiment "
+                              "bundle (rnnlab train sentiment).")
+        held_out = (teacher.config["data"]["val_fraction"], teacher.config["train"]["seed"])
+        if held_out != (self.config.data.val_fraction, self.seed):
+            # A teacher that trained on this run's validation reviews would leak them into its labels.
+            raise ConfigError(f"data.pseudo_labels_from: the teacher held out other validation reviews "
+                              f"(val_fraction, seed = {held_out}); train it with this run's data.val_fraction "
+                              "and train.seed.")
+        classifier = SentimentClassifier(teacher)
+        source = self.source_path()
+        reviews = unlabelled_reviews(source, self.vocab, max_length=self.config.data.max_length)
+        keep = self._limit(len(reviews), "limit_unlabelled")
+        teacher_ids = unlabelled_reviews(source, classifier.vocab, max_length=classifier.max_length)
+        answers = []
+        chunks = [keep[start : start + 1000] for start in range(0, len(keep), 1000)]
+        for chunk in tqdm(chunks, desc="teacher labels", unit="k reviews",
+                          disable=not (self.rank == 0 and self.config.train.progress)):
+            answers += classifier.predict_encoded([teacher_ids[i] for i in chunk])
+        probabilities = np.array([answer["probability"] for answer in answers], dtype=np.float32)
+        ids, labels = self.splits["train"]
+        self.splits["train"] = (ids + [reviews[i] for i in keep], np.concatenate([labels, probabilities]))
+        log.info("data.pseudo_labels_from %s: %d unlabelled reviews added, %.1f %% labelled positive",
+                 teacher_path, len(keep), 100 * float(np.mean(probabilities > 0.5)))
 
     def _lengths(self, split: str) -> np.ndarray:
         return np.array([len(x) for x in self.splits[split][0]], dtype=np.int64)
