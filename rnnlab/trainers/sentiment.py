@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from rnnlab.config import Count, DataSettings, JobConfig, PositiveInt, Probability, model_section
 from rnnlab.errors import ConfigError
@@ -27,9 +28,10 @@ class SentimentData(DataSettings):
     max_vocab: PositiveInt | None = None
     max_length: PositiveInt | None = None  # tokens kept per review (its start)
     bucket_size_multiplier: PositiveInt = 100
-    # a sentiment bundle (the teacher) that labels the 50,000 unlabelled reviews: they join the training reviews
-    # with its probabilities as soft targets (self-training); its validation reviews must be this run's
-    pseudo_labels_from: str | None = None
+    # sentiment bundles (teachers) that label the 50,000 unlabelled reviews: they join the training reviews with
+    # the teachers' mean probability as soft targets (self-training, distillation); each must have held out this
+    # run's validation reviews
+    pseudo_labels_from: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = []
     limit_unlabelled: Count = 0
 
 
@@ -68,44 +70,50 @@ class SentimentJob(Job):
             ids = [np.asarray(encoded.ids[i], dtype=np.int64) for i in keep]
             labels = np.asarray(encoded.labels, dtype=np.float32)[keep]
             self.splits[split] = (ids, labels)
-        if data_cfg.pseudo_labels_from is not None:
+        if data_cfg.pseudo_labels_from:
             self._add_pseudo_labelled(data_cfg.pseudo_labels_from)
         self._imdb = imdb
         self._global_batches: list[list[int]] = []
 
-    def _add_pseudo_labelled(self, teacher_path: str) -> None:
-        """Append the unlabelled reviews to train, each labelled with the teacher bundle's P(positive)."""
-        from rnnlab.bundle import load_bundle
+    def _add_pseudo_labelled(self, teachers: list[str]) -> None:
+        """Append the unlabelled reviews to train, each labelled with the teachers' mean P(positive)."""
         from rnnlab.data.review_lm import unlabelled_reviews
+
+        reviews = unlabelled_reviews(self.source_path(), self.vocab, max_length=self.config.data.max_length)
+        keep = self._limit(len(reviews), "limit_unlabelled")
+        probabilities = np.mean([self._teacher_probabilities(path, keep) for path in teachers], axis=0)
+        ids, labels = self.splits["train"]
+        self.splits["train"] = (ids + [reviews[i] for i in keep], np.concatenate([labels, probabilities]))
+        log.info("data.pseudo_labels_from: %d unlabelled reviews added, %.1f %% labelled positive",
+                 len(keep), 100 * float(np.mean(probabilities > 0.5)))
+
+    def _teacher_probabilities(self, path: str, keep: np.ndarray) -> np.ndarray:
+        """P(positive) of the sentiment bundle at ``path`` for the unlabelled reviews ``keep``, read with its own
+        vocabulary and length."""
         from tqdm.auto import tqdm
 
+        from rnnlab.bundle import load_bundle
+        from rnnlab.data.review_lm import unlabelled_reviews
         from rnnlab.inference import SentimentClassifier
 
-        teacher = load_bundle(teacher_path)
+        teacher = load_bundle(path)
         if teacher.job != "sentiment":
-            raise ConfigError(f"data.pseudo_labels_from: {teacher_path} is a {teacher.job} bundle; give a sentiment "
+            raise ConfigError(f"data.pseudo_labels_from: {path} is a {teacher.job} bundle; give a sentiment "
                               "bundle (rnnlab train sentiment).")
         held_out = (teacher.config["data"]["val_fraction"], teacher.config["train"]["seed"])
         if held_out != (self.config.data.val_fraction, self.seed):
             # A teacher that trained on this run's validation reviews would leak them into its labels.
-            raise ConfigError(f"data.pseudo_labels_from: the teacher held out other validation reviews "
+            raise ConfigError(f"data.pseudo_labels_from: the teacher {path} held out other validation reviews "
                               f"(val_fraction, seed = {held_out}); train it with this run's data.val_fraction "
                               "and train.seed.")
         classifier = SentimentClassifier(teacher)
-        source = self.source_path()
-        reviews = unlabelled_reviews(source, self.vocab, max_length=self.config.data.max_length)
-        keep = self._limit(len(reviews), "limit_unlabelled")
-        teacher_ids = unlabelled_reviews(source, classifier.vocab, max_length=classifier.max_length)
+        teacher_ids = unlabelled_reviews(self.source_path(), classifier.vocab, max_length=classifier.max_length)
         answers = []
         chunks = [keep[start : start + 1000] for start in range(0, len(keep), 1000)]
-        for chunk in tqdm(chunks, desc="teacher labels", unit="k reviews",
+        for chunk in tqdm(chunks, desc=f"labels from {Path(path).parent.name or path}", unit="k reviews",
                           disable=not (self.rank == 0 and self.config.train.progress)):
             answers += classifier.predict_encoded([teacher_ids[i] for i in chunk])
-        probabilities = np.array([answer["probability"] for answer in answers], dtype=np.float32)
-        ids, labels = self.splits["train"]
-        self.splits["train"] = (ids + [reviews[i] for i in keep], np.concatenate([labels, probabilities]))
-        log.info("data.pseudo_labels_from %s: %d unlabelled reviews added, %.1f %% labelled positive",
-                 teacher_path, len(keep), 100 * float(np.mean(probabilities > 0.5)))
+        return np.array([answer["probability"] for answer in answers], dtype=np.float32)
 
     def _lengths(self, split: str) -> np.ndarray:
         return np.array([len(x) for x in self.splits[split][0]], dtype=np.int64)
