@@ -116,3 +116,21 @@ def test_an_lm_bundle_answers_no_requests(lm_run):
     with pytest.raises(BundleError, match="starting point"):
         load_predictor(lm_run["bundle"])
     assert np.isfinite(lm_run["val"]["loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.mirror
+def test_mirror_unlabelled_reviews_are_the_50000_in_file_order_read_with_any_vocabulary(mirror):
+    from rnnlab.data import imdb
+    from rnnlab.data.review_lm import unlabelled_reviews
+    from rnnlab.data.vocab import build_vocab
+
+    archive = mirror / "aclImdb_v1.tar.gz"
+    texts = [review.text for review in imdb.read_imdb(archive, ("unsup",))["unsup"]]
+    vocab = build_vocab([imdb.tokenize(text) for text in texts[:200]], min_freq=2)  # most words unknown to it
+    reviews = unlabelled_reviews(archive, vocab)
+    assert len(reviews) == len(texts) == 50_000
+    for i in (0, 1, 12_345, 49_999):
+        assert reviews[i].tolist() == vocab.encode(imdb.tokenize(texts[i]))
+    assert [r.tolist() for r in unlabelled_reviews(archive, vocab, max_length=5)[:3]] == \
+        [r[-5:].tolist() for r in reviews[:3]]
