@@ -481,6 +481,7 @@ def test_pseudo_labels_from_teachers_add_the_unlabelled_reviews_with_their_mean_
     config = smoke("sentiment", data, f"data.pseudo_labels_from=[{teacher}, {other}]", "data.limit_unlabelled=40")
     job = make_job(config, rank=0, world_size=1)
     job.load_data()
+    job.add_training_data()
     labelled = make_job(smoke("sentiment", data), rank=0, world_size=1)
     labelled.load_data()
     ids, labels = job.splits["train"]
@@ -507,8 +508,8 @@ def test_pseudo_labels_need_a_sentiment_teacher_with_this_runs_validation_review
     train(smoke("sentiment", data, "data.val_fraction=0.2"), tmp_path / "teacher")
     config = smoke("sentiment", data, f"data.pseudo_labels_from={tmp_path / 'teacher' / 'bundle'}")  # one path
     with pytest.raises(ConfigError, match="the teacher .* held out other validation reviews"):
-        make_job(config, rank=0, world_size=1).load_data()
+        train(config, tmp_path / "student")
     train(smoke("charlm", data), tmp_path / "charlm")
     config = smoke("sentiment", data, f"data.pseudo_labels_from={tmp_path / 'charlm' / 'bundle'}")
     with pytest.raises(ConfigError, match="is a charlm bundle; give a sentiment bundle"):
-        make_job(config, rank=0, world_size=1).load_data()
+        train(config, tmp_path / "student")

@@ -20,8 +20,6 @@ def evaluate_bundle(bundle_dir: str | Path, *, source: str | Path | None = None)
     config = copy.deepcopy(bundle.config)
     if source is not None:
         config["data"]["source"] = str(source)
-    if config["data"].get("pseudo_labels_from"):
-        config["data"]["pseudo_labels_from"] = []  # the teachers label training reviews, not test ones
     accelerator = Accelerator(cpu=True)
     job = make_job(config)
     job.load_data()

@@ -67,6 +67,9 @@ class Job:
     def load_data(self) -> None:
         raise NotImplementedError
 
+    def add_training_data(self) -> None:
+        """After ``load_data``, what only training reads (scoring a bundle skips it): more training examples."""
+
     def steps_per_epoch(self) -> int:
         """Global micro-batches in one epoch."""
         raise NotImplementedError

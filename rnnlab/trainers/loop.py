@@ -123,6 +123,7 @@ def train(config: JobConfig | Mapping, output_dir: str | Path, *, resume: bool |
     job.device = accelerator.device
     with accelerator.main_process_first():  # the main process fills the token cache; the others read it
         job.load_data()
+        job.add_training_data()
     model = job.build_model()
     schedule = Schedule.plan(job.steps_per_epoch(), config.train)
     optimizer = make_optimizer(model, config.train)

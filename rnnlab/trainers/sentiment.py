@@ -70,15 +70,17 @@ class SentimentJob(Job):
             ids = [np.asarray(encoded.ids[i], dtype=np.int64) for i in keep]
             labels = np.asarray(encoded.labels, dtype=np.float32)[keep]
             self.splits[split] = (ids, labels)
-        if data_cfg.pseudo_labels_from:
-            self._add_pseudo_labelled(data_cfg.pseudo_labels_from)
         self._imdb = imdb
         self._global_batches: list[list[int]] = []
 
-    def _add_pseudo_labelled(self, teachers: list[str]) -> None:
-        """Append the unlabelled reviews to train, each labelled with the teachers' mean P(positive)."""
+    def add_training_data(self) -> None:
+        """With data.pseudo_labels_from: append the unlabelled reviews to train, each labelled with the teachers'
+        mean P(positive)."""
         from rnnlab.data.review_lm import unlabelled_reviews
 
+        teachers = self.config.data.pseudo_labels_from
+        if not teachers:
+            return
         reviews = unlabelled_reviews(self.source_path(), self.vocab, max_length=self.config.data.max_length)
         keep = self._limit(len(reviews), "limit_unlabelled")
         probabilities = np.mean([self._teacher_probabilities(path, keep) for path in teachers], axis=0)
