@@ -111,21 +111,25 @@ def forecast_features(values: np.ndarray, window: int) -> np.ndarray:
     out["return_1"] = return_1[:, days]
     for label, length in PERIODS.items():
         out[f"return_{label}"] = returns(length)[:, days]
-        out[f"moving_avg_{label}"] = _mean_std(before(return_1, length))[0]
+        out[f"moving_avg_{label}"] = _mean_std(before(return_1, length), std=False)[0]
     features = np.stack([out[name] for name in FEATURE_NAMES], axis=-1)
     features[~np.isfinite(features)] = np.nan
     return features
 
 
-def _mean_std(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sample std (ddof=1) over the last axis, two-pass; a window of one repeated value gets that value
-    and 0 exactly (as pandas' rolling gives it), not a rounding residue."""
-    windows = np.ascontiguousarray(windows)
-    mean = windows.sum(axis=-1) / windows.shape[-1]
-    deviations = windows - mean[..., None]
-    std = np.sqrt((deviations * deviations).sum(axis=-1) / (windows.shape[-1] - 1))
+def _mean_std(windows: np.ndarray, *, std: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean and sample std (ddof=1) over the last axis, two-pass (``std=False``: the mean alone); a window of one
+    repeated value gets that value and 0 exactly (as pandas' rolling gives it), not a rounding residue."""
+    windows = np.array(windows, dtype=np.float64, order="C")  # a copy (of a view): worked on in place below
+    length = windows.shape[-1]
+    raw_mean = windows.sum(axis=-1) / length
     constant = windows.max(axis=-1) == windows.min(axis=-1)
-    return np.where(constant, windows[..., 0], mean), np.where(constant, 0.0, std)
+    mean = np.where(constant, windows[..., 0], raw_mean)
+    if not std:
+        return mean, None
+    deviations = np.subtract(windows, raw_mean[..., None], out=windows)
+    squares = np.multiply(deviations, deviations, out=deviations)
+    return mean, np.where(constant, 0.0, np.sqrt(squares.sum(axis=-1) / (length - 1)))
 
 
 # Feature rows computed at once: bounds the [days, 252] window copies to a few MB whatever the file's length.
