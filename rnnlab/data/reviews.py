@@ -105,15 +105,20 @@ def _review(name: str, raw: bytes, label: int, skipped: Counter) -> Review | Non
     if match is None:
         skipped["files not named <id>_<rating>.txt"] += 1
         return None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        skipped["reviews not valid UTF-8 (kept, bad bytes replaced)"] += 1
+    text = _decode(raw, skipped)
     if not text.strip():
         skipped["empty reviews"] += 1
         return None
     return Review(text=text, label=label, rating=int(match.group(2)), id=int(match.group(1)))
+
+
+def _decode(raw: bytes, skipped: Counter) -> str:
+    """A review file's text; bytes that are not UTF-8 are replaced (and counted), the review kept."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        skipped["reviews not valid UTF-8 (kept, bad bytes replaced)"] += 1
+        return raw.decode("utf-8", errors="replace")
 
 
 def log_skipped(path: Path, skipped: Counter) -> None:
@@ -228,13 +233,7 @@ def _read_review_folder(path: Path) -> LabelledTexts:
     texts, labels, skipped = [], [], Counter()
     for label, folder in folders.items():
         for file in sorted(entry for entry in folder.iterdir() if entry.is_file()):
-            raw = file.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("utf-8", errors="replace")
-                skipped["reviews not valid UTF-8 (kept, bad bytes replaced)"] += 1
-            texts.append(text)
+            texts.append(_decode(file.read_bytes(), skipped))
             labels.append(label)
     if not texts:
         raise DataError(f"{path}/pos and {path}/neg hold no files; put one review per text file in them.")
