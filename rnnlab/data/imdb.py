@@ -27,18 +27,11 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+# Reading the files is reviews.py's; read_imdb, Review, LabelledTexts and read_labelled_reviews stay importable here.
+from rnnlab.data.reviews import SPLITS, LabelledTexts, Review, read_imdb, read_labelled_reviews  # noqa: F401
+from rnnlab.data.reviews import log_skipped, read_splits, source_fingerprint
 from rnnlab.data.sources import cache_dir
 from rnnlab.data.vocab import Vocab, vocab_from_counts
-from rnnlab.data.reviews import (  # reading the files is reviews.py's; these names stay importable from here
-    SPLITS,
-    LabelledTexts,
-    Review,
-    log_skipped,
-    read_imdb,
-    read_labelled_reviews,
-    read_splits,
-    source_fingerprint,
-)
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.files import atomic_write
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
-from rnnlab.data.prices import (  # re-exported: the stock job, inference and the forecasting jobs import them from here
+from rnnlab.data.prices import (  # noqa: F401 -- re-exported: jobs, inference and scoring import them from here
     MIN_ROWS,
     PERIODS,
     PRICE_COLUMNS,
