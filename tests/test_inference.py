@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rnnlab.bundle import load_bundle, save_bundle
-from rnnlab.data.stock import FEATURE_NAMES, features_for_history, read_prices, to_price
+from rnnlab.data.prices import validate_prices
+from rnnlab.data.stock import FEATURE_NAMES, read_prices, to_price
 from rnnlab.data.vocab import build_vocab
 from rnnlab.errors import BundleError, InputError
 from rnnlab.inference import (
@@ -21,6 +22,7 @@ from rnnlab.inference import (
     sample_next,
 )
 from rnnlab.models import build_model
+from stock_reference import chapter_features
 
 CORPUS = "the emperor spoke to the prince. the prince said nothing, and the army marched on.\n"
 
@@ -133,9 +135,10 @@ def test_stock_rejects_short_long_and_broken_histories(stock_setup):
 
 
 def pandas_path_forecasts(forecaster: StockForecaster, histories: list) -> list[float]:
-    """The forecasts as the forecaster made them before its vectorised features: pandas over each whole request,
-    then the same batches through the model (the CPU LSTM's last bits depend on the batch it runs in)."""
-    features = [features_for_history(history, window=forecaster.window) for history in histories]
+    """The forecasts as the forecaster made them before its vectorised features: the chapter's pandas features
+    over each whole request (tests/stock_reference.py), then the same batches through the model (the CPU LSTM's
+    last bits depend on the batch it runs in)."""
+    features = [chapter_features(history) for history in histories]
     windows = np.stack([forecaster.scaler.transform(f[FEATURE_NAMES].iloc[-forecaster.window :]) for f in features])
     with torch.no_grad():
         outputs = [forecaster.model(torch.from_numpy(windows[start : start + 64].astype(np.float32))).numpy()
@@ -189,7 +192,7 @@ def test_stock_service_columns_fail_with_the_pandas_checks_words(stock_setup, br
     with pytest.raises(InputError) as fast:
         forecaster.prepare(columns)
     with pytest.raises(InputError) as general:
-        features_for_history(pd.DataFrame(columns), window=forecaster.window)
+        validate_prices(pd.DataFrame(columns), "The price history", InputError, last_row_may_be_open_only=True)
     assert str(fast.value) == str(general.value)
 
 

@@ -189,7 +189,7 @@ class GenerationScheduler:
         while True:
             touched: list[_Sequence] = []
             try:
-                touched += self._drop_cancelled()
+                self._drop_cancelled()
                 touched += self._admit()
                 if self._active:
                     touched += self._active
@@ -381,14 +381,14 @@ class GenerationScheduler:
         return [row for row in range(len(self._active)) if row not in at_fault]
 
     # --- leaving -----------------------------------------------------------------------------------------------
-    def _drop_cancelled(self) -> list[_Sequence]:
+    def _drop_cancelled(self) -> None:
+        """Drop the active sequences whose client left (nobody to notify)."""
         keep = [i for i, s in enumerate(self._active) if not s.cancelled]
         dropped = len(self._active) - len(keep)
         if dropped:
             self.counts["cancelled"] += dropped
             self._retain(keep)
         # waiting ones that were cancelled are skipped by _admit (the deque is shared with the loops: not rebuilt)
-        return []
 
     def _retain(self, keep: list[int]) -> None:
         if len(keep) == len(self._active):
