@@ -430,8 +430,8 @@ def test_a_replica_killed_during_load_is_restarted_and_no_client_hangs(base):
             clients = asyncio.gather(*(client(i, http, stop_at) for i in range(6)))
             await asyncio.sleep(3)
             killed_at = time.monotonic()
-            ray.kill(_replica("Sentiment"), no_restart=True)
-            ray.kill(_replica("Generator"), no_restart=True)
+            ray.kill(_replica("sentiment"), no_restart=True)
+            ray.kill(_replica("charlm"), no_restart=True)
             await clients
             return killed_at
 
