@@ -52,6 +52,7 @@ class JobSpec:
     request: str | None = None  # pydantic request body
     answer: str | None = None  # pydantic answer body
     aliases: tuple[str, ...] = ()  # older routes /v1/<alias> that answer the same (kept for one release)
+    demo: str | None = None  # ``make demo``: ``demo(post)`` sends one request (``post(body)``) and prints the answer
 
     @property
     def presets_file(self) -> Path:
@@ -98,6 +99,7 @@ JOBS: dict[str, JobSpec] = {
             served_by="batched",
             request="rnnlab.jobs.sentiment:SentimentRequest",
             answer="rnnlab.jobs.sentiment:SentimentResponse",
+            demo="rnnlab.jobs.sentiment:demo",
         ),
         JobSpec(
             name="stock",
@@ -117,6 +119,7 @@ JOBS: dict[str, JobSpec] = {
             request="rnnlab.jobs.stock:StockRequest",
             answer="rnnlab.jobs.stock:StockResponse",
             aliases=("forecast",),
+            demo="rnnlab.jobs.stock:demo",
         ),
         JobSpec(
             name="charlm",
@@ -136,6 +139,7 @@ JOBS: dict[str, JobSpec] = {
             request="rnnlab.jobs.charlm:CharLMRequest",
             answer="rnnlab.jobs.charlm:CharLMResponse",
             aliases=("generate",),
+            demo="rnnlab.jobs.charlm:demo",
         ),
         JobSpec(
             name="lm",

@@ -371,7 +371,7 @@ def mean_nats(model: torch.nn.Module, ids: np.ndarray, seq_len: int, rows: int =
     return total / count, count
 
 
-# ------------------------------------------------------------------------------------------------ CLI verb
+# ------------------------------------------------------------------------------------------------ CLI verb and demo
 
 # SamplingParams field -> the flag that sets it, so an error names what the user typed
 _SAMPLING_FLAGS = {"max_new_tokens": "--length", "temperature": "--temperature", "top_k": "--top-k",
@@ -407,3 +407,26 @@ class CLI:
             print(char, end="", flush=True)
         print()
         return 0
+
+
+def demo(post) -> None:
+    """``make demo``: 200 characters after "the emperor" through ``post(body)`` (POST /v1/charlm), at temperature 0.5
+    (a small model sampled at 1.0 spells badly), and the share of its words that are words of War and Peace."""
+    import re
+
+    from rnnlab.data.sources import locate
+    from rnnlab.data.text import read_text
+
+    text = "the emperor" + post({"prompt": "the emperor", "max_new_tokens": 200, "temperature": 0.5, "seed": 1})["text"]
+    print("  " + text.replace("\n", "\n  "))
+    book = set(re.findall(r"[a-z]+", read_text(locate("text")).lower()))
+    print(f"  {share_of_known_words(text, book):.0%} of its {len(re.findall(r'[a-z]+', text.lower()))} words are "
+          "words of War and Peace")
+
+
+def share_of_known_words(text: str, vocabulary: set[str]) -> float:
+    """The fraction of the words of ``text`` (lowercase runs of letters) in ``vocabulary`` (0.0 for none)."""
+    import re
+
+    words = re.findall(r"[a-z]+", text.lower())
+    return sum(word in vocabulary for word in words) / len(words) if words else 0.0

@@ -416,7 +416,7 @@ def score(bundle: Bundle, path: str | Path) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------------------------------ CLI verb
+# ------------------------------------------------------------------------------------------------ CLI verb and demo
 
 
 class CLI:
@@ -434,3 +434,13 @@ class CLI:
         for text, answer in zip(args.texts, predictor.predict(list(args.texts))):
             print(json.dumps({"text": text[:60], **answer}))
         return 0
+
+
+def demo(post) -> None:
+    """``make demo``: two example reviews through ``post(body)`` (POST /v1/sentiment), each beside its right label."""
+    reviews = [("A moving, beautifully acted film; I loved every minute of it.", "positive"),
+               ("Dull, predictable and far too long. I want my two hours back.", "negative")]
+    for (text, expected), answer in zip(reviews, post({"texts": [text for text, _ in reviews]})["results"]):
+        confidence = answer["probability"] if answer["label"] == "positive" else 1 - answer["probability"]
+        verdict = "right" if answer["label"] == expected else f"WRONG (expected {expected})"
+        print(f"  {answer['label']} with probability {confidence:.3f} ({verdict})  <- {text!r}")

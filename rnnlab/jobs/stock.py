@@ -384,7 +384,7 @@ def score(bundle: Bundle, path: str | Path, *, start=None, end=None) -> dict[str
     return result
 
 
-# ------------------------------------------------------------------------------------------------ CLI verb
+# ------------------------------------------------------------------------------------------------ CLI verb and demo
 
 
 class CLI:
@@ -407,3 +407,22 @@ class CLI:
         history = read_prices(args.csv).iloc[-1000:]
         print(json.dumps(predictor.predict([history])[0], default=str))
         return 0
+
+
+def demo(post) -> None:
+    """``make demo``: the index file's last 300 days through ``post(body)`` (POST /v1/stock), the last day reduced to
+    its open (the day to forecast); the forecast printed beside close = open and the actual close."""
+    from rnnlab.data.sources import locate
+    from rnnlab.data.stock import read_prices
+
+    prices = read_prices(locate("stock")).tail(300)
+    rows = [{"date": day.strftime("%Y-%m-%d"), "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close,
+             "volume": r.Volume} for day, r in zip(prices.index, prices.itertuples())]
+    actual = float(rows[-1]["close"])
+    rows[-1] = {"date": rows[-1]["date"], "open": rows[-1]["open"]}
+    answer = post({"rows": rows})["forecast"]
+    forecast, naive = answer["close"], answer["baseline_open"]
+    print(f"  {answer['date']}: forecast close {forecast:,.2f}  |  close = open {naive:,.2f}  |  actual close "
+          f"{actual:,.2f}")
+    print(f"  error {abs(forecast - actual):,.2f} (close = open: {abs(naive - actual):,.2f}); one day decides little: "
+          "the test MAE beside close = open's is in the stock table above")
