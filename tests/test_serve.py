@@ -436,7 +436,7 @@ def test_a_step_failure_fails_only_its_own_request_with_an_id_in_the_log(service
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
     deadline = time.monotonic() + 20  # replica logs are files written asynchronously
     while True:
-        lines = [line for path in logs.glob("replica_*Generator*") for line in path.read_text().splitlines()]
+        lines = [line for path in logs.glob("replica_*charlm*") for line in path.read_text().splitlines()]
         counts = [sum(rid in line and "failed" in line for line in lines) for rid in ids]
         if counts == [1, 1] or time.monotonic() > deadline:
             break

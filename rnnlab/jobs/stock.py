@@ -10,7 +10,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -315,6 +315,8 @@ class PriceRow(StrictBody):
 
 
 class StockRequest(StrictBody):
+    raw_json: ClassVar[bool] = True  # the service validates the raw JSON in one pass: hundreds of rows
+
     rows: list[PriceRow] = Field(
         min_length=1,
         max_length=MAX_HISTORY_ROWS,

@@ -119,14 +119,12 @@ class Gateway:
         return {"models": [{"endpoint": f"/v1/{job}"} | info for job, info in zip(jobs, described)],
                 "streams": {"open": self.open_streams, "max": int(self.limits["max_streams"])}}
 
-    async def answer_batched(self, job: str, raw: bytes):
-        """POST /v1/<job> of a batched job: the body checked against the job's request schema in one pydantic pass
-        (FastAPI's json.loads and then validation of the objects cost three times as much), its items gathered
-        with concurrent requests' items, a 422 naming each bad item, else the job's answer."""
+    async def answer_batched(self, job: str, body):
+        """POST /v1/<job> of a batched job: the body's items gathered with concurrent requests' items, a 422 naming
+        each bad item, else the job's answer."""
         spec = registry.job(job)
         if self.handles[job] is None:
             return http.unavailable(job)
-        body = http.parse_body(spec.load("request"), raw)
         answers = await self._within_timeout(asyncio.gather(*(self.gather[job](item) for item in body.items())))
         errors = [error_item(body.error_loc(i), result["error"])
                   for i, (_, result) in enumerate(answers) if "error" in result]
@@ -178,16 +176,26 @@ def _add_route(route: str, job: str) -> None:
     spec = registry.job(job)
     request_model, answer_model = spec.load("request"), spec.load("answer")
     alias = route != job
-    if spec.served_by == "batched":
+    extra = {}
+    if spec.served_by == "batched" and getattr(request_model, "raw_json", False):
+        # A long body (a history is hundreds of rows): pydantic validates the raw JSON in one pass (FastAPI's
+        # json.loads and then validation of the objects cost three times as much).
         async def endpoint(self, request: Request):
-            return await self.answer_batched(job, await request.body())
+            if self.handles[job] is None:
+                return http.unavailable(job)
+            return await self.answer_batched(job, http.parse_body(request_model, await request.body()))
 
         extra = {"openapi_extra": http.documented_body(request_model)}
+    elif spec.served_by == "batched":
+        async def endpoint(self, body):
+            return await self.answer_batched(job, body)
+
+        endpoint.__annotations__["body"] = request_model  # a real class: FastAPI parses the body with it
     else:
         async def endpoint(self, body):
             return await self.answer_generation(job, body)
 
-        endpoint.__annotations__["body"] = request_model  # a real class: FastAPI parses the body with it
+        endpoint.__annotations__["body"] = request_model
         extra = {"responses": http.ERRORS | {200: {"content": {"text/event-stream": {}}, "description":
                  "JSON, or with stream=true server-sent events: `start` {model, seed}, then data {text} per chunk, "
                  "then `done` {tokens}."}}}

@@ -7,8 +7,10 @@ OpenAPI page at ``/docs`` states them and a violation is a 422 whose message quo
 it: "at most 64 items").
 
 A batched job's request has ``items()`` (what the service batches with concurrent requests' items) and
-``error_loc(index)`` (where a bad item is, for the 422); its answer has ``answer(model, results)``, the JSON
-body built from the per-item results.
+``error_loc(index)`` (where a bad item is, for the 422), and may set ``raw_json = True`` (a ClassVar) to be
+validated from the raw JSON in one pydantic pass rather than by FastAPI (worth it for long bodies; pydantic's JSON
+mode words a few messages differently: "valid array" for "valid list"); its answer has ``answer(model,
+results)``, the JSON body built from the per-item results.
 """
 
 from __future__ import annotations
