@@ -63,7 +63,8 @@ class JobSpec:
         try:
             return tuple(yaml.safe_load(self.presets_file.read_text(encoding="utf-8")) or {})
         except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"The preset file {self.presets_file} of job {self.name} cannot be read: {error}") from None
+            raise ConfigError(f"The preset file {self.presets_file} of job {self.name} cannot be read: {error}") \
+                from None
 
     @property
     def tune_space_file(self) -> Path:

@@ -464,7 +464,8 @@ def test_a_corrupt_bundle_fails_the_deployment_at_start_not_a_hang(service, bund
     start = time.monotonic()
     with pytest.raises(RuntimeError):
         # num_cpus 0: the 2-CPU test cluster is fully booked by the main application
-        serve.run(BatchedDeployment.options(name="sentiment", ray_actor_options={"num_cpus": 0}).bind(str(broken), "sentiment"),
+        serve.run(BatchedDeployment.options(name="sentiment", ray_actor_options={"num_cpus": 0})
+                  .bind(str(broken), "sentiment"),
                   name="broken", route_prefix=None)
     assert time.monotonic() - start < 60
     # the bundle's own one-sentence reason is what Serve reports for the deployment

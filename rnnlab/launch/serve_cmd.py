@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
         "serve",
         help=f"serve trained bundles over HTTP (Ray Serve): {', '.join(served())}",
         description="Serve the bundles in DIR over HTTP with Ray Serve: POST /v1/<job> for "
-        f"{', '.join(served())} (older routes: {', '.join(f'/v1/{a} = /v1/{j}' for a, j in routes().items() if a != j)}, "
+        f"{', '.join(served())} (older routes: "
+        f"{', '.join(f'/v1/{a} = /v1/{j}' for a, j in routes().items() if a != j)}, "
         "kept for one release); GET /v1/models, /healthz; OpenAPI at /docs. Concurrent requests are batched.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -8,8 +8,8 @@
                                             timeout, replica_failed, client_stopped_reading)
 
 The ``kind`` tag is the job's name (the same as its route /v1/<job> and its deployment), or ``gateway`` for the
-Gateway's open streams. Ray adds the deployment, replica and application tags. Metrics are created lazily in the process that records
-them (a replica); outside a Ray worker (unit tests, the driver) recording is a no-op.
+Gateway's open streams. Ray adds the deployment, replica and application tags. Metrics are created lazily in the
+process that records them (a replica); outside a Ray worker (unit tests, the driver) recording is a no-op.
 """
 
 from __future__ import annotations
