@@ -279,7 +279,7 @@ def test_a_client_that_stops_reading_frees_its_slot(base, http):
         deadline = time.monotonic() + 30
         time.sleep(0.5)
         while time.monotonic() < deadline:
-            generate = next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == "/v1/generate")
+            generate = next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == "/v1/charlm")
             if gateway_streams(http)["open"] == 0 and generate["batching"]["active"] == 0:
                 break
             time.sleep(0.5)
