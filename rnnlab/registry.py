@@ -9,7 +9,10 @@ the model lives in ONE module, ``rnnlab/jobs/<name>.py``; the shared layers (``s
 A new served job is six files: a data module (``rnnlab/data/``), a model (``rnnlab/models/``), a job module
 (``rnnlab/jobs/<name>.py``: config keys, batches, loss, metrics, report, predictor, request and answer schemas,
 scorer, CLI verb), a preset file (``configs/presets/<name>.yaml``), a Tune space (``configs/tune/<name>.yaml``) and
-its entry here; plus a panel in the playground page (``rnnlab/serve/static/index.html``) if it should show there.
+its entry here; plus a panel in the playground page (``rnnlab/serve/static/index.html``) if it should show there,
+and, for a data set rnnlab does not read yet, its download entry in ``rnnlab/data/sources.py`` (and for the smoke
+test a tiny stand-in in ``tests/tiny_datasets.py``, named in ``tests/test_trainer.py``'s ``TINY``; a job whose data
+set has none is skipped there).
 
 The job's name is the same in every layer: config ``job:``, bundle, HTTP route ``/v1/<name>``, Serve deployment,
 Prometheus ``kind`` label.
