@@ -62,7 +62,9 @@ class JobSpec:
         return CONFIGS_DIR / "presets" / f"{self.name}.yaml"
 
     def presets(self) -> tuple[str, ...]:
-        """The presets this job has: the top-level sections of its preset file, in file order."""
+        """The presets this job has: the top-level sections of its preset file, in file order (none without one)."""
+        if not self.presets_file.is_file():
+            return ()
         try:
             return tuple(yaml.safe_load(self.presets_file.read_text(encoding="utf-8")) or {})
         except (OSError, yaml.YAMLError) as error:
