@@ -20,7 +20,7 @@ at the end.
 
 Determinism: a sequence's tokens depend only on its prompt, its parameters and its seed (one uniform draw per
 step from its own generator, drawn ahead in one call, which gives the same numbers), never on which other
-sequences share the batch; decoding is the same as ``TextGenerator.generate``, so the CLI and the service agree
+sequences share the batch; decoding is the same as ``CharLMPredictor.generate``, so the CLI and the service agree
 for a seed. (Up to float rounding of the batched matmul, which can in principle differ by batch size; it would
 have to flip a sampled token to show.)
 
