@@ -15,7 +15,7 @@ from rnnlab.bundle import Bundle, _manifest_digest, load_bundle, save_bundle
 from rnnlab.config import load_config
 from rnnlab.data.vocab import Vocab
 from rnnlab.errors import ConfigError
-from rnnlab.inference import TextGenerator
+from rnnlab.jobs.charlm import CharLMPredictor
 from rnnlab.models import build_model
 from rnnlab.models.cells import CELLS, STATE_SIZE
 from rnnlab.models.wordlm import copy_into_classifier
@@ -189,7 +189,7 @@ def test_scheduler_decodes_another_cell_as_the_single_sequence_generator_does(ce
                                    "cell": cell})
     bundle = Bundle(path="memory", job="charlm", model=model.eval(), model_config=model.config.to_dict(),
                     config={"data": {"lowercase": True}}, assets={"vocab": Vocab(list(CHARS)).to_json()}, metrics={})
-    generator = TextGenerator(bundle)
+    generator = CharLMPredictor(bundle)
     # prompts of several lengths (one character: the zero state) joining together and late
     requests = [(prompt, SamplingParams(max_new_tokens=20 + 9 * i, temperature=0.6 + 0.1 * i,
                                         top_k=[None, 5][i % 2], top_p=[None, 0.9][i // 2 % 2], seed=i))
