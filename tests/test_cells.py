@@ -256,3 +256,82 @@ def test_resuming_with_another_cell_is_refused_naming_the_key(data, tmp_path):
         train(load_config("charlm", "smoke", overrides=[*overrides, "model.cell=gru"]), tmp_path, resume=True)
     message = str(refused.value)
     assert 'model.cell ("lstm" -> "gru")' in message and message.count(". ") == 0, message
+
+
+@pytest.fixture(scope="module")
+def gru_charlm_bundle(data, tmp_path_factory) -> Path:
+    """A GRU charlm bundle from a real (smoke) training run."""
+    from rnnlab.trainers.loop import train
+
+    config = load_config("charlm", "smoke", overrides=[f"data.source={data['charlm']}", "tracking.wandb=false",
+                                                       "model.cell=gru", "model.num_layers=2"])
+    return Path(train(config, tmp_path_factory.mktemp("gru-charlm") / "run")["bundle"])
+
+
+@pytest.mark.slow
+def test_a_gru_charlm_bundle_streams_through_the_service_as_rnnlab_generate_samples(gru_charlm_bundle, tmp_path):
+    """The real service (Ray Serve, HTTP, the generation scheduler) on a GRU bundle: the plain answer, the streamed
+    one and ``rnnlab generate`` agree for a seed."""
+    import socket
+    import subprocess
+    import sys
+
+    httpx = pytest.importorskip("httpx")
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from rnnlab.serve.app import build_app
+
+    folder = tmp_path / "bundles"
+    folder.mkdir()
+    (folder / "wp-gru").symlink_to(gru_charlm_bundle)
+    request = {"prompt": "the ", "max_new_tokens": 60, "temperature": 0.9, "top_k": 10, "seed": 5}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"bundles": str(folder)}), name="rnnlab", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            plain = http.post("/v1/charlm", json=request).json()["text"]
+            with http.stream("POST", "/v1/charlm", json=request | {"stream": True}) as response:
+                assert response.status_code == 200
+                chunks = [json.loads(line[len("data:"):]).get("text", "") for line in response.iter_lines()
+                          if line.startswith("data:")]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    assert len(plain) == 60 and "".join(chunks) == plain
+    cli = subprocess.run([sys.executable, "-m", "rnnlab.launch.cli", "generate", str(gru_charlm_bundle), "--prompt",
+                          "the ", "--length", "60", "--temperature", "0.9", "--top-k", "10", "--seed", "5"],
+                         capture_output=True, text=True, check=True)
+    assert cli.stdout == "the " + plain + "\n"
+
+
+def test_init_from_copies_an_lm_of_the_same_cell_and_refuses_another_in_one_sentence(data, tmp_path):
+    from rnnlab.trainers.job import make_job
+    from rnnlab.trainers.loop import train
+
+    lm = load_config("lm", "smoke", overrides=[f"data.source={data['lm']}", "tracking.wandb=false", "model.cell=gru",
+                                               *FIXTURE_SIZES["lm"]])
+    bundle = train(lm, tmp_path / "lm")["bundle"]
+    lm_model = load_bundle(bundle).model
+
+    def classifier(cell: str):
+        config = load_config("sentiment", "smoke", overrides=[
+            f"data.source={data['sentiment']}", "tracking.wandb=false", "data.min_freq=2", "data.max_vocab=30000",
+            "model.embed_dim=8", "model.hidden_size=8", "model.bidirectional=false", f"model.init_from={bundle}",
+            f"model.cell={cell}"])
+        job = make_job(config)
+        job.load_data()
+        return job.build_model()
+
+    model = classifier("gru")
+    torch.testing.assert_close(model.layers[0][0].weight_hh_l0, lm_model.layers[0].weight_hh_l0)
+    torch.testing.assert_close(model.embedding.weight, lm_model.embedding.weight)
+    with pytest.raises(ConfigError) as refused:
+        classifier("lstm")
+    message = str(refused.value)
+    assert message == ("model.init_from: the language model's cell is gru and this classifier's is lstm; "
+                       "set model.cell=gru to start from it."), message
