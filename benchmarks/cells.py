@@ -13,7 +13,8 @@ training), one process at a time, ``OMP_NUM_THREADS=1``; the figures come from i
   ``val`` event at the best step;
 * validation figure at the best step and the test figure of that checkpoint, beside the job's baseline.
 
-Budgets (the 2-core box is shared; the whole benchmark is meant to take about an hour):
+Budgets (the 2-core box is shared; meant to take about an hour, it took ~100 min of wall time at a load average
+of 12-27, with sentiment and lm run in a second process beside charlm and their JSON merged):
 
 * stock: the ``default`` preset to early stopping (patience 10 validations, once an epoch);
 * charlm: the ``demo`` preset (one layer of 256, embedding 32, batch 64 x 64 characters, Adam 0.008 cosine) for
@@ -275,7 +276,11 @@ def table(result: dict) -> str:
             base_text = (f"persistence {fmt.format(v['val']['baseline_same_day_open_mae'])} / "
                          f"{fmt.format(v['test']['baseline_same_day_open_mae'])}") if v.get("val") else "-"
         else:
-            base_text = f"{base.get('name', '-').split(' (')[0].split(',')[0]} {show(base, 'val')} / {show(base, 'test')}"
+            short = {"charlm": "Witten-Bell n-gram", "sentiment": "TF-IDF + LR (all 25,000 reviews)",
+                     "lm": "unigram"}[job]
+            if job == "charlm" and "order" in base.get("name", ""):
+                short = f"Witten-Bell {base['name'].rsplit('order ', 1)[1]}-gram"
+            base_text = f"{short} {show(base, 'val')} / {show(base, 'test')}"
         interleaved = entry.get("throughput_interleaved", {})
         for name, v in entry["variants"].items():
             if "error" in v:
