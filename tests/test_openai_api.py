@@ -15,7 +15,7 @@ from rnnlab.data.vocab import Vocab
 from rnnlab.inference import TextGenerator
 from rnnlab.models import build_model
 from rnnlab.sampling import SamplingParams, token_logprobs
-from rnnlab.serve import openai as oa
+from rnnlab.serve import completions, openai as oa
 from rnnlab.serve.scheduler import GenerationScheduler
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,\n"
@@ -199,9 +199,10 @@ def _run(generator, body: dict, *, stream: bool = False, **scheduling):
 
     async def run():
         scheduler = GenerationScheduler(generator.model, max_batch_size=8, **scheduling)
-        batches = [batch async for batch in oa.run_completion(
-            scheduler, request, generator.encode_prompt, generator.vocab.itos, request_id="t", stream=stream,
-            score_prompt=oa.prompt_scorer(generator.model, "cpu"))]
+        encoded = completions.encode_prompts(request, generator.encode_prompt)
+        batches = [batch async for batch in completions.run_completion(
+            scheduler, request, encoded, generator.vocab.itos, request_id="t", stream=stream,
+            score_prompt=completions.prompt_scorer(generator.model, "cpu"))]
         return batches, scheduler.stats()
 
     batches, stats = asyncio.run(run())
@@ -253,3 +254,11 @@ def test_a_prompt_outside_the_vocabulary_is_a_400_naming_it_before_anything_runs
     with pytest.raises(oa.OpenAIError) as caught:
         _run(generator, {"prompt": ["fine", "caf\u00e9 #1"]})
     assert caught.value.status == 400 and caught.value.param == "prompt" and "prompt 1" in caught.value.message
+
+
+def test_a_stream_chunk_carries_one_delta_per_choice():
+    deltas = [{"index": 0, "text": "ab", "logprobs": None, "finish_reason": None, "seed": 4},
+              {"index": 1, "text": "x", "logprobs": None, "finish_reason": None},
+              {"index": 0, "text": "c", "logprobs": None, "finish_reason": "length"}]
+    assert oa.chunk_choices(deltas) == [
+        {"index": 0, "text": "abc", "logprobs": None, "finish_reason": "length", "seed": 4}, deltas[1]]

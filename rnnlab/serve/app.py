@@ -45,7 +45,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rnnlab import __version__
 from rnnlab.errors import BundleError, InputError, RnnlabError
-from rnnlab.serve import limits, metrics
+from rnnlab.serve import completions, limits, metrics, openai
+from rnnlab.serve.completions import CompletionsMixin
 from rnnlab.serve.schemas import (
     ErrorResponse,
     ForecastRequest,
@@ -214,7 +215,7 @@ class ForecastDeployment(_BatchedModel):
 
 
 @serve.deployment(name="Generator", max_ongoing_requests=256, **MODEL_DEPLOYMENT)
-class GeneratorDeployment:
+class GeneratorDeployment(CompletionsMixin):  # complete / complete_stream: the OpenAI completions (serve.completions)
     def __init__(self, bundle_dir: str, torch_threads: int | None = 1) -> None:
         from rnnlab.inference import TextGenerator
         from rnnlab.serve.scheduler import GenerationScheduler
@@ -592,13 +593,28 @@ class Gateway:
 
     @api.get("/v1/models")
     async def models(self) -> dict:
+        """OpenAI's list shape (``client.models.list()``): each served bundle's id is its name; rnnlab's facts
+        about it (endpoint, job, version, digest, metrics, batching) are extra fields of its entry."""
         kinds = [kind for kind, handle in self.handles.items() if handle is not None]
         described = await asyncio.gather(*(self.handles[kind].describe.remote() for kind in kinds))
         for kind, info in zip(kinds, described):
             if kind != "generate":  # gathered here, in the Gateway
                 info["batching"]["batch_wait_timeout_s"] = self.batch_wait_timeout_s
-        return {"models": [{"endpoint": f"/v1/{kind}"} | info for kind, info in zip(kinds, described)],
-                "streams": {"open": self.open_streams, "max": int(self.limits["max_streams"])}}
+        entries = [openai.model_entry(info["name"], {"endpoint": f"/v1/{kind}"} | info, created=info.get("created"))
+                   for kind, info in zip(kinds, described)]
+        return openai.model_list(entries, streams={"open": self.open_streams, "max": int(self.limits["max_streams"])})
+
+    @api.post("/v1/completions", responses={200: {"content": {"text/event-stream": {}}, "description": "OpenAI's "
+              "text_completion, or with stream=true its chunks as server-sent events ending `data: [DONE]`."}},
+              openapi_extra=_documented_body(openai.CompletionRequest))
+    async def completions(self, request: Request):
+        """OpenAI-compatible completions with the character model (rnnlab.serve.openai says what is supported);
+        errors in OpenAI's shape."""
+        return await completions.create(self, request, self.handles["generate"], _request_id())
+
+    @api.post("/v1/chat/completions", include_in_schema=False)
+    async def chat_completions(self):
+        return completions.chat()
 
     @api.post("/v1/sentiment", response_model=SentimentResponse, responses=_ERRORS)
     async def sentiment(self, body: SentimentRequest):

@@ -1,5 +1,6 @@
 """OpenAI-compatible completions for the character models: the request schema, the answer and stream shapes,
-OpenAI's error shape, stop strings, and the driver that runs a request's choices on the generation scheduler.
+OpenAI's error and model-list shapes, stop strings and logprobs (pure: no Ray, no torch; ``rnnlab.serve.completions``
+runs requests with them).
 
 ``POST /v1/completions`` takes OpenAI's legacy completions request, so the official ``openai`` client, UIs and load
 tools work against ``rnnlab serve`` unchanged (``base_url=http://host:port/v1``). A **token is a character** here:
@@ -20,17 +21,16 @@ holds back text that could be the start of a stop string until it is known not t
 
 from __future__ import annotations
 
-import asyncio
 import json
+import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator,
                       model_validator)
 
-from rnnlab.errors import InputError
 from rnnlab.inference import MAX_PROMPT_CHARS
 from rnnlab.sampling import MAX_LOGPROBS, MAX_NEW_TOKENS, MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K, SamplingParams
 
@@ -182,12 +182,18 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(0, round(self.retry_after)))} if self.retry_after is not None else {}
+        return {"Retry-After": str(math.ceil(max(0.0, self.retry_after)))} if self.retry_after is not None else {}
 
     def response(self):
         from fastapi.responses import JSONResponse
 
         return JSONResponse(status_code=self.status, content=self.body(), headers=self.headers())
+
+
+def from_detail(status: int, item: dict) -> dict:
+    """OpenAI's ``{"error": ...}`` for one of rnnlab's error items (``loc``, ``msg``, ``type``)."""
+    loc = [str(part) for part in item.get("loc", [])]
+    return OpenAIError(status, item["msg"], param=loc[-1] if loc else None, code=item.get("type")).body()
 
 
 def request_error(error: ValidationError) -> OpenAIError:
@@ -350,12 +356,14 @@ class ChoiceState:
 
 
 def join_deltas(deltas: list[dict]) -> dict:
-    """A plain answer's choice: one choice's deltas joined (texts and logprobs lists concatenated)."""
+    """One choice's deltas joined (texts and logprobs lists concatenated): a plain answer's choice, or what a
+    stream chunk carries for it."""
     choice = {"index": deltas[0]["index"], "text": "", "logprobs": None, "finish_reason": None}
     for delta in deltas:
         choice["text"] += delta["text"]
         choice["finish_reason"] = delta["finish_reason"] or choice["finish_reason"]
-        choice["seed"] = delta.get("seed", choice.get("seed"))
+        if "seed" in delta:
+            choice["seed"] = delta["seed"]
         if delta["logprobs"] is not None:
             if choice["logprobs"] is None:
                 choice["logprobs"] = {key: [] for key in delta["logprobs"]}
@@ -386,93 +394,9 @@ def sse(data: dict) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-# --- running a request on the generation scheduler (inside the Generator replica) -------------------------------
-async def run_completion(scheduler, body: CompletionRequest, encode: Callable[[str], list[int]],
-                         itos: Sequence[str], *, request_id: str, stream: bool,
-                         score_prompt: Callable | None = None) -> AsyncIterator[list[dict]]:
-    """Run every choice of ``body`` on ``scheduler`` (they join its batch like any request) and yield lists of
-    deltas as they settle; the last delta of each choice has its ``finish_reason`` and, at the very end, one
-    ``{"usage": ...}`` item. Prompts are all checked first (OpenAIError 400 naming the one at fault). A choice that
-    meets a stop string leaves the batch at once. A sequence that fails inside the scheduler raises its
-    GenerationFailed after the others are cancelled. ``score_prompt(ids, top_n)`` gives an echoed prompt's
-    log-probabilities (None for its first character)."""
-    encoded = []
-    for position, prompt in enumerate(body.prompts):
-        try:
-            encoded.append(encode(prompt))
-        except InputError as error:
-            where = f"prompt {position}: " if isinstance(body.prompt, list) else ""
-            raise OpenAIError(400, f"{where}{error}", param="prompt", code="invalid_prompt") from None
-    n = body.n or 1
-    queue: asyncio.Queue = asyncio.Queue()
-    # stop strings are watched as the text comes, so the scheduler streams to us whenever there are any
-    live = stream or bool(body.stops)
-
-    async def one(index: int, prompt: str, ids: list[int], sample: int) -> None:
-        params = body.sampling(sample)
-        state = ChoiceState(index, params.seed, body.stops, body.logprobs, itos)
-        first = {"seed": params.seed}  # each choice's seed goes out with its first delta
-        if body.echo:
-            scores = None
-            if body.logprobs is not None and score_prompt is not None:
-                scores = await asyncio.to_thread(score_prompt, ids, body.logprobs)
-            queue.put_nowait(state.echo(prompt, scores) | first)
-            first = {}
-        chunks = scheduler.generate(ids, params, request_id=f"{request_id}-{index}", stream=live,
-                                    logprobs=body.logprobs)
-        try:
-            async for chunk in chunks:
-                delta = state.feed("".join(itos[i] for i in chunk.ids), chunk.logprobs)
-                if delta is not None:
-                    queue.put_nowait(delta | first)
-                    first = {}
-                if state.matcher.stopped is not None:
-                    break
-        finally:
-            await chunks.aclose()  # a stopped choice leaves the batch now
-        generated = state.generated
-        queue.put_nowait(state.finish() | first | {"_generated": generated})
-
-    async def guarded(*args) -> None:
-        try:
-            await one(*args)
-        except Exception as error:  # noqa: BLE001 -- handed to the consumer, which raises it
-            queue.put_nowait(error)
-
-    tasks = [asyncio.ensure_future(guarded(p * n + k, prompt, ids, k))
-             for p, (prompt, ids) in enumerate(zip(body.prompts, encoded)) for k in range(n)]
-    finished, generated = 0, 0
-    try:
-        while finished < len(tasks):
-            batch = [await queue.get()]
-            while not queue.empty():
-                batch.append(queue.get_nowait())
-            for delta in batch:
-                if isinstance(delta, Exception):
-                    raise delta
-                if delta["finish_reason"] is not None:
-                    finished += 1
-                    generated += delta.pop("_generated")
-            yield batch
-    finally:
-        for task in tasks:
-            task.cancel()
-    yield [{"usage": usage(sum(map(len, body.prompts)), generated)}]
-
-
-def prompt_scorer(model, device) -> Callable[[list[int], int], list]:
-    """``score_prompt`` for ``run_completion``: one forward pass over the prompt; per character after the first,
-    its log-probability given the ones before and the ``top_n`` most likely characters there."""
-    import torch
-
-    from rnnlab.sampling import token_logprobs
-
-    def score(ids: list[int], top_n: int) -> list:
-        if len(ids) < 2:
-            return [None] * len(ids)
-        with torch.inference_mode():
-            logits, _ = model.forward(torch.tensor([ids[:-1]], dtype=torch.long, device=device))
-            chosen, values, top = token_logprobs(logits[0], torch.tensor(ids[1:], device=device), top_n)
-        return [None, *((lp, list(zip(i, v))) for lp, v, i in zip(chosen.tolist(), values.tolist(), top.tolist()))]
-
-    return score
+def chunk_choices(deltas: list[dict]) -> list[dict]:
+    """A stream chunk's choices: the deltas that settled together, one per choice (as clients expect)."""
+    by_index: dict[int, list[dict]] = {}
+    for delta in deltas:
+        by_index.setdefault(delta["index"], []).append(delta)
+    return [join_deltas(group) if len(group) > 1 else group[0] for group in by_index.values()]

@@ -1,0 +1,148 @@
+"""Characters/s of the OpenAI-compatible /v1/completions beside /v1/generate, same service, same run.
+
+    python benchmarks/openai_load.py --seconds 10 --clients 32 --rounds 2 --json openai_load.json
+
+Starts a local service over chapter-sized random bundles (benchmarks/serve_load.py's, or --bundles) and sends the
+same generation (prompt, length, temperature, a fresh seed per request) to both routes, plain and streamed,
+from ``--clients`` concurrent clients for ``--seconds`` each; the four phases alternate ``--rounds`` times so
+load from other processes falls on both routes alike. Both routes put their sequences into the same decoding
+batch, so the difference is the HTTP side: OpenAI's larger JSON per chunk and the request's validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve_load import deploy, imdb_reviews, random_bundles  # noqa: E402
+
+PROMPT = "the emperor"
+
+
+def generated_chars(route: str, stream: bool, payload: bytes) -> int:
+    """Characters generated in one answer; -1 when a stream did not end properly."""
+    text = payload.decode("utf-8")
+    if not stream:
+        answer = json.loads(text)
+        return len(answer["text"]) if route == "generate" else sum(len(c["text"]) for c in answer["choices"])
+    chars, ended = 0, False
+    for block in text.split("\n\n"):
+        if route == "generate" and block.startswith("event: done"):
+            ended = True
+        elif block == "data: [DONE]":
+            ended = True
+        elif block.startswith("data: "):
+            data = json.loads(block[len("data: "):])
+            chars += len(data["text"]) if route == "generate" else sum(len(c["text"]) for c in data["choices"])
+    return chars if ended else -1
+
+
+def body(route: str, stream: bool, tokens: int, seed: int) -> dict:
+    if route == "generate":
+        return {"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 0.8, "seed": seed, "stream": stream}
+    return {"model": "charlm", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0.8, "seed": seed,
+            "stream": stream}
+
+
+async def phase(base: str, route: str, stream: bool, *, clients: int, seconds: float, tokens: int) -> dict:
+    import aiohttp
+
+    url = f"{base}/v1/{route}"
+    latencies, errors, chars = [], [], 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(index: int, http) -> None:
+        nonlocal chars
+        rng = random.Random(index)
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            try:
+                async with http.post(url, json=body(route, stream, tokens, rng.randrange(2**31))) as response:
+                    payload = await response.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                errors.append(f"{type(error).__name__}: {error}")
+                continue
+            got = generated_chars(route, stream, payload) if response.status == 200 else -1
+            if got < 0:
+                errors.append(f"{response.status} {payload[-200:]!r}")
+                continue
+            chars += got
+            latencies.append(time.perf_counter() - start)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
+                                     timeout=aiohttp.ClientTimeout(total=120)) as http:
+        began = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000) if latencies else (
+        lambda q: float("nan"))
+    return {"route": f"/v1/{route}", "stream": stream, "chars_per_s": chars / elapsed, "requests": len(latencies),
+            "p50_ms": pick(0.5), "p99_ms": pick(0.99), "errors": len(errors),
+            **({"first_error": errors[0]} if errors else {})}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundles", help="bundle folder (default: chapter-sized random bundles)")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--tokens", type=int, default=100, help="characters per request")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--port", type=int, default=8012)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from rnnlab.launch.serve_cmd import choose_ingress
+
+    proxy_port = choose_ingress(True, "127.0.0.1", args.port)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
+    base = f"http://127.0.0.1:{args.port}"
+    phases = []
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch), imdb_reviews(64))
+            deploy(bundles, None, max_streams=args.clients, max_ongoing_requests=2 * args.clients,
+                   max_queued_requests=2 * args.clients)
+            for number in range(1, args.rounds + 1):
+                for stream in (False, True):
+                    for route in ("generate", "completions"):
+                        result = asyncio.run(phase(base, route, stream, clients=args.clients, seconds=args.seconds,
+                                                   tokens=args.tokens)) | {"round": number}
+                        phases.append(result)
+                        print(f"[round {number}] {result['route']:15s} {'stream' if stream else 'plain ':6s} "
+                              f"{result['chars_per_s']:8.0f} chars/s  p50 {result['p50_ms']:7.1f} ms  "
+                              f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}"
+                              + (f" ({result['first_error']})" if result["errors"] else ""), flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    summary = {}
+    for stream in (False, True):
+        ratios = [c["chars_per_s"] / g["chars_per_s"] for g, c in zip(
+            [p for p in phases if p["route"] == "/v1/generate" and p["stream"] == stream],
+            [p for p in phases if p["route"] == "/v1/completions" and p["stream"] == stream])]
+        label = "stream" if stream else "plain"
+        summary[label] = {"completions_over_generate": ratios, "median": statistics.median(ratios)}
+        print(f"{label}: /v1/completions at {statistics.median(ratios):.0%} of /v1/generate's chars/s (median of "
+              f"rounds: {', '.join(f'{r:.0%}' for r in ratios)})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"phases": phases, "summary": summary, "setup": vars(args)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
