@@ -1,6 +1,6 @@
 """OpenAI-compatible completions for the character models: the request schema, the answer and stream shapes,
-OpenAI's error and model-list shapes, stop strings and logprobs (pure: no Ray, no torch; ``rnnlab.serve.completions``
-runs requests with them).
+OpenAI's error and model-list shapes, stop strings and logprobs (no Ray and no model here:
+``rnnlab.serve.completions`` runs requests with them).
 
 ``POST /v1/completions`` takes OpenAI's legacy completions request, so the official ``openai`` client, UIs and load
 tools work against ``rnnlab serve`` unchanged (``base_url=http://host:port/v1``). A **token is a character** here:
