@@ -1,4 +1,4 @@
-"""Characters/s of the OpenAI-compatible /v1/completions beside /v1/generate, same service, same run.
+"""Characters/s of the OpenAI-compatible /v1/completions beside /v1/charlm, same service, same run.
 
     python benchmarks/openai_load.py --seconds 10 --clients 32 --rounds 2 --json openai_load.json
 
@@ -33,21 +33,21 @@ def generated_chars(route: str, stream: bool, payload: bytes) -> int:
     text = payload.decode("utf-8")
     if not stream:
         answer = json.loads(text)
-        return len(answer["text"]) if route == "generate" else sum(len(c["text"]) for c in answer["choices"])
+        return len(answer["text"]) if route == "charlm" else sum(len(c["text"]) for c in answer["choices"])
     chars, ended = 0, False
     for block in text.split("\n\n"):
-        if route == "generate" and block.startswith("event: done"):
+        if route == "charlm" and block.startswith("event: done"):
             ended = True
         elif block == "data: [DONE]":
             ended = True
         elif block.startswith("data: "):
             data = json.loads(block[len("data: "):])
-            chars += len(data["text"]) if route == "generate" else sum(len(c["text"]) for c in data["choices"])
+            chars += len(data["text"]) if route == "charlm" else sum(len(c["text"]) for c in data["choices"])
     return chars if ended else -1
 
 
 def body(route: str, stream: bool, tokens: int, seed: int) -> dict:
-    if route == "generate":
+    if route == "charlm":
         return {"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 0.8, "seed": seed, "stream": stream}
     return {"model": "charlm", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0.8, "seed": seed,
             "stream": stream}
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                    max_queued_requests=2 * args.clients)
             for number in range(1, args.rounds + 1):
                 for stream in (False, True):
-                    for route in ("generate", "completions"):
+                    for route in ("charlm", "completions"):
                         result = asyncio.run(phase(base, route, stream, clients=args.clients, seconds=args.seconds,
                                                    tokens=args.tokens)) | {"round": number}
                         phases.append(result)
@@ -133,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for stream in (False, True):
         ratios = [c["chars_per_s"] / g["chars_per_s"] for g, c in zip(
-            [p for p in phases if p["route"] == "/v1/generate" and p["stream"] == stream],
+            [p for p in phases if p["route"] == "/v1/charlm" and p["stream"] == stream],
             [p for p in phases if p["route"] == "/v1/completions" and p["stream"] == stream])]
         label = "stream" if stream else "plain"
-        summary[label] = {"completions_over_generate": ratios, "median": statistics.median(ratios)}
-        print(f"{label}: /v1/completions at {statistics.median(ratios):.0%} of /v1/generate's chars/s (median of "
+        summary[label] = {"completions_over_charlm": ratios, "median": statistics.median(ratios)}
+        print(f"{label}: /v1/completions at {statistics.median(ratios):.0%} of /v1/charlm's chars/s (median of "
               f"rounds: {', '.join(f'{r:.0%}' for r in ratios)})")
     if args.json:
         Path(args.json).write_text(json.dumps({"phases": phases, "summary": summary, "setup": vars(args)}, indent=2))

@@ -12,7 +12,7 @@ import torch
 
 from rnnlab.bundle import Bundle
 from rnnlab.data.vocab import Vocab
-from rnnlab.inference import TextGenerator
+from rnnlab.jobs.charlm import CharLMPredictor as TextGenerator
 from rnnlab.models import build_model
 from rnnlab.sampling import SamplingParams, token_logprobs
 from rnnlab.serve import completions, openai as oa
@@ -72,7 +72,6 @@ def test_choice_k_samples_with_seed_plus_k_and_top_k_minus_one_is_off():
     ({"prompt": [1, 2, 3]}, "prompt", "token-id prompts are not supported"),
     ({"prompt": ["a", None]}, "prompt", "prompt 1 is not a string"),
     ({"prompt": ""}, "prompt", "empty"),
-    ({"prompt": "x" * 2001}, "prompt", "limit of 2,000"),
     ({"prompt": []}, "prompt", "empty"),
     ({"temperature": "hot"}, "temperature", "valid number"),
     ({"n": 0}, "n", "greater than or equal to 1"),
@@ -255,6 +254,9 @@ def test_a_prompt_outside_the_vocabulary_is_a_400_naming_it_before_anything_runs
     with pytest.raises(oa.OpenAIError) as caught:
         _run(generator, {"prompt": ["fine", "caf\u00e9 #1"]})
     assert caught.value.status == 400 and caught.value.param == "prompt" and "prompt 1" in caught.value.message
+    with pytest.raises(oa.OpenAIError) as caught:
+        _run(generator, {"prompt": "x" * 2001})
+    assert caught.value.param == "prompt" and "limit of 2,000" in caught.value.message
 
 
 def test_a_stream_chunk_carries_one_delta_per_choice():

@@ -82,11 +82,11 @@ def test_models_list_gives_every_bundle_with_rnnlabs_facts(client):
     assert set(models) == {"imdb-small", "djia-small", MODEL}
     charlm = models[MODEL]
     assert charlm.object == "model" and charlm.owned_by == "rnnlab" and charlm.created > 1_600_000_000
-    assert charlm.job == "charlm" and charlm.endpoint == "/v1/generate" and charlm.digest.startswith("sha256:")
+    assert charlm.job == "charlm" and charlm.endpoint == "/v1/charlm" and charlm.digest.startswith("sha256:")
     assert charlm.metrics == {"val": {"nats_per_char": 3.4}} and "max_batch_size" in charlm.batching
 
 
-def test_a_plain_completion_is_the_cli_text_for_its_seed_and_v1_generate_agrees(client, base, local):
+def test_a_plain_completion_is_the_cli_text_for_its_seed_and_v1_charlm_agrees(client, base, local):
     answer = client.completions.create(model=MODEL, prompt="The ", max_tokens=30, seed=7, temperature=0.8,
                                        extra_body={"top_k": 10})
     (choice,) = answer.choices
@@ -95,7 +95,7 @@ def test_a_plain_completion_is_the_cli_text_for_its_seed_and_v1_generate_agrees(
     assert answer.object == "text_completion" and answer.model == MODEL and answer.id.startswith("cmpl-")
     assert answer.system_fingerprint.startswith("rnnlab-") and choice.seed == 7
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens) == (4, 30, 34)
-    generated = httpx.post(f"{base}/v1/generate", headers={"Authorization": f"Bearer {KEY}"}, timeout=60, json={
+    generated = httpx.post(f"{base}/v1/charlm", headers={"Authorization": f"Bearer {KEY}"}, timeout=60, json={
         "prompt": "The ", "max_new_tokens": 30, "seed": 7, "temperature": 0.8, "top_k": 10}).json()
     assert generated["text"] == expected
     default = client.completions.create(model=MODEL, prompt="a")

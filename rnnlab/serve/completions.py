@@ -1,11 +1,11 @@
-"""OpenAI-compatible completions at work, on both sides of the Gateway -> Generator hop.
+"""OpenAI-compatible completions at work, on both sides of the Gateway -> generation deployment hop.
 
-In the Generator replica (``CompletionsMixin``, mixed into the Generator deployment): a request's choices join
-the generation scheduler's running batch like any ``/v1/generate`` request (``run_completion``), so batching,
+In the generation replica (``CompletionsMixin``, mixed into ``GenerationDeployment``): a request's choices join
+the generation scheduler's running batch like any ``/v1/charlm`` request (``run_completion``), so batching,
 seeded determinism and fault isolation are the scheduler's; the answer or the stream's chunks are built there in
 OpenAI's shapes (``rnnlab.serve.openai``). In the Gateway (``create`` / ``chat``, called by its routes): the body
 is validated (400s in OpenAI's shape), the stream cap, request timeout, drain on shutdown and metrics are the
-Gateway's own, shared with ``/v1/generate``, and every failure -- overload, a dead replica, a timeout -- is an
+Gateway's own, shared with ``/v1/charlm``, and every failure -- overload, a dead replica, a timeout -- is an
 OpenAI-shaped error with the status the ``openai`` client maps (and retries, for 503 with ``Retry-After``).
 """
 
@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from rnnlab import registry
 from rnnlab.errors import InputError
 from rnnlab.serve import limits, metrics
 from rnnlab.serve.openai import (
@@ -38,7 +39,7 @@ logger = logging.getLogger("ray.serve")
 OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions")  # answered in OpenAI's error shape, even a 401 / 413
 
 
-# --- in the Generator replica ----------------------------------------------------------------------------------
+# --- in the generation replica ---------------------------------------------------------------------------------
 def encode_prompts(body: CompletionRequest, encode: Callable[[str], list[int]]) -> list[list[int]]:
     """Every prompt's character ids, all checked before anything runs (OpenAIError 400 naming the one at fault)."""
     encoded = []
@@ -135,7 +136,7 @@ def prompt_scorer(model, device) -> Callable[[list[int], int], list]:
 
 
 class CompletionsMixin:
-    """The Generator deployment's OpenAI methods, on its ``scheduler``, ``generator`` (a TextGenerator: prompt
+    """The generation deployment's OpenAI methods, on its ``scheduler``, ``generator`` (the job's predictor: prompt
     encoding, vocabulary, model) and ``info`` (bundle name, version). Answers are dicts that cross the handle:
     a completion, or ``{"status", "error"}`` in OpenAI's shape."""
 
@@ -217,9 +218,54 @@ def _failure(request_id: str) -> OpenAIError:
 
 
 # --- in the Gateway ------------------------------------------------------------------------------------------
-async def create(gateway, request, handle, request_id: str):
-    """``POST /v1/completions`` for the Gateway: ``handle`` is the Generator deployment's (None when no character
-    model is served). The Gateway's ``limits``, open-stream count and drain apply as to ``/v1/generate``."""
+def add_routes(gateway_class, api) -> None:
+    """The OpenAI routes as methods of the Gateway class (before ``@serve.ingress`` freezes it, which binds each
+    route to the replica's Gateway by the method's qualified name): ``POST /v1/completions``, ``GET
+    /v1/models/{model}`` (``client.models.retrieve``) and ``POST /v1/chat/completions`` (a clear 400)."""
+    from fastapi import Request
+
+    from rnnlab.serve import http
+
+    async def post_completions(self, request):
+        return await create(self, request, http.current_request_id())
+
+    async def get_model(self, model):
+        listed = await self.models()
+        found = [entry for entry in listed["data"] if entry["id"] == model]
+        return found[0] if found else unknown_model(model, [e["id"] for e in listed["data"]]).response()
+
+    async def post_chat_completions(self):
+        return chat_not_supported().response()
+
+    # real classes, not the strings this module's annotations would be: FastAPI reads them inside the replica
+    post_completions.__annotations__ = {"request": Request}
+    get_model.__annotations__ = {"model": str}
+    for method in (post_completions, get_model, post_chat_completions):
+        method.__qualname__ = f"{gateway_class.__name__}.{method.__name__}"
+        setattr(gateway_class, method.__name__, method)
+    streamed = {"content": {"text/event-stream": {}}, "description": "OpenAI's text_completion, or with "
+                "stream=true its chunks as server-sent events ending `data: [DONE]`."}
+    api.post("/v1/completions", summary="OpenAI-compatible completions (a token is a character)",
+             responses={200: streamed}, openapi_extra=http.documented_body(CompletionRequest))(post_completions)
+    api.get("/v1/models/{model}", summary="One model of /v1/models (OpenAI's shape)")(get_model)
+    api.post("/v1/chat/completions", include_in_schema=False)(post_chat_completions)
+
+
+def generation_handle(gateway, model: str):
+    """The generation deployment a completion goes to: the job ``model`` names, else the only one served (whose
+    replica then checks ``model`` against its bundle's name)."""
+    served = {job: handle for job, handle in gateway.handles.items()
+              if handle is not None and registry.job(job).served_by == "generation"}
+    if model in served:
+        return served[model]
+    if len(served) == 1:
+        return next(iter(served.values()))
+    raise unknown_model(model, list(served))
+
+
+async def create(gateway, request, request_id: str):
+    """``POST /v1/completions`` in the Gateway. Its ``limits``, open-stream count and drain apply as to the
+    generation job's own route."""
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
@@ -228,8 +274,7 @@ async def create(gateway, request, handle, request_id: str):
             body = parse_request(await request.body())
         except HTTPException as error:  # the body is over max_body_bytes (limits.Guard stopped reading it)
             raise OpenAIError(error.status_code, _words(error.detail), param="body", code="body_too_large") from None
-        if handle is None:
-            raise unknown_model(body.model, [])
+        handle = generation_handle(gateway, body.model)
         payload = {"body": body.model_dump(exclude_none=True), "request_id": request_id, "created": int(time.time())}
         timeout = gateway.limits["request_timeout_s"]
         if not body.stream:
@@ -266,10 +311,6 @@ async def create(gateway, request, handle, request_id: str):
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     except Exception as error:  # noqa: BLE001 -- every failure in OpenAI's shape, with the status the client maps
         return service_error(error, request.url.path).response()
-
-
-def chat():
-    return chat_not_supported().response()
 
 
 def service_error(error: Exception, path: str) -> OpenAIError:

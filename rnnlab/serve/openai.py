@@ -12,7 +12,7 @@ Refused with a 400 naming the field: ``suffix``, ``logit_bias``, ``best_of`` oth
 frequency penalties other than 0, token-id prompts, and any field OpenAI's API does not have.
 
 Sampling is ``rnnlab.sampling``'s, with the same ranges: choice k of a prompt samples with ``seed + k``, so choice
-0 is the text ``rnnlab generate --seed S`` and ``/v1/generate`` give for that seed. Each choice carries its seed.
+0 is the text ``rnnlab generate --seed S`` and ``/v1/charlm`` give for that seed. Each choice carries its seed.
 ``logprobs`` are the model's own log-probabilities (before temperature, top-k and top-p), in the legacy shape:
 ``tokens``, ``token_logprobs``, ``top_logprobs`` (the N most likely characters and the chosen one) and
 ``text_offset``. A stop string ends the text before it (``finish_reason: "stop"``, else ``"length"``); a stream
@@ -31,7 +31,6 @@ from typing import Any, Union
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator,
                       model_validator)
 
-from rnnlab.inference import MAX_PROMPT_CHARS
 from rnnlab.sampling import MAX_LOGPROBS, MAX_NEW_TOKENS, MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K, SamplingParams
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default; a token is a character
@@ -93,10 +92,8 @@ class CompletionRequest(BaseModel):
         texts = value if isinstance(value, list) else [value]
         for position, text in enumerate(texts):
             where = f"prompt {position}" if isinstance(value, list) else "the prompt"
-            if isinstance(text, str) and not text:
+            if isinstance(text, str) and not text:  # the model's predictor checks the rest (length, characters)
                 raise ValueError(f"{where} is empty; send at least one character to continue")
-            if isinstance(text, str) and len(text) > MAX_PROMPT_CHARS:
-                raise ValueError(f"{where} has {len(text):,} characters, more than the limit of {MAX_PROMPT_CHARS:,}")
         return value
 
     @field_validator("stop", mode="before")
