@@ -84,6 +84,9 @@ def test_models_list_gives_every_bundle_with_rnnlabs_facts(client):
     assert charlm.object == "model" and charlm.owned_by == "rnnlab" and charlm.created > 1_600_000_000
     assert charlm.job == "charlm" and charlm.endpoint == "/v1/charlm" and charlm.digest.startswith("sha256:")
     assert charlm.metrics == {"val": {"nats_per_char": 3.4}} and "max_batch_size" in charlm.batching
+    assert client.models.retrieve(MODEL).digest == charlm.digest
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
 
 
 def test_a_plain_completion_is_the_cli_text_for_its_seed_and_v1_charlm_agrees(client, base, local):
