@@ -3,10 +3,11 @@
     python benchmarks/openai_load.py --seconds 10 --clients 32 --rounds 2 --json openai_load.json
 
 Starts a local service over chapter-sized random bundles (benchmarks/serve_load.py's, or --bundles) and sends the
-same generation (prompt, length, temperature, a fresh seed per request) to both routes, plain and streamed,
-from ``--clients`` concurrent clients for ``--seconds`` each; the four phases alternate ``--rounds`` times so
-load from other processes falls on both routes alike. Both routes put their sequences into the same decoding
-batch, so the difference is the HTTP side: OpenAI's larger JSON per chunk and the request's validation.
+same generation (prompt, length, temperature, a fresh seed per request) to both routes AT ONCE, half of
+``--clients`` on each, for ``--seconds``, plain and then streamed, ``--rounds`` times: on a shared machine whose
+load comes and goes, both routes see the same load at the same moment. Their sequences share the decoding batch,
+so what differs is the HTTP and handle side: OpenAI's larger JSON per chunk, the request's validation, and the
+per-choice bookkeeping in the replica.
 """
 
 from __future__ import annotations
@@ -53,42 +54,50 @@ def body(route: str, stream: bool, tokens: int, seed: int) -> dict:
             "stream": stream}
 
 
-async def phase(base: str, route: str, stream: bool, *, clients: int, seconds: float, tokens: int) -> dict:
+async def phase(base: str, stream: bool, *, clients: int, seconds: float, tokens: int) -> list[dict]:
+    """``clients`` concurrent clients for ``seconds``, every other one on each route, all at once: both routes
+    under the same load at the same moment, their sequences in the same decoding batch."""
     import aiohttp
 
-    url = f"{base}/v1/{route}"
-    latencies, errors, chars = [], [], 0
+    routes = ("charlm", "completions")
+    latencies = {route: [] for route in routes}
+    errors = {route: [] for route in routes}
+    chars = dict.fromkeys(routes, 0)
     deadline = time.perf_counter() + seconds
 
     async def client(index: int, http) -> None:
-        nonlocal chars
+        route = routes[index % 2]
         rng = random.Random(index)
         while time.perf_counter() < deadline:
             start = time.perf_counter()
             try:
-                async with http.post(url, json=body(route, stream, tokens, rng.randrange(2**31))) as response:
+                async with http.post(f"{base}/v1/{route}", json=body(route, stream, tokens, rng.randrange(2**31))) \
+                        as response:
                     payload = await response.read()
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-                errors.append(f"{type(error).__name__}: {error}")
+                errors[route].append(f"{type(error).__name__}: {error}")
                 continue
             got = generated_chars(route, stream, payload) if response.status == 200 else -1
             if got < 0:
-                errors.append(f"{response.status} {payload[-200:]!r}")
+                errors[route].append(f"{response.status} {payload[-200:]!r}")
                 continue
-            chars += got
-            latencies.append(time.perf_counter() - start)
+            chars[route] += got
+            latencies[route].append(time.perf_counter() - start)
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
                                      timeout=aiohttp.ClientTimeout(total=120)) as http:
         began = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i in range(clients)))
         elapsed = time.perf_counter() - began
-    latencies.sort()
-    pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000) if latencies else (
-        lambda q: float("nan"))
-    return {"route": f"/v1/{route}", "stream": stream, "chars_per_s": chars / elapsed, "requests": len(latencies),
-            "p50_ms": pick(0.5), "p99_ms": pick(0.99), "errors": len(errors),
-            **({"first_error": errors[0]} if errors else {})}
+    results = []
+    for route in routes:
+        done = sorted(latencies[route])
+        pick = (lambda q: done[min(len(done) - 1, int(q * len(done)))] * 1000) if done else (lambda q: float("nan"))
+        results.append({"route": f"/v1/{route}", "stream": stream, "clients": clients // 2,
+                        "chars_per_s": chars[route] / elapsed, "requests": len(done), "p50_ms": pick(0.5),
+                        "p99_ms": pick(0.99), "errors": len(errors[route]),
+                        **({"first_error": errors[route][0]} if errors[route] else {})})
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,10 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                    max_queued_requests=2 * args.clients)
             for number in range(1, args.rounds + 1):
                 for stream in (False, True):
-                    for route in ("charlm", "completions"):
-                        result = asyncio.run(phase(base, route, stream, clients=args.clients, seconds=args.seconds,
-                                                   tokens=args.tokens)) | {"round": number}
-                        phases.append(result)
+                    for result in asyncio.run(phase(base, stream, clients=args.clients, seconds=args.seconds,
+                                                    tokens=args.tokens)):
+                        phases.append(result | {"round": number})
                         print(f"[round {number}] {result['route']:15s} {'stream' if stream else 'plain ':6s} "
                               f"{result['chars_per_s']:8.0f} chars/s  p50 {result['p50_ms']:7.1f} ms  "
                               f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}"
