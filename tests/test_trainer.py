@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
 from tiny_datasets import make_imdb_tar, make_stock_csv, make_text
 from wandb_files import read_finished_wandb_run
 from rnnlab.errors import ConfigError
@@ -296,14 +297,6 @@ def test_a_bare_no_for_mixed_precision_means_no(tmp_path):
         load_config("stock", "smoke", None, ["train.mixed_precision=yes"])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _train_argv(data: dict) -> list[str]:
     return ["charlm", "--preset", "smoke", "--source", str(data["charlm"]), "--set", "tracking.wandb=false",
             "--set", "train.log_every=1", "--set", "train.max_steps=15", "--set", "train.eval_every=5"]
@@ -343,7 +336,7 @@ def two_process_run(data, tmp_path_factory) -> Path:
     """An uninterrupted 2-process (gloo) run: the curve to follow and the weights the elastic run must end with."""
     out = tmp_path_factory.mktemp("two-processes")
     two = subprocess.run(
-        [*LAUNCH, "--num_machines", "1", "--main_process_port", str(_free_port()),
+        [*LAUNCH, "--num_machines", "1", "--main_process_port", str(free_port()),
          "-m", "rnnlab.launch.train", *_train_argv(data), "--output", str(out)],
         env=_quiet_env(out), capture_output=True, text=True, cwd=REPO, timeout=300,
     )
@@ -377,7 +370,7 @@ def test_elastic_run_survives_a_killed_rank_and_ends_with_the_uninterrupted_weig
     last checkpoint. The run ends with the same weights as the uninterrupted 2-process run, bit for bit."""
     out = tmp_path / "elastic"
     launcher = subprocess.Popen(
-        [*LAUNCH, "--num_machines", "1", "--main_process_port", str(_free_port()), "--max_restarts", "1",
+        [*LAUNCH, "--num_machines", "1", "--main_process_port", str(free_port()), "--max_restarts", "1",
          "--monitor_interval", "0.5", "-m", "rnnlab.launch.train", *_train_argv(data), "--output", str(out),
          "--resume", "auto"],
         env=_quiet_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
@@ -409,7 +402,7 @@ def test_elastic_run_survives_a_killed_rank_and_ends_with_the_uninterrupted_weig
 def test_two_machines_of_one_process_follow_the_one_process_loss_curve(data, one_process_run, tmp_path):
     """``--num_machines 2``: one launcher per "machine" (machine ranks 0 and 1), meeting at 127.0.0.1 over gloo,
     as two nodes would at the main node's address (configs/accelerate/multi_node.yaml)."""
-    port = str(_free_port())
+    port = str(free_port())
     launchers = [
         subprocess.Popen(
             [*LAUNCH, "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
