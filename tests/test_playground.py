@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from tiny_datasets import make_stock_csv
-from conftest import require, serving
+from conftest import require, serving, skip_or_fail
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,8 @@ def browser(tmp_path_factory):
                    if shutil.which(name)), None)
     driver_path = shutil.which("chromedriver")
     if binary is None or driver_path is None:
-        pytest.skip("no Chromium and chromedriver installed (Debian: apt-get install chromium chromium-driver)")
+        # .ci/run installs them; elsewhere the browser tests skip, saying what to install
+        skip_or_fail("no Chromium and chromedriver installed (Debian: apt-get install chromium chromium-driver)")
     webdriver = require("selenium.webdriver", "Selenium is not installed (the test extra has it)")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
