@@ -247,7 +247,7 @@ def deploy(bundles: Path, max_batch_size: int | None, batch_wait_timeout_s: floa
 
 
 def batching_stats(base: str) -> dict:
-    models = httpx.get(f"{base}/v1/models", timeout=30).json()["models"]
+    models = httpx.get(f"{base}/v1/models", timeout=30).json()["data"]  # OpenAI's list shape
     return {m["endpoint"]: m["batching"] for m in models}
 
 

@@ -85,7 +85,7 @@ def http(service):
 
 
 def batching(http: httpx.Client, endpoint: str) -> dict:
-    return next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == endpoint)["batching"]
+    return next(m for m in http.get("/v1/models").json()["data"] if m["endpoint"] == endpoint)["batching"]
 
 
 def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
@@ -112,7 +112,7 @@ def test_healthz_docs_and_openapi(http):
 
 
 def test_models_lists_bundles_with_versions_metrics_and_batching(http):
-    models = {m["endpoint"]: m for m in http.get("/v1/models").json()["models"]}
+    models = {m["endpoint"]: m for m in http.get("/v1/models").json()["data"]}
     assert set(models) == {"/v1/sentiment", "/v1/stock", "/v1/charlm"}
     assert models["/v1/sentiment"]["name"] == "imdb-small"
     assert models["/v1/charlm"]["metrics"] == {"val": {"nats_per_char": 3.4}}
