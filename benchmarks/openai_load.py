@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from rnnlab.launch.serve_cmd import choose_ingress
 
     proxy_port = choose_ingress(True, "127.0.0.1", args.port)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
     base = f"http://127.0.0.1:{args.port}"
     phases = []
