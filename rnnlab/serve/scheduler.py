@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 import torch
 
-from rnnlab.sampling import NonFiniteScores, SamplingParams, per_row_params, sample_next
+from rnnlab.sampling import NonFiniteScores, SamplingParams, per_row_params, sample_next, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ IDLE_EXIT_S = 10.0  # the decoding thread ends after this long with nothing to d
 class Chunk(NamedTuple):
     ids: list[int]
     last: bool  # no more chunks follow: the sequence is complete
+    # with ``generate(logprobs=N)``: per id, (its log-probability, [(alternative id, log-probability)] * N)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class GenerationFailed(RuntimeError):
@@ -86,6 +88,8 @@ class _Sequence:
     error: str | None = None
     cancelled: bool = False
     last_wake: float = 0.0
+    logprobs: int | None = None  # alternatives asked per token; None: no log-probabilities at all
+    logprob_out: list = field(default_factory=list)  # per token: (log-probability, [(id, log-probability)])
 
     @property
     def remaining(self) -> int:
@@ -129,13 +133,15 @@ class GenerationScheduler:
 
     # --- public ------------------------------------------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, request_id: str | None = None,
-                       stream: bool = True) -> AsyncIterator[Chunk]:
+                       stream: bool = True, logprobs: int | None = None) -> AsyncIterator[Chunk]:
         """Yield the new token ids in chunks: with ``stream`` every ``stream_interval_s`` or so, else all at once
         at the end; the final chunk says so (``last``), so that a consumer can end its answer in the same message.
+        With ``logprobs`` (0 or more alternatives) each chunk also carries every token's log-probability and the
+        ``logprobs`` most likely tokens at that step (``rnnlab.sampling.token_logprobs``); sampling is unchanged.
         Raises GenerationFailed if the sequence failed. Closing the iterator (a client that went away) frees the
         slot before the next block."""
         sequence = _Sequence(list(prompt_ids), params.with_seed(), request_id or secrets.token_hex(8), stream,
-                             asyncio.get_running_loop())
+                             asyncio.get_running_loop(), logprobs=logprobs)
         self._waiting.append(sequence)
         self._ensure_running()
         self._wakeup.set()
@@ -146,9 +152,11 @@ class GenerationScheduler:
                 sequence.wake.clear()
                 if len(sequence.tokens) > sent:
                     chunk = sequence.tokens[sent:]
+                    # logprob_out is extended before tokens (_flush), so it covers every token seen here
+                    scores = sequence.logprob_out[sent : sent + len(chunk)] if logprobs is not None else None
                     sent += len(chunk)
                     last = sequence.done and sequence.error is None and sent == len(sequence.tokens)
-                    yield Chunk(chunk, last)
+                    yield Chunk(chunk, last, scores)
                     if last:
                         return
                 if sequence.error is not None:
@@ -303,6 +311,8 @@ class GenerationScheduler:
         steps = max(1, min(MAX_STEPS_PER_BLOCK, int(self.block_s / self._step_s) if self._step_s else 1))
         uniforms = self._block_uniforms(steps)
         segment: list[torch.Tensor] = []  # sampled ids per step since the batch last changed
+        scored: list[tuple[torch.Tensor, ...]] = []  # per step, for the rows asking for log-probabilities
+        asking = self._asking_logprobs()
         # rows finish at known steps (their lengths), so no per-row check is needed at each step
         until_finish = min(s.remaining for s in self._active)
         step = 0
@@ -312,20 +322,24 @@ class GenerationScheduler:
                 logits, state = self.model.step(self._ids, self._state)
                 ids = sample_next(logits, *self._sampling, uniforms=uniforms[:, step])
             except Exception as error:  # noqa: BLE001 -- isolate the rows at fault, retry without them
-                self._flush(segment)
+                self._flush(segment, scored, asking)
                 keep = self._rows_not_at_fault(error, uniforms[:, step])
                 self._retain(keep)
                 uniforms = uniforms[keep]
+                asking = self._asking_logprobs()
                 until_finish = min((s.remaining for s in self._active), default=0)
                 continue
             self._unexplained = 0
             self._state, self._ids = state, ids
             segment.append(ids)
+            if asking is not None:
+                rows, top_n = asking
+                scored.append(token_logprobs(logits.index_select(0, rows), ids.index_select(0, rows), top_n))
             self.step_sizes[len(self._active)] += 1
             self.counts["tokens"] += len(self._active)
             step += 1
             if len(segment) == until_finish:
-                self._flush(segment)
+                self._flush(segment, scored, asking)
                 keep = []
                 for row, sequence in enumerate(self._active):
                     if sequence.remaining:
@@ -335,8 +349,9 @@ class GenerationScheduler:
                         self.counts["finished"] += 1
                 self._retain(keep)
                 uniforms = uniforms[keep]
+                asking = self._asking_logprobs()
                 until_finish = min((s.remaining for s in self._active), default=0)
-        self._flush(segment)
+        self._flush(segment, scored, asking)
         self.decode_s += time.perf_counter() - started
         if step:
             elapsed = (time.perf_counter() - started) / step
@@ -350,13 +365,32 @@ class GenerationScheduler:
             block[row, : len(drawn)] = drawn
         return block
 
-    def _flush(self, segment: list[torch.Tensor]) -> None:
-        """Hand the segment's sampled ids to their sequences (one tensor-to-list per segment, not per step)."""
+    def _flush(self, segment: list[torch.Tensor], scored: list | None = None, asking=None) -> None:
+        """Hand the segment's sampled ids to their sequences (one tensor-to-list per segment, not per step), and
+        the log-probabilities of the rows that asked, before their ids (a consumer reading ``tokens`` meanwhile
+        finds the log-probabilities of all of them)."""
         if not segment:
             return
+        if scored:
+            rows, _ = asking
+            chosen, values, ids = (torch.stack(parts, dim=1).tolist() for parts in zip(*scored))
+            for row, lps, top_lps, top_ids in zip(rows.tolist(), chosen, values, ids):
+                n = self._active[row].logprobs
+                self._active[row].logprob_out.extend(
+                    (lp, list(zip(i[:n], v[:n]))) for lp, v, i in zip(lps, top_lps, top_ids))
+            scored.clear()
         for sequence, tokens in zip(self._active, torch.stack(segment, dim=1).tolist()):
             sequence.tokens.extend(tokens)
         segment.clear()
+
+    def _asking_logprobs(self) -> tuple[torch.Tensor, int] | None:
+        """(rows of the active batch that asked for log-probabilities, the most alternatives any asked), or None
+        when none did: then a step computes nothing for them (looked at once per block and batch change)."""
+        rows = [row for row, sequence in enumerate(self._active) if sequence.logprobs is not None]
+        if not rows:
+            return None
+        top_n = max(self._active[row].logprobs for row in rows)
+        return torch.tensor(rows, dtype=torch.long, device=self.device), top_n
 
     def _rows_not_at_fault(self, error: Exception, uniforms: torch.Tensor) -> list[int]:
         """After a failed step: fail the sequences at fault, return the rows to go on with."""
