@@ -1,11 +1,13 @@
-"""Iteration-level batching for character generation (the Orca / vLLM idea, for an LSTM).
+"""Iteration-level batching for character generation (the Orca / vLLM idea, for a recurrent model).
 
 One thread decodes every active sequence together, one ``CharLSTM.step`` call per step for all of them.
 Each sequence keeps its own temperature / top-k / top-p, length and seeded draws; a sequence that is done leaves
 after the step that finished it, and a request that arrives joins at the next block boundary: its prompt is run
-through ``forward`` (the prefill) and its (h, c) is concatenated onto the slot tensors. An LSTM's state is a
-fixed-size (h, c) per sequence, so a slot costs ``2 * layers * hidden`` floats and joining or leaving is one
-``torch.cat`` / index.
+through ``forward`` (the prefill) and its state is concatenated onto the slot tensors. A recurrent model's state
+is a fixed-size tuple of tensors per sequence -- an LSTM's (h, c), a GRU's or plain RNN's (h,), each
+``[layers, B, hidden]`` -- so a slot costs ``len(state) * layers * hidden`` floats and joining or leaving is one
+``torch.cat`` / index per member. The scheduler only ever handles the tuple as a whole (``_cat_rows``,
+``_split_rows``, ``_rows``), never which cell made it.
 
 Speed: one thread decodes in a tight loop -- admit, a block of steps (about ``block_s`` of compute), hand the new
 tokens to their consumers, again -- and never waits for an event loop, so the model is busy whenever there is
@@ -97,8 +99,9 @@ class _Sequence:
 class GenerationScheduler:
     """Decodes all active sequences together; see the module docstring.
 
-    ``model`` is a CharLSTM: ``forward(ids[B, T], state) -> (logits[B, T, V], (h, c))`` and
-    ``step(ids[B], state) -> (logits[B, V], (h, c))``. ``max_batch_size`` bounds the sequences decoded together;
+    ``model`` is a CharLSTM of any cell: ``forward(ids[B, T], state) -> (logits[B, T, V], state)``,
+    ``step(ids[B], state) -> (logits[B, V], state)`` and ``init_state(B, device)``, the state a tuple of
+    ``[layers, B, hidden]`` tensors. ``max_batch_size`` bounds the sequences decoded together;
     further requests wait (FIFO) for a free slot. ``max_batch_size=1`` is "one request at a time".
     """
 
@@ -115,7 +118,7 @@ class GenerationScheduler:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         # the batch, row i = self._active[i]
-        self._state: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, c), each [layers, B, hidden]
+        self._state: tuple[torch.Tensor, ...] | None = None  # (h, c) or (h,), each [layers, B, hidden]
         self._ids: torch.Tensor | None = None  # [B] the tokens fed at the next step
         self._sampling: tuple[torch.Tensor, ...] = ()  # per-row temperature, top_k, top_p
         self._step_s = 0.0  # running estimate of one step's time, to size blocks
@@ -274,34 +277,32 @@ class GenerationScheduler:
         joined = [s for s in joined if s in states]
         if not joined:
             return failed
-        h = torch.cat([states[s][0] for s in joined], dim=1)
-        c = torch.cat([states[s][1] for s in joined], dim=1)
+        state = _cat_rows([states[s] for s in joined])
         ids = torch.tensor([s.next_id for s in joined], dtype=torch.long, device=self.device)
         if self._state is not None:
-            h = torch.cat([self._state[0], h], dim=1)
-            c = torch.cat([self._state[1], c], dim=1)
+            state = _cat_rows([self._state, state])
             ids = torch.cat([self._ids, ids])
-        self._state, self._ids = (h, c), ids
+        self._state, self._ids = state, ids
         self._active.extend(joined)
         self._sampling = per_row_params([s.params for s in self._active], self.device)
         self.counts["joined"] += len(joined)
         return failed
 
     @torch.inference_mode()
-    def _prefill(self, group: list[_Sequence]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _prefill(self, group: list[_Sequence]) -> list[tuple[torch.Tensor, ...]]:
         """Run prompts of one length except their last character through forward(); the last one is the first
         step's input, so every sequence, new or old, advances by exactly one step() per iteration. Also makes each
-        sequence's draws. Returns each one's (h, c)."""
+        sequence's draws. Returns each one's state."""
         for sequence in group:
             generator = torch.Generator(device="cpu").manual_seed(sequence.params.seed)
             sequence.uniforms = torch.rand(sequence.params.max_new_tokens, generator=generator)
             sequence.next_id = sequence.prompt_ids[-1]
         if len(group[0].prompt_ids) > 1:
             ids = torch.tensor([s.prompt_ids[:-1] for s in group], dtype=torch.long, device=self.device)
-            _, (h, c) = self.model.forward(ids)
+            _, state = self.model.forward(ids)
         else:
-            h, c = self.model.init_state(len(group), self.device)
-        return [(h[:, i : i + 1], c[:, i : i + 1]) for i in range(len(group))]
+            state = self.model.init_state(len(group), self.device)
+        return _split_rows(state)
 
     # --- decoding ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -442,9 +443,21 @@ def _set_all(events: list[asyncio.Event]) -> None:
         event.set()
 
 
-def _rows(state: tuple[torch.Tensor, torch.Tensor], rows) -> tuple[torch.Tensor, torch.Tensor]:
+# A state is a tuple of [layers, B, hidden] tensors ((h, c) for an LSTM, (h,) for a GRU or RNN); rows are dim 1.
+def _rows(state: tuple[torch.Tensor, ...], rows) -> tuple[torch.Tensor, ...]:
+    """The state of the given rows (a list or an index tensor), in that order."""
     index = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.long, device=state[0].device)
-    return state[0].index_select(1, index), state[1].index_select(1, index)
+    return tuple(t.index_select(1, index) for t in state)
+
+
+def _split_rows(state: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """One state per row (views, each with a batch of one)."""
+    return [tuple(t[:, i : i + 1] for t in state) for i in range(state[0].size(1))]
+
+
+def _cat_rows(states: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """The states' rows one after the other: the inverse of ``_split_rows``."""
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*states, strict=True))
 
 
 def _reason(error: Exception) -> str:
