@@ -258,6 +258,19 @@ def test_resuming_with_another_cell_is_refused_naming_the_key(data, tmp_path):
     assert 'model.cell ("lstm" -> "gru")' in message and message.count(". ") == 0, message
 
 
+def test_a_checkpoint_from_before_model_cell_resumes_as_the_lstm_it_is(tmp_path):
+    from rnnlab.trainers.durable import check_same_config, config_fingerprint
+
+    config = {"job": "charlm", "model": {"hidden_size": 8, "cell": "lstm", "forget_bias": None}}
+    old = {"job": "charlm", "model": {"hidden_size": 8}}  # what a run wrote before the cell keys existed
+    fingerprint, shaping = config_fingerprint(old)
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {}, "config_fingerprint": fingerprint,
+                                                        "config": shaping}))
+    check_same_config(tmp_path, config)  # the same run: no refusal
+    with pytest.raises(ConfigError, match=r'model.cell \(unset -> "gru"\)'):
+        check_same_config(tmp_path, {**config, "model": {**config["model"], "cell": "gru"}})
+
+
 @pytest.fixture(scope="module")
 def gru_charlm_bundle(data, tmp_path_factory) -> Path:
     """A GRU charlm bundle from a real (smoke) training run."""
