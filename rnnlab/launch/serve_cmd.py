@@ -111,6 +111,7 @@ def _drain(grace_s: float = 10.0) -> None:
     """Let open streams finish (or end them with an error event) before Serve's proxy goes away."""
     from ray import serve
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not "Started <SharedRouterLongPollClient ...>"
     try:
         serve.get_deployment_handle("Gateway", app_name="rnnlab").drain.remote(grace_s).result(timeout_s=grace_s + 10)
         time.sleep(0.5)  # the proxy passes the last events on
@@ -140,6 +141,12 @@ def run(args: argparse.Namespace) -> int:
         _check_port(args.host, args.port)
     # direct ingress needs the Ray instance started here: the ports it hands replicas are read when Ray starts
     proxy_port = choose_ingress(args.address is None and not args.proxy, args.host, args.port)
+    # Ray's proxy (--proxy, and the one Ray keeps aside under direct ingress) reads the header deadline and the
+    # connection cap from the environment Ray's processes inherit; the Gateway gets them as arguments. (On an
+    # existing cluster, --address, the proxy was started without them: export them where `ray start --head` runs.)
+    from rnnlab.serve.connections import export_for_proxy
+
+    export_for_proxy(limits["header_timeout_s"], int(limits["max_connections"]), limits["retry_after_s"])
 
     import ray
     from ray import serve
@@ -177,7 +184,27 @@ def run(args: argparse.Namespace) -> int:
             _drain()
         return 0
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        _stop(args.address)
+
+
+def _stop(address: str | None) -> None:
+    """Take the service down so that a clean stop reads clean.
+
+    ``serve.shutdown()`` ends by killing Serve's controller with ``ray.kill`` while this driver still has calls
+    open on it (its own ``graceful_shutdown``, and the long poll of the handle ``_drain`` used), and Ray prints
+    each as ``(raylet) Task ServeController... failed ... killed by ray.kill``: a fault to anyone reading. So: an
+    instance this command started (no ``--address``) goes down with ``ray.shutdown()`` alone, which stops this
+    driver's listeners first and then every process of the instance (the streams were drained above; unary
+    requests in flight are cut either way); on an existing cluster only the application is deleted
+    (``serve.delete``): Serve's controller and proxy stay for the cluster's other users, so nothing is killed
+    under a call."""
+    import ray
+    from ray import serve
+
+    try:
+        if address is not None and ray.is_initialized():
+            serve.delete("rnnlab")
+    except Exception as error:  # noqa: BLE001 -- shutting down goes on regardless
+        logger.warning("rnnlab serve: could not delete the application (%s).", first_line(error))
+    finally:
+        ray.shutdown()

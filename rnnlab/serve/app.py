@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rnnlab import __version__
 from rnnlab.errors import BundleError, InputError, RnnlabError
-from rnnlab.serve import limits, metrics
+from rnnlab.serve import connections, limits, metrics
 from rnnlab.serve.schemas import (
     ErrorResponse,
     ForecastRequest,
@@ -529,6 +529,10 @@ class Gateway:
                                               max_body_bytes=int(self.limits["max_body_bytes"]),
                                               idle_send_timeout_s=self.limits["idle_send_timeout_s"],
                                               retry_after_s=self.limits["retry_after_s"]))
+        # header deadline and connection cap for the HTTP server Ray Serve starts in this replica under direct
+        # ingress (after this constructor); Ray's proxy gets them from rnnlab serve (rnnlab.serve.connections)
+        connections.install(self.limits["header_timeout_s"], int(self.limits["max_connections"]),
+                            self.limits["retry_after_s"])
         # open streams: the SSE generators not yet finished (a WeakSet, so one the server dropped without ever
         # starting it cannot hold a slot forever) plus those still waiting for their first item
         self._streams: weakref.WeakSet = weakref.WeakSet()

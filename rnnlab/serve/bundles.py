@@ -105,6 +105,23 @@ def bundle_info(bundle) -> dict:
         "version": version,
         "format_version": format_version,
         "digest": f"sha256:{digest}" if digest else None,  # of the weights; no path: it tells strangers the layout
-        "model": bundle.model_config,
-        "metrics": bundle.metrics,
+        "model": without_paths(bundle.model_config),
+        "metrics": without_paths(bundle.metrics),
     }
+
+
+def without_paths(value):
+    """``value`` without the file-system paths in it: a ``bundle`` key (bundles trained before it was dropped from
+    metrics.json carry their training machine's output folder there) and any string that is an absolute path,
+    at any depth. What is left is figures and settings."""
+    if isinstance(value, dict):
+        return {key: without_paths(item) for key, item in value.items()
+                if key != "bundle" and not _is_path(item)}
+    if isinstance(value, list):
+        return [without_paths(item) for item in value if not _is_path(item)]
+    return value
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str) and (value.startswith(("/", "~", "\\\\")) or
+                                       (len(value) > 2 and value[1] == ":" and value[2] in "\\/"))
