@@ -109,6 +109,19 @@ class BatchStats:
         }
 
 
+# oneDNN (torch's CPU LSTM) keeps a compiled primitive per input shape, up to 1,024 of them by default; reviews of
+# every length in batches of every size make a new shape nearly every batch, so a Sentiment replica's memory grew
+# ~1 MB every 5 s for as long as the soak ran (benchmarks/soak.py). 64 keeps the shapes in use hot (the same
+# reviews/s in a plain loop) and the memory flat. Read by oneDNN at its first primitive, so set before any forward.
+ONEDNN_CACHE_CAPACITY = "64"
+
+
+def bound_onednn_cache() -> None:
+    import os
+
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
+
+
 def _load(bundle_dir: str, job: str, torch_threads: int | None):
     """Load a bundle inside a replica; on failure log ONE line and raise, so the deployment fails at start."""
     import ray
@@ -119,6 +132,7 @@ def _load(bundle_dir: str, job: str, torch_threads: int | None):
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    bound_onednn_cache()
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     try:
         bundle = load_bundle(bundle_dir, device=device)
