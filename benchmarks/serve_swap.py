@@ -204,7 +204,11 @@ def swapper_main(plan: dict) -> int:
     try:
         from rnnlab.serve.versions import served_models
 
-        served_models()  # the first handle calls are slow: made before the clock starts
+        from rnnlab.serve.versions import check_new_bundle
+
+        served_models()  # the first handle calls and bundle loads of a process are slow: made before the clock
+        for paths in plan["versions"].values():
+            check_new_bundle(paths[1])
         print("READY", flush=True)
         epoch = float(sys.stdin.readline())
         turn = 1
