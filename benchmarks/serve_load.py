@@ -170,8 +170,9 @@ def synthetic_rows(count: int, seed: int = 0) -> list[dict]:
 
 
 # --- a local service over chapter-sized bundles ------------------------------------------------------------------
-def random_bundles(directory: Path, reviews: list[str], preset: str = "chapter") -> Path:
-    """Chapter-sized bundles from randomly initialised models: the compute of trained ones, in a second."""
+def random_bundles(directory: Path, reviews: list[str], preset: str = "chapter", seed: int = 0) -> Path:
+    """Chapter-sized bundles from randomly initialised models: the compute of trained ones, in a second. Another
+    ``seed``, other weights (another version of the same models: benchmarks/serve_swap.py)."""
     import torch
 
     from rnnlab.bundle import save_bundle
@@ -182,7 +183,7 @@ def random_bundles(directory: Path, reviews: list[str], preset: str = "chapter")
 
     from rnnlab.config import load_config
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vocab = build_vocab(tokenize(text) for text in reviews)
     recipe = load_config("sentiment", preset)  # the architecture (and max_length) that preset trains
     # the model's own keys: the section also holds training's (init_from, fit_lstm_weight)

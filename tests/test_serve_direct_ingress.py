@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +43,24 @@ def _listener(port: int) -> str:
     return ""
 
 
+def _half_open(port: int, count: int) -> list[bytes]:
+    """``count`` connections that each send a request line and one header and then nothing: what the server
+    answers each before it closes it (a bounded read per socket; b"" if it only closed it)."""
+    sockets = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(count)]
+    answers = []
+    for sock in sockets:
+        with sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            data = b""
+            try:
+                while chunk := sock.recv(65536):
+                    data += chunk
+            except (ConnectionResetError, TimeoutError) as error:
+                data += f" [{type(error).__name__}]".encode()
+            answers.append(data)
+    return answers
+
+
 async def _burst(base: str, count: int) -> tuple[list[int], set[str]]:
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
         answers = await asyncio.gather(*(client.post("/v1/generate", json={"prompt": "the ", "max_new_tokens": 2000,
@@ -59,6 +78,7 @@ def test_serve_answers_on_the_asked_port_and_stops_cleanly(tmp_path, ingress):
     service = subprocess.Popen(
         [sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(bundles), "--port", str(port),
          "--max-ongoing-requests", "4", "--max-queued-requests", "4", "--retry-after-s", "2",
+         "--header-timeout-s", "1", "--max-connections", "48",
          *(["--proxy"] if ingress == "proxy" else [])],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
@@ -87,11 +107,21 @@ def test_serve_answers_on_the_asked_port_and_stops_cleanly(tmp_path, ingress):
         codes, retry = asyncio.run(_burst(base, 40))
         assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 10, codes
         assert retry == {"2"}
+        # half-open connections (a request line and one header, then nothing) are closed with 408 after
+        # --header-timeout-s, and those above --max-connections get 503 + Retry-After at once; the service goes on
+        answers = _half_open(port, 60)
+        assert all(a.startswith((b"HTTP/1.1 408 ", b"HTTP/1.1 503 ")) for a in answers), answers
+        assert sum(a.startswith(b"HTTP/1.1 503 ") and b"retry-after: 2" in a for a in answers) >= 12, answers
+        assert sum(a.startswith(b"HTTP/1.1 408 ") for a in answers) >= 12, answers
+        assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
     finally:
-        os.killpg(service.pid, signal.SIGINT)
+        os.killpg(service.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
         try:
             code = service.wait(timeout=90)
         except subprocess.TimeoutExpired:
             os.killpg(service.pid, signal.SIGKILL)
             raise
     assert code == 0
+    # a clean stop reads clean: no "(raylet) Task ServeController... failed ... killed by `ray.kill`"
+    said = service.stdout.read()
+    assert "rnnlab: stopping the service." in said and "ray.kill" not in said and "(raylet)" not in said, said

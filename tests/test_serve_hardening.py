@@ -146,6 +146,26 @@ def test_models_show_names_and_digests_not_paths(http, bundles):
     assert all("path" not in m for m in models)
 
 
+def test_bundle_info_drops_the_paths_an_older_bundle_carries(tmp_path):
+    """Bundles exported before metrics.json lost its "bundle" key carry the training machine's folder; /v1/models
+    (bundle_info) shows their figures without it, nor any other absolute path."""
+    import torch
+
+    from rnnlab.bundle import load_bundle, save_bundle
+    from rnnlab.models import build_model
+    from rnnlab.serve.bundles import bundle_info
+
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "old", job="stock",
+                model=build_model("stock", {"num_features": 3, "hidden_size": 4, "num_layers": 1, "fc_size": 4}),
+                assets={}, config={"job": "stock"},
+                metrics={"bundle": "/home/alice/runs/stock/bundle", "test": {"r2": 0.5, "plot": "/home/alice/p.png"},
+                         "extra": {"figures": ["C:\\runs\\a.png", 3], "note": "ok"}})
+    info = bundle_info(load_bundle(tmp_path / "old"))
+    assert info["metrics"] == {"test": {"r2": 0.5}, "extra": {"figures": [3], "note": "ok"}}
+    assert "alice" not in str(info) and str(tmp_path) not in str(info)
+
+
 def test_a_non_loopback_host_without_a_key_is_refused_before_ray_starts(bundles, tmp_path, capsys, monkeypatch):
     from rnnlab.launch.cli import main
 

@@ -74,6 +74,8 @@ def test_smoke_run_writes_metrics_checkpoints_and_bundle(job, data, tmp_path):
     assert events(tmp_path, "test")[0]["loss"] == result["test"]["loss"]  # the file records what the run returns
     assert {"loss", "lr", "samples_per_s", "tokens_per_s", "peak_memory_mb"} <= set(train_lines[0])
     assert (tmp_path / "bundle" / "config.json").is_file()
+    # the bundle travels and a service shows its metrics: no path of this machine in them
+    assert str(tmp_path) not in (tmp_path / "bundle" / "metrics.json").read_text() and "bundle" in result
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
     assert 1 <= len(kept) <= 2  # last + best only
     if job == "stock":

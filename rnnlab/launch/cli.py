@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES = (
     "rnnlab.launch.predict_cmd",
     "rnnlab.launch.tune",
     "rnnlab.launch.serve_cmd",
+    "rnnlab.launch.swap_cmd",
 )
 
 

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 from rnnlab.errors import ConfigError, RnnlabError, first_line
 from rnnlab.registry import routes, served
@@ -50,6 +51,9 @@ def add_parser(subparsers) -> None:
                         help="allow a non-loopback --host without an API key")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="port of Ray's Prometheus endpoint (/metrics), with rnnlab_* metrics beside Serve's")
+    parser.add_argument("--default-model", action="append", metavar="MODEL_ID", default=None,
+                        help="the model a job's route answers with when a request names none (repeat for each "
+                        "job); default: the job's first model id in name order (ids: the bundles' folder names)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="batch size for every model deployment (generation: sequences decoded together)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per replica")
@@ -115,6 +119,7 @@ def _drain(grace_s: float = 10.0) -> None:
     """Let open streams finish (or end them with an error event) before Serve's proxy goes away."""
     from ray import serve
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not "Started <SharedRouterLongPollClient ...>"
     try:
         serve.get_deployment_handle("Gateway", app_name="rnnlab").drain.remote(grace_s).result(timeout_s=grace_s + 10)
         time.sleep(0.5)  # the proxy passes the last events on
@@ -126,7 +131,7 @@ def _drain(grace_s: float = 10.0) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rnnlab.serve.app import build_app
-    from rnnlab.serve.bundles import find_bundles
+    from rnnlab.serve.bundles import check_defaults, default_model, find_models
 
     from rnnlab.serve.auth import load_key, refuse_exposed_without_key
     from rnnlab.serve.limits import check_limits
@@ -135,15 +140,28 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-batch-size must be at least 1, got {args.max_batch_size}.")
     limits = check_limits({name: getattr(args, name) for name in LIMITS}, flags=True)
     refuse_exposed_without_key(args.host, load_key(args.api_key_file) is not None, args.insecure)
-    # finds and loads every bundle once: a missing or corrupt one is a BundleError (one sentence, exit 2)
-    # before Ray starts
-    app = build_app({"bundles": args.bundles, "torch_threads": args.torch_threads,
-                     "max_batch_size": args.max_batch_size, "api_key_file": args.api_key_file} | limits)
-    kinds = ", ".join(f"/v1/{job}" for job in sorted(find_bundles(args.bundles, check=False)))
+    # The application's arguments, as a config's `args` (JSON; absolute paths: Ray builds the application in a
+    # task of its own). Built here first, which finds and loads every bundle once: a missing or corrupt one is a
+    # BundleError (one sentence, exit 2) before Ray starts.
+    app_args = {"bundles": str(Path(args.bundles).expanduser().resolve()), "torch_threads": args.torch_threads,
+                "max_batch_size": args.max_batch_size, "default_models": args.default_model or None,
+                "api_key_file": str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None}
+    app_args = {key: value for key, value in app_args.items() if value is not None} | limits
+    build_app(app_args)
+    found = find_models(args.bundles, check=False)
+    check_defaults(found, args.default_model)
+    kinds = ", ".join(f"/v1/{job} ({', '.join(ids)}; default {default_model(job, ids, args.default_model)})"
+                      for job, ids in sorted(found.items()))
     if args.address is None:
         _check_port(args.host, args.port)
     # direct ingress needs the Ray instance started here: the ports it hands replicas are read when Ray starts
     proxy_port = choose_ingress(args.address is None and not args.proxy, args.host, args.port)
+    # Ray's proxy (--proxy, and the one Ray keeps aside under direct ingress) reads the header deadline and the
+    # connection cap from the environment Ray's processes inherit; the Gateway gets them as arguments. (On an
+    # existing cluster, --address, the proxy was started without them: export them where `ray start --head` runs.)
+    from rnnlab.serve.connections import export_for_proxy
+
+    export_for_proxy(limits["header_timeout_s"], int(limits["max_connections"]), limits["retry_after_s"])
 
     import ray
     from ray import serve
@@ -165,14 +183,11 @@ def run(args: argparse.Namespace) -> int:
         # and a cluster's load balancer points at the head anyway. Replicas still spread over every node.
         serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": proxy_port,
                                                              "request_timeout_s": limits["request_timeout_s"]})
-        try:
-            serve.run(app, name="rnnlab", route_prefix="/")
-        except RuntimeError as error:
-            raise RnnlabError(f"The service failed to start ({first_line(error)}); see the replica logs in "
-                              "/tmp/ray/session_latest/logs/serve.") from None
+        deploy_config(app_args, proxy_port, args.host, limits["request_timeout_s"])
         _stop_on_signals()
-        print(f"rnnlab: serving {kinds} on http://{args.host}:{args.port} (API docs at /docs); Ctrl-C stops.",
-              flush=True)
+        address = ray.get_runtime_context().gcs_address
+        print(f"rnnlab: serving {kinds} on http://{args.host}:{args.port} (API docs at /docs); Ctrl-C stops. "
+              f"Swap a model in place with: rnnlab swap --address {address} MODEL_ID BUNDLE", flush=True)
         try:
             while True:
                 time.sleep(3600)
@@ -181,7 +196,57 @@ def run(args: argparse.Namespace) -> int:
             _drain()
         return 0
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        _stop(args.address)
+
+
+def deploy_config(app_args: dict, proxy_port: int, host: str, request_timeout_s: float,
+                  timeout_s: float = 900) -> None:
+    """Deploy the application from a config, as ``serve run configs/serve.yaml`` and ``serve deploy`` do, not with
+    ``serve.run(app)``: Ray versions a config's deployments by the config's code (import path, args), so a later
+    config that changes only a deployment's ``user_config`` (``rnnlab swap``) reconfigures the running replicas in
+    place. An application deployed from Python gets a new random version on every deploy: any update restarts
+    every replica."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate({
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": proxy_port, "request_timeout_s": request_timeout_s},
+        "applications": [{"name": "rnnlab", "route_prefix": "/", "import_path": "rnnlab.serve.app:build_app",
+                          "args": app_args}]})
+    _get_global_client().deploy_apps(config)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get("rnnlab")
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RnnlabError(f"The service failed to start ({first_line(status.message or status.status)}); see "
+                              "the replica logs in /tmp/ray/session_latest/logs/serve.")
+        time.sleep(0.5)
+    raise RnnlabError(f"The service did not start within {timeout_s:.0f} s; see the replica logs in "
+                      "/tmp/ray/session_latest/logs/serve.")
+
+
+def _stop(address: str | None) -> None:
+    """Take the service down so that a clean stop reads clean.
+
+    ``serve.shutdown()`` ends by killing Serve's controller with ``ray.kill`` while this driver still has calls
+    open on it (its own ``graceful_shutdown``, and the long poll of the handle ``_drain`` used), and Ray prints
+    each as ``(raylet) Task ServeController... failed ... killed by ray.kill``: a fault to anyone reading. So: an
+    instance this command started (no ``--address``) goes down with ``ray.shutdown()`` alone, which stops this
+    driver's listeners first and then every process of the instance (the streams were drained above; unary
+    requests in flight are cut either way); on an existing cluster only the application is deleted
+    (``serve.delete``): Serve's controller and proxy stay for the cluster's other users, so nothing is killed
+    under a call."""
+    import ray
+    from ray import serve
+
+    try:
+        if address is not None and ray.is_initialized():
+            serve.delete("rnnlab")
+    except Exception as error:  # noqa: BLE001 -- shutting down goes on regardless
+        logger.warning("rnnlab serve: could not delete the application (%s).", first_line(error))
+    finally:
+        ray.shutdown()

@@ -30,10 +30,10 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from ray import serve
 
 from rnnlab import registry
-from rnnlab.serve import completions, http, limits, metrics, openai
+from rnnlab.serve import completions, connections, http, limits, metrics, openai
 from rnnlab.serve.deployments import DEFAULT_BATCH, DEPLOYMENTS, checked_batching
 from rnnlab.serve.http import api
-from rnnlab.serve.schemas import error_item
+from rnnlab.serve.schemas import error_item, with_model_field
 
 
 class Gateway:
@@ -54,6 +54,10 @@ class Gateway:
                                               max_body_bytes=int(self.limits["max_body_bytes"]),
                                               idle_send_timeout_s=self.limits["idle_send_timeout_s"],
                                               retry_after_s=self.limits["retry_after_s"]))
+        # header deadline and connection cap for the HTTP server Ray Serve starts in this replica under direct
+        # ingress (after this constructor); Ray's proxy gets them from rnnlab serve (rnnlab.serve.connections)
+        connections.install(self.limits["header_timeout_s"], int(self.limits["max_connections"]),
+                            self.limits["retry_after_s"])
         # open streams: the SSE generators not yet finished (a WeakSet, so one the server dropped without ever
         # starting it cannot hold a slot forever) plus those still waiting for their first item
         self._streams: weakref.WeakSet = weakref.WeakSet()
@@ -61,9 +65,11 @@ class Gateway:
         self._stopping = asyncio.Event()
 
     def _gatherer(self, job: str):
+        # an item is (model id or None for the job's default, item); the deployment answers with the ID@VERSION
+        # that served each one
         async def gather_items(items: list) -> list:
             answer = await self.handles[job].run_batch.remote(items)
-            return [(answer["model"], result) for result in answer["results"]]
+            return list(zip(answer["models"], answer["results"]))
 
         return gather_items
 
@@ -111,14 +117,20 @@ class Gateway:
 
     @api.get("/v1/models")
     async def models(self) -> dict:
+        """One entry per served model (several per job: rnnlab/serve/versions.py): its id (send it as ``model``),
+        version (the weights' digest), whether it is its job's default, and its deployment's batching."""
         jobs = [job for job, handle in self.handles.items() if handle is not None]
         described = await asyncio.gather(*(self.handles[job].describe.remote() for job in jobs))
-        for job, info in zip(jobs, described):
+        entries = []
+        for job, deployment in zip(jobs, described):
+            batching = dict(deployment["batching"])
             if job in self.gather:  # gathered here, in the Gateway
-                info["batching"]["batch_wait_timeout_s"] = self.batch_wait_timeout_s
-        entries = [openai.model_entry(info["name"], {"endpoint": f"/v1/{job}"} | info, created=info.get("created"))
-                   for job, info in zip(jobs, described)]
-        # OpenAI's list shape (client.models.list()): each bundle's id is its name, rnnlab's facts extra fields
+                batching["batch_wait_timeout_s"] = self.batch_wait_timeout_s
+            for info in deployment["models"]:
+                entries.append(openai.model_entry(info["id"], {"endpoint": f"/v1/{job}"} | info
+                                                  | {"batching": info.get("batching", batching)},
+                                                  created=info.get("created")))
+        # OpenAI's list shape (client.models.list()): each model's id, rnnlab's facts as extra fields
         return openai.model_list(entries, streams={"open": self.open_streams, "max": int(self.limits["max_streams"])})
 
     async def answer_batched(self, job: str, body):
@@ -127,7 +139,15 @@ class Gateway:
         spec = registry.job(job)
         if self.handles[job] is None:
             return http.unavailable(job)
-        answers = await self._within_timeout(asyncio.gather(*(self.gather[job](item) for item in body.items())))
+        items = [(body.model, item) for item in body.items()]
+        answers = await self._within_timeout(asyncio.gather(*(self.gather[job](item) for item in items)))
+        if len({model for model, _ in answers}) > 1:
+            # a swap landed between two batches holding this request's items: ask again, so one answer comes
+            # from one version (the second time they all meet the new one)
+            answers = await self._within_timeout(asyncio.gather(*(self.gather[job](item) for item in items)))
+        unknown = next((result for _, result in answers if result.get("type") == "unknown_model"), None)
+        if unknown is not None:
+            return http.invalid([error_item(["body", "model"], unknown["error"], "unknown_model")])
         errors = [error_item(body.error_loc(i), result["error"])
                   for i, (_, result) in enumerate(answers) if "error" in result]
         if errors:
@@ -176,7 +196,8 @@ def _add_route(route: str, job: str) -> None:
     """POST /v1/<route> answered by ``job``, as a Gateway method (Serve's ingress binds each route to the replica's
     Gateway by the method's qualified name)."""
     spec = registry.job(job)
-    request_model, answer_model = spec.load("request"), spec.load("answer")
+    # every job's body gets ``model``: which of the job's served models answers (rnnlab/serve/versions.py)
+    request_model, answer_model = with_model_field(spec.load("request")), spec.load("answer")
     alias = route != job
     extra = {}
     if spec.served_by == "batched" and getattr(request_model, "raw_json", False):
@@ -228,25 +249,31 @@ def build_app(args: dict | None = None) -> serve.Application:
     cores); ``max_batch_size`` / ``batch_wait_timeout_s`` for the Gateway's gathering and all the model
     deployments (a deployment's ``user_config`` in the YAML wins over these); ``api_key_file`` (else
     ``RNNLAB_API_KEY``) and the limits of ``rnnlab.serve.limits.LIMITS`` (``max_queued_requests`` applies to every
-    deployment, a deployment's own setting in the YAML wins). Each model deployment is named after its job.
+    deployment, a deployment's own setting in the YAML wins). Each model deployment is named after its job and
+    serves every bundle of that job found, each under its model id (rnnlab/serve/versions.py);
+    ``default_models`` (a list of ids) picks the model a job's route answers with when a request names none.
     """
     from ray.serve.config import BackpressureConfig
 
     from rnnlab.errors import ConfigError
     from rnnlab.serve import auth
-    from rnnlab.serve.bundles import find_bundles
+    from rnnlab.serve.bundles import check_defaults, default_model, find_models
 
     args = dict(args or {})
     served = registry.served()
     known = {"bundles", *served, "torch_threads", "max_batch_size", "batch_wait_timeout_s", "api_key_file",
-             *limits.LIMITS}
+             "default_models", *limits.LIMITS}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"Unknown serve argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}.")
     checked = limits.check_limits({name: args.get(name) for name in limits.LIMITS})
     batching = {key: args[key] for key in ("max_batch_size", "batch_wait_timeout_s") if args.get(key) is not None}
     key = auth.load_key(args.get("api_key_file"))
-    found = find_bundles(args.get("bundles"), explicit={job: args.get(job) for job in served})
+    found = find_models(args.get("bundles"), explicit={job: args.get(job) for job in served})
+    defaults = args.get("default_models") or []
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    check_defaults(found, defaults)
     threads = args.get("torch_threads", 1)
     checked_batching(batching, DEFAULT_BATCH, "serve argument")
     user_config = {
@@ -262,7 +289,9 @@ def build_app(args: dict | None = None) -> serve.Application:
         if job in found:
             kind = registry.job(job).served_by
             options = shedding | ({"user_config": user_config[kind]} if user_config[kind] else {})
-            handles[job] = DEPLOYMENTS[kind].options(name=job, **options).bind(str(found[job]), job, threads)
+            models = {model_id: str(path) for model_id, path in found[job].items()}
+            handles[job] = DEPLOYMENTS[kind].options(name=job, **options).bind(
+                models, job, threads, default_model(job, found[job], defaults))
     gateway = Gateway.options(max_ongoing_requests=int(checked["max_ongoing_requests"]), **shedding,
                               **({"user_config": batching} if batching else {}))
     guard = {name: checked[name] for name in limits.LIMITS} | {"key_sha256": auth.digest(key) if key else None}

@@ -36,16 +36,37 @@ def _looks_like_bundle(directory: Path) -> bool:
 
 
 def find_bundles(
-    bundles: str | Path | None = None, *, explicit: dict[str, str | Path | None] | None = None, check: bool = True
+    bundles: str | Path | None = None, *, explicit: dict[str, str | Path | None] | None = None, check: bool = True,
+    defaults: list[str] | None = None,
 ) -> dict[str, Path]:
-    """Map job -> bundle folder.
+    """Map job -> its default bundle folder (:func:`find_models` has them all)."""
+    return {job: models[default_model(job, models, defaults)]
+            for job, models in find_models(bundles, explicit=explicit, check=check).items()}
+
+
+def find_models(
+    bundles: str | Path | None = None, *, explicit: dict[str, str | Path | None] | None = None, check: bool = True
+) -> dict[str, dict[str, Path]]:
+    """Map job -> {model id: bundle folder}, ids in name order (rnnlab/serve/versions.py: what ids are).
 
     ``bundles`` is a folder holding bundles as sub-folders (any names; each bundle's config.json says its job)
     or training runs' / searches' output folders (each with its ``bundle/`` or ``best_bundle/``), or one bundle
-    itself. ``explicit`` names bundles per job ({"sentiment": path, ...}) and wins over the folder.
+    itself. ``explicit`` names one bundle per job ({"sentiment": path, ...}), served beside the folder's.
     With ``check``, each bundle is loaded once (checksums, format version, weights) so a bad one is refused here.
     """
-    found: dict[str, Path] = {}
+    from rnnlab.serve.versions import model_id_of
+
+    found: dict[str, dict[str, Path]] = {}
+    where: dict[str, Path] = {}  # model id -> folder, across jobs: an id names one model
+
+    def add(job: str, directory: Path) -> None:
+        model_id = model_id_of(directory)
+        if model_id in where:
+            raise BundleError(f"Two bundles would be served as model {model_id!r} ({where[model_id]} and "
+                              f"{directory}); rename one of their folders.")
+        where[model_id] = directory
+        found.setdefault(job, {})[model_id] = directory
+
     if bundles is not None:
         root = Path(bundles).expanduser().resolve()  # absolute: replicas may start in another directory
         if not root.is_dir():
@@ -57,13 +78,7 @@ def find_bundles(
                     directory = directory / exported
             if not _looks_like_bundle(directory):
                 continue
-            job = _job_of(directory)
-            if job in found:
-                raise BundleError(
-                    f"Bundle folder {root} holds two {job} bundles ({found[job].name} and {directory.name}); "
-                    f"keep one, or name each with the {'/'.join(KINDS)} arguments."
-                )
-            found[job] = directory
+            add(_job_of(directory), directory)
     for job, path in (explicit or {}).items():
         if job not in KINDS:
             raise ConfigError(f"Unknown bundle kind {job!r}; use one of {', '.join(KINDS)}.")
@@ -74,18 +89,38 @@ def find_bundles(
             raise BundleError(f"The {job} bundle {directory} does not exist; train one or fix the path.")
         if _job_of(directory) != job:
             raise BundleError(f"Bundle {directory} is not a {job} bundle; check the {job} path.")
-        found[job] = directory
+        if directory not in where.values():
+            add(job, directory)
     if not found:
-        where = f" in {bundles}" if bundles is not None else ""
+        where_text = f" in {bundles}" if bundles is not None else ""
         raise BundleError(
-            f"No model bundles found{where}; expected sub-folders written by 'rnnlab train' (each with config.json)."
+            f"No model bundles found{where_text}; expected sub-folders written by 'rnnlab train' (each with "
+            "config.json)."
         )
     if check:
         from rnnlab.bundle import load_bundle
 
-        for directory in found.values():
-            load_bundle(directory)  # raises BundleError naming the fault
-    return found
+        for models in found.values():
+            for directory in models.values():
+                load_bundle(directory)  # raises BundleError naming the fault
+    return {job: dict(sorted(models.items())) for job, models in found.items()}
+
+
+def default_model(job: str, models: dict[str, Path], defaults: list[str] | None = None) -> str:
+    """The model id a job's routes answer with when a request names none: the one ``defaults`` names for this job
+    (``--default-model``), else the first id in name order."""
+    chosen = [model_id for model_id in (defaults or []) if model_id in models]
+    if len(chosen) > 1:
+        raise ConfigError(f"--default-model names two {job} models ({', '.join(chosen)}); name one.")
+    return chosen[0] if chosen else next(iter(models))
+
+
+def check_defaults(found: dict[str, dict[str, Path]], defaults: list[str] | None) -> None:
+    served = {model_id for models in found.values() for model_id in models}
+    unknown = [model_id for model_id in (defaults or []) if model_id not in served]
+    if unknown:
+        raise ConfigError(f"--default-model {', '.join(unknown)} is not a served model; served are "
+                          f"{', '.join(sorted(served))}.")
 
 
 def bundle_info(bundle) -> dict:
@@ -106,8 +141,8 @@ def bundle_info(bundle) -> dict:
         "format_version": format_version,
         "digest": f"sha256:{digest}" if digest else None,  # of the weights; no path: it tells strangers the layout
         "created": _created(path),  # for OpenAI's model list: when the bundle was written
-        "model": bundle.model_config,
-        "metrics": bundle.metrics,
+        "model": without_paths(bundle.model_config),
+        "metrics": without_paths(bundle.metrics),
     }
 
 
@@ -116,3 +151,20 @@ def _created(path: Path) -> int | None:
         return int((path / "config.json").stat().st_mtime)
     except OSError:
         return None
+
+
+def without_paths(value):
+    """``value`` without the file-system paths in it: a ``bundle`` key (bundles trained before it was dropped from
+    metrics.json carry their training machine's output folder there) and any string that is an absolute path,
+    at any depth. What is left is figures and settings."""
+    if isinstance(value, dict):
+        return {key: without_paths(item) for key, item in value.items()
+                if key != "bundle" and not _is_path(item)}
+    if isinstance(value, list):
+        return [without_paths(item) for item in value if not _is_path(item)]
+    return value
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str) and (value.startswith(("/", "~", "\\\\")) or
+                                       (len(value) > 2 and value[1] == ":" and value[2] in "\\/"))

@@ -136,40 +136,48 @@ def prompt_scorer(model, device) -> Callable[[list[int], int], list]:
 
 
 class CompletionsMixin:
-    """The generation deployment's OpenAI methods, on its ``scheduler``, ``generator`` (the job's predictor: prompt
-    encoding, vocabulary, model) and ``info`` (bundle name, version). Answers are dicts that cross the handle:
-    a completion, or ``{"status", "error"}`` in OpenAI's shape."""
+    """The generation deployment's OpenAI methods, on its ``models`` (rnnlab.serve.versions.ModelSet: each served
+    id's predictor -- prompt encoding, vocabulary, model, its ``scheduler`` -- and info). Answers are dicts that
+    cross the handle: a completion, or ``{"status", "error"}`` in OpenAI's shape."""
 
-    def model_ids(self) -> list[str]:
-        """What ``model`` may say to reach this deployment: the bundle's name (its id in /v1/models), that name
-        @ its version, or the job's name."""
-        return [self.info["name"], f"{self.info['name']}@{self.info['version']}", self.info["job"]]
+    def _pick(self, model: str):
+        """(generator, info) of the model ``model`` names: a served id, that id @ its version, or the job's name
+        (its default model). One version for the whole request, a swap meanwhile or not."""
+        from rnnlab.serve.versions import UnknownModel
 
-    def _completion_start(self, request: dict) -> tuple[CompletionRequest, list[list[int]], dict]:
+        model_id, _, version = model.partition("@")
+        try:
+            generator, info = self.models.pick(None if model_id == self.job else model_id)
+        except UnknownModel:
+            raise unknown_model(model, sorted(self.models.served)) from None
+        if version and version != info["version"]:
+            raise unknown_model(model, [f"{info['id']}@{info['version']}"])
+        return generator, info
+
+    def _completion_start(self, request: dict):
         body = parse_request(request["body"])
-        if body.model not in self.model_ids():
-            raise unknown_model(body.model, self.model_ids()[:1])
+        generator, info = self._pick(body.model)
         head = {"id": completion_id(request["request_id"]), "object": "text_completion", "created": request["created"],
-                "model": self.info["name"], "system_fingerprint": f"rnnlab-{self.info['version']}"}
-        return body, encode_prompts(body, self.generator.encode_prompt), head
+                "model": info["id"], "system_fingerprint": f"rnnlab-{info['version']}"}
+        return body, generator, encode_prompts(body, generator.encode_prompt), head
 
-    def _run(self, body: CompletionRequest, encoded: list[list[int]], request_id: str, stream: bool):
-        if getattr(self, "_score_prompt", None) is None:
-            self._score_prompt = prompt_scorer(self.generator.model, self.generator.device)
+    def _run(self, body: CompletionRequest, generator, encoded: list[list[int]], request_id: str, stream: bool):
+        if getattr(generator, "score_prompt", None) is None:  # echo's prompt scoring, made once per model
+            generator.score_prompt = prompt_scorer(generator.model, generator.device)
         if hasattr(self, "_watch"):
             self._watch()
-        return run_completion(self.scheduler, body, encoded, self.generator.vocab.itos, request_id=request_id,
-                              stream=stream, score_prompt=self._score_prompt)
+        return run_completion(generator.scheduler, body, encoded, generator.vocab.itos, request_id=request_id,
+                              stream=stream, score_prompt=generator.score_prompt)
 
     async def complete(self, request: dict) -> dict:
         """A whole completion (``request``: ``body``, ``request_id``, ``created``)."""
         from rnnlab.serve.scheduler import GenerationFailed
 
         try:
-            body, encoded, head = self._completion_start(request)
+            body, generator, encoded, head = self._completion_start(request)
             deltas: dict[int, list[dict]] = {}
             used = None
-            async for batch in self._run(body, encoded, request["request_id"], stream=False):
+            async for batch in self._run(body, generator, encoded, request["request_id"], stream=False):
                 for item in batch:
                     if "usage" in item:
                         used = item["usage"]
@@ -190,13 +198,13 @@ class CompletionsMixin:
         from rnnlab.serve.scheduler import GenerationFailed
 
         try:
-            body, encoded, head = self._completion_start(request)
+            body, generator, encoded, head = self._completion_start(request)
         except OpenAIError as error:
             yield {"status": error.status, "error": error.body()}
             return
         yield {"ok": True}
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        runner = self._run(body, encoded, request["request_id"], stream=True)
+        runner = self._run(body, generator, encoded, request["request_id"], stream=True)
         try:
             async for batch in runner:
                 if "usage" in batch[0]:

@@ -73,6 +73,19 @@ class BatchStats:
         }
 
 
+# oneDNN (torch's CPU LSTM) keeps a compiled primitive per input shape, up to 1,024 of them by default; reviews of
+# every length in batches of every size make a new shape nearly every batch, so a sentiment replica's memory grew
+# ~1 MB every 5 s for as long as the soak ran (benchmarks/soak.py). 64 keeps the shapes in use hot (the same
+# reviews/s in a plain loop) and the memory flat. Read by oneDNN at its first primitive, so set before any forward.
+ONEDNN_CACHE_CAPACITY = "64"
+
+
+def bound_onednn_cache() -> None:
+    import os
+
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
+
+
 def load_served(bundle_dir: str, job: str, torch_threads: int | None):
     """Load a bundle and its job's predictor inside a replica; on failure log ONE line and raise, so the
     deployment fails at start. Returns (predictor, what /v1/models shows about it)."""
@@ -85,6 +98,7 @@ def load_served(bundle_dir: str, job: str, torch_threads: int | None):
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    bound_onednn_cache()
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     try:
         bundle = load_bundle(bundle_dir, device=device)
@@ -106,41 +120,65 @@ class BatchedDeployment:
     """A batch of items in (gathered by the Gateway's ``@serve.batch`` from concurrent requests: one handle call
     per batch, not per request), each item validated on its own (``predictor.prepare``), the valid ones through
     the model ``max_batch_size`` at a time (``predictor.predict_prepared``), one answer per item back. A bad
-    item's answer is ``{"error": sentence}``, so it never fails the others in its batch."""
+    item's answer is ``{"error": sentence}``, so it never fails the others in its batch.
 
-    def __init__(self, bundle_dir: str, job: str, torch_threads: int | None = 1) -> None:
+    ``models``: {model id: bundle folder}, every model of the job (rnnlab/serve/versions.py); an item is
+    ``(model id or None, item)``, None for the job's ``default``. ``user_config["models"]`` points ids at other
+    bundles in place (``rnnlab swap``)."""
+
+    def __init__(self, models: dict[str, str] | str, job: str, torch_threads: int | None = 1,
+                 default: str | None = None) -> None:
+        from rnnlab.serve.versions import ModelSet
+
         self.job = job
-        self.predictor, self.info = load_served(bundle_dir, job, torch_threads)
+        self.models = ModelSet(job, models, default, lambda path: load_served(path, job, torch_threads))
         self.stats = BatchStats()
         self.max_batch_size = DEFAULT_BATCH["max_batch_size"]
 
-    def reconfigure(self, config: dict) -> None:
+    async def reconfigure(self, config: dict) -> None:
         self.max_batch_size = checked_batching(config, DEFAULT_BATCH, self.job)["max_batch_size"]
+        await self.models.update((config or {}).get("models"))
 
     async def run_batch(self, items: list) -> dict:
+        """``{"models": [ID@VERSION per item], "results": [answer per item]}``."""
         # in a thread: the replica's event loop keeps taking the next batch while torch (GIL released) works
-        results = await asyncio.to_thread(self._run_batch, items)
-        return {"model": model_id(self.info), "results": results}
+        return await asyncio.to_thread(self._run_batch, items)
 
-    def _run_batch(self, items: list) -> list[dict]:
-        prepared, answers = [], [None] * len(items)
-        for index, item in enumerate(items):
+    def _run_batch(self, items: list) -> dict:
+        from rnnlab.serve.versions import UnknownModel
+
+        answers, names = [None] * len(items), [None] * len(items)
+        groups: dict = {}  # model id -> [(index, item)]: each model's items through its own forward passes
+        for index, entry in enumerate(items):
+            requested, item = entry if isinstance(entry, tuple) else (None, entry)
+            groups.setdefault(requested, []).append((index, item))
+        for requested, group in groups.items():
             try:
-                prepared.append((index, self.predictor.prepare(item)))
-            except InputError as error:
-                answers[index] = {"error": str(error)}
-        size = self.max_batch_size
-        for start in range(0, len(prepared), size):  # max_batch_size=1 really means one item per forward pass
-            chunk = prepared[start : start + size]
-            self.stats.record(len(chunk))
-            metrics.batch_size(self.job, len(chunk))
-            results = self.predictor.predict_prepared([p for _, p in chunk], batch_size=len(chunk))
-            for (index, _), result in zip(chunk, results):
-                answers[index] = result
-        return answers
+                predictor, info = self.models.pick(requested)  # one version for the whole group
+            except UnknownModel as error:
+                for index, _ in group:
+                    answers[index] = {"error": str(error), "type": "unknown_model"}
+                continue
+            prepared = []
+            for index, item in group:
+                names[index] = model_id(info)
+                try:
+                    prepared.append((index, predictor.prepare(item)))
+                except InputError as error:
+                    answers[index] = {"error": str(error)}
+            size = self.max_batch_size
+            for start in range(0, len(prepared), size):  # max_batch_size=1 really means one item per forward pass
+                chunk = prepared[start : start + size]
+                self.stats.record(len(chunk))
+                metrics.batch_size(self.job, len(chunk))
+                results = predictor.predict_prepared([p for _, p in chunk], batch_size=len(chunk))
+                for (index, _), result in zip(chunk, results):
+                    answers[index] = result
+        return {"models": names, "results": answers}
 
     def describe(self) -> dict:
-        return self.info | {"batching": {"max_batch_size": self.max_batch_size, **self.stats.summary()}}
+        return {"job": self.job, "models": self.models.describe(),
+                "batching": {"max_batch_size": self.max_batch_size, **self.stats.summary()}}
 
 
 @serve.deployment(name="generation", max_ongoing_requests=256, **MODEL_DEPLOYMENT)
@@ -148,19 +186,33 @@ class GenerationDeployment(CompletionsMixin):  # complete / complete_stream: Ope
     """Text generation with iteration-level batching (rnnlab.serve.scheduler): one model step for every active
     sequence. The predictor gives ``encode_prompt`` (a checked prompt -> ids), ``vocab`` and ``model``."""
 
-    def __init__(self, bundle_dir: str, job: str, torch_threads: int | None = 1) -> None:
-        from rnnlab.serve.scheduler import GenerationScheduler
+    def __init__(self, models: dict[str, str] | str, job: str, torch_threads: int | None = 1,
+                 default: str | None = None) -> None:
+        from rnnlab.serve.versions import ModelSet
 
         self.job = job
-        self.generator, self.info = load_served(bundle_dir, job, torch_threads)
-        self.scheduler = GenerationScheduler(
-            self.generator.model, max_batch_size=DEFAULT_GENERATION["max_batch_size"], device=self.info["device"],
-            log=logger,
-        )
+        self.max_batch_size = DEFAULT_GENERATION["max_batch_size"]
+        self.torch_threads = torch_threads
+        # each model decodes with its own scheduler (its own step); a swapped-out one finishes the sequences it
+        # holds, and its thread ends once idle
+        self.models = ModelSet(job, models, default, self._load)
 
-    def reconfigure(self, config: dict) -> None:
-        config = checked_batching(config, DEFAULT_GENERATION, self.job)
-        self.scheduler.set_max_batch_size(config["max_batch_size"])
+    def _load(self, path: str):
+        from rnnlab.serve.scheduler import GenerationScheduler
+
+        generator, info = load_served(path, self.job, self.torch_threads)
+        generator.scheduler = GenerationScheduler(generator.model, max_batch_size=self.max_batch_size,
+                                                  device=info["device"], log=logger)
+        return generator, info
+
+    def _schedulers(self) -> list:
+        return [generator.scheduler for generator, _ in self.models.served.values()]
+
+    async def reconfigure(self, config: dict) -> None:
+        self.max_batch_size = checked_batching(config, DEFAULT_GENERATION, self.job)["max_batch_size"]
+        for scheduler in self._schedulers():
+            scheduler.set_max_batch_size(self.max_batch_size)
+        await self.models.update((config or {}).get("models"))
 
     def _watch(self) -> None:
         """Export the scheduler's step sizes and queue as metrics, sampled once a second (the decode loop pays
@@ -171,32 +223,43 @@ class GenerationDeployment(CompletionsMixin):  # complete / complete_stream: Ope
     async def _export_metrics(self) -> None:
         # Thousands of decode steps a second would cost thousands of observe() calls; the histogram gets one
         # value a second instead: that second's mean sequences per step.
-        seen: dict[int, int] = {}
+        seen: dict[tuple[int, int], int] = {}
         while True:
             try:
-                sizes = dict(self.scheduler.step_sizes)  # one copy: the decoding thread may be counting
-                steps = {size: count - seen.get(size, 0) for size, count in sizes.items()}
+                steps: dict[int, int] = {}
+                now: dict[tuple[int, int], int] = {}
+                waiting = active = 0
+                for scheduler in self._schedulers():  # every model's
+                    for size, count in dict(scheduler.step_sizes).items():  # one copy: the decoding thread counts
+                        now[id(scheduler), size] = count
+                        steps[size] = steps.get(size, 0) + count - seen.get((id(scheduler), size), 0)
+                    stats = scheduler.stats()
+                    waiting, active = waiting + stats["waiting"], active + stats["active"]
                 total = sum(steps.values())
                 if total:
                     metrics.batch_size(self.job, round(sum(k * n for k, n in steps.items()) / total))
-                seen = sizes
-                stats = self.scheduler.stats()
-                metrics.queue_depth(self.job, "waiting", stats["waiting"])
-                metrics.queue_depth(self.job, "active", stats["active"])
+                seen = now
+                metrics.queue_depth(self.job, "waiting", waiting)
+                metrics.queue_depth(self.job, "active", active)
             except Exception as error:  # noqa: BLE001 -- metrics never take the deployment down
                 logger.warning("rnnlab serve: generation metrics skipped: %s", error)
             await asyncio.sleep(1.0)
 
     def _prepare(self, request: dict):
-        """Validate and encode one request before it joins the running batch; returns (ids, params) or errors.
-        The Gateway's schema checked the sampling fields already; they are checked again (the same
-        SamplingParams) for callers that use this deployment's handle directly."""
+        """Validate and encode one request before it joins the running batch; returns (generator, info, ids,
+        params) of the model it names, or (None, errors). The Gateway's schema checked the sampling fields already;
+        they are checked again (the same SamplingParams) for callers that use this deployment's handle directly."""
         from pydantic import ValidationError
 
         from rnnlab.sampling import SamplingParams
+        from rnnlab.serve.versions import UnknownModel
 
         try:
-            ids = self.generator.encode_prompt(request["prompt"])
+            generator, info = self.models.pick(request.get("model"))  # one version for the whole request
+        except UnknownModel as error:
+            return None, {"errors": [error_item(["body", "model"], str(error), "unknown_model")]}
+        try:
+            ids = generator.encode_prompt(request["prompt"])
         except InputError as error:
             return None, {"errors": [error_item(["body", "prompt"], str(error))]}
         try:
@@ -204,41 +267,45 @@ class GenerationDeployment(CompletionsMixin):  # complete / complete_stream: Ope
         except ValidationError as error:
             return None, {"errors": [error_item(["body", *map(str, e["loc"])], e["msg"], e["type"])
                                      for e in error.errors()]}
-        return ids, params.with_seed()  # the seed is returned to the client, so any answer can be reproduced
+        # the seed is returned to the client, so any answer can be reproduced
+        return (generator, info, ids, params.with_seed()), None
 
     async def generate(self, request: dict) -> dict:
         from rnnlab.serve.scheduler import GenerationFailed
 
         self._watch()
-        ids, params = self._prepare(request)
-        if ids is None:
-            return params
+        prepared, errors = self._prepare(request)
+        if prepared is None:
+            return errors
+        generator, info, ids, params = prepared
         request_id = request.get("request_id")
         try:
-            pieces = [self._decode(chunk.ids) async for chunk in self.scheduler.generate(
+            pieces = [self._decode(generator, chunk.ids) async for chunk in generator.scheduler.generate(
                 ids, params, request_id=request_id, stream=False)]
         except GenerationFailed as error:
             return {"failed": error.request_id}
         text = "".join(pieces)
         metrics.generated(len(text))
-        return {"model": model_id(self.info), "text": text, "seed": params.seed, "tokens": len(text)}
+        return {"model": model_id(info), "text": text, "seed": params.seed, "tokens": len(text)}
 
     async def generate_stream(self, request: dict):
         """First item: {"model", "seed"} or {"errors"}; then {"text": chunk} items, the final one marked
         ``"last": True``, or a last {"failed": request id}. Closing the stream (the client went away; Serve cancels
-        this generator) frees the sequence's slot."""
+        this generator) frees the sequence's slot. A stream decodes on the model version it started on, a swap
+        meanwhile or not."""
         from rnnlab.serve.scheduler import GenerationFailed
 
         self._watch()
-        ids, params = self._prepare(request)
-        if ids is None:
-            yield params
+        prepared, errors = self._prepare(request)
+        if prepared is None:
+            yield errors
             return
-        yield {"model": model_id(self.info), "seed": params.seed}
-        stream = self.scheduler.generate(ids, params, request_id=request.get("request_id"))
+        generator, info, ids, params = prepared
+        yield {"model": model_id(info), "seed": params.seed}
+        stream = generator.scheduler.generate(ids, params, request_id=request.get("request_id"))
         try:
             async for chunk in stream:
-                text = self._decode(chunk.ids)
+                text = self._decode(generator, chunk.ids)
                 metrics.generated(len(text))
                 yield {"text": text, "last": True} if chunk.last else {"text": text}
         except GenerationFailed as error:
@@ -246,12 +313,15 @@ class GenerationDeployment(CompletionsMixin):  # complete / complete_stream: Ope
         finally:
             await stream.aclose()
 
-    def _decode(self, ids: list[int]) -> str:
-        itos = self.generator.vocab.itos
+    @staticmethod
+    def _decode(generator, ids: list[int]) -> str:
+        itos = generator.vocab.itos
         return "".join(itos[i] for i in ids)
 
     def describe(self) -> dict:
-        return self.info | {"batching": self.scheduler.stats()}
+        models = [info | {"batching": self.models.served[info["id"]][0].scheduler.stats()}
+                  for info in self.models.describe()]
+        return {"job": self.job, "models": models, "batching": {"max_batch_size": self.max_batch_size}}
 
 
 DEPLOYMENTS = {"batched": BatchedDeployment, "generation": GenerationDeployment}  # the registry's served_by

@@ -40,6 +40,8 @@ api = FastAPI(
 api.add_middleware(limits.Guard)
 ERRORS = {401: {"model": ErrorResponse, "description": "No or a wrong API key (when the service has one)."},
            413: {"model": ErrorResponse, "description": "The request body is over the service's limit."},
+           404: {"model": ErrorResponse, "description": "The request's `model` is not served (GET /v1/models lists "
+                 "the ids)."},
            422: {"model": ErrorResponse, "description": "Invalid input; `loc` names the field."},
            500: {"model": ErrorResponse, "description": "A fault inside the service; `request_id` names the log line."},
            503: {"model": ErrorResponse, "description": "No bundle of this kind is being served, or the service is "
@@ -133,7 +135,9 @@ def unavailable(job: str) -> JSONResponse:
 
 
 def invalid(errors: list[dict]) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"detail": errors})
+    """422 naming each bad field; 404 when what is wrong is the ``model`` the request named (no such model)."""
+    unknown = [error for error in errors if error.get("type") == "unknown_model"]
+    return JSONResponse(status_code=404 if unknown else 422, content={"detail": unknown or errors})
 
 
 @functools.cache

@@ -32,6 +32,10 @@ LIMITS: dict[str, tuple[type, float, float, str]] = {
     "request_timeout_s": (float, 60.0, 1, "seconds a request (a stream too) may take before it is cut"),
     "idle_send_timeout_s": (float, 10.0, 0.1, "seconds a client may stop reading a response before it is closed"),
     "retry_after_s": (float, 1.0, 0, "the Retry-After a 503 asks for"),
+    "header_timeout_s": (float, 10.0, 0.1, "seconds a client may take to send a request's headers; a slower "
+                         "connection gets 408 and is closed"),
+    "max_connections": (int, 512, 1, "HTTP connections open at once (idle keep-alive ones too); a new one above "
+                        "that gets 503 + Retry-After and is closed"),
 }
 DEFAULTS = {name: spec[1] for name, spec in LIMITS.items()}
 

@@ -5,7 +5,8 @@
     rnnlab_queue_depth           gauge      generation: sequences waiting for a slot and active; Gateway: open streams
     rnnlab_generated_characters  counter    characters generated
     rnnlab_rejected_requests     counter    requests turned away, by reason (unauthorized, body_too_large, overloaded,
-                                            timeout, replica_failed, client_stopped_reading)
+                                            timeout, replica_failed, client_stopped_reading,
+                                            header_timeout, too_many_connections)
 
 The ``kind`` tag is the job's name (the same as its route /v1/<job> and its deployment), or ``gateway`` for the
 Gateway's open streams. Ray adds the deployment, replica and application tags. Metrics are created lazily in the

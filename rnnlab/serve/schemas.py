@@ -35,3 +35,20 @@ class ErrorResponse(BaseModel):
 
 def error_item(loc: list[str | int], msg: str, kind: str = "value_error") -> dict:
     return {"loc": list(loc), "msg": msg, "type": kind}
+
+
+MODEL_FIELD_DESCRIPTION = ("Model id to answer with (GET /v1/models lists them: each bundle's folder name); the job's "
+                           "default model when left out.")
+
+
+def with_model_field(request: type[BaseModel]) -> type[BaseModel]:
+    """The job's request body plus ``model``: which of the job's served models answers (rnnlab/serve/versions.py).
+    Added here, for every job's route at once; the job's own fields and checks are untouched."""
+    from pydantic import create_model
+
+    if "model" in request.model_fields:
+        return request
+    return create_model(request.__name__, __base__=request, __module__=request.__module__,
+                        __doc__=request.__doc__,
+                        model=(str | None, Field(None, min_length=1, max_length=200,
+                                                 description=MODEL_FIELD_DESCRIPTION)))

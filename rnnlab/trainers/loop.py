@@ -327,8 +327,11 @@ def finish(accelerator, model, job: Job, checkpoints: Checkpoints, state: TrainS
     if accelerator.is_main_process:
         def export(extra: dict) -> None:
             with durable.storage("the bundle", output_dir):
+                # the bundle's own folder stays out of it: a bundle is copied between machines, and a service
+                # shows its metrics (the path told strangers this machine's layout)
+                kept = {key: value for key, value in result.items() if key != "bundle"}
                 save_bundle(output_dir / "bundle", job=job.config.job, model=unwrapped, assets=job.assets(),
-                            metrics={**result, **({"extra": extra} if extra else {})}, config=job.config.to_dict())
+                            metrics={**kept, **({"extra": extra} if extra else {})}, config=job.config.to_dict())
 
         export({})  # the model first: plots, tables and W&B come after and can never cost it
         try:

@@ -1,0 +1,178 @@
+"""rnnlab.serve.connections against a real uvicorn server on 127.0.0.1 (no Ray: the same protocol class Ray's
+proxy and the direct-ingress Gateway run): half-open connections get 408 after header_timeout_s, connections above
+max_connections get 503 + Retry-After at once, and nothing else changes (slow bodies, kept-alive connections).
+
+Every wait is a socket read with a timeout (bounded), never a sleep to let the server catch up. The running
+service gets the same checks through its flags in tests/test_serve_direct_ingress.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+uvicorn = pytest.importorskip("uvicorn")
+
+from rnnlab.serve import connections  # noqa: E402
+
+HALF_OPEN = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # a request line and one header, never finished
+
+
+async def _app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    payload = b"ok:" + body
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+@pytest.fixture()
+def server():
+    """(host, port) of a uvicorn server started as Ray Serve starts one (its own socket, uvicorn's defaults)."""
+    connections.install(header_timeout_s=0.5, max_connections=8, retry_after_s=3, count=False)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # clients can connect at once; the server accepts them when it is up: no start-up wait needed
+    server = uvicorn.Server(uvicorn.Config(_app, lifespan="off", log_level="critical", access_log=False,
+                                           timeout_keep_alive=30))
+    server.install_signal_handlers = lambda: None
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        address = sock.getsockname()
+        with _connect(address, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n") as client:
+            assert _read_until_closed(client, 60).startswith(b"HTTP/1.1 200 ")  # up (the first answer is the sync)
+        yield address
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+        connections.uninstall()
+
+
+def _connect(address, data: bytes = b"") -> socket.socket:
+    client = socket.create_connection(address, timeout=10)
+    if data:
+        client.sendall(data)
+    return client
+
+
+def _read_until_closed(client: socket.socket, timeout_s: float = 10) -> bytes:
+    """Everything the server sends until it closes the connection (bounded by ``timeout_s``)."""
+    client.settimeout(timeout_s)
+    received = b""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            chunk = client.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def _response(client: socket.socket, timeout_s: float = 10) -> bytes:
+    """One whole response on a kept-alive connection (headers + content-length bytes)."""
+    client.settimeout(timeout_s)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = client.recv(65536)
+        assert chunk, f"closed before a response: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += client.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def _stays_open(client: socket.socket, seconds: float) -> bool:
+    """True if the server neither sends anything nor closes within ``seconds`` (a bounded read, no sleep)."""
+    client.settimeout(seconds)
+    try:
+        client.recv(1, socket.MSG_PEEK)  # data or b"" (closed): either way not left alone
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_half_open_connections_get_408_after_the_header_timeout(server):
+    started = time.monotonic()
+    clients = [_connect(server, HALF_OPEN) for _ in range(5)] + [_connect(server)]  # the last sends nothing
+    answers = [_read_until_closed(client) for client in clients]
+    elapsed = time.monotonic() - started
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers), answers
+    assert b"header_timeout_s" in answers[0] and b"connection: close" in answers[0]
+    assert 0.4 < elapsed < 5, elapsed
+    for client in clients:
+        client.close()
+
+
+def test_a_slow_body_and_a_kept_alive_connection_are_not_cut(server):
+    with _connect(server, b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n") as client:
+        assert _stays_open(client, 1.0)  # twice the header timeout: the headers were complete, the body may wait
+        client.sendall(b"hello")
+        assert _response(client).endswith(b"ok:hello")
+        assert _stays_open(client, 1.0)  # idle between requests: uvicorn's keep-alive timeout governs, not ours
+        client.sendall(b"GET /again HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert _response(client).startswith(b"HTTP/1.1 200 ")
+        client.sendall(HALF_OPEN)  # a further request that stalls in its headers: 408
+        assert _read_until_closed(client).startswith(b"HTTP/1.1 408 ")
+
+
+def test_connections_above_the_cap_get_503_with_retry_after_at_once(server):
+    connections.install(header_timeout_s=30, count=False)  # the held connections must outlive the test
+    held = [_connect(server, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n") for _ in range(8)]
+    for client in held:  # answered, and kept alive: each still counts
+        assert _response(client).startswith(b"HTTP/1.1 200 ")
+    started = time.monotonic()
+    extra = [_connect(server, b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n") for _ in range(4)]
+    answers = [_read_until_closed(client) for client in extra]
+    assert all(answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 3" in answer for answer in answers), answers
+    assert time.monotonic() - started < 5
+    held.pop().close()  # one leaves: the next is served
+    deadline, answer = time.monotonic() + 10, b""
+    while time.monotonic() < deadline:  # the server sees the close when it next reads that socket
+        with _connect(server, b"GET /c HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n") as client:
+            answer = _read_until_closed(client)
+        if answer.startswith(b"HTTP/1.1 200 "):
+            break
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    for client in held + extra:
+        client.close()
+
+
+def test_the_proxy_callback_reads_the_limits_rnnlab_serve_exports(monkeypatch):
+    for name in ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", connections.ENV_HEADER_TIMEOUT,
+                 connections.ENV_MAX_CONNECTIONS, "RNNLAB_RETRY_AFTER_S"):
+        monkeypatch.delenv(name, raising=False)
+    connections.export_for_proxy(2.5, 7, 4)
+    import os
+
+    assert os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == connections.PROXY_CALLBACK
+    from ray.serve._private.http_util import validate_http_proxy_callback_return
+    from ray.serve._private.utils import call_function_from_import_path
+
+    try:  # as Ray's proxy calls it: no extra middlewares
+        assert validate_http_proxy_callback_return(call_function_from_import_path(connections.PROXY_CALLBACK)) == []  # as Ray calls it: no extra middlewares
+        assert (connections.Settings.header_timeout_s, connections.Settings.max_connections) == (2.5, 7)
+        import uvicorn.protocols.http.auto as auto
+
+        assert auto.AutoHTTPProtocol._rnnlab_base is not None
+    finally:
+        connections.uninstall()
+        connections.install(connections.DEFAULT_HEADER_TIMEOUT_S, connections.DEFAULT_MAX_CONNECTIONS, 1.0,
+                            count=False)  # the defaults back for whatever runs next in this process
+        connections.uninstall()
