@@ -129,7 +129,7 @@ def test_served_versions_are_chosen_by_model_and_swapped_under_load_with_no_fail
 
     import httpx
 
-    from test_serve import _free_port
+    from conftest import free_port
 
     sys.path.insert(0, str(BENCHMARKS))
     from serve_swap import run_load, summarize
@@ -143,7 +143,7 @@ def test_served_versions_are_chosen_by_model_and_swapped_under_load_with_no_fail
                 "wp-small": [served / "wp-small", _other_version(bundles / "wp-small", tmp_path / "v2" / "wp", seed=3)]}
     ray_tmp = tempfile.mkdtemp(prefix="rv-", dir="/tmp")  # short: Ray's socket paths live under it
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_TMPDIR": ray_tmp}
-    port = _free_port()
+    port = free_port()
     service = subprocess.Popen([sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(served),
                                 "--port", str(port), "--default-model", "imdb-small"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
