@@ -108,6 +108,17 @@ JOBS: dict[str, JobSpec] = {
             job="rnnlab.trainers.lm:ReviewLMJob",
             predictor=None,  # a starting point for sentiment (model.init_from), not served
         ),
+        JobSpec(
+            name="horizon",
+            description="the next H days of an index as calibrated quantiles, an RNN encoder-decoder",
+            data_set="stock",
+            metrics={"loss": "min", "crps": "min", "pinball": "min", "mase": "min", "smape": "min",
+                     "coverage_80_error": "min", "coverage_90_error": "min"},
+            model="rnnlab.models.horizon:HorizonRNN",
+            model_config="rnnlab.models.horizon:HorizonConfig",
+            job="rnnlab.jobs.horizon:HorizonJob",
+            predictor=None,  # phase 2: served on /v1/horizon
+        ),
     )
 }
 
