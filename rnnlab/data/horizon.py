@@ -97,12 +97,13 @@ class HorizonSplit:
     origins: pd.DatetimeIndex  # day t of each window
     close: np.ndarray  # float64 [N]: day t's close
     future_close: np.ndarray  # float64 [N, H]: the closes t+1 .. t+H
+    origin_scale: np.ndarray  # float64 [N]: the recent daily volatility at t the targets are divided by (1: off)
 
 
 @dataclass
 class HorizonData:
     scaler: Scaler  # features, fit on the training part
-    target_scaler: Scaler  # per-horizon log returns h1..hH, fit on the training origins
+    target_scaler: Scaler  # per-horizon scale (mean 0) of the training origins' log returns / origin_scale
     window: int
     horizon: int
     feature_set: str
@@ -123,6 +124,8 @@ def load_horizon_data(
     window: int = 21,
     horizon: int = 5,
     feature_set: str = "scale_free",
+    vol_days: int = 32,
+    vol: str = "ewma",
     train_end: str = PROTOCOLS["chapter"]["train_end"],
     val_end: str = PROTOCOLS["chapter"]["val_end"],
     test_start: str = PROTOCOLS["chapter"]["test_start"],
@@ -170,21 +173,44 @@ def load_horizon_data(
     positions = np.arange(len(index))
     splits = {}
     closes = features["close"].to_numpy(dtype=np.float64)
+    volatility = recent_volatility(close_all.to_numpy(), vol_days, vol)[price_pos]
     for name, mask in parts.items():
         pos = positions[mask]
         pos = pos[pos >= window - 1]  # a full window of feature rows before the origin
         X = _windows(scaled, pos, window)
         y = future[pos]
         fut_close = closes[pos, None] * np.exp(y)
-        splits[name] = HorizonSplit(X=X, y=y, origins=index[pos], close=closes[pos], future_close=fut_close)
+        splits[name] = HorizonSplit(X=X, y=y, origins=index[pos], close=closes[pos], future_close=fut_close,
+                                    origin_scale=volatility[pos])
     if len(splits["train"].y) == 0:
         raise DataError("No training origins: the training part is shorter than a window plus the horizon.")
     if len(splits["test"].y) == 0:
         raise DataError(f"No test origin from {test_start} to {test_end} has {horizon} days after it in the file.")
-    target_scaler = Scaler.fit(splits["train"].y, [f"h{h}" for h in range(1, horizon + 1)])
+    train = splits["train"]
+    target_scaler = Scaler.fit(train.y / train.origin_scale[:, None], [f"h{h}" for h in range(1, horizon + 1)])
+    target_scaler.mean[:] = 0.0  # zero stays zero: a median of 0 is the random walk's
     return HorizonData(scaler=scaler, target_scaler=target_scaler, window=window, horizon=horizon,
                        feature_set=feature_set, feature_names=list(names), splits=splits, naive_scale=naive_scale,
                        naive_scale_log=naive_scale_log, closes=close_all)
+
+
+def recent_volatility(close: np.ndarray, days: int, kind: str = "ewma") -> np.ndarray:
+    """[N]: the recent daily volatility at each day, from the daily log returns up to and including it (reads
+    nothing later): ``ewma`` the root of an exponentially weighted mean of squared returns with span ``days``
+    (32: RiskMetrics' lambda = 0.94), ``std`` the standard deviation of the last ``days`` returns; 1 everywhere
+    when ``days`` is 0 (the targets are then scaled by the training part alone)."""
+    close = np.asarray(close, dtype=np.float64)
+    if days == 0:
+        return np.ones(len(close))
+    returns = pd.Series(np.log(close)).diff()
+    if kind == "ewma":
+        vol = np.sqrt((returns**2).ewm(span=days, min_periods=2).mean().to_numpy())
+    elif kind == "std":
+        vol = returns.rolling(days, min_periods=2).std(ddof=0).to_numpy()
+    else:
+        raise DataError(f"Unknown volatility {kind!r}; choose ewma or std.")
+    floor = 1e-4
+    return np.where(np.isfinite(vol), np.maximum(vol, floor), floor)
 
 
 def _windows(scaled: np.ndarray, positions: np.ndarray, window: int) -> np.ndarray:
@@ -195,11 +221,11 @@ def _windows(scaled: np.ndarray, positions: np.ndarray, window: int) -> np.ndarr
     return np.ascontiguousarray(scaled[positions[:, None] + offsets[None, :]], dtype=np.float32)
 
 
-def window_for_history(prices: pd.DataFrame, scaler: Scaler, *, window: int, feature_set: str
-                       ) -> tuple[np.ndarray, pd.Timestamp, float]:
+def window_for_history(prices: pd.DataFrame, scaler: Scaler, *, window: int, feature_set: str, vol_days: int,
+                       vol: str = "ewma") -> tuple[np.ndarray, pd.Timestamp, float, float]:
     """The scaled window of the last day of a validated price history (read_prices' layout): the forecast's
-    origin. Returns (X [window, F], origin date, origin close). Too short a history or an undefined feature in
-    the window is an InputError."""
+    origin. Returns (X [window, F], origin date, origin close, origin scale). Too short a history or an undefined
+    feature in the window is an InputError."""
     needed = history_rows(window)
     if len(prices) < needed:
         raise InputError(f"The price history has {len(prices)} rows but a forecast with windows of {window} days "
@@ -209,7 +235,8 @@ def window_for_history(prices: pd.DataFrame, scaler: Scaler, *, window: int, fea
         raise InputError("The price history gives undefined features for its last days (a zero volume or constant "
                          "prices make a ratio 0/0); send a history with non-zero volumes.")
     X = scaler.transform(features[scaler.columns].iloc[-window:]).astype(np.float32)
-    return X, features.index[-1], float(features["close"].iloc[-1])
+    scale = recent_volatility(prices["Close"].to_numpy(), vol_days, vol)[-1]
+    return X, features.index[-1], float(features["close"].iloc[-1]), float(scale)
 
 
 def random_walk_quantiles(closes: pd.Series, origins: pd.DatetimeIndex, horizon: int, quantiles, *,

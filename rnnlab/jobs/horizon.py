@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from rnnlab.config import Date, DataSettings, JobConfig, PositiveInt, TrainSettings, model_section
+from rnnlab.config import Count, Date, DataSettings, JobConfig, PositiveInt, TrainSettings, model_section
 from rnnlab.data.horizon import PROTOCOLS, random_walk_quantiles
 from rnnlab.forecasting import forecast_metrics
 from rnnlab.models.horizon import HorizonConfig
@@ -35,6 +35,11 @@ RW_LOOKBACK = 252
 class HorizonData(DataSettings):
     window: PositiveInt = 21  # days of features per forecast (a month)
     features: Literal["scale_free", "chapter"] = "scale_free"
+    # targets divided by the recent daily volatility at the origin, so the intervals follow it: an EWMA of squared
+    # returns with span vol_days (32 = RiskMetrics' 0.94) or the std of the last vol_days returns; vol_days 0:
+    # by the training part's per-horizon std alone
+    vol: Literal["ewma", "std"] = "ewma"
+    vol_days: Count = 32
     train_end: Date = PROTOCOLS["chapter"]["train_end"]
     val_end: Date = PROTOCOLS["chapter"]["val_end"]  # validation: the origins after train_end up to val_end
     test_start: Date = PROTOCOLS["chapter"]["test_start"]
@@ -64,6 +69,7 @@ class HorizonJob(Job):
 
         d, m = self.config.data, self.config.model
         self.data = load_horizon_data(self.source_path(), window=d.window, horizon=m.horizon, feature_set=d.features,
+                                      vol_days=d.vol_days, vol=d.vol,
                                       train_end=d.train_end, val_end=d.val_end, test_start=d.test_start,
                                       test_end=d.test_end)
         self.taus = list(m.quantiles)
@@ -73,12 +79,11 @@ class HorizonJob(Job):
             log.info("data.limit_train=%d: using the last %d of %d training windows", d.limit_train, d.limit_train,
                      len(keep))
             keep = keep[-d.limit_train :]
-        scale = self.data.target_scaler
         self.X = {s: torch.from_numpy(self.data.splits[s].X) for s in ("val", "test")}
         self.X["train"] = torch.from_numpy(np.ascontiguousarray(train.X[keep]))
-        self.y_scaled = {s: torch.from_numpy(scale.transform(self.data.splits[s].y).astype(np.float32))
+        self.y_scaled = {s: torch.from_numpy(self.scale_targets(self.data.splits[s].y, self.data.splits[s].origin_scale))
                          for s in ("val", "test")}
-        self.y_scaled["train"] = torch.from_numpy(scale.transform(train.y[keep]).astype(np.float32))
+        self.y_scaled["train"] = torch.from_numpy(self.scale_targets(train.y[keep], train.origin_scale[keep]))
         self.tau_tensor = torch.tensor(self.taus, dtype=torch.float32)
         self._baselines: dict[str, dict] = {}
 
@@ -123,12 +128,14 @@ class HorizonJob(Job):
         out[np.concatenate([p[0] for p in pieces])] = np.concatenate([p[1] for p in pieces])
         return out
 
+    def scale_targets(self, y: np.ndarray, origin_scale: np.ndarray) -> np.ndarray:
+        return (y / origin_scale[:, None] / self.data.target_scaler.scale[None, :]).astype(np.float32)
+
     def to_prices(self, scaled: np.ndarray, split: str) -> np.ndarray:
-        """Scaled log-return quantiles [N, H, Q] -> close quantiles (the per-horizon scaling is increasing, so the
-        order of the quantiles holds)."""
-        s = self.data.target_scaler
-        log_returns = scaled * s.scale[None, :, None] + s.mean[None, :, None]
-        return self.data.splits[split].close[:, None, None] * np.exp(log_returns)
+        """Scaled log-return quantiles [N, H, Q] -> close quantiles (every scale is positive, so the order of the
+        quantiles holds)."""
+        part = self.data.splits[split]
+        return to_prices(scaled, part.close, part.origin_scale, self.data.target_scaler.scale)
 
     def baseline(self, split: str) -> dict:
         """The historical-simulation random walk's quantiles and metrics on ``split`` (computed once)."""
@@ -167,6 +174,13 @@ class HorizonJob(Job):
             tracker.log({"test/fan_chart": wandb.Image(str(path)),
                          "test/coverage_table": wandb.Table(columns=table[0], data=table[1:])})
         return {}
+
+
+def to_prices(scaled: np.ndarray, close: np.ndarray, origin_scale: np.ndarray, horizon_scale: np.ndarray
+              ) -> np.ndarray:
+    """[N, H, Q] model outputs -> close quantiles: close_t * exp(out * origin_scale_t * horizon_scale_h)."""
+    log_returns = scaled * origin_scale[:, None, None] * np.asarray(horizon_scale)[None, :, None]
+    return np.asarray(close)[:, None, None] * np.exp(log_returns)
 
 
 def pinball_sum(pred: torch.Tensor, target: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,9 @@ class HorizonConfig(ModelSettings):
     num_layers: PositiveInt = 1
     fc_size: PositiveInt = 32  # direct head's hidden layer; seq2seq's horizon-step embedding size
     dropout: Probability = 0.0  # between RNN layers (num_layers > 1) and on the encoder's output
+    # learned: the network places the median too; zero: the median is a zero log return (the random walk's) and
+    # the network learns only the spread of the other quantiles around it
+    median: Literal["learned", "zero"] = "learned"
 
     @model_validator(mode="after")
     def _increasing_levels(self) -> HorizonConfig:
@@ -52,9 +55,12 @@ def _rnn(config: HorizonConfig, input_size: int) -> nn.RNNBase:
                               dropout=config.dropout if config.num_layers > 1 else 0.0)
 
 
-def ordered_quantiles(raw: torch.Tensor, centre: int) -> torch.Tensor:
-    """[..., Q] free outputs -> [..., Q] increasing: raw[centre] stays, the others are cumulative softplus steps."""
+def ordered_quantiles(raw: torch.Tensor, centre: int, *, anchored: bool = False) -> torch.Tensor:
+    """[..., Q] free outputs -> [..., Q] increasing: raw[centre] stays (0 when ``anchored``), the others are
+    cumulative softplus steps from it."""
     base = raw[..., centre : centre + 1]
+    if anchored:
+        base = torch.zeros_like(base)
     up = base + torch.cumsum(F.softplus(raw[..., centre + 1 :]), dim=-1)
     down = base - torch.cumsum(F.softplus(raw[..., :centre].flip(-1)), dim=-1).flip(-1)
     return torch.cat([down, base, up], dim=-1)
@@ -76,6 +82,23 @@ class HorizonRNN(nn.Module):
         else:
             self.head = nn.Sequential(nn.Linear(hidden, config.fc_size), nn.ReLU(),
                                       nn.Linear(config.fc_size, horizon * nq))
+        self._start_gaussian()
+
+    @torch.no_grad()
+    def _start_gaussian(self) -> None:
+        """Start as a standard normal's quantiles for every input (the targets are scaled to unit variance): the
+        output layer's bias gives them through ordered_quantiles, its weights start small."""
+        from statistics import NormalDist
+
+        z = torch.tensor([NormalDist().inv_cdf(t) for t in self.config.quantiles])
+        raw = torch.empty_like(z)
+        raw[self.centre] = z[self.centre]
+        steps = z.diff().abs().clamp_min(1e-3)  # gaps between neighbours
+        raw[self.centre + 1 :] = torch.log(torch.expm1(steps[self.centre :]))
+        raw[: self.centre] = torch.log(torch.expm1(steps[: self.centre]))
+        layer = self.out if self.config.decoder == "seq2seq" else self.head[-1]
+        layer.weight.mul_(0.1)
+        layer.bias.copy_(raw.repeat(layer.bias.numel() // len(raw)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: FloatTensor[B, L, F]. Returns FloatTensor[B, H, Q], increasing along Q (scaled log returns)."""
@@ -89,4 +112,4 @@ class HorizonRNN(nn.Module):
             raw = self.out(decoded)
         else:
             raw = self.head(last).view(batch, horizon, self.num_quantiles)
-        return ordered_quantiles(raw, self.centre)
+        return ordered_quantiles(raw, self.centre, anchored=self.config.median == "zero")

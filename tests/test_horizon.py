@@ -1,0 +1,217 @@
+"""The horizon job: metrics against hand-worked examples, quantiles that never cross, rolling origins that never read
+the future, smoke runs of both decoders through the loop and a bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rnnlab.bundle import load_bundle
+from rnnlab.config import load_config
+from rnnlab.data.horizon import (
+    future_log_returns, load_horizon_data, random_walk_quantiles, recent_volatility, window_for_history,
+)  # fmt: skip
+from rnnlab.data.stock import read_prices
+from rnnlab.errors import ConfigError
+from rnnlab.forecasting import coverage, crps_from_quantiles, forecast_metrics, pinball, smape
+from rnnlab.models import build_model
+from rnnlab.models.horizon import HorizonConfig, ordered_quantiles
+from rnnlab.trainers.loop import train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TAUS = [0.1, 0.5, 0.9]
+DATES = {"train_end": "2020-12-31", "val_end": "2021-12-31", "test_start": "2022-01-01", "test_end": "2023-06-30"}
+
+
+@pytest.fixture(scope="module")
+def prices_csv(tmp_path_factory) -> Path:
+    from tiny_datasets import make_stock_csv
+
+    return make_stock_csv(tmp_path_factory.mktemp("horizon"), start="2016-01-01", end="2023-06-30", seed=3)
+
+
+# --- metrics, by hand -----------------------------------------------------------------------------------------
+
+
+def test_pinball_crps_coverage_smape_match_a_hand_worked_example():
+    # two origins, one step, quantiles (0.1, 0.5, 0.9)
+    actual = np.array([[10.0], [20.0]])
+    q = np.array([[[8.0, 9.0, 11.0]], [[18.0, 22.0, 23.0]]])
+    # origin 1, y=10: tau .1 at 8: .1*2=.2; tau .5 at 9: .5*1=.5; tau .9 at 11: (.9-1)*(-1)=.1 -> mean .8/3
+    # origin 2, y=20: tau .1 at 18: .1*2=.2; tau .5 at 22: .5*2=1; tau .9 at 23: .1*3=.3 -> mean 1.5/3
+    np.testing.assert_allclose(pinball(actual, q, TAUS)[:, 0], [[0.2, 0.5, 0.1], [0.2, 1.0, 0.3]])
+    np.testing.assert_allclose(crps_from_quantiles(actual, q, TAUS)[:, 0], [2 * 0.8 / 3, 2 * 1.5 / 3])
+    # 80 % interval [q.1, q.9]: [8, 11] holds 10, [18, 23] holds 20 -> 1.0; a miss below
+    assert coverage(actual, q[..., 0], q[..., 2]).all()
+    assert not coverage(np.array([[7.9]]), np.array([[8.0]]), np.array([[11.0]])).any()
+    # sMAPE: 200*|10-9|/19, 200*|20-22|/42
+    np.testing.assert_allclose(smape(actual, q[..., 1])[:, 0], [200 / 19, 400 / 42])
+    m = forecast_metrics(actual, q, TAUS, scale=2.0)
+    assert m["pinball"] == pytest.approx((0.8 + 1.5) / 6)
+    assert m["crps"] == pytest.approx((0.8 + 1.5) / 3)
+    assert m["scaled_crps"] == pytest.approx((0.8 + 1.5) / 6)
+    assert m["mase"] == pytest.approx((1 + 2) / 2 / 2.0)  # |10-9|, |20-22| over the naive scale 2
+    assert m["coverage_80"] == 1.0 and "coverage_90" not in m  # no 0.05/0.95 levels
+    assert m["coverage_80_error"] == pytest.approx(0.2)
+    assert m["crps_h1"] == m["crps"]
+
+
+def test_coverage_per_horizon_and_the_90_interval():
+    taus = [0.05, 0.1, 0.5, 0.9, 0.95]
+    actual = np.array([[0.0, 5.0], [0.0, -5.0], [0.0, 0.0], [3.0, 0.0]])
+    band = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+    q = np.broadcast_to(band, (4, 2, 5))
+    m = forecast_metrics(actual, q, taus, scale=1.0)
+    # step 1: 0, 0, 0 inside both; 3 outside both -> 3/4. step 2: 5, -5 outside; 0, 0 inside -> 2/4
+    assert (m["coverage_80_h1"], m["coverage_80_h2"], m["coverage_90_h1"], m["coverage_90_h2"]) == (
+        0.75, 0.5, 0.75, 0.5)
+    assert m["coverage_80"] == pytest.approx(0.625) and m["coverage_90_error"] == pytest.approx(0.275)
+
+
+def test_crps_from_a_dense_quantile_grid_approaches_the_gaussian_closed_form():
+    taus = np.linspace(0.005, 0.995, 199)
+    from scipy.stats import norm
+
+    y = 0.7
+    q = norm.ppf(taus)[None, None, :]
+    closed = y * (2 * norm.cdf(y) - 1) + 2 * norm.pdf(y) - 1 / np.sqrt(np.pi)
+    assert crps_from_quantiles(np.array([[y]]), q, taus)[0, 0] == pytest.approx(closed, rel=0.02)
+
+
+# --- the model ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decoder", ["seq2seq", "direct"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("median", ["learned", "zero"])
+def test_quantiles_never_cross(decoder, cell, median):
+    torch.manual_seed(0)
+    model = build_model("horizon", {"num_features": 6, "horizon": 4, "decoder": decoder, "cell": cell,
+                                    "hidden_size": 8, "fc_size": 4, "median": median})
+    with torch.no_grad():
+        for p in model.parameters():  # wild weights: the ordering is by construction, not by training
+            p.mul_(25)
+    out = model(torch.randn(64, 9, 6) * 10)
+    assert out.shape == (64, 4, 7)
+    assert (out.diff(dim=-1) >= 0).all()  # softplus may underflow to an exact tie, never below
+    if median == "zero":
+        assert (out[..., 3] == 0).all()
+    raw = torch.randn(5, 3, 7) * 100
+    assert (ordered_quantiles(raw, 3).diff(dim=-1) >= 0).all()
+
+
+def test_quantile_levels_must_increase_inside_0_1():
+    with pytest.raises(ConfigError, match="model.quantiles"):
+        HorizonConfig(quantiles=[0.5, 0.1])
+    with pytest.raises(ConfigError, match="model.quantiles"):
+        HorizonConfig(quantiles=[0.0, 0.5])
+
+
+# --- rolling origins never read the future -------------------------------------------------------------------
+
+
+def _shift_future(csv: Path, after: str, out: Path) -> Path:
+    frame = pd.read_csv(csv)
+    later = pd.to_datetime(frame["Date"]) > pd.Timestamp(after)
+    for column in ("Open", "High", "Low", "Close", "Adj Close"):
+        frame.loc[later, column] *= 1.5  # a very different future
+    frame.loc[later, "Volume"] *= 3
+    frame.to_csv(out, index=False)
+    return out
+
+
+def test_rolling_origins_never_read_a_day_after_the_origin(prices_csv, tmp_path):
+    data = load_horizon_data(prices_csv, window=10, horizon=3, **DATES)
+    test = data.splits["test"]
+    cut = 40
+    origin = test.origins[cut]
+    shifted = load_horizon_data(_shift_future(prices_csv, str(origin.date()), tmp_path / "shifted.csv"),
+                                window=10, horizon=3, **DATES)
+    other = shifted.splits["test"]
+    assert (other.origins[: cut + 1] == test.origins[: cut + 1]).all()
+    # every window, close and volatility up to the origin is the same; its targets (the future) are not
+    np.testing.assert_array_equal(other.X[: cut + 1], test.X[: cut + 1])
+    np.testing.assert_array_equal(other.close[: cut + 1], test.close[: cut + 1])
+    np.testing.assert_array_equal(other.origin_scale[: cut + 1], test.origin_scale[: cut + 1])
+    assert not np.allclose(other.future_close[cut], test.future_close[cut])
+    # so the model's forecast from that origin is the same
+    model = build_model("horizon", {"num_features": data.num_features, "horizon": 3, "hidden_size": 8})
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.from_numpy(other.X[: cut + 1])), model(torch.from_numpy(test.X[: cut + 1])))
+    # and the random walk's quantiles too
+    rw = random_walk_quantiles(data.closes, test.origins[: cut + 1], 3, TAUS)
+    rw_shifted = random_walk_quantiles(shifted.closes, other.origins[: cut + 1], 3, TAUS)
+    np.testing.assert_allclose(rw, rw_shifted)
+    # a history cut at the origin gives the same window as the whole file (what the predictor sees)
+    prices = read_prices(prices_csv)
+    X, day, close, scale = window_for_history(prices[prices.index <= origin], data.scaler, window=10,
+                                              feature_set="scale_free", vol_days=32)
+    assert day == origin and close == pytest.approx(test.close[cut])
+    np.testing.assert_allclose(X, test.X[cut], rtol=1e-5, atol=1e-5)
+    assert scale == pytest.approx(test.origin_scale[cut])
+
+
+def test_targets_and_splits(prices_csv):
+    np.testing.assert_allclose(future_log_returns(np.array([1.0, 2.0, 4.0]), 2),
+                               [[np.log(2), np.log(4)], [np.log(2), np.nan], [np.nan, np.nan]])
+    data = load_horizon_data(prices_csv, window=10, horizon=3, **DATES)
+    train, val, test = (data.splits[s] for s in ("train", "val", "test"))
+    # a training target never reaches into validation, nor a validation one into the test period
+    all_dates = data.closes.index
+    last_train_target = all_dates[all_dates.get_loc(train.origins[-1]) + 3]
+    last_val_target = all_dates[all_dates.get_loc(val.origins[-1]) + 3]
+    assert last_train_target <= pd.Timestamp(DATES["train_end"]) < val.origins[0]
+    assert last_val_target <= pd.Timestamp(DATES["val_end"]) < test.origins[0]
+    # every test day with 3 days after it in the file is an origin
+    assert test.origins[-1] == all_dates[-4]
+    np.testing.assert_allclose(test.future_close[:, 0], data.closes.shift(-1).reindex(test.origins).to_numpy())
+    # the random walk's median is the origin's close
+    rw = random_walk_quantiles(data.closes, test.origins, 3, TAUS)
+    np.testing.assert_allclose(rw[..., 1], np.repeat(test.close[:, None], 3, axis=1))
+    assert (np.diff(rw, axis=-1) >= 0).all()
+    vol = recent_volatility(np.exp(np.cumsum(np.r_[0.0, np.tile([0.01, -0.01], 20)])), 4, "std")
+    np.testing.assert_allclose(vol[10:], 0.01)
+
+
+# --- through the loop and a bundle ----------------------------------------------------------------------------
+
+
+def smoke_config(csv: Path, *overrides: str) -> dict:
+    dates = [f"data.{k}={v}" for k, v in DATES.items()]
+    return load_config("horizon", "smoke", overrides=[f"data.source={csv}", "tracking.wandb=false",
+                                                      "data.limit_train=0", "train.epochs=3", *dates, *overrides])
+
+
+@pytest.mark.parametrize("decoder", ["seq2seq", "direct"])
+def test_smoke_run_beats_a_constant_forecast_and_round_trips_through_a_bundle(decoder, prices_csv, tmp_path):
+    from rnnlab.jobs.horizon import HorizonJob, pinball_sum, to_prices
+
+    config = smoke_config(prices_csv, f"model.decoder={decoder}")
+    result = train(config, tmp_path)
+    assert result["test"]["crps"] > 0 and 0 <= result["test"]["coverage_80"] <= 1
+    assert "baseline_rw_crps" in result["test"] and "crps_h3" in result["test"]
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.job == "horizon" and bundle.model_config["decoder"] == decoder
+    job = HorizonJob(HorizonJob.Config.from_dict(bundle.config))
+    job.load_data()
+    taus = torch.tensor(job.taus)
+    with torch.no_grad():
+        out = bundle.model(job.X["train"])
+        model_loss = float(pinball_sum(out, job.y_scaled["train"], taus)) / len(out)
+        constant = float(pinball_sum(torch.zeros_like(out), job.y_scaled["train"], taus)) / len(out)
+        assert model_loss < 0.8 * constant  # far better than one constant forecast on its own training windows
+        # the bundle answers what the run scored: the same test CRPS from the reloaded weights
+        scaled = bundle.model(job.X["test"]).double().numpy()
+    part = job.data.splits["test"]
+    prices = to_prices(scaled, part.close, part.origin_scale, np.asarray(bundle.assets["target_scaler"]["scale"]))
+    again = forecast_metrics(part.future_close, prices, job.taus, job.data.naive_scale)
+    assert again["crps"] == pytest.approx(result["test"]["crps"], rel=1e-5)
+    assert (tmp_path / "fan_chart.png").stat().st_size > 1000
+    summary = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["event"] == "test" for r in summary) == 1
