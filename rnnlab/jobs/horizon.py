@@ -212,8 +212,8 @@ def horizon_table(val: dict, test: dict) -> str:
 
 
 def plot_fan(closes, details: dict, path, *, recent: int = 60) -> Path:
-    """Two panels: the last test origin's recent closes and its fan of intervals; the t+1 80 %/90 % bands over the
-    whole test period with the actual closes."""
+    """Two panels: the last test origin's recent closes and its fan of intervals; over every test origin, the
+    t+H forecast's intervals as % changes with the changes that happened."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,11 +232,15 @@ def plot_fan(closes, details: dict, path, *, recent: int = 60) -> Path:
     left.plot(future.index, actual[last][: len(future)], "o", color="tab:red", markersize=4, label="actual")
     left.set_title(f"Forecast from {origin.date()}: median and 50/80/90 % intervals")
     left.legend(loc="upper left")
-    dates = [closes.index[closes.index.get_loc(o) + 1] for o in origins]
-    _fan(right, dates, q[:, 0, :], taus)
-    right.plot(dates, actual[:, 0], color="black", linewidth=1.0, label="actual close (t+1)")
-    right.set_title("Test origins: the t+1 forecast's intervals")
-    right.legend(loc="upper left")
+    H = q.shape[1]
+    base = np.asarray(details["close"])[:, None]
+    _fan(right, origins, 100 * (q[:, H - 1, :] / base - 1), taus)
+    right.plot(origins, 100 * (actual[:, H - 1] / base[:, 0] - 1), ".", color="black", markersize=2,
+               label=f"actual {H}-day change")
+    right.axhline(0, color="gray", linewidth=0.6)
+    right.set_ylabel("% change from the origin's close")
+    right.set_title(f"Every test origin: the t+{H} forecast's intervals and what happened")
+    right.legend(loc="upper right", fontsize=8)
     fig.autofmt_xdate()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
