@@ -14,7 +14,8 @@ import torch
 from rnnlab.bundle import load_bundle
 from rnnlab.config import load_config
 from rnnlab.data.horizon import (
-    future_log_returns, load_horizon_data, random_walk_quantiles, recent_volatility, window_for_history,
+    future_log_returns, load_horizon_data, random_walk_quantiles, recent_volatility, rolling_origins,
+    window_for_history,
 )  # fmt: skip
 from rnnlab.data.stock import read_prices
 from rnnlab.errors import ConfigError
@@ -175,6 +176,13 @@ def test_targets_and_splits(prices_csv):
     rw = random_walk_quantiles(data.closes, test.origins, 3, TAUS)
     np.testing.assert_allclose(rw[..., 1], np.repeat(test.close[:, None], 3, axis=1))
     assert (np.diff(rw, axis=-1) >= 0).all()
+    # the scorer's origins over the test dates are the job's test origins
+    again = rolling_origins(read_prices(prices_csv), data.scaler, window=10, horizon=3, feature_set="scale_free",
+                            vol_days=32, start=DATES["test_start"], end=DATES["test_end"])
+    assert (again.origins == test.origins).all()
+    np.testing.assert_array_equal(again.X, test.X)
+    np.testing.assert_allclose(again.future_close, test.future_close)
+    np.testing.assert_allclose(again.origin_scale, test.origin_scale)
     vol = recent_volatility(np.exp(np.cumsum(np.r_[0.0, np.tile([0.01, -0.01], 20)])), 4, "std")
     np.testing.assert_allclose(vol[10:], 0.01)
 

@@ -221,6 +221,35 @@ def _windows(scaled: np.ndarray, positions: np.ndarray, window: int) -> np.ndarr
     return np.ascontiguousarray(scaled[positions[:, None] + offsets[None, :]], dtype=np.float32)
 
 
+def rolling_origins(prices: pd.DataFrame, scaler: Scaler, *, window: int, horizon: int, feature_set: str,
+                    vol_days: int, vol: str = "ewma", start=None, end=None) -> HorizonSplit:
+    """Every day of ``prices`` from ``start`` to ``end`` (inclusive; None = open-ended) with a full window before
+    it and ``horizon`` days after it in the file, as origins scaled with a bundle's ``scaler``: what
+    ``rnnlab evaluate BUNDLE --data`` scores. A span with no such day is a DataError."""
+    features = horizon_features(prices, feature_set)
+    close_all = prices["Close"]
+    price_pos = close_all.index.get_indexer(features.index)
+    future = future_log_returns(close_all.to_numpy(), horizon)[price_pos]
+    volatility = recent_volatility(close_all.to_numpy(), vol_days, vol)[price_pos]
+    scaled = scaler.transform(features[scaler.columns]).astype(np.float32)
+    index = features.index
+    keep = (np.arange(len(index)) >= window - 1) & ~np.isnan(future).any(axis=1)
+    if start is not None:
+        keep &= index >= pd.Timestamp(start)
+    if end is not None:
+        keep &= index <= pd.Timestamp(end)
+    pos = np.flatnonzero(keep)
+    if len(pos) == 0:
+        raise DataError(
+            f"No day from {start or 'the start'} to {end or 'the end'} is an origin: with the 252-day warm-up, "
+            f"windows of {window} days and {horizon} days after it, the data spans {index[0].date() if len(index) else '-'}"
+            f"..{index[-1].date() if len(index) else '-'}; choose dates inside it.")
+    closes = features["close"].to_numpy(dtype=np.float64)
+    y = future[pos]
+    return HorizonSplit(X=_windows(scaled, pos, window), y=y, origins=index[pos], close=closes[pos],
+                        future_close=closes[pos, None] * np.exp(y), origin_scale=volatility[pos])
+
+
 def window_for_history(prices: pd.DataFrame, scaler: Scaler, *, window: int, feature_set: str, vol_days: int,
                        vol: str = "ewma") -> tuple[np.ndarray, pd.Timestamp, float, float]:
     """The scaled window of the last day of a validated price history (read_prices' layout): the forecast's
