@@ -185,6 +185,7 @@ def run_protocol(protocol: str, path: Path, args) -> dict[str, Any]:
     failed = {}
     if {"nf_lstm", "nf_deepar"} & set(wanted):
         for key, value in neural_peers(closes, origins, wanted, args.nf_steps).items():
+            key = f"{key}_{args.nf_steps}" if args.nf_steps != 300 else key  # a longer run beside the default
             if isinstance(value, Exception):
                 failed[key] = f"{type(value).__name__}: {value}"
             else:
