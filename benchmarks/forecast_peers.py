@@ -220,6 +220,28 @@ def table(protocol: str, report: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict) -> str:
+    """The README tables: per protocol, every method's test CRPS (and / the random walk's), MASE, sMAPE, coverage,
+    validation CRPS / the random walk's for the job's runs, wall time."""
+    out = []
+    for protocol, part in report["protocols"].items():
+        out += [f"**{protocol}** ({part['origins']} origins, {part['first_origin']} .. {part['last_origin']}; "
+                f"train to {part['dates']['train_end']})", "",
+                "| method | CRPS | / RW | MASE | sMAPE % | 80 % cov. | 90 % cov. | val CRPS / RW | wall s |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, m in part["methods"].items():
+            val = (f"{m['val_crps'] / m['val_baseline_rw_crps']:.3f}" if m.get("val_crps") and m.get("val_baseline_rw_crps")
+                   else "")
+            wall = f"{m['wall_s']:.0f}" if m.get("wall_s") is not None else ""
+            out.append(f"| {key} | {m['crps']:.2f} | {m['crps_vs_rw']:.3f} | {m['mase']:.3f} | {m['smape']:.3f} | "
+                       f"{100 * m['coverage_80']:.1f} | {100 * m['coverage_90']:.1f} | {val} | {wall} |")
+        if part.get("failed"):
+            out.append("")
+            out += [f"- {key} failed: {why}" for key, why in part["failed"].items()]
+        out.append("")
+    return "\n".join(out)
+
+
 def figure(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -227,26 +249,31 @@ def figure(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     protocols = list(report["protocols"])
-    fig, axes = plt.subplots(1, 2 * len(protocols), figsize=(6.5 * len(protocols), 4.2), squeeze=False)
+    fig, axes = plt.subplots(len(protocols), 2, figsize=(13, 4.8 * len(protocols)), squeeze=False)
     for i, protocol in enumerate(protocols):
         methods = report["protocols"][protocol]["methods"]
         names = list(methods)
-        ax = axes[0, 2 * i]
-        ax.barh(names, [methods[n]["crps_vs_rw"] for n in names], color="tab:blue")
+        labels = [n.replace("horizon_", "rnnlab ").replace("_median_", ", median ") for n in names]
+        colors = ["tab:blue" if n.startswith("horizon_") else "tab:gray" for n in names]
+        ax = axes[i, 0]
+        ratios = [methods[n]["crps_vs_rw"] for n in names]
+        ax.barh(labels, ratios, color=colors)
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.axvline(0.95, color="tab:red", linewidth=0.8, linestyle="--")
-        ax.set_title(f"{protocol}: CRPS / random walk's")
-        ax.set_xlim(0.8, max(1.3, max(methods[n]["crps_vs_rw"] for n in names) + 0.05))
-        ax = axes[0, 2 * i + 1]
+        ax.axvline(0.95, color="tab:red", linewidth=0.8, linestyle="--", label="target: 5 % below the random walk")
+        ax.set_xlim(0.85, max(1.05, max(ratios) + 0.03))
+        ax.set_title(f"{protocol}: test CRPS / the random walk's (lower is better)")
+        ax.legend(loc="lower right", fontsize=8)
+        ax = axes[i, 1]
         y = np.arange(len(names))
-        ax.barh(y - 0.2, [100 * methods[n]["coverage_80"] for n in names], height=0.4, label="80 %")
-        ax.barh(y + 0.2, [100 * methods[n]["coverage_90"] for n in names], height=0.4, label="90 %")
+        ax.barh(y - 0.2, [100 * methods[n]["coverage_80"] for n in names], height=0.4, label="80 % interval")
+        ax.barh(y + 0.2, [100 * methods[n]["coverage_90"] for n in names], height=0.4, label="90 % interval")
         for nominal in (80, 90):
+            ax.axvspan(nominal - 3, nominal + 3, color="tab:green", alpha=0.12)
             ax.axvline(nominal, color="black", linewidth=0.8, linestyle=":")
-        ax.set_yticks(y, names)
-        ax.set_xlim(50, 100)
-        ax.set_title(f"{protocol}: interval coverage (%)")
-        ax.legend(loc="lower left")
+        ax.set_yticks(y, labels)
+        ax.set_xlim(60, 100)
+        ax.set_title(f"{protocol}: test coverage (%), nominal +- 3 shaded")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.05), ncol=2, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -276,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", help="price CSV (default: the stock data set via the mirror)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--figure", type=Path, help="write the CRPS / coverage bar charts here")
+    parser.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("lightning", "pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
@@ -305,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(merged, indent=2, default=str) + "\n")
         print(f"wrote {args.json}")
         report = merged
+    if args.markdown:
+        args.markdown.write_text(markdown(report) + "\n")
+        print(f"wrote {args.markdown}")
     if args.figure:
         figure(report, args.figure)
         print(f"wrote {args.figure}")
