@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import imdb_reviews, price_rows, random_bundles  # noqa: E402
 
 KINDS = ("sentiment", "forecast", "generate", "stream")
-DEPLOYMENT_OF = {"sentiment": "Sentiment", "forecast": "Forecast", "generate": "Generator", "stream": "Generator"}
+DEPLOYMENT_OF = {"sentiment": "sentiment", "forecast": "stock", "generate": "charlm", "stream": "charlm"}  # deployment = job
 
 
 def _free_port() -> int:
@@ -95,7 +95,7 @@ async def chaos(base: str, args, reviews, rows) -> tuple[list, dict]:
                 await asyncio.sleep(0.2)  # a client that backs off a little, as Retry-After asks
 
     async def killer() -> None:
-        for deployment, at in (("Generator", args.kill_generator_at), ("Sentiment", args.kill_sentiment_at)):
+        for deployment, at in (("charlm", args.kill_generator_at), ("sentiment", args.kill_sentiment_at)):
             await asyncio.sleep(max(0.0, began + at - time.monotonic()))
             ray.kill(replica(deployment), no_restart=True)
             kills[deployment] = time.monotonic() - began

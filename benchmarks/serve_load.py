@@ -213,13 +213,13 @@ def model_ceiling(bundles: Path, reviews: list[str], seconds: float = 3.0) -> di
     batching can buy before any HTTP or Ray overhead is counted."""
     import torch
 
-    from rnnlab.inference import SentimentClassifier
+    from rnnlab.jobs.sentiment import SentimentPredictor
     from rnnlab.serve.bundles import find_bundles
     from rnnlab.bundle import load_bundle
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    classifier = SentimentClassifier(load_bundle(find_bundles(bundles, check=False)["sentiment"]))
+    classifier = SentimentPredictor(load_bundle(find_bundles(bundles, check=False)["sentiment"]))
     out = {}
     for size in (1, 32):
         done, start = 0, time.perf_counter()
@@ -294,7 +294,7 @@ def decode_ceiling(bundles: Path, batch: int, seconds: float) -> dict:
 
 # Ray names its actor processes "ray::<Actor>" (Serve replicas "ray::ServeReplica:<app>:<deployment>"): CPU seconds
 # per role during a phase show where a 2-core box's time goes besides the decode step.
-ROLES = ((":Generator", "generator"), (":Gateway", "gateway"), (":Sentiment", "sentiment"), (":Forecast", "forecast"),
+ROLES = ((":charlm", "generator"), (":Gateway", "gateway"), (":sentiment", "sentiment"), (":stock", "forecast"),
          ("ProxyActor", "proxy"), ("ServeController", "controller"), ("raylet", "ray core"),
          ("gcs_server", "ray core"))
 
@@ -348,9 +348,9 @@ def generation_phases(base: str, bundles: Path, args) -> list[dict]:
                 # cores each role kept busy during the phase (2.0 = the whole of a 2-core box)
                 cores = {role: round((cpu_after[role] - cpu_before.get(role, 0.0)) / served["seconds"], 3)
                          for role in cpu_after}
-                steps = phase_stats(before, after)["/v1/generate"]
+                steps = phase_stats(before, after)["/v1/charlm"]
                 # where the time went in the Generator replica: decoding (busy) vs waiting, and its step speed
-                busy = after["/v1/generate"]["decode_s"] - before["/v1/generate"]["decode_s"]
+                busy = after["/v1/charlm"]["decode_s"] - before["/v1/charlm"]["decode_s"]
                 steps["decode_busy_fraction"] = busy / served["seconds"]
                 steps["served_step_ms"] = 1000 * busy / max(1, steps["batches"])
                 last = decode_ceiling_in_worker(bundles, clients, args.ceiling_seconds / 2)

@@ -1,9 +1,21 @@
-"""The one list of jobs. Config, the training loop, Tune, Serve, the CLI and the benchmarks all read it.
+"""The one list of jobs. Config, the training loop, Tune, Serve, the CLI, scoring and the tests all read it.
 
-Each entry names where its parts live as ``"module:attribute"`` strings, imported only when asked for, so
-importing this module (``rnnlab --help``, a Tune pre-check) costs nothing. A fourth job is one data module, one
-model file, one job file (``rnnlab/trainers/``), one preset file (``configs/presets/``), a search space
-(``configs/tune/``) and one entry here; plus a predictor and a deployment if it is served.
+A leaf that holds data: it imports nothing from rnnlab but ``rnnlab.errors``, so importing it (``rnnlab --help``,
+a Tune pre-check) costs nothing. Each entry names where a job's parts live as ``"module:attribute"`` strings,
+imported only when asked for (``spec.load("predictor")``). Everything job-specific that is not data loading or
+the model lives in ONE module, ``rnnlab/jobs/<name>.py``; the shared layers (``serve/``, ``launch/``,
+``scoring.py``, ``tuning/``, the tests) loop over this list and never name a job.
+
+A new served job is six files: a data module (``rnnlab/data/``), a model (``rnnlab/models/``), a job module
+(``rnnlab/jobs/<name>.py``: config keys, batches, loss, metrics, report, predictor, request and answer schemas,
+scorer, CLI verb), a preset file (``configs/presets/<name>.yaml``), a Tune space (``configs/tune/<name>.yaml``) and
+its entry here; plus a panel in the playground page (``rnnlab/serve/static/index.html``) if it should show there,
+and, for a data set rnnlab does not read yet, its download entry in ``rnnlab/data/sources.py`` (and for the smoke
+test a tiny stand-in in ``tests/tiny_datasets.py``, named in ``tests/test_trainer.py``'s ``TINY``; a job whose data
+set has none is skipped there).
+
+The job's name is the same in every layer: config ``job:``, bundle, HTTP route ``/v1/<name>``, Serve deployment,
+Prometheus ``kind`` label.
 """
 
 from __future__ import annotations
@@ -11,7 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import yaml
 
 from rnnlab.errors import ConfigError
 
@@ -20,27 +34,42 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 @dataclass(frozen=True)
 class JobSpec:
-    name: str
+    """One job. The ``"module:attribute"`` fields are imported by :meth:`load`; None means the job lacks that part."""
+
+    name: str  # the one name: config, bundle, route /v1/<name>, deployment, metric label
     description: str
     data_set: str  # rnnlab.data.sources name
     metrics: dict[str, str]  # validation/test metric -> "min" | "max": what "better" means for it
     model: str  # nn.Module class; its ``Config`` (a pydantic model) declares the model's keys
     model_config: str
-    job: str  # rnnlab.trainers.job.Job subclass: batches, loss, metrics
-    predictor: str | None  # rnnlab.inference class that answers from a bundle (None: its bundles answer nothing)
-    route: str | None = None  # the HTTP endpoint /v1/<route> that serves it (None: not served)
+    job: str  # rnnlab.trainers.job.Job subclass: its ``Config`` (keys), batches, loss, metrics, report
     data_summary: str | None = None  # ``rnnlab data`` summary function
+    predictor: str | None = None  # bundle -> answers (None: its bundles answer nothing)
     scorer: str | None = None  # ``rnnlab evaluate BUNDLE --data PATH``: scores any data in the job's format
+    # -- the CLI verb: ``rnnlab <verb> BUNDLE ...``; several jobs may share one (it dispatches on the bundle's job)
+    verb: str | None = None
+    verb_help: str = ""
+    cli: str | None = None  # an object with ``add_arguments(parser)`` and ``run(args, load_predictor)``
+    # -- the service: POST /v1/<name>
+    served_by: Literal["batched", "generation"] | None = None  # rnnlab.serve.deployments' class that answers it
+    request: str | None = None  # pydantic request body
+    answer: str | None = None  # pydantic answer body
+    aliases: tuple[str, ...] = ()  # older routes /v1/<alias> that answer the same (kept for one release)
+    demo: str | None = None  # ``make demo``: ``demo(post)`` sends one request (``post(body)``) and prints the answer
 
     @property
     def presets_file(self) -> Path:
         return CONFIGS_DIR / "presets" / f"{self.name}.yaml"
 
     def presets(self) -> tuple[str, ...]:
-        """The presets this job has: the top-level sections of its preset file, in file order."""
-        from rnnlab.config import read_yaml
-
-        return tuple(read_yaml(self.presets_file) or {})
+        """The presets this job has: the top-level sections of its preset file, in file order (none without one)."""
+        if not self.presets_file.is_file():
+            return ()
+        try:
+            return tuple(yaml.safe_load(self.presets_file.read_text(encoding="utf-8")) or {})
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"The preset file {self.presets_file} of job {self.name} cannot be read: {error}") \
+                from None
 
     @property
     def tune_space_file(self) -> Path:
@@ -66,11 +95,17 @@ JOBS: dict[str, JobSpec] = {
             metrics={"loss": "min", "accuracy": "max", "roc_auc": "max"},
             model="rnnlab.models.sentiment:SentimentLSTM",
             model_config="rnnlab.models.sentiment:SentimentConfig",
-            job="rnnlab.trainers.sentiment:SentimentJob",
-            predictor="rnnlab.inference:SentimentClassifier",
-            route="sentiment",
+            job="rnnlab.jobs.sentiment:SentimentJob",
             data_summary="rnnlab.data.imdb:summarize_imdb",
-            scorer="rnnlab.scoring:score_reviews",
+            predictor="rnnlab.jobs.sentiment:SentimentPredictor",
+            scorer="rnnlab.jobs.sentiment:score",
+            verb="classify",
+            verb_help="sentiment of one or more texts with a sentiment bundle",
+            cli="rnnlab.jobs.sentiment:CLI",
+            served_by="batched",
+            request="rnnlab.jobs.sentiment:SentimentRequest",
+            answer="rnnlab.jobs.sentiment:SentimentResponse",
+            demo="rnnlab.jobs.sentiment:demo",
         ),
         JobSpec(
             name="stock",
@@ -79,11 +114,18 @@ JOBS: dict[str, JobSpec] = {
             metrics={"loss": "min", "r2": "max", "mae": "min", "mape": "min"},
             model="rnnlab.models.stock:StockLSTM",
             model_config="rnnlab.models.stock:StockConfig",
-            job="rnnlab.trainers.stock:StockJob",
-            predictor="rnnlab.inference:StockForecaster",
-            route="forecast",
+            job="rnnlab.jobs.stock:StockJob",
             data_summary="rnnlab.data.stock:summarize_stock",
-            scorer="rnnlab.scoring:score_prices",
+            predictor="rnnlab.jobs.stock:StockPredictor",
+            scorer="rnnlab.jobs.stock:score",
+            verb="forecast",
+            verb_help="next close from a price history with a stock bundle",
+            cli="rnnlab.jobs.stock:CLI",
+            served_by="batched",
+            request="rnnlab.jobs.stock:StockRequest",
+            answer="rnnlab.jobs.stock:StockResponse",
+            aliases=("forecast",),
+            demo="rnnlab.jobs.stock:demo",
         ),
         JobSpec(
             name="charlm",
@@ -92,11 +134,18 @@ JOBS: dict[str, JobSpec] = {
             metrics={"loss": "min", "bpc": "min", "perplexity": "min"},
             model="rnnlab.models.charlm:CharLSTM",
             model_config="rnnlab.models.charlm:CharConfig",
-            job="rnnlab.trainers.charlm:CharLMJob",
-            predictor="rnnlab.inference:TextGenerator",
-            route="generate",
+            job="rnnlab.jobs.charlm:CharLMJob",
             data_summary="rnnlab.data.text:summarize_text",
-            scorer="rnnlab.scoring:score_text",
+            predictor="rnnlab.jobs.charlm:CharLMPredictor",
+            scorer="rnnlab.jobs.charlm:score",
+            verb="generate",
+            verb_help="sample text from a charlm bundle",
+            cli="rnnlab.jobs.charlm:CLI",
+            served_by="generation",
+            request="rnnlab.jobs.charlm:CharLMRequest",
+            answer="rnnlab.jobs.charlm:CharLMResponse",
+            aliases=("generate",),
+            demo="rnnlab.jobs.charlm:demo",
         ),
         JobSpec(
             name="lm",
@@ -105,8 +154,8 @@ JOBS: dict[str, JobSpec] = {
             metrics={"loss": "min", "perplexity": "min"},
             model="rnnlab.models.wordlm:WordLSTM",
             model_config="rnnlab.models.wordlm:WordLMConfig",
-            job="rnnlab.trainers.lm:ReviewLMJob",
-            predictor=None,  # a starting point for sentiment (model.init_from), not served
+            job="rnnlab.jobs.lm:LMJob",
+            # no predictor: a starting point for sentiment (model.init_from), not served
         ),
         JobSpec(
             name="horizon",
@@ -136,10 +185,21 @@ def presets() -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for spec in JOBS.values() for name in spec.presets()))
 
 
-def by_route(route: str) -> JobSpec:
-    return next(spec for spec in JOBS.values() if spec.route == route)
+def served() -> tuple[str, ...]:
+    """The jobs the service answers for (each at POST /v1/<job>)."""
+    return tuple(name for name, spec in JOBS.items() if spec.served_by)
 
 
-def served() -> dict[str, str]:
-    """job -> its HTTP route, for the jobs the service serves."""
-    return {name: spec.route for name, spec in JOBS.items() if spec.route}
+def routes() -> dict[str, str]:
+    """Every route name the service answers -> its job: each served job's name, then the aliases."""
+    names = {name: name for name in served()}
+    return names | {alias: name for name in served() for alias in JOBS[name].aliases}
+
+
+def verbs() -> dict[str, tuple[JobSpec, ...]]:
+    """CLI verb -> the jobs that answer it, in registry order."""
+    found: dict[str, list[JobSpec]] = {}
+    for spec in JOBS.values():
+        if spec.verb:
+            found.setdefault(spec.verb, []).append(spec)
+    return {verb: tuple(specs) for verb, specs in found.items()}

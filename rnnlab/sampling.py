@@ -1,7 +1,7 @@
 """Sampling for character generation: ONE definition of the parameters and ONE sampler.
 
 ``SamplingParams`` is the single place where the sampling settings and their ranges are defined. The HTTP schema
-(``GenerateRequest`` extends it), the generation scheduler, ``rnnlab generate`` / ``TextGenerator`` and the
+(``GenerateRequest`` extends it), the generation scheduler, ``rnnlab generate`` / ``CharLMPredictor`` and the
 training loop's sample table all take it, so a value refused in one place is refused everywhere, with the same
 words. ``sample_next`` is the one sampler all of them call, so the same seed gives the same text everywhere.
 """

@@ -79,3 +79,34 @@ def test_stock_summary_on_mirror(mirror):
     summary = json.loads(result.stdout)
     assert summary["source"].endswith("19900101_20230630.csv")
     assert (summary["features"], summary["train_period_rows"], summary["test_rows"]) == (37, 8061, 124)
+
+
+class _AnswersForecast:
+    """A stand-in CLI of a second job answering ``forecast``: says which job ran."""
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument("--csv", required=True)
+
+    @staticmethod
+    def run(args, load_predictor) -> int:
+        print(f"ran the second job's verb on {args.csv}")
+        return 0
+
+
+def test_a_verb_two_jobs_answer_dispatches_on_the_bundle_job(tmp_path, monkeypatch, capsys):
+    """`forecast` is answered by every job whose registry entry names it (stock, and a multi-step forecaster next):
+    the bundle's job picks which job's CLI runs."""
+    import dataclasses
+    import json
+
+    from rnnlab import registry
+    from rnnlab.launch.cli import main
+
+    second = dataclasses.replace(registry.JOBS["stock"], name="second", cli=f"{__name__}:_AnswersForecast")
+    monkeypatch.setitem(registry.JOBS, "second", second)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"job": "second"}))
+    assert main(["forecast", str(bundle), "--csv", "prices.csv"]) == 0
+    assert capsys.readouterr().out.strip() == "ran the second job's verb on prices.csv"

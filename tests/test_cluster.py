@@ -172,7 +172,7 @@ def test_serve_address_places_replicas_on_both_nodes(cluster, tmp_path):
             ray.shutdown()
         placed = {actor["ActorClassName"].split(":")[-1]: actor["Address"]["NodeID"] for actor in replicas}
         print(f"serve replicas by node: {placed}")
-        assert set(placed) == {"Gateway", "Sentiment", "Forecast", "Generator"}
+        assert set(placed) == {"Gateway", "sentiment", "stock", "charlm"}
         assert set(placed.values()) == _node_ids(cluster)
     finally:
         process.send_signal(signal.SIGTERM)  # rnnlab serve shuts Serve down on SIGTERM

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rnnlab.launch.demo import JOBS, PRESET, share_of_known_words
+from rnnlab.jobs.charlm import share_of_known_words
+from rnnlab.launch.demo import JOBS, PRESET
 from rnnlab.config import load_config
 
 

@@ -19,14 +19,13 @@ from rnnlab.data.imdb import (
     BucketBatchSampler,
     EncodedReviews,
     collate_reviews,
-    encode_texts,
     load_sentiment_data,
     read_imdb,
     summarize_imdb,
     tokenize,
 )
 from rnnlab.data.vocab import build_vocab
-from rnnlab.errors import DataError, InputError
+from rnnlab.errors import DataError
 
 # (folder, class) -> {file name: text}; a tiny corpus in the aclImdb layout.
 REVIEWS = {
@@ -278,18 +277,6 @@ def test_folder_source_is_cached_too(tmp_path, monkeypatch):
     first = load_sentiment_data(folder)
     (folder / "aclImdb" / "train" / "pos" / "11_9.txt").write_text("A new great review.")
     assert len(load_sentiment_data(folder, val_fraction=0.0).train) == len(first.train) + len(first.val) + 1
-
-
-# ----------------------------------------------------------------------------------------- inference
-
-
-def test_encode_texts_uses_the_vocab_and_rejects_empty_text(archive):
-    vocab = load_sentiment_data(archive, val_fraction=0.0).vocab
-    (ids,) = encode_texts(["Great film, zzzunknown!"], vocab)
-    assert vocab.decode(ids) == ["great", "film", "<unk>"]
-    assert encode_texts(["great great film"], vocab, max_length=2)[0].tolist() == vocab.encode(["great", "film"])
-    with pytest.raises(InputError, match="Text 1 has no words"):
-        encode_texts(["fine", "<br /> !!"], vocab)
 
 
 # ----------------------------------------------------------------------------------------- batching

@@ -8,19 +8,19 @@ import pytest
 import torch
 
 from rnnlab.bundle import load_bundle, save_bundle
-from rnnlab.data.stock import FEATURE_NAMES, features_for_history, read_prices, to_price
+from rnnlab.data.prices import validate_prices
+from rnnlab.data.stock import FEATURE_NAMES, read_prices, to_price
 from rnnlab.data.vocab import build_vocab
 from rnnlab.errors import BundleError, InputError
-from rnnlab.inference import (
-    MAX_HISTORY_ROWS,
-    MAX_TEXT_CHARS,
-    SentimentClassifier,
-    StockForecaster,
-    TextGenerator,
-    load_predictor,
-    sample_next,
-)
+from rnnlab.inference import load_predictor
+from rnnlab.jobs.charlm import CharLMPredictor
+from rnnlab.jobs.sentiment import MAX_TEXT_CHARS
+from rnnlab.jobs.sentiment import SentimentPredictor
+from rnnlab.jobs.stock import MAX_HISTORY_ROWS
+from rnnlab.jobs.stock import StockPredictor
+from rnnlab.sampling import sample_next
 from rnnlab.models import build_model
+from stock_reference import chapter_features
 
 CORPUS = "the emperor spoke to the prince. the prince said nothing, and the army marched on.\n"
 
@@ -53,7 +53,7 @@ def charlm_bundle(tmp_path_factory):
 
 def test_sentiment_predictions_do_not_depend_on_the_batch(sentiment_bundle):
     classifier = load_predictor(sentiment_bundle)
-    assert isinstance(classifier, SentimentClassifier)
+    assert isinstance(classifier, SentimentPredictor)
     texts = ["A <b>great</b> film!", "bad", "The plot was awful, awful, awful and the film bad :(", "unseen words"]
     batched = classifier.predict(texts)
     alone = [classifier.predict([t])[0] for t in texts]
@@ -64,9 +64,9 @@ def test_sentiment_predictions_do_not_depend_on_the_batch(sentiment_bundle):
         assert 0.0 <= result["probability"] <= 1.0
 
     # a server encodes each text once as it arrives and runs the batch later: same answers, any chunk size
-    encoded = [classifier.encode(t) for t in texts]
-    assert classifier.predict_encoded(encoded, batch_size=1) == classifier.predict_encoded(encoded)
-    np.testing.assert_allclose([r["probability"] for r in classifier.predict_encoded(encoded)],
+    encoded = [classifier.prepare(t) for t in texts]
+    assert classifier.predict_prepared(encoded, batch_size=1) == classifier.predict_prepared(encoded)
+    np.testing.assert_allclose([r["probability"] for r in classifier.predict_prepared(encoded)],
                                [r["probability"] for r in batched], atol=1e-6)
 
 
@@ -88,7 +88,7 @@ def test_sentiment_rejects_bad_reviews_one_at_a_time(sentiment_bundle, text, mat
 def test_stock_forecast_matches_the_training_pipeline(stock_setup):
     path, csv, data, _ = stock_setup
     forecaster = load_predictor(path)
-    assert isinstance(forecaster, StockForecaster)
+    assert isinstance(forecaster, StockPredictor)
     prices = read_prices(csv)
     [result] = forecaster.predict([prices])
     assert forecaster.predict_prepared([forecaster.prepare(prices)], batch_size=1) == [result]  # prepared once
@@ -132,10 +132,11 @@ def test_stock_rejects_short_long_and_broken_histories(stock_setup):
         forecaster.predict([prices, broken])
 
 
-def pandas_path_forecasts(forecaster: StockForecaster, histories: list) -> list[float]:
-    """The forecasts as the forecaster made them before its vectorised features: pandas over each whole request,
-    then the same batches through the model (the CPU LSTM's last bits depend on the batch it runs in)."""
-    features = [features_for_history(history, window=forecaster.window) for history in histories]
+def pandas_path_forecasts(forecaster: StockPredictor, histories: list) -> list[float]:
+    """The forecasts as the forecaster made them before its vectorised features: the chapter's pandas features
+    over each whole request (tests/stock_reference.py), then the same batches through the model (the CPU LSTM's
+    last bits depend on the batch it runs in)."""
+    features = [chapter_features(history) for history in histories]
     windows = np.stack([forecaster.scaler.transform(f[FEATURE_NAMES].iloc[-forecaster.window :]) for f in features])
     with torch.no_grad():
         outputs = [forecaster.model(torch.from_numpy(windows[start : start + 64].astype(np.float32))).numpy()
@@ -189,7 +190,7 @@ def test_stock_service_columns_fail_with_the_pandas_checks_words(stock_setup, br
     with pytest.raises(InputError) as fast:
         forecaster.prepare(columns)
     with pytest.raises(InputError) as general:
-        features_for_history(pd.DataFrame(columns), window=forecaster.window)
+        validate_prices(pd.DataFrame(columns), "The price history", InputError, last_row_may_be_open_only=True)
     assert str(fast.value) == str(general.value)
 
 
@@ -264,7 +265,7 @@ def test_top_k_and_top_p_restrict_the_support_per_row():
 
 def test_generation_is_deterministic_for_a_seed_and_streams_the_same_text(charlm_bundle):
     generator = load_predictor(charlm_bundle)
-    assert isinstance(generator, TextGenerator)
+    assert isinstance(generator, CharLMPredictor)
     text = generator.generate("the emperor", max_new_tokens=40, temperature=1.0, seed=7)
     assert len(text) == 40 and set(text) <= set(CORPUS)
     assert generator.generate("the emperor", max_new_tokens=40, temperature=1.0, seed=7) == text
@@ -349,4 +350,4 @@ def test_sampler_names_the_rows_with_non_finite_scores():
 
 def test_predictor_for_the_wrong_job_is_refused(sentiment_bundle):
     with pytest.raises(BundleError, match="not a charlm"):
-        TextGenerator(load_bundle(sentiment_bundle))
+        CharLMPredictor(load_bundle(sentiment_bundle))

@@ -177,13 +177,24 @@ def test_charlm_window_equals_step_by_step_and_carries_state():
         torch.testing.assert_close(state[0], h)
 
 
+def small_model_settings(job: str) -> dict:
+    """The model keys of the job's smoke preset, two layers where the model has them, and the keys the data
+    decides (vocabulary size, feature count) set to 300."""
+    from rnnlab.config import load_config
+
+    config_class = JOBS[job].load("model_config")
+    preset = load_config(job, "smoke")["model"]
+    settings = {key: value for key, value in preset.items() if key in config_class.model_fields}
+    if "num_layers" in config_class.model_fields:
+        settings |= {"num_layers": 2, "dropout": 0.2}
+    return settings | {name: 300 for name, field in config_class.model_fields.items()
+                       if field.is_required() and name not in settings}
+
+
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_config_round_trip(job):
     config_class, model_class = JOBS[job].load("model_config"), JOBS[job].load("model")
-    settings = {"sentiment": {"vocab_size": 50, "bidirectional": True, "num_layers": 2, "dropout": 0.2},
-                "stock": {"num_features": 12, "hidden_size": 8},
-                "charlm": {"vocab_size": 57, "hidden_size": 16, "embed_dim": 4},
-                "lm": {"vocab_size": 300, "hidden_size": 8, "embed_dim": 4, "cutoffs": [20, 100]}}[job]
+    settings = small_model_settings(job)
     model = build_model(job, settings)
     assert isinstance(model, model_class)
     d = model.config.to_dict()

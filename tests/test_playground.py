@@ -103,7 +103,7 @@ def test_each_panel_in_a_real_browser(service, browser, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(f"{service}/")
-    assert "generate" in wait_for_text(browser, "serving", lambda t: t.startswith("serving:"))
+    assert "charlm" in wait_for_text(browser, "serving", lambda t: t.startswith("serving:"))
 
     # the page itself is open; the API is not, until the key goes in the field
     fill(browser, "review", "The movie was great, a great plot and a great cast.")
@@ -125,7 +125,7 @@ def test_each_panel_in_a_real_browser(service, browser, tmp_path):
     click(browser, "run-generate")
     wait_for_text(browser, "generate-meta", lambda t: "80 characters" in t)
     streamed = browser.find_element(By.ID, "generated-text").get_attribute("textContent")
-    whole = httpx.post(f"{service}/v1/generate", json={"prompt": "the war", "max_new_tokens": 80, "temperature": 0.9,
+    whole = httpx.post(f"{service}/v1/charlm", json={"prompt": "the war", "max_new_tokens": 80, "temperature": 0.9,
                                                        "top_k": 10, "top_p": 0.95, "seed": 7},
                        headers=AUTH, timeout=60).json()
     assert streamed == whole["text"] and "seed 7" in browser.find_element(By.ID, "generate-meta").text
@@ -139,7 +139,7 @@ def test_each_panel_in_a_real_browser(service, browser, tmp_path):
     prices = pd.read_csv(csv).tail(400)
     rows = [{"date": r.Date, "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close, "volume": r.Volume}
             for r in prices.itertuples()]
-    forecast = httpx.post(f"{service}/v1/forecast", json={"rows": rows}, headers=AUTH, timeout=30).json()["forecast"]
+    forecast = httpx.post(f"{service}/v1/stock", json={"rows": rows}, headers=AUTH, timeout=30).json()["forecast"]
     assert shown == pytest.approx(forecast["close"], abs=0.006)
     assert browser.find_element(By.ID, "forecast-date").text == forecast["date"]
     assert float(browser.find_element(By.ID, "forecast-actual").text.replace(",", "")) == pytest.approx(

@@ -16,7 +16,8 @@ from rnnlab.data.vocab import build_vocab
 from rnnlab.errors import DataError, InputError
 from rnnlab.launch.cli import main
 from rnnlab.models import build_model
-from rnnlab.scoring import mean_nats, score_data
+from rnnlab.jobs.charlm import mean_nats
+from rnnlab.scoring import score_data
 
 CORPUS = "the emperor spoke to the prince. the prince said nothing, and the army marched on.\n"
 REVIEWS = [("A great film, great plot", 1), ("awful and bad", 0), ("The film was good", 1), ("bad plot, awful", 0)]

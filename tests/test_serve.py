@@ -127,17 +127,19 @@ def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
 def test_healthz_docs_and_openapi(http):
     health = http.get("/healthz")
     assert health.status_code == 200
-    assert sorted(health.json()["serving"]) == ["forecast", "generate", "sentiment"]
+    assert sorted(health.json()["serving"]) == ["charlm", "sentiment", "stock"]
     assert http.get("/docs").status_code == 200
     paths = http.get("/openapi.json").json()["paths"]
-    assert {"/v1/sentiment", "/v1/forecast", "/v1/generate", "/v1/models", "/healthz"} <= set(paths)
+    assert {"/v1/sentiment", "/v1/stock", "/v1/charlm", "/v1/models", "/healthz"} <= set(paths)
+    # the older routes answer too, for one release, marked deprecated
+    assert paths["/v1/forecast"]["post"]["deprecated"] and paths["/v1/generate"]["post"]["deprecated"]
 
 
 def test_models_lists_bundles_with_versions_metrics_and_batching(http):
     models = {m["endpoint"]: m for m in http.get("/v1/models").json()["models"]}
-    assert set(models) == {"/v1/sentiment", "/v1/forecast", "/v1/generate"}
+    assert set(models) == {"/v1/sentiment", "/v1/stock", "/v1/charlm"}
     assert models["/v1/sentiment"]["name"] == "imdb-small"
-    assert models["/v1/generate"]["metrics"] == {"val": {"nats_per_char": 3.4}}
+    assert models["/v1/charlm"]["metrics"] == {"val": {"nats_per_char": 3.4}}
     for model in models.values():
         assert len(model["version"]) == 12
         assert {"batch_size_histogram", "batch_size_max", "batch_size_mean", "max_batch_size"} <= set(model["batching"])
@@ -146,14 +148,14 @@ def test_models_lists_bundles_with_versions_metrics_and_batching(http):
 # --- each endpoint ---------------------------------------------------------------------------------------------
 def test_sentiment_matches_the_inference_layer(http, bundles):
     from rnnlab.bundle import load_bundle
-    from rnnlab.inference import SentimentClassifier
+    from rnnlab.jobs.sentiment import SentimentPredictor
 
     texts = ["The movie was great.", "An awful plot and a worse cast."]
     response = http.post("/v1/sentiment", json={"texts": texts})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"].startswith("imdb-small@")
-    expected = SentimentClassifier(load_bundle(bundles / "imdb-small")).predict(texts)
+    expected = SentimentPredictor(load_bundle(bundles / "imdb-small")).predict(texts)
     for got, want in zip(body["results"], expected):
         assert got["label"] == want["label"]
         assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)
@@ -161,14 +163,15 @@ def test_sentiment_matches_the_inference_layer(http, bundles):
 
 def test_forecast_gives_next_close_beside_the_naive_baseline(http, bundles, price_rows):
     from rnnlab.bundle import load_bundle
-    from rnnlab.inference import StockForecaster
+    from rnnlab.jobs.stock import StockPredictor
 
     # the last row is the day to forecast: only its date and open are known
     rows = price_rows[:-1] + [{"date": price_rows[-1]["date"], "open": price_rows[-1]["open"]}]
-    response = http.post("/v1/forecast", json={"rows": rows})
+    response = http.post("/v1/stock", json={"rows": rows})
     assert response.status_code == 200, response.text
     forecast = response.json()["forecast"]
-    expected = StockForecaster(load_bundle(bundles / "djia-small")).predict([pd.DataFrame(rows)])[0]
+    assert http.post("/v1/forecast", json={"rows": rows}).json() == response.json()  # the older route, the same
+    expected = StockPredictor(load_bundle(bundles / "djia-small")).predict([pd.DataFrame(rows)])[0]
     assert forecast["date"] == rows[-1]["date"] == expected["date"]
     assert forecast["close"] == pytest.approx(expected["close"], rel=1e-6)
     assert forecast["baseline_open"] == pytest.approx(rows[-1]["open"])
@@ -180,11 +183,12 @@ def test_forecast_gives_next_close_beside_the_naive_baseline(http, bundles, pric
 
 def test_served_text_matches_the_cli_generator_for_a_seed(http, bundles):
     from rnnlab.bundle import load_bundle
-    from rnnlab.inference import TextGenerator
+    from rnnlab.jobs.charlm import CharLMPredictor
 
     request = {"prompt": "The war", "max_new_tokens": 50, "temperature": 0.8, "top_k": 12, "seed": 11}
-    served = http.post("/v1/generate", json=request).json()["text"]
-    local = TextGenerator(load_bundle(bundles / "wp-small")).generate(
+    served = http.post("/v1/charlm", json=request).json()["text"]
+    assert http.post("/v1/generate", json=request).json()["text"] == served  # the older route, the same
+    local = CharLMPredictor(load_bundle(bundles / "wp-small")).generate(
         request["prompt"], max_new_tokens=50, temperature=0.8, top_k=12, seed=11)
     assert served == local
 
@@ -240,12 +244,12 @@ def test_concurrent_requests_run_in_batches_larger_than_one(http, service, price
     async def burst():
         async with httpx.AsyncClient(base_url=service, timeout=60) as client:
             sentiment = [client.post("/v1/sentiment", json={"texts": [f"the movie was great {i}"]}) for i in range(16)]
-            forecast = [client.post("/v1/forecast", json={"rows": price_rows}) for _ in range(8)]
-            generate = [client.post("/v1/generate", json={"prompt": "a", "max_new_tokens": 50, "seed": i})
+            forecast = [client.post("/v1/stock", json={"rows": price_rows}) for _ in range(8)]
+            generate = [client.post("/v1/charlm", json={"prompt": "a", "max_new_tokens": 50, "seed": i})
                         for i in range(8)]
             return await asyncio.gather(*sentiment, *forecast, *generate)
 
-    endpoints = ("/v1/sentiment", "/v1/forecast", "/v1/generate")
+    endpoints = ("/v1/sentiment", "/v1/stock", "/v1/charlm")
     # the service is shared by the module: only the batches THIS burst made count
     before = {endpoint: batching(http, endpoint)["batch_size_histogram"] for endpoint in endpoints}
     answers = asyncio.run(burst())
@@ -365,7 +369,7 @@ def test_a_bad_text_fails_only_its_own_request_in_a_gathered_batch(http, service
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(http):
-    before = batching(http, "/v1/generate")["cancelled"]
+    before = batching(http, "/v1/charlm")["cancelled"]
     with http.stream("POST", "/v1/generate", json={"prompt": "the ", "max_new_tokens": 2000, "stream": True,
                                                    "seed": 5}) as response:
         for line in response.iter_lines():
@@ -373,7 +377,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(http):
                 break  # leave after the first characters
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        stats = batching(http, "/v1/generate")
+        stats = batching(http, "/v1/charlm")
         if stats["active"] == 0 and stats["cancelled"] > before:
             break
         time.sleep(0.2)
@@ -432,7 +436,7 @@ def test_a_step_failure_fails_only_its_own_request_with_an_id_in_the_log(service
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
     deadline = time.monotonic() + 20  # replica logs are files written asynchronously
     while True:
-        lines = [line for path in logs.glob("replica_*Generator*") for line in path.read_text().splitlines()]
+        lines = [line for path in logs.glob("replica_*charlm*") for line in path.read_text().splitlines()]
         counts = [sum(rid in line and "failed" in line for line in lines) for rid in ids]
         if counts == [1, 1] or time.monotonic() > deadline:
             break
@@ -454,17 +458,18 @@ def _corrupt_copy(bundles: Path, tmp_path: Path) -> Path:
 def test_a_corrupt_bundle_fails_the_deployment_at_start_not_a_hang(service, bundles, tmp_path):
     from ray import serve
 
-    from rnnlab.serve.app import SentimentDeployment
+    from rnnlab.serve.deployments import BatchedDeployment
 
     broken = _corrupt_copy(bundles, tmp_path)
     start = time.monotonic()
     with pytest.raises(RuntimeError):
         # num_cpus 0: the 2-CPU test cluster is fully booked by the main application
-        serve.run(SentimentDeployment.options(ray_actor_options={"num_cpus": 0}).bind(str(broken)),
+        serve.run(BatchedDeployment.options(name="sentiment", ray_actor_options={"num_cpus": 0})
+                  .bind(str(broken), "sentiment"),
                   name="broken", route_prefix=None)
     assert time.monotonic() - start < 60
     # the bundle's own one-sentence reason is what Serve reports for the deployment
-    assert "checksum" in serve.status().applications["broken"].deployments["Sentiment"].message
+    assert "checksum" in serve.status().applications["broken"].deployments["sentiment"].message
     serve.delete("broken")
 
 
@@ -473,13 +478,15 @@ def test_a_zero_batch_size_in_user_config_fails_the_deployment_in_one_sentence(s
     from ray import serve
 
     from rnnlab.errors import ConfigError
-    from rnnlab.serve.app import GeneratorDeployment, build_app
+    from rnnlab.serve.app import build_app
+    from rnnlab.serve.deployments import GenerationDeployment
 
     with pytest.raises(RuntimeError):
-        serve.run(GeneratorDeployment.options(user_config={"max_batch_size": 0}, ray_actor_options={"num_cpus": 0})
-                  .bind(str(bundles / "wp-small")), name="zero", route_prefix=None)
-    message = serve.status().applications["zero"].deployments["Generator"].message
-    assert "Generator max_batch_size must be a whole number of at least 1, got 0." in message
+        serve.run(GenerationDeployment.options(name="charlm", user_config={"max_batch_size": 0},
+                                             ray_actor_options={"num_cpus": 0})
+                  .bind(str(bundles / "wp-small"), "charlm"), name="zero", route_prefix=None)
+    message = serve.status().applications["zero"].deployments["charlm"].message
+    assert "charlm max_batch_size must be a whole number of at least 1, got 0." in message
     serve.delete("zero")
     for bad in ({"max_batch_size": 0}, {"max_batch_size": 2.5}, {"batch_wait_timeout_s": -1}):
         with pytest.raises(ConfigError, match=next(iter(bad))):  # the same sentence for serve run's args

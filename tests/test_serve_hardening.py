@@ -279,7 +279,7 @@ def test_a_client_that_stops_reading_frees_its_slot(base, http):
         deadline = time.monotonic() + 30
         time.sleep(0.5)
         while time.monotonic() < deadline:
-            generate = next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == "/v1/generate")
+            generate = next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == "/v1/charlm")
             if gateway_streams(http)["open"] == 0 and generate["batching"]["active"] == 0:
                 break
             time.sleep(0.5)
@@ -430,8 +430,8 @@ def test_a_replica_killed_during_load_is_restarted_and_no_client_hangs(base):
             clients = asyncio.gather(*(client(i, http, stop_at) for i in range(6)))
             await asyncio.sleep(3)
             killed_at = time.monotonic()
-            ray.kill(_replica("Sentiment"), no_restart=True)
-            ray.kill(_replica("Generator"), no_restart=True)
+            ray.kill(_replica("sentiment"), no_restart=True)
+            ray.kill(_replica("charlm"), no_restart=True)
             await clients
             return killed_at
 

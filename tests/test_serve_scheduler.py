@@ -9,7 +9,7 @@ import torch
 
 from rnnlab.bundle import Bundle
 from rnnlab.data.vocab import Vocab
-from rnnlab.inference import TextGenerator
+from rnnlab.jobs.charlm import CharLMPredictor
 from rnnlab.models import build_model
 from rnnlab.serve.scheduler import GenerationScheduler, SamplingParams
 
@@ -20,15 +20,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def generator() -> TextGenerator:
+def generator() -> CharLMPredictor:
     torch.manual_seed(0)
     model = build_model("charlm", {"vocab_size": len(CHARS), "embed_dim": 8, "hidden_size": 16, "num_layers": 2})
     bundle = Bundle(path="memory", job="charlm", model=model.eval(), model_config=model.config.to_dict(),
                     config={"data": {"lowercase": True}}, assets={"vocab": Vocab(list(CHARS)).to_json()}, metrics={})
-    return TextGenerator(bundle)
+    return CharLMPredictor(bundle)
 
 
-async def _collect(scheduler: GenerationScheduler, generator: TextGenerator, prompt: str, params: SamplingParams,
+async def _collect(scheduler: GenerationScheduler, generator: CharLMPredictor, prompt: str, params: SamplingParams,
                    done: list | None = None) -> str:
     ids, marks = [], []
     async for chunk in scheduler.generate(generator.encode_prompt(prompt), params):

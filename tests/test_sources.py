@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import threading
 from dataclasses import replace
 from functools import partial
@@ -12,6 +13,7 @@ import pytest
 
 from rnnlab.data import sources
 from rnnlab.errors import DataError
+from rnnlab.files import atomic_write
 
 PAYLOAD = b"Date,Open\n2020-01-02,1.0\n"
 
@@ -104,3 +106,25 @@ def test_unknown_dataset_and_missing_source():
 def test_real_mirror_checksums(mirror):
     for name in sources.DATASETS:
         assert sources.locate(name, mirror=mirror, download=False).parent == mirror
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    """The one helper behind caches, downloads, vocabularies and checkpoint pointers."""
+    target = tmp_path / "new" / "vocab.json"
+    with atomic_write(target, "w") as handle:  # parent folders made, text is UTF-8
+        handle.write("é")
+    assert target.read_text(encoding="utf-8") == "é"
+    with pytest.raises(RuntimeError), atomic_write(target, "w", durable=True) as handle:
+        handle.write("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text(encoding="utf-8") == "é"  # the old file, whole; no temporary left
+    with atomic_write(target, "wb", durable=True) as handle:
+        handle.write(b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in target.parent.iterdir()] == ["vocab.json"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # the usual permissions, not 0600
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -14,6 +14,7 @@ import pytest
 
 from rnnlab.data import stock
 from rnnlab.errors import DataError, InputError
+from stock_reference import chapter_features
 
 N_DAYS = 320
 
@@ -264,7 +265,7 @@ def test_rows_with_missing_values_are_dropped_and_counted(tmp_path, caplog):
     frame.loc[50, "Close"] = "null"  # Yahoo's marker for a day without a quote
     frame.loc[60, "Volume"] = ""
     path = write_csv(frame, tmp_path / "gaps.csv")
-    with caplog.at_level(logging.INFO, logger="rnnlab.data.stock"):
+    with caplog.at_level(logging.INFO, logger="rnnlab.data"):  # prices.py reads, stock.py featurizes
         prices = stock.read_prices(path)
         stock.make_features(prices)
     assert len(prices) == N_DAYS - 2
@@ -288,76 +289,95 @@ def request_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def test_features_for_history_matches_make_features_and_states_the_minimum(prices_csv):
+def served_features(history, window: int) -> np.ndarray:
+    """What the forecaster computes for one request: read_history's rows -> forecast_features [window, 37]."""
+    return stock.forecast_features(stock.read_history(history, window=window).values[None], window)[0]
+
+
+def test_a_request_gets_the_training_features_to_the_bit_and_states_the_minimum(prices_csv):
     raw = pd.read_csv(prices_csv)
     reference = stock.make_features(stock.read_prices(prices_csv))
     window = 5
     assert stock.min_history_rows(window) == 259
-    history = request_rows(raw.iloc[-stock.min_history_rows(window) :])
-    features = stock.features_for_history(history, window=window)
-    assert len(features) == window
-    pd.testing.assert_frame_equal(features, reference.iloc[-window:], check_freq=False)
+    history = raw.iloc[-stock.min_history_rows(window) :].drop(columns=["Adj Close"]).rename(columns=str.lower)
+    np.testing.assert_array_equal(served_features(history, window), reference[stock.FEATURE_NAMES].iloc[-window:])
+    as_json = request_rows(raw.iloc[-stock.min_history_rows(window) :])  # JSON keeps 10 decimals
+    np.testing.assert_allclose(served_features(as_json, window), reference[stock.FEATURE_NAMES].iloc[-window:],
+                               rtol=1e-9)
     with pytest.raises(InputError, match="258 rows but one prediction with windows of 5 days needs at least 259"):
-        stock.features_for_history(history.iloc[1:], window=window)
+        stock.read_history(history.iloc[1:], window=window)
 
 
-def test_features_for_history_accepts_an_open_only_last_row(prices_csv):
+def test_a_request_may_give_only_the_open_of_its_last_row(prices_csv):
     raw = pd.read_csv(prices_csv)
-    history = request_rows(raw)
+    history = raw.drop(columns=["Adj Close"]).rename(columns=str.lower)
     history.loc[len(history) - 1, ["high", "low", "close", "volume"]] = None
-    features = stock.features_for_history(history, window=5)
+    every_day = N_DAYS - stock.WARMUP_ROWS
+    read = stock.read_history(history, window=every_day)
+    assert np.isnan(read.values[-1, 1:]).all() and not np.isnan(read.values[-1, 0])
     reference = stock.make_features(stock.read_prices(prices_csv))
-    assert np.isnan(features["close"].iloc[-1])
-    pd.testing.assert_frame_equal(features[stock.FEATURE_NAMES], reference[stock.FEATURE_NAMES], check_freq=False)
+    np.testing.assert_array_equal(served_features(history, every_day), reference[stock.FEATURE_NAMES])
     history.loc[100, "close"] = None
     with pytest.raises(InputError, match="no Close value at row 101"):
-        stock.features_for_history(history, window=5)
+        stock.read_history(history, window=5)
 
 
-def test_features_for_history_rejects_bad_rows(prices_csv):
+def test_a_request_with_bad_rows_is_refused(prices_csv):
     history = request_rows(pd.read_csv(prices_csv))
     unsorted = history.iloc[::-1].reset_index(drop=True)
     with pytest.raises(InputError, match="unsorted dates"):
-        stock.features_for_history(unsorted)
+        stock.read_history(unsorted, window=1)
     with pytest.raises(InputError, match="lacks the column"):
-        stock.features_for_history(history.drop(columns=["open"]))
+        stock.read_history(history.drop(columns=["open"]), window=1)
     bad = history.astype({"open": object})
     bad.loc[3, "open"] = "abc"
     with pytest.raises(InputError, match="non-numeric Open"):
-        stock.features_for_history(bad)
+        stock.read_history(bad, window=1)
 
 
-# --- forecast features: the serving path against the training pipeline ------------------------------------
+# --- one feature path: serving reads the bits training read; both against the chapter's pandas features -------
 
-# No rolling sums behind these: the same float operations in both paths, so the same bits.
+# No rolling sums behind these: the same float operations in pandas and numpy, so the same bits.
 EXACT_FEATURES = ["open", "open_1", "close_1", "high_1", "low_1", "volume_1",
                   "return_1", "return_5", "return_30", "return_365"]  # fmt: skip
 
 
 def assert_forecast_features_match_training(prices: pd.DataFrame, window: int = 5) -> None:
     """``forecast_features`` on every history a forecast could be asked for (min_history_rows rows ending on each
-    day) against ``make_features`` over the whole file, as the model reads them: scaled, float32."""
-    reference = stock.make_features(prices)[stock.FEATURE_NAMES].to_numpy()
+    day) against ``make_features`` over the whole file: the same bits. Both against the chapter's pandas
+    features (``stock_reference``): equal to rounding, and as the model reads them (scaled, float32)."""
+    trained_frame = stock.make_features(prices)
+    reference = trained_frame[stock.FEATURE_NAMES].to_numpy()
     values = prices[stock.VALUE_COLUMNS].to_numpy()
     histories = np.lib.stride_tricks.sliding_window_view(values, stock.min_history_rows(window), axis=0)
     served = stock.forecast_features(histories.transpose(0, 2, 1), window)  # [days, window, 37]
     trained = np.lib.stride_tricks.sliding_window_view(reference, window, axis=0).transpose(0, 2, 1)
     assert served.shape == trained.shape and np.isfinite(served).all()
+    np.testing.assert_array_equal(served, trained)  # one computation: training and serving see the same bits
+
+    chapter = chapter_features(prices).loc[trained_frame.index, stock.FEATURE_NAMES].to_numpy()
     exact = [stock.FEATURE_NAMES.index(name) for name in EXACT_FEATURES]
-    np.testing.assert_array_equal(served[..., exact], trained[..., exact])
+    np.testing.assert_array_equal(reference[:, exact], chapter[:, exact])
     # pandas' rolling std drifts by up to ~1e-9 of its value over a long series (Welford updates); ours is exact
-    np.testing.assert_allclose(served, trained, rtol=1e-8, atol=1e-15)
+    np.testing.assert_allclose(reference, chapter, rtol=1e-8, atol=1e-15)
     scaler = stock.Scaler.fit(reference[: len(reference) // 2])
-    served32, trained32 = (scaler.transform(f).astype(np.float32) for f in (served, trained))
-    differ = served32 != trained32
+    ours32, chapter32 = (scaler.transform(f).astype(np.float32) for f in (reference, chapter))
+    differ = ours32 != chapter32
     assert differ.mean() < 1e-4, f"{differ.sum()} of {differ.size} float32 model inputs differ"
     # one float32 step, or (for a value next to its feature's mean, where steps are tiny) a billionth of a std
-    step = np.maximum(np.spacing(np.abs(trained32)), np.spacing(np.abs(served32)))
-    assert (np.abs(served32 - trained32) <= np.maximum(step, 1e-9)).all()
+    step = np.maximum(np.spacing(np.abs(chapter32)), np.spacing(np.abs(ours32)))
+    assert (np.abs(ours32 - chapter32) <= np.maximum(step, 1e-9)).all()
 
 
 def test_forecast_features_match_the_training_pipeline(prices_csv):
     assert_forecast_features_match_training(stock.read_prices(prices_csv))
+
+
+def test_training_features_are_computed_in_blocks_without_a_seam(prices_csv, monkeypatch):
+    prices = stock.read_prices(prices_csv)
+    whole = stock.make_features(prices)
+    monkeypatch.setattr(stock, "_FEATURE_BLOCK", 7)  # 66 feature rows: 9 blocks of 7 and one of 3
+    pd.testing.assert_frame_equal(stock.make_features(prices), whole, check_exact=True)
 
 
 def test_forecast_features_match_an_independent_computation(prices_csv):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from rnnlab.errors import ConfigError
 from rnnlab.config import load_config
-from rnnlab.trainers.stock import stock_loss
+from rnnlab.jobs.stock import stock_loss
 from rnnlab.trainers.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

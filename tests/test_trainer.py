@@ -30,11 +30,16 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+# data set (the registry's data_set) -> its tiny stand-in; a job whose data set has none here is skipped
+# (lm trains on the labelled and the unlabelled reviews)
+TINY = {"imdb": lambda folder: make_imdb_tar(folder, unsup=60), "stock": make_stock_csv, "text": make_text}
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("data")
-    reviews = make_imdb_tar(folder, unsup=60)  # lm trains on the labelled and the unlabelled reviews
-    return {"sentiment": reviews, "lm": reviews, "stock": make_stock_csv(folder), "charlm": make_text(folder)}
+    made = {data_set: make(folder) for data_set, make in TINY.items()}
+    return {name: made[spec.data_set] for name, spec in JOBS.items() if spec.data_set in made}
 
 
 # the tiny archive holds 60 unlabelled reviews: the lm smoke preset's held-out blocks must fit in it
@@ -56,7 +61,9 @@ def latest_weights(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output / "checkpoints" / pointer["checkpoint"] / "model.safetensors"))
 
 
-@pytest.mark.parametrize("job", [job for job in JOBS if job != "lm"])  # lm: tests/test_lm.py, on its own data
+@pytest.mark.parametrize("job", [
+    pytest.param(name, marks=pytest.mark.skipif(spec.data_set not in TINY, reason=f"no tiny {spec.data_set} data"))
+    for name, spec in JOBS.items()])
 def test_smoke_run_writes_metrics_checkpoints_and_bundle(job, data, tmp_path):
     result = train(smoke(job, data), tmp_path)
     assert set(result) >= {"val", "test", "best_step"} and result["test"]["loss"] == result["test"]["loss"]
@@ -422,7 +429,7 @@ def test_ngram_branch_trains_beside_the_lstm_at_its_own_learning_rate(data, tmp_
 
 def test_fit_lstm_weight_picks_the_validation_loss_minimum_and_the_bundle_answers_with_it(data, tmp_path):
     from rnnlab.bundle import load_bundle
-    from rnnlab.trainers.sentiment import LSTM_WEIGHTS, sentiment_metrics
+    from rnnlab.jobs.sentiment import LSTM_WEIGHTS, sentiment_metrics
 
     config = smoke("sentiment", data, "model.ngram_buckets=5000", "train.lr_multipliers={ngrams: 20}",
                    "model.fit_lstm_weight=true", "train.epochs=3")

@@ -1,7 +1,6 @@
 """The IMDb sentiment pipeline: reviews -> tokens -> cached ids -> length-bucketed padded batches.
 
-* :func:`read_imdb` streams ``aclImdb_v1.tar.gz`` once with :mod:`tarfile` (the 100k small files are never
-  extracted to disk) or reads a folder in the aclImdb layout.
+* :mod:`rnnlab.data.reviews` reads ``aclImdb_v1.tar.gz`` (or an aclImdb folder) and a user's labelled reviews.
 * :func:`tokenize` is the chapter's tokenizer, kept byte-for-byte because the parity figures depend on its quirks.
 * :func:`load_sentiment_data` tokenizes train and test once ever and caches the ids (``np.savez``, no pickle)
   under ``cache_dir()/imdb``; the cache is vocabulary-independent, so the validation split, ``min_freq`` and
@@ -17,11 +16,8 @@ import logging
 import math
 import os
 import re
-import tarfile
-import tempfile
 import time
 import zipfile
-import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,32 +27,19 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+# Reading the files is reviews.py's; read_imdb, Review, LabelledTexts and read_labelled_reviews stay importable here.
+from rnnlab.data.reviews import SPLITS, LabelledTexts, Review, read_imdb, read_labelled_reviews  # noqa: F401
+from rnnlab.data.reviews import log_skipped, read_splits, source_fingerprint
 from rnnlab.data.sources import cache_dir
 from rnnlab.data.vocab import Vocab, vocab_from_counts
-from rnnlab.errors import ConfigError, DataError, InputError, first_line
+from rnnlab.errors import ConfigError, DataError
+from rnnlab.files import atomic_write
 
 log = logging.getLogger(__name__)
 
 # Bump when tokenize() changes: the version is part of the cache key, so old token ids are never reused.
 TOKENIZER_VERSION = "pmlbe4-chapter-1"
 _CACHE_FORMAT = 1
-
-SPLITS = ("train", "test", "unsup")
-# split -> (folder in aclImdb, class folder, label)
-_FOLDERS: dict[str, tuple[tuple[str, str, int], ...]] = {
-    "train": (("train", "neg", 0), ("train", "pos", 1)),
-    "test": (("test", "neg", 0), ("test", "pos", 1)),
-    "unsup": (("train", "unsup", -1),),
-}
-_REVIEW_NAME = re.compile(r"(\d+)_(\d+)\.txt")
-
-
-@dataclass(frozen=True)
-class Review:
-    text: str
-    label: int  # 1 positive, 0 negative, -1 unlabelled (unsup)
-    rating: int  # the star rating from the file name (0 for unsup)
-    id: int  # the number before the underscore in the file name
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -98,129 +81,6 @@ def tokenize(text: str) -> list[str]:
     emoticons = _EMOTICON.findall(lowered)
     text = _NON_WORD.sub(" ", lowered) + " ".join(emoticons).replace("-", "")
     return text.split()
-
-
-# --------------------------------------------------------------------------------------------- reading
-
-
-def read_imdb(path: str | os.PathLike, splits: Sequence[str] = ("train", "test")) -> dict[str, list[Review]]:
-    """Reviews per split from ``aclImdb_v1.tar.gz`` (streamed, never extracted) or an aclImdb folder.
-
-    The folder may be ``aclImdb`` itself or its parent. ``"unsup"`` (train/unsup) is read only when asked.
-    Order is deterministic: sorted by the member name inside aclImdb (``train/neg/0_3.txt`` ...).
-    Empty reviews are skipped and counted in the log.
-    """
-    records, _ = _read(Path(path), splits)
-    return records
-
-
-def _read(path: Path, splits: Sequence[str]) -> tuple[dict[str, list[Review]], Counter]:
-    unknown = [split for split in splits if split not in _FOLDERS]
-    if unknown:
-        raise ConfigError(f"Unknown IMDb split {unknown[0]!r}; choose from {', '.join(SPLITS)}.")
-    wanted = {(folder, cls): label for split in splits for folder, cls, label in _FOLDERS[split]}
-    started = time.perf_counter()
-    if path.is_dir():
-        files = _read_folder(path, wanted)
-    elif path.is_file():
-        files = _read_archive(path, wanted)
-    else:
-        raise DataError(f"The IMDb source {path} does not exist; pass aclImdb_v1.tar.gz or an aclImdb folder.")
-    for folder, cls in wanted:
-        if (folder, cls) not in files:
-            raise DataError(
-                f"{path} has no aclImdb/{folder}/{cls} folder; pass the aclImdb_v1.tar.gz archive "
-                f"or a folder in its layout."
-            )
-
-    skipped: Counter = Counter()
-    records: dict[str, list[Review]] = {}
-    for split in splits:
-        reviews = []
-        for folder, cls, label in _FOLDERS[split]:
-            for name, raw in sorted(files[folder, cls]):
-                review = _review(name, raw, label, skipped)
-                if review is not None:
-                    reviews.append(review)
-        records[split] = reviews
-    _log_skipped(path, skipped)
-    log.info(
-        "read %s reviews from %s in %.1fs",
-        ", ".join(f"{len(v):,} {k}" for k, v in records.items()),
-        path,
-        time.perf_counter() - started,
-    )
-    return records, skipped
-
-
-def _review(name: str, raw: bytes, label: int, skipped: Counter) -> Review | None:
-    match = _REVIEW_NAME.fullmatch(name)
-    if match is None:
-        skipped["files not named <id>_<rating>.txt"] += 1
-        return None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        skipped["reviews not valid UTF-8 (kept, bad bytes replaced)"] += 1
-    if not text.strip():
-        skipped["empty reviews"] += 1
-        return None
-    return Review(text=text, label=label, rating=int(match.group(2)), id=int(match.group(1)))
-
-
-def _log_skipped(path: Path, skipped: Counter) -> None:
-    for what, count in sorted(skipped.items()):
-        log.warning("%s: skipped %d %s", path, count, what)
-
-
-def _read_archive(path: Path, wanted: dict[tuple[str, str], int]) -> dict[tuple[str, str], list[tuple[str, bytes]]]:
-    """One pass over the gzip stream; only the wanted members are read into memory."""
-    files: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
-    try:
-        with tarfile.open(path, "r:gz") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                parts = _inside_aclimdb(member.name)
-                if parts is None or (parts[0], parts[1]) not in wanted:
-                    continue
-                handle = archive.extractfile(member)
-                files.setdefault((parts[0], parts[1]), []).append((parts[2], handle.read()))
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
-        raise DataError(
-            f"{path} is not a readable .tar.gz archive ({error}); fetch aclImdb_v1.tar.gz again."
-        ) from None
-    return files
-
-
-def _inside_aclimdb(name: str) -> tuple[str, str, str] | None:
-    """``aclImdb/train/pos/0_9.txt`` -> ("train", "pos", "0_9.txt"); other members -> None."""
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    if parts and parts[0] == "aclImdb":
-        parts = parts[1:]
-    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
-
-
-def _dataset_root(path: Path) -> Path:
-    """Accept the aclImdb folder itself or the folder that holds it."""
-    if not (path / "train").is_dir() and not (path / "test").is_dir() and (path / "aclImdb").is_dir():
-        return path / "aclImdb"
-    return path
-
-
-def _read_folder(path: Path, wanted: dict[tuple[str, str], int]) -> dict[tuple[str, str], list[tuple[str, bytes]]]:
-    root = _dataset_root(path)
-    files: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
-    for folder, cls in wanted:
-        directory = root / folder / cls
-        if not directory.is_dir():
-            continue  # reported by the caller, with the same sentence as for an archive
-        with os.scandir(directory) as entries:
-            files[folder, cls] = [
-                (entry.name, Path(entry.path).read_bytes()) for entry in entries if entry.is_file()
-            ]
-    return files
 
 
 # --------------------------------------------------------------------------------------------- datasets
@@ -352,26 +212,8 @@ def _encode_split(split: _Split, lookup: np.ndarray, select: np.ndarray, max_len
 # --------------------------------------------------------------------------------------------- token cache
 
 
-def _source_fingerprint(path: Path) -> dict:
-    """What identifies the source cheaply: resolved path, size and mtime (of every review file for a folder)."""
-    path = path.resolve()
-    if path.is_file():
-        stat = path.stat()
-        return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    root = _dataset_root(path)
-    size = newest = count = 0
-    for folder, cls, _ in _FOLDERS["train"] + _FOLDERS["test"]:
-        directory = root / folder / cls
-        if directory.is_dir():
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    stat = entry.stat()
-                    size, newest, count = size + stat.st_size, max(newest, stat.st_mtime_ns), count + 1
-    return {"path": str(path), "size": size, "mtime_ns": newest, "files": count}
-
-
 def _cache_path(path: Path) -> Path:
-    key = {"source": _source_fingerprint(path), "tokenizer": TOKENIZER_VERSION, "format": _CACHE_FORMAT}
+    key = {"source": source_fingerprint(path), "tokenizer": TOKENIZER_VERSION, "format": _CACHE_FORMAT}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir() / "imdb" / f"{digest}.npz"
 
@@ -383,7 +225,7 @@ def _load_corpus(path: Path, *, cache: bool) -> _Corpus:
     if target is not None and target.is_file():
         corpus = _read_cache(target)
         if corpus is not None:
-            _log_skipped(path, Counter(corpus.skipped))
+            log_skipped(path, Counter(corpus.skipped))
             return corpus
     corpus = _tokenize_corpus(path)
     if target is not None:
@@ -392,7 +234,7 @@ def _load_corpus(path: Path, *, cache: bool) -> _Corpus:
 
 
 def _tokenize_corpus(path: Path) -> _Corpus:
-    records, skipped = _read(path, ("train", "test"))
+    records, skipped = read_splits(path, ("train", "test"))
     started = time.perf_counter()
     index: dict[str, int] = {}
     splits = {}
@@ -423,7 +265,6 @@ def _tokenize_corpus(path: Path) -> _Corpus:
 
 def _write_cache(target: Path, corpus: _Corpus) -> None:
     """np.savez to a temp file beside the target, then rename: readers never see half a cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         # Tokens never contain whitespace (they come from str.split), so newline-joined UTF-8 is unambiguous.
         "tokens": np.frombuffer("\n".join(corpus.tokens).encode("utf-8"), dtype=np.uint8),
@@ -436,15 +277,8 @@ def _write_cache(target: Path, corpus: _Corpus) -> None:
     for name, split in corpus.splits.items():
         for field in ("ids", "offsets", "labels", "ratings", "review_ids"):
             arrays[f"{name}_{field}"] = getattr(split, field)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".part-", suffix=".npz", delete=False) as handle:
-        part = Path(handle.name)
-        try:
-            np.savez(handle, **arrays)
-        except BaseException:
-            handle.close()
-            part.unlink(missing_ok=True)
-            raise
-    os.replace(part, target)
+    with atomic_write(target) as handle:
+        np.savez(handle, **arrays)
     log.info("cached IMDb token ids in %s", target)
 
 
@@ -467,108 +301,6 @@ def _read_cache(target: Path) -> _Corpus | None:
         return None
     log.info("loaded IMDb token ids from %s", target)
     return _Corpus(tokens=tokens, splits=splits, skipped=meta.get("skipped", {}))
-
-
-# --------------------------------------------------------------------------------------------- inference
-
-
-def encode_texts(texts: Sequence[str], vocab: Vocab, max_length: int | None = None) -> list[np.ndarray]:
-    """Tokenize and encode raw texts for a trained model; same rules as training (incl. keep-the-last truncation).
-
-    A text with no tokens (empty, only markup or punctuation) raises InputError naming its position.
-    """
-    encoded = []
-    for position, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InputError(f"Text {position} is a {type(text).__name__}, not a string; send review text.")
-        tokens = tokenize(text)
-        if not tokens:
-            raise InputError(f"Text {position} has no words after removing markup and punctuation; send review text.")
-        ids = np.asarray(vocab.encode(tokens), dtype=np.int64)
-        encoded.append(ids[-max_length:] if max_length is not None else ids)
-    return encoded
-
-
-# --------------------------------------------------------------------------------------------- user data
-
-# Label spellings a CSV may use (compared lowercased, stripped).
-_LABEL_WORDS = {"1": 1, "positive": 1, "pos": 1, "0": 0, "negative": 0, "neg": 0}
-
-
-@dataclass
-class LabelledTexts:
-    """Reviews of any source with their labels (1 positive, 0 negative), in a stable order."""
-
-    texts: list[str]
-    labels: np.ndarray  # int8
-    skipped: dict[str, int]  # what was left out, and how many
-
-
-def read_labelled_reviews(path: str | os.PathLike) -> LabelledTexts:
-    """Labelled reviews from a folder holding ``pos/`` and ``neg/`` text files (one review per file, as in
-    aclImdb's train/ and test/) or from a CSV with ``text`` and ``label`` columns (label 1/0, positive/negative
-    or pos/neg; header names in any case). A malformed source is a DataError naming what to fix."""
-    path = Path(path)
-    if path.is_dir():
-        return _read_review_folder(path)
-    if path.is_file():
-        return _read_review_csv(path)
-    raise DataError(
-        f"{path} does not exist; pass a folder with pos/ and neg/ text files or a CSV with text,label columns."
-    )
-
-
-def _read_review_folder(path: Path) -> LabelledTexts:
-    folders = {label: path / name for name, label in (("neg", 0), ("pos", 1))}
-    missing = [folder.name for folder in folders.values() if not folder.is_dir()]
-    if missing:
-        raise DataError(
-            f"{path} has no {' and no '.join(f'{name}/' for name in missing)} folder; pass a folder with pos/ and "
-            "neg/ text files (one review per file) or a CSV with text,label columns."
-        )
-    texts, labels, skipped = [], [], Counter()
-    for label, folder in folders.items():
-        for file in sorted(entry for entry in folder.iterdir() if entry.is_file()):
-            raw = file.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("utf-8", errors="replace")
-                skipped["reviews not valid UTF-8 (kept, bad bytes replaced)"] += 1
-            texts.append(text)
-            labels.append(label)
-    if not texts:
-        raise DataError(f"{path}/pos and {path}/neg hold no files; put one review per text file in them.")
-    return LabelledTexts(texts, np.asarray(labels, dtype=np.int8), dict(skipped))
-
-
-def _read_review_csv(path: Path) -> LabelledTexts:
-    import pandas as pd
-
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
-        raise DataError(
-            f"{path} is not a readable UTF-8 CSV ({first_line(error)}); pass a CSV with text,label columns or a "
-            "folder with pos/ and neg/ text files."
-        ) from None
-    columns = {str(name).strip().lower(): name for name in frame.columns}
-    if "text" not in columns or "label" not in columns:
-        raise DataError(
-            f"{path} has columns {', '.join(map(str, frame.columns)) or 'none'} but needs text and label; "
-            "write a header line text,label."
-        )
-    if frame.empty:
-        raise DataError(f"{path} has a header but no reviews; add rows of text,label.")
-    labels = []
-    for row, value in enumerate(frame[columns["label"]], start=2):  # line 1 is the header
-        label = _LABEL_WORDS.get(value.strip().lower())
-        if label is None:
-            raise DataError(
-                f"{path} line {row}: the label {value!r} is not one of 1/0, positive/negative, pos/neg; fix that row."
-            )
-        labels.append(label)
-    return LabelledTexts(list(frame[columns["text"]]), np.asarray(labels, dtype=np.int8), {})
 
 
 # --------------------------------------------------------------------------------------------- batching
@@ -669,7 +401,7 @@ def collate_reviews(batch: list[tuple[np.ndarray, float]]) -> tuple[torch.Tensor
 def summarize_imdb(path: str | os.PathLike) -> dict:
     """Counts per split and label, the train vocabulary size and train review lengths in tokens."""
     path = Path(path)
-    records, skipped = _read(path, SPLITS)
+    records, skipped = read_splits(path, SPLITS)
     splits = {}
     for name, reviews in records.items():
         labels = Counter(review.label for review in reviews)
@@ -708,7 +440,6 @@ __all__ = [
     "Review",
     "SentimentData",
     "collate_reviews",
-    "encode_texts",
     "load_sentiment_data",
     "read_imdb",
     "read_labelled_reviews",

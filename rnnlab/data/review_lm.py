@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from rnnlab.data import imdb
+from rnnlab.data.reviews import source_fingerprint
 from rnnlab.data.sources import cache_dir
 from rnnlab.data.vocab import Vocab
 from rnnlab.errors import ConfigError
+from rnnlab.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _stream(reviews: list[np.ndarray]) -> np.ndarray:
 
 def _unsup_corpus(path: Path, *, cache: bool) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(distinct tokens, corpus ids int32, offsets int64) of the unlabelled reviews, tokenized once ever."""
-    key = {"source": imdb._source_fingerprint(path), "tokenizer": imdb.TOKENIZER_VERSION, "format": _CACHE_FORMAT,
+    key = {"source": source_fingerprint(path), "tokenizer": imdb.TOKENIZER_VERSION, "format": _CACHE_FORMAT,
            "split": "unsup"}
     target = cache_dir() / "imdb" / f"unsup-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.npz"
     if cache and target.is_file():
@@ -119,9 +120,7 @@ def _unsup_corpus(path: Path, *, cache: bool) -> tuple[list[str], np.ndarray, np
     ids = np.array(flat, dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     if cache:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".part-", suffix=".npz", delete=False) as handle:
+        with atomic_write(target) as handle:
             np.savez(handle, tokens=np.frombuffer("\n".join(tokens).encode("utf-8"), dtype=np.uint8), ids=ids,
                      offsets=offsets)
-        os.replace(handle.name, target)
     return tokens, ids, offsets

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from rnnlab.errors import DataError
+from rnnlab.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -129,26 +129,22 @@ def _missing_sentence(spec: DatasetFile, reason: str) -> str:
 
 
 def _download(spec: DatasetFile, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s from %s", spec.filename, spec.url)
-    # Download beside the target and rename, so an interrupted download never looks complete.
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".part-", delete=False) as part:
-        part_path = Path(part.name)
+    # Download beside the target and rename, so an interrupted or corrupt download never looks complete.
+    with atomic_write(target) as part:
         try:
             with urllib.request.urlopen(spec.url, timeout=30) as response:
                 _copy_with_progress(response, part, int(response.headers.get("Content-Length") or 0), spec.filename)
         except (urllib.error.URLError, TimeoutError, OSError) as error:
-            part_path.unlink(missing_ok=True)
             reason = f"download failed: {getattr(error, 'reason', error)}"
             raise DataError(_missing_sentence(spec, reason)) from None
-    try:
-        _verified(part_path, spec)
-    except DataError:
-        part_path.unlink(missing_ok=True)
-        raise DataError(
-            f"The download of {spec.url} fails its checksum; nothing was kept, try again or use a mirror."
-        ) from None
-    os.replace(part_path, target)
+        part.flush()
+        try:
+            _verified(Path(part.name), spec)
+        except DataError:
+            raise DataError(
+                f"The download of {spec.url} fails its checksum; nothing was kept, try again or use a mirror."
+            ) from None
     return target
 
 

@@ -5,10 +5,10 @@ under the chapter's names. "30" and "365" in the names mean 21 and 252 trading d
 Every feature at day t uses prices up to day t-1, except ``open`` (day t's open), and the target is day
 t's ``close``: the model sees the morning and predicts the evening.
 
-The longest feature, ``moving_avg_365`` (a 252-day mean of ``return_1``, itself lagged twice), is first
-defined on the 255th row of a series, so the first ``WARMUP_ROWS`` = 254 rows never get features. One
-prediction from windows of length L therefore needs ``min_history_rows(L)`` = 254 + L rows of history
-(259 for the default L = 5); see ``features_for_history``.
+One computation gives the features for training, scoring and serving (:func:`forecast_features`): each day's
+from the rows its own windows read, so a forecast from a 259-row request gets the very bits training saw for
+that day. The first ``WARMUP_ROWS`` = 254 rows of a series never get features (see :mod:`rnnlab.data.prices`,
+which reads and validates the prices; its names are importable from here too).
 """
 
 from __future__ import annotations
@@ -22,17 +22,22 @@ import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
-from rnnlab.errors import DataError, InputError, RnnlabError, first_line
+from rnnlab.data.prices import (  # noqa: F401 -- re-exported: jobs, inference and scoring import them from here
+    MIN_ROWS,
+    PERIODS,
+    PRICE_COLUMNS,
+    REQUIRED_COLUMNS,
+    VALUE_COLUMNS,
+    WARMUP_ROWS,
+    PriceHistory,
+    min_history_rows,
+    read_history,
+    read_prices,
+)
+from rnnlab.data.scaler import Scaler  # re-exported: bundles and the service import it from here
+from rnnlab.errors import DataError
 
 log = logging.getLogger(__name__)
-
-PRICE_COLUMNS = ["Date", "Open", "High", "Low", "Close", "Adj Close", "Volume"]
-REQUIRED_COLUMNS = ["Date", "Open", "High", "Low", "Close", "Volume"]  # "Adj Close" is optional and unused
-VALUE_COLUMNS = ["Open", "High", "Low", "Close", "Volume"]
-PRICE_VALUE_COLUMNS = ["Open", "High", "Low", "Close"]
-
-# Chapter window names -> trading days.
-PERIODS = {"5": 5, "30": 21, "365": 252}
 
 FEATURE_NAMES: list[str] = [
     "open", "open_1", "close_1", "high_1", "low_1", "volume_1",
@@ -52,10 +57,6 @@ TARGET_COLUMN = "close"
 # for validation), test TEST_START..TEST_END. The stock job's data.* keys default to these.
 TRAIN_END, TEST_START, TEST_END, VAL_DAYS = "2022-12-31", "2023-01-01", "2023-06-30", 252
 
-# moving_avg_365 = return_1 (first defined at row index 2) -> rolling(252) (+251) -> shift(1) (+1) = index 254.
-WARMUP_ROWS = 2 + (PERIODS["365"] - 1) + 1
-MIN_ROWS = WARMUP_ROWS + 1  # rows a price file needs for a single feature row
-
 TARGETS = ("close", "log_return")
 
 UNDEFINED_FEATURES = (
@@ -63,338 +64,15 @@ UNDEFINED_FEATURES = (
     "0/0); send a history with non-zero volumes."
 )
 
-# Cells that mean "no value" (Yahoo writes "null" for days it has no quote).
-_MISSING_TOKENS = {"", "null", "nan", "na", "n/a", "none", "-"}
-
-
-def min_history_rows(window: int = 5) -> int:
-    """Rows of price history needed for one prediction from windows of ``window`` feature rows (254 + L)."""
-    return WARMUP_ROWS + window
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading and validating prices
-
-
-def read_prices(path: Path | str) -> pd.DataFrame:
-    """Read a Yahoo-layout daily CSV into a frame indexed by ``Date`` with float Open, High, Low, Close, Volume.
-
-    Rows with a missing value are dropped and counted in the log; every other fault is a DataError.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"Price file {path} does not exist; pass a Yahoo-layout daily CSV ({','.join(PRICE_COLUMNS)})."
-        )
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"Price file {path} is not a readable CSV ({first_line(exc)}); export it again as CSV.") \
-            from exc
-    prices = _validate_prices(raw, f"Price file {path}", DataError, last_row_may_be_open_only=False)
-    if len(prices) < MIN_ROWS:
-        raise DataError(
-            f"Price file {path} has {len(prices)} usable rows but the 252-day features need at least {MIN_ROWS}; "
-            "use a longer price history."
-        )
-    return prices
-
-
-def features_for_history(prices_frame: pd.DataFrame, *, window: int = 1) -> pd.DataFrame:
-    """Validate a user-supplied price history and return its feature rows (for inference and serving).
-
-    ``prices_frame`` holds one row per trading day, oldest first, with a date (a ``date``/``Date`` column or a
-    DatetimeIndex) and open, high, low, close, volume (any capitalisation; numbers or numeric strings), e.g.
-    ``pd.DataFrame(request_json["rows"])``. It needs at least ``min_history_rows(window)`` = 254 + window rows.
-
-    To forecast day T's close, send the history through day T-1 plus a row for day T with its open; that last
-    row's high, low, close and volume may be missing (None), as they are not known yet and no feature uses
-    them. Any other missing, non-numeric, non-positive, unsorted or duplicated value is an InputError.
-
-    Returns FEATURE_NAMES + "close" for every day past the warm-up (at least ``window`` rows); ``close`` of
-    the last row is NaN when it was not given. Features are unscaled: apply the bundle's Scaler.
-    """
-    if not isinstance(prices_frame, pd.DataFrame):
-        raise InputError("The price history must be a table of rows with date, open, high, low, close, volume.")
-    raw = prices_frame
-    if isinstance(raw.index, pd.DatetimeIndex) and not any(str(c).strip().lower() == "date" for c in raw.columns):
-        raw = raw.reset_index(names="Date")
-    prices = _validate_prices(raw.reset_index(drop=True), "The price history", InputError,
-                              last_row_may_be_open_only=True)
-    needed = min_history_rows(window)
-    if len(prices) < needed:
-        raise InputError(
-            f"The price history has {len(prices)} rows but one prediction with windows of {window} days needs at "
-            f"least {needed} (254 warm-up days for the 252-day features plus the window)."
-        )
-    features = _compute_features(prices).iloc[WARMUP_ROWS:].replace([np.inf, -np.inf], np.nan)
-    if features[FEATURE_NAMES].iloc[-window:].isna().any(axis=None):
-        raise InputError(UNDEFINED_FEATURES)
-    return features
-
-
-def _canonical_columns(raw: pd.DataFrame) -> dict[str, str]:
-    """Map the frame's own column names to PRICE_COLUMNS, ignoring case and surrounding spaces."""
-    wanted = {name.lower(): name for name in PRICE_COLUMNS}
-    wanted["adj_close"] = "Adj Close"
-    mapping: dict[str, str] = {}
-    for column in raw.columns:
-        key = str(column).strip().lower()
-        if key in wanted and wanted[key] not in mapping.values():
-            mapping[column] = wanted[key]
-    return mapping
-
-
-def _is_missing(cells: pd.Series) -> pd.Series:
-    text = cells.astype(str).str.strip().str.lower()
-    return cells.isna() | text.isin(_MISSING_TOKENS)
-
-
-def _line(position: int) -> str:
-    return f"row {position + 1}"
-
-
-def _validate_prices(
-    raw: pd.DataFrame, source: str, error: type[RnnlabError], *, last_row_may_be_open_only: bool
-) -> pd.DataFrame:
-    """The checks shared by CSV files (DataError) and request histories (InputError); returns typed prices."""
-    mapping = _canonical_columns(raw)
-    missing_columns = [c for c in REQUIRED_COLUMNS if c not in mapping.values()]
-    if missing_columns:
-        raise error(
-            f"{source} lacks the column(s) {', '.join(missing_columns)}; it needs {', '.join(REQUIRED_COLUMNS)} "
-            "(Yahoo daily layout)."
-        )
-    frame = raw.rename(columns=mapping)[REQUIRED_COLUMNS].reset_index(drop=True)
-    if frame.empty:
-        raise error(f"{source} has no rows; it needs at least {MIN_ROWS} trading days.")
-
-    dates = _parse_dates(frame["Date"], source, error)
-    duplicated = dates.duplicated()
-    if duplicated.any():
-        first = int(np.flatnonzero(duplicated.to_numpy())[0])
-        raise error(
-            f"{source} has duplicate dates (first {dates[first].date()} at {_line(first)}); keep one row per day."
-        )
-    if not dates.is_monotonic_increasing:
-        first = int(np.flatnonzero(np.diff(dates.to_numpy()) < np.timedelta64(0))[0]) + 1
-        raise error(
-            f"{source} has unsorted dates ({dates[first].date()} at {_line(first)} comes after "
-            f"{dates[first - 1].date()}); sort the rows by date, oldest first."
-        )
-
-    values = pd.DataFrame(index=frame.index)
-    missing = pd.DataFrame(index=frame.index)
-    for column in VALUE_COLUMNS:
-        cells = frame[column]
-        missing[column] = _is_missing(cells)
-        numbers = pd.to_numeric(cells.where(~missing[column]), errors="coerce")
-        bad = numbers.isna() & ~missing[column]
-        if bad.any():
-            first = int(np.flatnonzero(bad.to_numpy())[0])
-            raise error(
-                f"{source} has a non-numeric {column} value {str(cells.iloc[first])!r} at {_line(first)}; "
-                "fix or remove that row."
-            )
-        values[column] = numbers.astype(float)
-    infinite = ~np.isfinite(values.fillna(0.0).to_numpy()).all(axis=1)
-    if infinite.any():
-        first = int(np.flatnonzero(infinite)[0])
-        raise error(f"{source} has an infinite value at {_line(first)}; fix or remove that row.")
-    values.index = pd.DatetimeIndex(dates, name="Date")
-    missing.index = values.index
-
-    row_missing = missing.any(axis=1)
-    if last_row_may_be_open_only:
-        # The day being forecast: only its open is known (and only its open is used).
-        tail = missing.iloc[-1]
-        if not tail["Open"]:
-            row_missing.iloc[-1] = False
-        if row_missing.any():
-            first = int(np.flatnonzero(row_missing.to_numpy())[0])
-            column = missing.columns[missing.iloc[first].to_numpy()][0]
-            raise error(
-                f"{source} has no {column} value at {_line(first)}; every row needs open, high, low, close and "
-                "volume (only the last row may give just its open)."
-            )
-    elif row_missing.any():
-        log.warning(
-            "%s: dropped %d of %d rows with a missing value (first on %s).",
-            source, int(row_missing.sum()), len(values), values.index[row_missing.to_numpy()][0].date(),
-        )
-        values = values[~row_missing.to_numpy()]
-
-    nonpositive = (values[PRICE_VALUE_COLUMNS] <= 0).any(axis=1) | (values["Volume"] < 0)
-    if nonpositive.any():
-        day = values.index[nonpositive.to_numpy()][0]
-        raise error(
-            f"{source} has a non-positive price or negative volume on {day.date()}; prices must be above zero."
-        )
-    return values
-
-
-def _parse_dates(cells: pd.Series, source: str, error: type[RnnlabError]) -> pd.Series:
-    if pd.api.types.is_datetime64_any_dtype(cells):
-        dates = pd.to_datetime(cells)
-    else:
-        text = cells.astype(str).str.strip()
-        dates = pd.to_datetime(text, format="ISO8601", errors="coerce")
-        if dates.isna().any():  # not ISO: let pandas infer one consistent format (e.g. 01/02/1990)
-            try:
-                inferred = pd.to_datetime(text, errors="coerce")
-            except (ValueError, TypeError):
-                inferred = dates
-            if inferred.isna().sum() < dates.isna().sum():
-                dates = inferred
-    if getattr(dates.dt, "tz", None) is not None:
-        dates = dates.dt.tz_localize(None)
-    if dates.isna().any():
-        first = int(np.flatnonzero(dates.isna().to_numpy())[0])
-        raise error(
-            f"{source} has an unparseable date {str(cells.iloc[first])!r} at {_line(first)}; "
-            "write dates as YYYY-MM-DD."
-        )
-    return dates.reset_index(drop=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Features
-
-
-def _compute_features(prices: pd.DataFrame) -> pd.DataFrame:
-    """The chapter's generate_features without its final dropna (warm-up rows are NaN)."""
-    open_, high, low, close, volume = (prices[c] for c in VALUE_COLUMNS)
-    out: dict[str, pd.Series] = {
-        "open": open_,
-        "open_1": open_.shift(1),
-        "close_1": close.shift(1),
-        "high_1": high.shift(1),
-        "low_1": low.shift(1),
-        "volume_1": volume.shift(1),
-    }
-    for stat, series, kind in (
-        ("avg", close, "price"), ("avg", volume, "volume"), ("std", close, "price"), ("std", volume, "volume")
-    ):
-        names = {}
-        for label, days in PERIODS.items():
-            rolling = series.rolling(days)
-            names[label] = f"{stat}_{kind}_{label}"
-            out[names[label]] = (rolling.mean() if stat == "avg" else rolling.std()).shift(1)
-        for short, long in (("5", "30"), ("5", "365"), ("30", "365")):
-            out[f"ratio_{stat}_{kind}_{short}_{long}"] = out[names[short]] / out[names[long]]
-    for label, days in (("1", 1), *PERIODS.items()):
-        out[f"return_{label}"] = ((close - close.shift(days)) / close.shift(days)).shift(1)
-    for label, days in PERIODS.items():
-        out[f"moving_avg_{label}"] = out["return_1"].rolling(days).mean().shift(1)
-    frame = pd.DataFrame({name: out[name] for name in FEATURE_NAMES})
-    frame[TARGET_COLUMN] = close
-    return frame
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Forecast features: the last days of many histories at once, from only the rows their windows read
-
-
-@dataclass
-class PriceHistory:
-    """A validated request history, cut to the ``min_history_rows(window)`` rows its forecast reads."""
-
-    dates: np.ndarray  # datetime64[D], oldest first
-    values: np.ndarray  # float64 [rows, 5]: Open, High, Low, Close, Volume; NaN where the last row's are unknown
-
-
-def read_history(history: Any, *, window: int) -> PriceHistory:
-    """``features_for_history``'s checks and errors, keeping the rows a forecast with ``window`` days reads.
-
-    ``history``: a DataFrame as ``features_for_history`` takes it, or a mapping of columns (date -> ISO strings,
-    dates or datetime64; open, high, low, close, volume -> numbers, with None/NaN for the last row's unknowns).
-    Clean typed columns (what the service sends) are checked in numpy; anything else, or anything that fails
-    a check, goes through the general pandas validation, which words the error exactly as it always has.
-    """
-    needed = min_history_rows(window)
-    typed = _typed_history(history)
-    if typed is None:
-        frame = pd.DataFrame(dict(history)) if isinstance(history, dict) else history
-        if not isinstance(frame, pd.DataFrame):
-            raise InputError("The price history must be a table of rows with date, open, high, low, close, volume.")
-        if isinstance(frame.index, pd.DatetimeIndex) and not any(str(c).strip().lower() == "date" for c in frame.columns):
-            frame = frame.reset_index(names="Date")
-        prices = _validate_prices(frame.reset_index(drop=True), "The price history", InputError,
-                                  last_row_may_be_open_only=True)
-        typed = PriceHistory(dates=prices.index.to_numpy().astype("datetime64[D]"),
-                             values=prices[VALUE_COLUMNS].to_numpy(dtype=np.float64))
-    if len(typed.values) < needed:
-        raise InputError(
-            f"The price history has {len(typed.values)} rows but one prediction with windows of {window} days needs "
-            f"at least {needed} (254 warm-up days for the 252-day features plus the window)."
-        )
-    return PriceHistory(dates=typed.dates[-needed:], values=typed.values[-needed:])
-
-
-def _typed_history(history: Any) -> PriceHistory | None:
-    """The history as arrays when its columns are already clean (numbers, ISO dates, sorted, positive, complete
-    but for the last row's high/low/close/volume); None when it needs the general checks."""
-    if isinstance(history, pd.DataFrame):
-        columns = {str(name): history[name].to_numpy() for name in history.columns}
-        if isinstance(history.index, pd.DatetimeIndex) and not any(c.strip().lower() == "date" for c in columns):
-            columns["date"] = history.index.to_numpy()
-    elif isinstance(history, dict):
-        columns = {str(name): np.asarray(cells) if not isinstance(cells, np.ndarray) else cells
-                   for name, cells in history.items()}
-    else:
-        return None
-    by_name = {name.strip().lower(): cells for name, cells in columns.items()}
-    if len(by_name) != len(columns) or any(c.lower() not in by_name for c in REQUIRED_COLUMNS):
-        return None
-    try:
-        dates = _days(by_name["date"])
-        values = np.stack([_numeric(by_name[c.lower()]) for c in VALUE_COLUMNS], axis=1)
-    except (TypeError, ValueError):
-        return None
-    if values.ndim != 2 or len(values) == 0 or np.isnat(dates).any() or not (np.diff(dates) > np.timedelta64(0)).all():
-        return None
-    known = values.copy()
-    known[-1, 1:] = np.where(np.isnan(known[-1, 1:]), 1.0, known[-1, 1:])  # the day to forecast: open only
-    if not np.isfinite(known).all() or (known[:, :4] <= 0).any() or (known[:, 4] < 0).any():
-        return None
-    return PriceHistory(dates=dates, values=values)
-
-
-def _days(cells: np.ndarray) -> np.ndarray:
-    """datetime64[D] for dates that are plain days (datetime64 at midnight, date objects, YYYY-MM-DD strings);
-    ValueError for anything else (numpy would silently cut a time of day or read 20200101 as a year)."""
-    cells = np.asarray(cells)
-    if cells.dtype.kind not in "MOU":
-        raise ValueError("not dates")
-    days = cells.astype("datetime64[D]")
-    same = days == cells if cells.dtype.kind == "M" else days.astype(str) == cells.astype(str)
-    if not same.all():
-        raise ValueError("not plain days")
-    return days
-
-
-def _numeric(cells: np.ndarray) -> np.ndarray:
-    """float64 for numeric cells (None -> NaN); ValueError for anything pandas would have to interpret."""
-    cells = np.asarray(cells)
-    if cells.dtype.kind in "fiu":
-        return cells.astype(np.float64)
-    if cells.dtype.kind == "O" and all(
-        cell is None or (isinstance(cell, (int, float, np.integer, np.floating)) and not isinstance(cell, bool))
-        for cell in cells
-    ):
-        return cells.astype(np.float64)
-    raise ValueError("not plain numbers")
-
 
 def forecast_features(values: np.ndarray, window: int) -> np.ndarray:
     """FEATURE_NAMES for the last ``window`` days of each history: ``values`` [B, rows, 5] (Open, High, Low,
     Close, Volume, oldest first; only the last ``min_history_rows(window)`` rows are read) -> [B, window, 37].
 
-    The same features as ``_compute_features``, computed from each window's own rows and vectorised over the
-    batch instead of rolled over the whole series: pandas' rolling sums carry rounding from every earlier row,
-    so these agree with the training pipeline's features to rounding (the model reads them as float32), and
-    shifts, returns and opens exactly. A row with an undefined feature (a ratio with a zero denominator) is
-    NaN, as in pandas.
+    The chapter's generate_features (pandas rolling windows, then shift(1)), computed from each day's own rows,
+    two-pass, vectorised over the batch: a day's features do not depend on how much history came before its
+    windows (pandas' rolling sums carry rounding from every earlier row, up to ~1e-9 of a value). A row with an
+    undefined feature (a ratio with a zero denominator) is NaN.
     """
     values = np.asarray(values, dtype=np.float64)[:, -min_history_rows(window):]
     if values.ndim != 3 or values.shape[1] < min_history_rows(window):
@@ -433,36 +111,51 @@ def forecast_features(values: np.ndarray, window: int) -> np.ndarray:
     out["return_1"] = return_1[:, days]
     for label, length in PERIODS.items():
         out[f"return_{label}"] = returns(length)[:, days]
-        out[f"moving_avg_{label}"] = _mean_std(before(return_1, length))[0]
+        out[f"moving_avg_{label}"] = _mean_std(before(return_1, length), std=False)[0]
     features = np.stack([out[name] for name in FEATURE_NAMES], axis=-1)
     features[~np.isfinite(features)] = np.nan
     return features
 
 
-def _mean_std(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sample std (ddof=1) over the last axis, two-pass; a window of one repeated value gets that value
-    and 0 exactly (as pandas' rolling gives it), not a rounding residue."""
-    windows = np.ascontiguousarray(windows)
-    mean = windows.sum(axis=-1) / windows.shape[-1]
-    deviations = windows - mean[..., None]
-    std = np.sqrt((deviations * deviations).sum(axis=-1) / (windows.shape[-1] - 1))
+def _mean_std(windows: np.ndarray, *, std: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean and sample std (ddof=1) over the last axis, two-pass (``std=False``: the mean alone); a window of one
+    repeated value gets that value and 0 exactly (as pandas' rolling gives it), not a rounding residue."""
+    windows = np.array(windows, dtype=np.float64, order="C")  # a copy (of a view): worked on in place below
+    length = windows.shape[-1]
+    raw_mean = windows.sum(axis=-1) / length
     constant = windows.max(axis=-1) == windows.min(axis=-1)
-    return np.where(constant, windows[..., 0], mean), np.where(constant, 0.0, std)
+    mean = np.where(constant, windows[..., 0], raw_mean)
+    if not std:
+        return mean, None
+    deviations = np.subtract(windows, raw_mean[..., None], out=windows)
+    squares = np.multiply(deviations, deviations, out=deviations)
+    return mean, np.where(constant, 0.0, np.sqrt(squares.sum(axis=-1) / (length - 1)))
+
+
+# Feature rows computed at once: bounds the [days, 252] window copies to a few MB whatever the file's length.
+_FEATURE_BLOCK = 1024
 
 
 def make_features(prices: pd.DataFrame) -> pd.DataFrame:
-    """FEATURE_NAMES + "close" per day; the NaN warm-up rows are dropped and counted in the log.
-
-    Ratios with a zero denominator (e.g. zero volume) are undefined and dropped like the warm-up, counted.
+    """FEATURE_NAMES + "close" per day of a price frame (:func:`read_prices`); the warm-up rows are dropped and
+    counted in the log. Ratios with a zero denominator (e.g. zero volume) are undefined and dropped like the
+    warm-up, counted. Each row is :func:`forecast_features` of the rows before it, to the bit.
     """
-    frame = _compute_features(prices).replace([np.inf, -np.inf], np.nan)
+    values = prices[VALUE_COLUMNS].to_numpy(dtype=np.float64)
+    log.info("Features: dropped %d warm-up rows (the 252-day windows).", int(min(WARMUP_ROWS, len(values))))
+    days = max(len(values) - WARMUP_ROWS, 0)
+    blocks = [
+        forecast_features(values[None, start : WARMUP_ROWS + min(start + _FEATURE_BLOCK, days)],
+                          min(_FEATURE_BLOCK, days - start))[0]
+        for start in range(0, days, _FEATURE_BLOCK)
+    ]
+    features = np.concatenate(blocks) if blocks else np.zeros((0, len(FEATURE_NAMES)))
+    frame = pd.DataFrame(features, index=prices.index[WARMUP_ROWS:], columns=FEATURE_NAMES)
+    frame[TARGET_COLUMN] = values[WARMUP_ROWS:, VALUE_COLUMNS.index("Close")]
     undefined = frame.isna().any(axis=1).to_numpy()
-    warmup = np.zeros(len(frame), dtype=bool)
-    warmup[:WARMUP_ROWS] = True
-    log.info("Features: dropped %d warm-up rows (the 252-day windows).", int(min(WARMUP_ROWS, len(frame))))
-    other = int((undefined & ~warmup).sum())
-    if other:
-        log.warning("Features: dropped %d more rows with undefined features (e.g. a zero-volume ratio).", other)
+    if undefined.any():
+        log.warning("Features: dropped %d more rows with undefined features (e.g. a zero-volume ratio).",
+                    int(undefined.sum()))
     frame = frame[~undefined]
     if frame.empty:
         raise DataError(
@@ -508,64 +201,6 @@ def split_by_date(
         log.info("Split: %d feature rows fall outside train and test and are not used.", unused)
     cut = len(train_period) - val_days
     return {"train": train_period.iloc[:cut], "val": train_period.iloc[cut:], "test": test}
-
-
-@dataclass
-class Scaler:
-    """Standardisation as sklearn's StandardScaler does it (population std; constant columns keep scale 1)."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    columns: list[str]
-
-    @classmethod
-    def fit(cls, frame_or_array: pd.DataFrame | np.ndarray, columns: list[str] | None = None) -> Scaler:
-        if isinstance(frame_or_array, pd.DataFrame):
-            columns = list(columns) if columns is not None else [str(c) for c in frame_or_array.columns]
-            values = frame_or_array[columns].to_numpy(dtype=np.float64)
-        else:
-            values = np.asarray(frame_or_array, dtype=np.float64)
-            if values.ndim == 1:
-                values = values[:, None]
-            columns = list(columns) if columns is not None else [str(i) for i in range(values.shape[1])]
-        if len(values) == 0:
-            raise DataError("Cannot fit a scaler on zero rows; the training split is empty.")
-        mean = values.mean(axis=0)
-        scale = values.std(axis=0)
-        scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
-        return cls(mean=mean, scale=scale, columns=columns)
-
-    def _values(self, data: pd.DataFrame | np.ndarray) -> np.ndarray:
-        if isinstance(data, pd.DataFrame):
-            return data[self.columns].to_numpy(dtype=np.float64)
-        return np.asarray(data, dtype=np.float64)
-
-    def transform(self, array: pd.DataFrame | np.ndarray) -> np.ndarray:
-        values = self._values(array)
-        if values.ndim == 1 and len(self.columns) == 1:
-            return (values - self.mean[0]) / self.scale[0]
-        return (values - self.mean) / self.scale
-
-    def inverse_transform(self, array: np.ndarray) -> np.ndarray:
-        values = np.asarray(array, dtype=np.float64)
-        if values.ndim == 1 and len(self.columns) == 1:
-            return values * self.scale[0] + self.mean[0]
-        return values * self.scale + self.mean
-
-    def to_json(self) -> dict[str, Any]:
-        return {"columns": list(self.columns), "mean": self.mean.tolist(), "scale": self.scale.tolist()}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Scaler:
-        try:
-            columns = [str(c) for c in d["columns"]]
-            mean = np.asarray(d["mean"], dtype=np.float64)
-            scale = np.asarray(d["scale"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"Scaler JSON is malformed ({exc}); it needs columns, mean and scale lists.") from exc
-        if not (len(columns) == mean.shape[0] == scale.shape[0]) or mean.ndim != 1 or scale.ndim != 1:
-            raise DataError("Scaler JSON has columns, mean and scale of different lengths; re-export the bundle.")
-        return cls(mean=mean, scale=scale, columns=columns)
 
 
 def make_windows(features: np.ndarray, targets: np.ndarray, length: int = 5) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from rnnlab.errors import ConfigError, DataError, InputError
+from rnnlab.files import atomic_write
 
 _SHOWN_UNKNOWNS = 10  # an error message lists at most this many unknown items
 
@@ -87,10 +88,8 @@ class Vocab:
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (temp file + rename), so a crash never leaves half a vocabulary."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        part.write_text(json.dumps(self.to_json(), ensure_ascii=False), encoding="utf-8")
-        os.replace(part, path)
+        with atomic_write(path, "w") as handle:
+            handle.write(json.dumps(self.to_json(), ensure_ascii=False))
         return path
 
     @classmethod

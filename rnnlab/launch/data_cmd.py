@@ -20,7 +20,9 @@ def add_parser(subparsers) -> None:
         description="Print what you are about to train on: the default data set (mirror or download cache) "
         "or your own file with --source.",
     )
-    parser.add_argument("dataset", choices=sorted(SUMMARIES), help="imdb reviews, stock prices, or text for charlm")
+    parser.add_argument("dataset", choices=sorted(SUMMARIES), help="; ".join(
+        f"{name}: the data of {', '.join(job for job, spec in JOBS.items() if spec.data_set == name)}"
+        for name in sorted(SUMMARIES)))
     parser.add_argument(
         "--source",
         metavar="PATH",

@@ -1,63 +1,85 @@
-"""``rnnlab evaluate | classify | forecast | generate``: thin wrappers over bundles and ``rnnlab.inference``."""
+"""``rnnlab evaluate`` and one verb per predicting job (``classify``, ``forecast``, ``generate``; the registry's
+``verb``): thin wrappers over bundles and each job's predictor.
+
+A verb's arguments and what it prints are its job's (``rnnlab/jobs/<name>.py``: ``CLI.add_arguments`` and
+``CLI.run``); they are added when the verb is used, so ``rnnlab --help`` imports no job. Several jobs may answer
+one verb: it dispatches on the bundle's job.
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
     from rnnlab.launch.cli import add_common_flags
+    from rnnlab.registry import JOBS, verbs
 
+    scored = "; ".join(f"{name}: see rnnlab/jobs/{name}.py's score" for name, spec in JOBS.items() if spec.scorer)
     p = subparsers.add_parser(
         "evaluate", help="score a bundle on its job's test split, or on any data in its job's format (--data)",
         description="Score a bundle. Without --data: the test split of the bundle's job, rebuilt from its training "
         "config. With --data PATH: any data in the job's format, read with the bundle's own vocabulary or scaler -- "
-        "sentiment: a folder with pos/ and neg/ text files or a CSV with text,label columns (accuracy, ROC AUC, "
-        "unknown tokens); charlm: any text file (nats and bits per character; characters outside the vocabulary are "
-        "skipped, counted and named); stock: a Yahoo-layout daily CSV, optionally cut with --from/--to (MAE, R^2 "
-        "beside close = open and close = previous close).")
+        f"{scored}. --from/--to cut dated data (prices) to a span of days.")
     p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder (e.g. runs/sentiment-default/bundle)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--source", metavar="PATH", help="data file to rebuild the job's test split from")
     where.add_argument("--data", metavar="PATH", help="data in the job's format to score (see above)")
-    p.add_argument("--from", dest="start", type=_date, metavar="YYYY-MM-DD", help="stock: first day to score")
-    p.add_argument("--to", dest="end", type=_date, metavar="YYYY-MM-DD", help="stock: last day to score")
+    p.add_argument("--from", dest="start", type=_date, metavar="YYYY-MM-DD", help="dated data: first day to score")
+    p.add_argument("--to", dest="end", type=_date, metavar="YYYY-MM-DD", help="dated data: last day to score")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     add_common_flags(p)
     p.set_defaults(func=run_evaluate)
 
-    p = subparsers.add_parser("classify", help="sentiment of one or more texts with a sentiment bundle")
-    p.add_argument("bundle", metavar="BUNDLE")
-    p.add_argument("texts", metavar="TEXT", nargs="+", help="review text(s) to classify")
-    add_common_flags(p)
-    p.set_defaults(func=run_classify)
-
-    p = subparsers.add_parser("forecast", help="next close from a price history with a stock bundle")
-    p.add_argument("bundle", metavar="BUNDLE")
-    p.add_argument("--csv", required=True, metavar="FILE", help="Yahoo-layout daily prices (Date,Open,High,Low,Close,Volume)")
-    add_common_flags(p)
-    p.set_defaults(func=run_forecast)
-
-    p = subparsers.add_parser("generate", help="sample text from a charlm bundle")
-    p.add_argument("bundle", metavar="BUNDLE")
-    p.add_argument("--prompt", default="the emperor", help="text to continue (default: %(default)r)")
-    p.add_argument("--length", type=int, default=500, help="characters to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
-    add_common_flags(p)
-    p.set_defaults(func=run_generate)
+    for verb, specs in verbs().items():
+        p = subparsers.add_parser(verb, help=specs[0].verb_help, conflict_handler="resolve")
+        p.__class__ = _VerbParser  # its jobs' arguments are added when it parses (``rnnlab --help`` imports none)
+        p.specs = specs
+        p.add_argument("bundle", metavar="BUNDLE")
+        add_common_flags(p)
+        p.set_defaults(func=run_verb, verb=verb)
 
 
-def _predictor(path: str, kind: str):
+class _VerbParser(argparse.ArgumentParser):
+    """A verb's parser: its jobs' ``CLI.add_arguments`` run the first time it parses (a flag two jobs declare is
+    declared once: ``conflict_handler="resolve"``)."""
+
+    specs: tuple = ()
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not getattr(self, "_jobs_added", False):
+            self._jobs_added = True
+            for spec in self.specs:
+                spec.load("cli").add_arguments(self)
+        return super().parse_known_args(args, namespace)
+
+
+def run_verb(args: argparse.Namespace) -> int:
+    """The verb's job's ``CLI.run``: the one job that answers the verb, or the bundle's job when several do."""
+    from rnnlab.registry import verbs
+
+    specs = verbs()[args.verb]
+    spec = next((s for s in specs if s.name == _job_of(args.bundle)), specs[0])
+    return spec.load("cli").run(args, lambda: _predictor(args.bundle, specs))
+
+
+def _job_of(path: str) -> str | None:
+    """The job a bundle's config.json names (None if it cannot be read: loading the bundle then says why)."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("job")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _predictor(path: str, specs):
     from rnnlab.errors import InputError
     from rnnlab.inference import load_predictor
 
     predictor = load_predictor(path)
-    if type(predictor).__name__ != kind:
+    if not any(type(predictor).__name__ == spec.predictor.rpartition(":")[2] for spec in specs):
         raise InputError(f"The bundle {path} is not for this command (it loads as a {type(predictor).__name__}).")
     return predictor
 
@@ -98,47 +120,3 @@ def _lines(scores: dict, indent: str = "") -> str:
         else:
             lines.append(f"{indent}{key}: {f'{value:.4g}' if isinstance(value, float) else value}")
     return "\n".join(lines)
-
-
-def run_classify(args: argparse.Namespace) -> int:
-    predictor = _predictor(args.bundle, "SentimentClassifier")
-    for text, answer in zip(args.texts, predictor.predict(list(args.texts))):
-        print(json.dumps({"text": text[:60], **answer}))
-    return 0
-
-
-def run_forecast(args: argparse.Namespace) -> int:
-    from rnnlab.data.stock import read_prices
-
-    predictor = _predictor(args.bundle, "StockForecaster")
-    # The forecast needs the last few hundred days only (252-day features + a window); a full file is longer
-    # than the service limit, so keep its tail.
-    history = read_prices(args.csv).iloc[-1000:]
-    print(json.dumps(predictor.predict([history])[0], default=str))
-    return 0
-
-
-# SamplingParams field -> the flag that sets it, so an error names what the user typed
-_SAMPLING_FLAGS = {"max_new_tokens": "--length", "temperature": "--temperature", "top_k": "--top-k",
-                   "top_p": "--top-p", "seed": "--seed"}
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    from rnnlab.errors import InputError
-    from rnnlab.sampling import sampling_params
-
-    try:  # the one definition of the ranges (the service's schema uses it too), checked before the bundle loads
-        params = sampling_params(max_new_tokens=args.length, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed)
-    except InputError as error:
-        field, _, rest = str(error).partition(":")
-        raise InputError(f"{_SAMPLING_FLAGS.get(field, field)}:{rest}") from None
-    predictor = _predictor(args.bundle, "TextGenerator")
-    # stream() checks the prompt before it returns, so a bad one is refused before anything is printed; then the
-    # characters come as they are sampled, so a long --length shows progress.
-    characters = predictor.stream(args.prompt, **params.model_dump())
-    print(args.prompt, end="", flush=True)
-    for char in characters:
-        print(char, end="", flush=True)
-    print()
-    return 0

@@ -16,6 +16,7 @@ import socket
 import time
 
 from rnnlab.errors import ConfigError, RnnlabError, first_line
+from rnnlab.registry import routes, served
 from rnnlab.serve.auth import ENV_VAR
 from rnnlab.serve.limits import LIMITS
 
@@ -25,9 +26,11 @@ logger = logging.getLogger(__name__)
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve",
-        help="serve trained bundles over HTTP (Ray Serve): sentiment, forecast, generate",
-        description="Serve the bundles in DIR over HTTP with Ray Serve: POST /v1/sentiment, /v1/forecast, "
-        "/v1/generate; GET /v1/models, /healthz; OpenAPI at /docs. Concurrent requests are batched.",
+        help=f"serve trained bundles over HTTP (Ray Serve): {', '.join(served())}",
+        description="Serve the bundles in DIR over HTTP with Ray Serve: POST /v1/<job> for "
+        f"{', '.join(served())} (older routes: "
+        f"{', '.join(f'/v1/{a} = /v1/{j}' for a, j in routes().items() if a != j)}, "
+        "kept for one release); GET /v1/models, /healthz; OpenAPI at /docs. Concurrent requests are batched.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--bundles", required=True, metavar="DIR",
@@ -47,7 +50,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="port of Ray's Prometheus endpoint (/metrics), with rnnlab_* metrics beside Serve's")
     parser.add_argument("--max-batch-size", type=int, default=None,
-                        help="batch size for all three deployments (generation: sequences decoded together)")
+                        help="batch size for every model deployment (generation: sequences decoded together)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per replica")
     parser.add_argument("--proxy", action="store_true",
                         help="take HTTP through Ray Serve's proxy actor, as on a cluster (--address implies it). "
@@ -122,7 +125,7 @@ def _drain(grace_s: float = 10.0) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rnnlab.serve.app import build_app
-    from rnnlab.serve.bundles import KINDS, find_bundles
+    from rnnlab.serve.bundles import find_bundles
 
     from rnnlab.serve.auth import load_key, refuse_exposed_without_key
     from rnnlab.serve.limits import check_limits
@@ -135,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     # before Ray starts
     app = build_app({"bundles": args.bundles, "torch_threads": args.torch_threads,
                      "max_batch_size": args.max_batch_size, "api_key_file": args.api_key_file} | limits)
-    kinds = ", ".join(f"/v1/{KINDS[job]}" for job in sorted(find_bundles(args.bundles, check=False)))
+    kinds = ", ".join(f"/v1/{job}" for job in sorted(find_bundles(args.bundles, check=False)))
     if args.address is None:
         _check_port(args.host, args.port)
     # direct ingress needs the Ray instance started here: the ports it hands replicas are read when Ray starts

@@ -1,4 +1,4 @@
-"""``rnnlab train {sentiment,stock,charlm}``: one training run from a preset, a YAML file and overrides.
+"""``rnnlab train JOB`` (a job of rnnlab/registry.py): one training run from a preset, a YAML file and overrides.
 
 Also runnable as a module, which is what ``accelerate launch`` needs::
 
@@ -21,7 +21,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(
         "train",
-        help="train a model (sentiment, stock or charlm) and export a bundle",
+        help=f"train a model ({', '.join(JOBS)}) and export a bundle",
         description="Train one job with the one Accelerate loop. Checkpoints, metrics.jsonl, the W&B run "
         "(offline unless WANDB_API_KEY is set) and the bundle all go under --output. Run it under "
         "'accelerate launch -m rnnlab.launch.train ...' for several processes or GPUs.",

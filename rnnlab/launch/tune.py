@@ -1,4 +1,4 @@
-"""``rnnlab tune {sentiment,stock,charlm}``: a Ray Tune search over the one training loop.
+"""``rnnlab tune JOB`` (a job of rnnlab/registry.py): a Ray Tune search over the one training loop.
 
     rnnlab tune stock --num-samples 16 --max-epochs 20 --scheduler asha --search random \\
         --cpus-per-trial 1 --output runs/tune/stock --name stock-asha

@@ -12,7 +12,7 @@ from pathlib import Path
 from rnnlab.errors import BundleError, ConfigError
 from rnnlab.registry import served
 
-# bundle job -> the service's name for it (deployment and endpoint), from the job registry
+# the jobs the service answers for (each job's name is its deployment's and its route's), from the registry
 KINDS = served()
 
 
@@ -61,7 +61,7 @@ def find_bundles(
             if job in found:
                 raise BundleError(
                     f"Bundle folder {root} holds two {job} bundles ({found[job].name} and {directory.name}); "
-                    "keep one, or name each with the sentiment/stock/charlm arguments."
+                    f"keep one, or name each with the {'/'.join(KINDS)} arguments."
                 )
             found[job] = directory
     for job, path in (explicit or {}).items():

@@ -2,7 +2,7 @@
 
 One table (``LIMITS``) gives each limit's default, its floor and what it bounds; ``rnnlab serve`` flags, the
 ``args`` of configs/serve.yaml and ``build_app`` all go through :func:`check_limits`, so a bad value is the same one
-sentence everywhere. Defaults fit a 2-core box: a few dozen streams decode comfortably in one Generator step,
+sentence everywhere. Defaults fit a 2-core box: a few dozen streams decode comfortably in one generation step,
 and a request that waits longer than a minute is better refused than served.
 
 :class:`Guard` wraps the FastAPI app inside the Gateway replica: it answers 401 without a key, 413 for a body

@@ -1,14 +1,15 @@
 """rnnlab's own Prometheus metrics, exported by Ray beside Serve's (``ray.serve.metrics``).
 
-    rnnlab_batch_size            histogram  items per forward pass (sentiment, forecast); generation: each second's
-                                            mean sequences per decode step (one value a second)
+    rnnlab_batch_size            histogram  items per forward pass (batched jobs); generation: each second's mean
+                                            sequences per decode step (one value a second)
     rnnlab_queue_depth           gauge      generation: sequences waiting for a slot and active; Gateway: open streams
     rnnlab_generated_characters  counter    characters generated
     rnnlab_rejected_requests     counter    requests turned away, by reason (unauthorized, body_too_large, overloaded,
                                             timeout, replica_failed, client_stopped_reading)
 
-Ray adds the deployment, replica and application tags. Metrics are created lazily in the process that records
-them (a replica); outside a Ray worker (unit tests, the driver) recording is a no-op.
+The ``kind`` tag is the job's name (the same as its route /v1/<job> and its deployment), or ``gateway`` for the
+Gateway's open streams. Ray adds the deployment, replica and application tags. Metrics are created lazily in the
+process that records them (a replica); outside a Ray worker (unit tests, the driver) recording is a no-op.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ at the end.
 
 Determinism: a sequence's tokens depend only on its prompt, its parameters and its seed (one uniform draw per
 step from its own generator, drawn ahead in one call, which gives the same numbers), never on which other
-sequences share the batch; decoding is the same as ``TextGenerator.generate``, so the CLI and the service agree
+sequences share the batch; decoding is the same as ``CharLMPredictor.generate``, so the CLI and the service agree
 for a seed. (Up to float rounding of the batched matmul, which can in principle differ by batch size; it would
 have to flip a sampled token to show.)
 
@@ -189,7 +189,7 @@ class GenerationScheduler:
         while True:
             touched: list[_Sequence] = []
             try:
-                touched += self._drop_cancelled()
+                self._drop_cancelled()
                 touched += self._admit()
                 if self._active:
                     touched += self._active
@@ -381,14 +381,14 @@ class GenerationScheduler:
         return [row for row in range(len(self._active)) if row not in at_fault]
 
     # --- leaving -----------------------------------------------------------------------------------------------
-    def _drop_cancelled(self) -> list[_Sequence]:
+    def _drop_cancelled(self) -> None:
+        """Drop the active sequences whose client left (nobody to notify)."""
         keep = [i for i, s in enumerate(self._active) if not s.cancelled]
         dropped = len(self._active) - len(keep)
         if dropped:
             self.counts["cancelled"] += dropped
             self._retain(keep)
         # waiting ones that were cancelled are skipped by _admit (the deque is shared with the loops: not rebuilt)
-        return []
 
     def _retain(self, keep: list[int]) -> None:
         if len(keep) == len(self._active):

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from rnnlab.data.sources import sha256_of
 from rnnlab.errors import ConfigError, RnnlabError
+from rnnlab.files import PART_PREFIX, atomic_write, fsync_path
 
 MANIFEST = "manifest.json"
-TEMPORARY_PREFIXES = (".tmp-", ".latest.json.tmp", ".best.json.tmp")
+TEMPORARY_PREFIXES = (".tmp-", PART_PREFIX, ".latest.json.tmp", ".best.json.tmp")  # the last two: older runs'
 # Settings that never change the weights a run ends with: where it logs, how chatty it is, where data is cached.
 NOT_SHAPING = ("train.progress", "train.log_every", "tracking", "data.mirror")
 # What a used --output holds: a fresh run into it would mix two runs' checkpoints, metrics and W&B run.
@@ -37,15 +38,6 @@ class StorageError(RnnlabError):
 # --- durable writes ---------------------------------------------------------------------------------------------
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a folder's bytes (a folder: its entries, i.e. renames into it) to the disk."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(folder: Path) -> None:
     """Every file under ``folder``, then every folder bottom-up."""
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
@@ -55,13 +47,8 @@ def fsync_tree(folder: Path) -> None:
 
 def write_json(path: Path, payload: Mapping) -> None:
     """Replace ``path`` with ``payload`` so that a crash at any moment leaves the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_write(path, "w", durable=True) as handle:
         handle.write(json.dumps(payload, indent=1))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def publish(tmp: Path, final: Path) -> None:

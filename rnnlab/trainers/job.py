@@ -1,5 +1,5 @@
 """What the loop asks of a job: batches, the loss and the metrics. One file per job implements it
-(``sentiment.py``, ``stock.py``, ``charlm.py``); ``loop.py`` does everything else.
+(``rnnlab/jobs/<name>.py``, listed in rnnlab/registry.py); ``loop.py`` does everything else.
 
 Sharding rule (why a 2-process run follows the 1-process loss curve): every process builds the SAME global
 batch for micro-batch ``k`` of epoch ``e`` (seeded by ``(seed, e)``; no global RNG) and keeps only its share

@@ -204,6 +204,7 @@ def start_process(config: JobConfig, output_dir: Path):
     precision = resolve_precision(config.train.mixed_precision)
     # Accelerate keeps its settings in process-wide singletons; a second train() in one process (tests, Ray
     # Tune's function trainables) may ask for another precision or accumulation. The process group stays.
+    # Private on purpose: Accelerate (1.16) has no public reset; its own AccelerateTestCase.tearDown calls these two.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     launched = int(os.environ.get("WORLD_SIZE", "1"))

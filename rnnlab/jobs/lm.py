@@ -22,7 +22,7 @@ from rnnlab.trainers.job import Batch, EvalResult, Job, gather
 log = logging.getLogger(__name__)
 
 
-class ReviewLMData(DataSettings):  # the limits count tokens
+class LMDataSettings(DataSettings):  # the limits count tokens
     # the sentiment vocabulary's settings: keep them equal to the sentiment preset that will start from this LM
     val_fraction: Probability = 0.1
     min_freq: PositiveInt = 2
@@ -31,22 +31,22 @@ class ReviewLMData(DataSettings):  # the limits count tokens
     seq_len: PositiveInt = 64
 
 
-class ReviewLMTrain(TrainSettings):
+class LMTrainSettings(TrainSettings):
     batch_size: PositiveInt = 32
 
 
-ReviewLMModel = model_section(WordLMConfig)
+LMModelSettings = model_section(WordLMConfig)
 
 
-class ReviewLMJobConfig(JobConfig):
+class LMJobConfig(JobConfig):
     job: Literal["lm"] = "lm"
-    data: ReviewLMData = Field(default_factory=ReviewLMData)
-    model: ReviewLMModel = Field(default_factory=ReviewLMModel)
-    train: ReviewLMTrain = Field(default_factory=ReviewLMTrain)
+    data: LMDataSettings = Field(default_factory=LMDataSettings)
+    model: LMModelSettings = Field(default_factory=LMModelSettings)
+    train: LMTrainSettings = Field(default_factory=LMTrainSettings)
 
 
-class ReviewLMJob(Job):
-    Config = ReviewLMJobConfig
+class LMJob(Job):
+    Config = LMJobConfig
 
     def load_data(self) -> None:
         from rnnlab.data import review_lm, text

@@ -1,28 +1,38 @@
-"""The IMDb sentiment job: length-bucketed batches of reviews, binary cross-entropy, accuracy and ROC AUC."""
+"""The IMDb sentiment job: length-bucketed batches of reviews, binary cross-entropy, accuracy and ROC AUC; its
+predictor (reviews -> labels), the service's request and answer (POST /v1/sentiment), the scorer of any labelled
+reviews (``rnnlab evaluate --data``) and the ``rnnlab classify`` verb."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints
 
+from rnnlab.bundle import Bundle
 from rnnlab.config import Count, DataSettings, JobConfig, PositiveInt, Probability, model_section
-from rnnlab.errors import ConfigError
+from rnnlab.errors import ConfigError, DataError, InputError
+from rnnlab.inference import PREDICT_BATCH_SIZE, at_position, device_of, expect_job
 from rnnlab.models.sentiment import SentimentConfig
+from rnnlab.serve.schemas import StrictBody
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
 
 log = logging.getLogger(__name__)
 
+MAX_TEXTS = 64  # reviews per request (predict itself takes any number and works in chunks)
+MAX_TEXT_CHARS = 20_000  # the longest IMDb review has ~14k characters
+SHOWN_UNKNOWN = 10  # unknown tokens listed by name by the scorer, most frequent first
 LSTM_WEIGHTS = tuple(i / 20 for i in range(21))  # model.fit_lstm_weight's choices: 0, 0.05, ..., 1
 
 
-class SentimentData(DataSettings):
+class SentimentDataSettings(DataSettings):
     val_fraction: Probability = 0.1  # of the training reviews, held out for validation
     min_freq: PositiveInt = 1
     max_vocab: PositiveInt | None = None
@@ -35,7 +45,7 @@ class SentimentData(DataSettings):
     limit_unlabelled: Count = 0
 
 
-class SentimentModel(model_section(SentimentConfig)):
+class SentimentModelSettings(model_section(SentimentConfig)):
     # a review LM bundle (``rnnlab train lm``) whose embedding and LSTM layers the classifier starts from; its
     # vocabulary must be this run's (same data.val_fraction, min_freq, max_vocab and train.seed)
     init_from: str | None = None
@@ -47,8 +57,8 @@ class SentimentModel(model_section(SentimentConfig)):
 
 class SentimentJobConfig(JobConfig):
     job: Literal["sentiment"] = "sentiment"
-    data: SentimentData = Field(default_factory=SentimentData)
-    model: SentimentModel = Field(default_factory=SentimentModel)
+    data: SentimentDataSettings = Field(default_factory=SentimentDataSettings)
+    model: SentimentModelSettings = Field(default_factory=SentimentModelSettings)
 
 
 class SentimentJob(Job):
@@ -96,7 +106,6 @@ class SentimentJob(Job):
 
         from rnnlab.bundle import load_bundle
         from rnnlab.data.review_lm import unlabelled_reviews
-        from rnnlab.inference import SentimentClassifier
 
         teacher = load_bundle(path)
         if teacher.job != "sentiment":
@@ -108,13 +117,13 @@ class SentimentJob(Job):
             raise ConfigError(f"data.pseudo_labels_from: the teacher {path} held out other validation reviews "
                               f"(val_fraction, seed = {held_out}); train it with this run's data.val_fraction "
                               "and train.seed.")
-        classifier = SentimentClassifier(teacher)
+        classifier = SentimentPredictor(teacher)
         teacher_ids = unlabelled_reviews(self.source_path(), classifier.vocab, max_length=classifier.max_length)
         answers = []
         chunks = [keep[start : start + 1000] for start in range(0, len(keep), 1000)]
         for chunk in tqdm(chunks, desc=f"labels from {Path(path).parent.name or path}", unit="k reviews",
                           disable=not (self.rank == 0 and self.config.train.progress)):
-            answers += classifier.predict_encoded([teacher_ids[i] for i in chunk])
+            answers += classifier.predict_prepared([teacher_ids[i] for i in chunk])
         return np.array([answer["probability"] for answer in answers], dtype=np.float32)
 
     def _lengths(self, split: str) -> np.ndarray:
@@ -260,3 +269,178 @@ def sentiment_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float
     if 0 < labels.sum() < len(labels):
         metrics["roc_auc"] = float(roc_auc_score(labels, logits))
     return metrics
+
+
+# ------------------------------------------------------------------------------------------------ predictor
+
+
+class SentimentPredictor:
+    """Reviews in, ``{"label": "positive" | "negative", "probability": P(positive)}`` out.
+
+    Texts are tokenized exactly as in training (``rnnlab.data.imdb.tokenize``), unknown words map to ``<unk>``,
+    and reviews longer than the training ``data.max_length`` keep their LAST tokens, as training did.
+    Batching never changes a result: the model ignores padding exactly.
+    """
+
+    def __init__(self, bundle: Bundle) -> None:
+        from rnnlab.data.vocab import Vocab
+
+        expect_job(bundle, "sentiment")
+        self.model = bundle.model.eval()
+        self.vocab = Vocab.from_json(bundle.assets["vocab"])
+        self.max_length = bundle.config.get("data", {}).get("max_length")
+        self.device = device_of(self.model)
+
+    def validate(self, text: Any) -> None:
+        """InputError if ``text`` is not a string, is empty, too long, or has no words."""
+        self.prepare(text)
+
+    def prepare(self, text: Any) -> np.ndarray:
+        """Validate ONE review and return its token ids (what the model reads), tokenizing it once: a server
+        prepares each item as it arrives and runs :meth:`predict_prepared` on the batch."""
+        from rnnlab.data.imdb import tokenize
+
+        if not isinstance(text, str):
+            raise InputError(f"A review must be a string, got {type(text).__name__}; send the review's text.")
+        if not text.strip():
+            raise InputError("The review is empty; send the text to classify.")
+        if len(text) > MAX_TEXT_CHARS:
+            raise InputError(
+                f"The review has {len(text):,} characters, more than the limit of {MAX_TEXT_CHARS:,}; shorten it."
+            )
+        tokens = tokenize(text)
+        if not tokens:
+            raise InputError("The review has no words after removing markup and punctuation; send review text.")
+        ids = np.asarray(self.vocab.encode(tokens), dtype=np.int64)
+        return ids[-self.max_length :] if self.max_length is not None else ids
+
+    def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        return self.predict_prepared([at_position(self.prepare, text, "Review", i) for i, text in enumerate(texts)])
+
+    @torch.inference_mode()
+    def predict_prepared(self, encoded: Sequence[np.ndarray], batch_size: int = PREDICT_BATCH_SIZE) -> list[dict]:
+        """Predictions for reviews already through :meth:`prepare`, ``batch_size`` reviews per forward pass."""
+        # Similar lengths together: little padding per forward pass (results are exact either way).
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        probabilities = np.empty(len(encoded))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            lengths = torch.tensor([len(encoded[i]) for i in chunk])
+            ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, : lengths[row]] = torch.from_numpy(encoded[i])
+            logits = self.model(ids.to(self.device), lengths.to(self.device))
+            probabilities[chunk] = torch.sigmoid(logits.float()).cpu().numpy()
+        return [
+            {"label": "positive" if p >= 0.5 else "negative", "probability": float(p)} for p in probabilities
+        ]
+
+
+# ------------------------------------------------------------------------------------------------ service
+
+
+class SentimentRequest(StrictBody):
+    texts: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]] = Field(
+        min_length=1,
+        max_length=MAX_TEXTS,
+        description=f"Reviews to classify, 1 to {MAX_TEXTS} per request, each at most {MAX_TEXT_CHARS} characters.",
+        examples=[["A moving film with a wonderful cast.", "Two hours I will never get back."]],
+    )
+
+    def items(self) -> list[str]:
+        """The items the service batches (with those of concurrent requests): one per review."""
+        return list(self.texts)
+
+    @staticmethod
+    def error_loc(index: int) -> list:
+        return ["body", "texts", index]
+
+
+class SentimentResult(BaseModel):
+    label: Literal["positive", "negative"]
+    probability: float = Field(description="Probability that the text is positive.")
+
+
+class SentimentResponse(BaseModel):
+    model: str = Field(description="Bundle name and version that answered.")
+    results: list[SentimentResult]
+
+    @staticmethod
+    def answer(model: str, results: list[dict]) -> dict:
+        return {"model": model, "results": results}
+
+
+# ------------------------------------------------------------------------------------------------ scorer
+
+
+def score(bundle: Bundle, path: str | Path) -> dict[str, Any]:
+    """A folder with ``pos/`` and ``neg/`` text files, or a CSV with ``text,label`` columns -> accuracy, ROC AUC,
+    log loss, and how many tokens the bundle's vocabulary does not know (they read as ``<unk>``, as in serving)."""
+    from sklearn.metrics import roc_auc_score
+
+    from rnnlab.data.imdb import read_labelled_reviews, tokenize
+
+    reviews = read_labelled_reviews(path)
+    classifier = SentimentPredictor(bundle)
+    unk = classifier.vocab.unk_index
+    encoded, labels, unknown = [], [], Counter()
+    tokens_total = 0
+    skipped = Counter(reviews.skipped)
+    for text, label in zip(reviews.texts, reviews.labels):
+        tokens = tokenize(text)
+        if not tokens:
+            skipped["reviews with no words (left out)"] += 1
+            continue
+        ids = np.asarray(classifier.vocab.encode(tokens), dtype=np.int64)
+        unknown.update(token for token, id_ in zip(tokens, ids) if id_ == unk)
+        tokens_total += len(tokens)
+        encoded.append(ids[-classifier.max_length :] if classifier.max_length is not None else ids)
+        labels.append(int(label))
+    if not encoded:
+        raise DataError(f"None of the {len(reviews.texts)} reviews in {path} has a word to read; pass review text.")
+    probabilities = np.array([p["probability"] for p in classifier.predict_prepared(encoded)])
+    labels = np.asarray(labels)
+    clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
+    both_classes = 0 < labels.sum() < len(labels)
+    return {
+        "reviews": len(labels),
+        "positive": int(labels.sum()),
+        "accuracy": float(np.mean((probabilities >= 0.5) == (labels == 1))),
+        "roc_auc": float(roc_auc_score(labels, probabilities)) if both_classes else None,
+        "loss": float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))),
+        "tokens": tokens_total,
+        "unknown_tokens": sum(unknown.values()),
+        "unknown_share": sum(unknown.values()) / tokens_total,
+        "most_frequent_unknown": dict(unknown.most_common(SHOWN_UNKNOWN)),
+        "skipped": dict(skipped),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ CLI verb and demo
+
+
+class CLI:
+    """``rnnlab classify BUNDLE TEXT...``: one JSON line per text."""
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument("texts", metavar="TEXT", nargs="+", help="review text(s) to classify")
+
+    @staticmethod
+    def run(args, load_predictor) -> int:
+        import json
+
+        predictor = load_predictor()
+        for text, answer in zip(args.texts, predictor.predict(list(args.texts))):
+            print(json.dumps({"text": text[:60], **answer}))
+        return 0
+
+
+def demo(post) -> None:
+    """``make demo``: two example reviews through ``post(body)`` (POST /v1/sentiment), each beside its right label."""
+    reviews = [("A moving, beautifully acted film; I loved every minute of it.", "positive"),
+               ("Dull, predictable and far too long. I want my two hours back.", "negative")]
+    for (text, expected), answer in zip(reviews, post({"texts": [text for text, _ in reviews]})["results"]):
+        confidence = answer["probability"] if answer["label"] == "positive" else 1 - answer["probability"]
+        verdict = "right" if answer["label"] == expected else f"WRONG (expected {expected})"
+        print(f"  {answer['label']} with probability {confidence:.3f} ({verdict})  <- {text!r}")

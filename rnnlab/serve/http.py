@@ -1,0 +1,216 @@
+"""The HTTP side of the service: the FastAPI app the Gateway serves, its error answers (every fault is JSON in one
+shape: a list naming where it is), body parsing, and the server-sent-events framing of generation streams.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads signatures at request time inside the replica.
+import asyncio
+import functools
+import importlib.resources
+import json
+import logging
+import math
+import secrets
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from ray.exceptions import RayActorError, RayError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rnnlab import __version__, registry
+from rnnlab.serve import limits, metrics
+from rnnlab.serve.schemas import ErrorResponse, error_item
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(
+    title="rnnlab",
+    version=__version__,
+    description="Answers from rnnlab bundles, one route per job (POST /v1/<job>): "
+    + "; ".join(f"{name}: {registry.JOBS[name].description}" for name in registry.served())
+    + ". Concurrent requests are batched: @serve.batch for batched jobs, iteration-level batching (one LSTM step "
+    "for every active sequence) for generation.",
+)
+# key, body-size and idle-send checks before any route (rnnlab.serve.limits); added before @serve.ingress freezes
+# the app
+api.add_middleware(limits.Guard)
+ERRORS = {401: {"model": ErrorResponse, "description": "No or a wrong API key (when the service has one)."},
+           413: {"model": ErrorResponse, "description": "The request body is over the service's limit."},
+           422: {"model": ErrorResponse, "description": "Invalid input; `loc` names the field."},
+           500: {"model": ErrorResponse, "description": "A fault inside the service; `request_id` names the log line."},
+           503: {"model": ErrorResponse, "description": "No bundle of this kind is being served, or the service is "
+                 "overloaded or restarting a replica: retry after the `Retry-After` seconds."},
+           504: {"model": ErrorResponse, "description": "The request took longer than the service's timeout."}}
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    # FastAPI's default echoes the offending input back; with 20k-character texts that is noise. Keep loc + msg.
+    detail = [error_item([str(p) if not isinstance(p, int) else p for p in e["loc"]], e["msg"], e["type"])
+              for e in error.errors()]
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+# What the Gateway answers when a model deployment cannot: a JSON 5xx, never a hang or an HTML page.
+
+
+def retry_later(status: int, msg: str, kind: str) -> JSONResponse:
+    metrics.rejected(kind)
+    return JSONResponse(status_code=status, content={"detail": [error_item(["service"], msg, kind)]},
+                        headers={"Retry-After": str(math.ceil(limits.SETTINGS.retry_after_s))})
+
+
+@api.exception_handler(BackPressureError)
+async def _overloaded(request: Request, error: Exception) -> JSONResponse:
+    return retry_later(503, "The service is at its queue limit; retry after the Retry-After seconds.", "overloaded")
+
+
+@api.exception_handler(RayActorError)
+@api.exception_handler(DeploymentUnavailableError)
+@api.exception_handler(ReplicaUnavailableError)
+async def _replica_failed(request: Request, error: Exception) -> JSONResponse:
+    logger.warning("rnnlab serve: a model replica failed during %s: %s", request.url.path, type(error).__name__)
+    return retry_later(503, "A model replica failed and is being restarted; retry after the Retry-After seconds.",
+                        "replica_failed")
+
+
+@api.exception_handler(asyncio.TimeoutError)  # the builtin TimeoutError from Python 3.11
+async def _timed_out(request: Request, error: Exception) -> JSONResponse:
+    return retry_later(504, "The request took longer than the service's request_timeout_s; retry, or ask for less.",
+                        "timeout")
+
+
+@api.exception_handler(RayError)
+async def _ray_failed(request: Request, error: Exception) -> JSONResponse:
+    logger.error("rnnlab serve: %s failed: %s", request.url.path, str(error).strip().splitlines()[0:1])
+    return JSONResponse(status_code=500, content={"detail": [error_item(
+        ["service"], "The model deployment failed on this request; see the replica logs.", "internal")]})
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's own 4xx (an unparseable body, an unknown path or method) in the service's shape: a list naming
+    # where the fault is, like every other error it answers
+    detail = error.detail
+    if not isinstance(detail, list):
+        where = {404: ["path"], 405: ["method"]}.get(error.status_code, ["body"])
+        detail = [error_item(where, str(detail), "http_error")]
+    return JSONResponse(status_code=error.status_code, content={"detail": detail}, headers=error.headers)
+
+
+def parse_body(model: type[BaseModel], raw: bytes) -> BaseModel:
+    """Validate a raw JSON body with pydantic in one pass; errors as FastAPI words them (loc from "body")."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{"loc": ("body", *e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+        ) from None
+
+
+def documented_body(model: type[BaseModel]) -> dict:
+    """openapi_extra for a route that parses its body itself: the model's schema, its $defs inlined."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[1]])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(value) for value in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def unavailable(job: str) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"detail": [error_item(
+        ["path"], f"No {job} bundle is being served; add one to the --bundles folder and restart.", "unavailable")]})
+
+
+def invalid(errors: list[dict]) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": errors})
+
+
+@functools.cache
+def playground_page() -> str:
+    return importlib.resources.files("rnnlab.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def sse(event: str | None, data: Any) -> str:
+    # JSON keeps newlines inside generated text from breaking SSE framing
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n"
+
+
+def failure_message(request_id: str) -> str:
+    return (f"Generation failed inside the service for request {request_id}; the server log has one line with "
+            "this id. Other requests are not affected; retry, and report the id if it persists.")
+
+
+def failed(request_id: str) -> JSONResponse:
+    return JSONResponse(status_code=500, content={
+        "detail": [error_item([], failure_message(request_id), "internal_error")], "request_id": request_id})
+
+
+def current_request_id() -> str:
+    """Serve's id for the request being handled (its access log and ``x-request-id`` header carry the same), or a
+    fresh one."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        request_id = _get_serve_request_context().request_id
+    except Exception:  # noqa: BLE001 -- a private Serve API: any change there falls back to our own id
+        request_id = ""
+    return request_id or secrets.token_hex(8)
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+async def events(first: dict, stream, deadline: float, stopping: asyncio.Event, on_close=None):
+    tokens, finished = 0, False
+    # `start` goes out with the first chunk, and the final chunk with `done`: every message is a send through Ray
+    # and the proxy, and a short stream would otherwise cost twice as many
+    pending = sse("start", first)
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+            except StopAsyncIteration:
+                break
+            if stopping.is_set():
+                raise ShuttingDown
+            if "failed" in item:  # this sequence failed; the others in its batch go on
+                failure = {"detail": failure_message(item["failed"]), "request_id": item["failed"]}
+                yield pending + sse("error", failure)
+                return
+            tokens += len(item["text"])
+            if item.pop("last", False):
+                finished = True
+                yield pending + sse(None, item) + sse("done", {"tokens": tokens})
+                return
+            yield pending + sse(None, item)
+            pending = ""
+        finished = True
+        yield pending + sse("done", {"tokens": tokens})
+    except (RayError, asyncio.TimeoutError, ShuttingDown) as error:
+        # headers are sent: the fault goes to the client as an event, and the stream ends
+        reason = ("timeout" if isinstance(error, asyncio.TimeoutError) else
+                  "shutting_down" if isinstance(error, ShuttingDown) else "replica_failed")
+        metrics.rejected(reason)
+        message = {"timeout": "The stream took longer than the service's request_timeout_s.",
+                   "shutting_down": "The service is shutting down; retry the request against its next instance.",
+                   "replica_failed": "The generation replica failed during this stream; retry the request."}[reason]
+        logger.warning("rnnlab serve: a generation stream ended early: %s", type(error).__name__)
+        yield pending + sse("error", {"detail": [error_item(["service"], message, reason)], "tokens": tokens})
+    finally:
+        if not finished:  # the client went away: stop the replica's generator so its slot is freed now
+            stream.cancel()
+        if on_close is not None:
+            on_close()
