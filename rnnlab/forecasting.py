@@ -12,11 +12,15 @@ change of the training part (the in-sample naive forecast's error), in the same 
 - sMAPE: mean of 200 |y - f| / (|y| + |f|) (percent, 0..200);
 - coverage of the central 80 % and 90 % intervals: the share of actuals within [q_0.1, q_0.9] and
   [q_0.05, q_0.95] (inclusive), and its distance from nominal.
+
+``plot_fan`` draws what a forecaster looks at: one origin's fan of intervals after the recent closes, and every
+origin's intervals beside what happened.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -103,3 +107,57 @@ def forecast_metrics(actual: np.ndarray, quantiles: np.ndarray, taus: Sequence[f
 def relative(metrics: dict[str, float], baseline: dict[str, float], names=("crps", "mase", "pinball")) -> dict:
     """``<name>_vs_<baseline>``-style ratios: the model's figure over the baseline's (below 1 = better)."""
     return {name: metrics[name] / baseline[name] for name in names if baseline.get(name)}
+
+
+def plot_fan(closes, details: dict, path, *, recent: int = 60) -> Path:
+    """Two panels: the last test origin's recent closes and its fan of intervals; over every test origin, the
+    t+H forecast's intervals as % changes with the changes that happened."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    taus, q = list(details["taus"]), details["quantiles"]
+    origins, actual = details["origins"], details["actual"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    last = len(origins) - 1
+    origin = origins[last]
+    past = closes[closes.index <= origin].iloc[-recent:]
+    future = closes[closes.index > origin].iloc[: q.shape[1]]
+    left.plot(past.index, past.to_numpy(), color="black", linewidth=1.3, label="close")
+    fan_dates = [origin, *future.index]
+    _fan(left, fan_dates, np.vstack([np.full(len(taus), details["close"][last]), q[last]]), taus)
+    left.plot(future.index, actual[last][: len(future)], "o", color="tab:red", markersize=4, label="actual")
+    left.set_title(f"Forecast from {origin.date()}: median and 50/80/90 % intervals")
+    left.legend(loc="upper left")
+    H = q.shape[1]
+    base = np.asarray(details["close"])[:, None]
+    _fan(right, origins, 100 * (q[:, H - 1, :] / base - 1), taus)
+    right.plot(origins, 100 * (actual[:, H - 1] / base[:, 0] - 1), ".", color="black", markersize=2,
+               label=f"actual {H}-day change")
+    right.axhline(0, color="gray", linewidth=0.6)
+    right.set_ylabel("% change from the origin's close")
+    right.set_title(f"Every test origin: the t+{H} forecast's intervals and what happened")
+    right.legend(loc="upper right", fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _fan(ax, dates, q: np.ndarray, taus: list) -> None:
+    """Shade the central intervals (90, 80, 50 %) and draw the median."""
+    for level, alpha in ((0.90, 0.15), (0.80, 0.25), (0.50, 0.35)):
+        lo, hi = _index(taus, (1 - level) / 2), _index(taus, 1 - (1 - level) / 2)
+        if lo is not None and hi is not None:
+            ax.fill_between(dates, q[:, lo], q[:, hi], color="tab:blue", alpha=alpha, linewidth=0,
+                            label=f"{int(level * 100)} % interval")
+    mid = _index(taus, 0.5)
+    if mid is not None:
+        ax.plot(dates, q[:, mid], color="tab:blue", linewidth=1.2, label="median")
+
+
+def _index(taus: list, tau: float) -> int | None:
+    hits = [i for i, t in enumerate(taus) if abs(t - tau) < 1e-9]
+    return hits[0] if hits else None

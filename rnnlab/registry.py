@@ -166,7 +166,15 @@ JOBS: dict[str, JobSpec] = {
             model="rnnlab.models.horizon:HorizonRNN",
             model_config="rnnlab.models.horizon:HorizonConfig",
             job="rnnlab.jobs.horizon:HorizonJob",
-            predictor=None,  # phase 2: served on /v1/horizon
+            predictor="rnnlab.jobs.horizon:HorizonPredictor",
+            scorer="rnnlab.jobs.horizon:score",
+            verb="forecast",
+            verb_help="the next days' closes as quantiles from a price history with a horizon bundle",
+            cli="rnnlab.jobs.horizon:CLI",
+            served_by="batched",
+            request="rnnlab.jobs.horizon:HorizonRequest",
+            answer="rnnlab.jobs.horizon:HorizonResponse",
+            demo="rnnlab.jobs.horizon:demo",
         ),
     )
 }

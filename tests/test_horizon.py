@@ -223,3 +223,134 @@ def test_smoke_run_beats_a_constant_forecast_and_round_trips_through_a_bundle(de
     assert (tmp_path / "fan_chart.png").stat().st_size > 1000
     summary = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["event"] == "test" for r in summary) == 1
+
+
+# --- the predictor, the CLI, the scorer and the route ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(prices_csv, tmp_path_factory) -> Path:
+    """A horizon bundle over the fixture CSV: random weights (hidden 8), the data's own scalers."""
+    from rnnlab.bundle import save_bundle
+
+    data = load_horizon_data(prices_csv, window=10, horizon=3, **DATES)
+    torch.manual_seed(0)
+    model = build_model("horizon", {"num_features": data.num_features, "horizon": 3, "hidden_size": 8,
+                                    "fc_size": 4})
+    config = {"job": "horizon", "data": {"window": 10, "features": "scale_free", "vol": "ewma", "vol_days": 32,
+                                         **DATES}}
+    return save_bundle(tmp_path_factory.mktemp("horizon-bundle") / "bundle", job="horizon", model=model,
+                       assets={"scaler": data.scaler.to_json(), "target_scaler": data.target_scaler.to_json()},
+                       metrics={}, config=config)
+
+
+def _rows(csv: Path, n: int = 300) -> list[dict]:
+    frame = pd.read_csv(csv).tail(n)
+    return [{"date": r.Date, "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close, "volume": r.Volume}
+            for r in frame.itertuples()]
+
+
+def test_the_predictor_answers_what_the_job_scores_and_refuses_bad_histories(tiny_bundle, prices_csv):
+    from rnnlab.errors import InputError
+    from rnnlab.inference import load_predictor
+    from rnnlab.jobs.horizon import HorizonPredictor, to_prices
+
+    predictor = load_predictor(tiny_bundle)
+    assert isinstance(predictor, HorizonPredictor)
+    data = load_horizon_data(prices_csv, window=10, horizon=3, **DATES)
+    test = data.splits["test"]
+    prices = read_prices(prices_csv)
+    origin = test.origins[-1]  # the last test origin: its history ends there
+    answer = predictor.predict([prices[prices.index <= origin]])[0]
+    with torch.no_grad():
+        expected = to_prices(predictor.model(torch.from_numpy(test.X[-1:])).double().numpy(), test.close[-1:],
+                             test.origin_scale[-1:], data.target_scaler.scale)[0]
+    assert answer["origin"] == str(origin.date()) and answer["close"] == pytest.approx(test.close[-1])
+    assert len(answer["steps"]) == 3 and answer["quantiles"] == [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]
+    np.testing.assert_allclose([s["values"] for s in answer["steps"]], expected, rtol=1e-6)
+    for step in answer["steps"]:
+        assert step["values"] == sorted(step["values"])
+        assert step["lower_90"] <= step["lower_80"] <= step["median"] <= step["upper_80"] <= step["upper_90"]
+    # the same from rows (what the service sends) and from a list of row dicts
+    assert predictor.predict([_rows(prices_csv)])[0]["steps"] == predictor.predict([prices.tail(300)])[0]["steps"]
+    rows = _rows(prices_csv)
+    rows[-1]["close"] = None
+    with pytest.raises(InputError, match="History 0: .*close"):
+        predictor.predict([rows])
+    with pytest.raises(InputError, match="264"):  # 254 warm-up days + the window of 10
+        predictor.predict([_rows(prices_csv, 100)])
+
+
+def test_forecast_and_evaluate_from_the_command_line(tiny_bundle, prices_csv, capsys):
+    from rnnlab.launch.cli import main
+
+    assert main(["forecast", str(tiny_bundle), "--csv", str(prices_csv)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("origin 2023-06-30") and [line.split()[0] for line in table[2:]] == ["t+1", "t+2", "t+3"]
+    assert main(["forecast", str(tiny_bundle), "--csv", str(prices_csv), "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["origin"] == "2023-06-30" and len(answer["steps"]) == 3
+    assert main(["evaluate", str(tiny_bundle), "--data", str(prices_csv), "--from", "2022-01-01", "--to",
+                 "2023-06-30", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    data = load_horizon_data(prices_csv, window=10, horizon=3, **DATES)
+    assert scores["origins"] == len(data.splits["test"].y) and scores["first_origin"] == "2022-01-03"
+    assert {"crps", "mase", "coverage_80", "coverage_90", "crps_h3"} <= set(scores["model"])
+    assert {"crps", "coverage_80"} <= set(scores["random_walk"])
+
+
+@pytest.mark.slow
+def test_the_route_answers_batched_and_refuses_bad_rows_naming_the_field(tiny_bundle, prices_csv):
+    """POST /v1/horizon on a real local Ray Serve instance over the tiny bundle."""
+    import asyncio
+    import socket
+
+    import httpx
+
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from rnnlab.inference import load_predictor
+    from rnnlab.serve.app import build_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rows = _rows(prices_csv)
+    expected = load_predictor(tiny_bundle).predict([rows])[0]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"horizon": str(tiny_bundle), "batch_wait_timeout_s": 0.05}), name="rnnlab",
+                  route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=60) as http:
+            assert http.get("/healthz").json()["serving"] == ["horizon"]
+            answer = http.post("/v1/horizon", json={"rows": rows})
+            assert answer.status_code == 200, answer.text
+            forecast = answer.json()["forecast"]
+            assert forecast["origin"] == expected["origin"]
+            np.testing.assert_allclose([s["values"] for s in forecast["steps"]],
+                                       [s["values"] for s in expected["steps"]], rtol=1e-5)
+            bad = [dict(row) for row in rows]
+            bad[5]["close"] = -1
+            refused = http.post("/v1/horizon", json={"rows": bad})
+            assert refused.status_code == 422 and "close" in json.dumps(refused.json()["detail"])
+            missing = [dict(row) for row in rows]
+            del missing[-1]["volume"]
+            refused = http.post("/v1/horizon", json={"rows": missing})
+            assert refused.status_code == 422 and "volume" in json.dumps(refused.json()["detail"])
+            short = http.post("/v1/horizon", json={"rows": rows[-50:]})
+            assert short.status_code == 422 and "264" in short.text
+
+        async def many() -> list:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/v1/horizon", json={"rows": rows}) for _ in range(8)))
+
+        assert all(r.status_code == 200 for r in asyncio.run(many()))
+        with httpx.Client(base_url=url, timeout=60) as http:
+            model = next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == "/v1/horizon")
+            assert model["batching"]["items"] >= 9 and model["batching"]["batch_size_max"] >= 2
+    finally:
+        serve.shutdown()
+        ray.shutdown()

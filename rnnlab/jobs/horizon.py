@@ -1,26 +1,35 @@
 """The horizon job: from the days up to day t's close, the closes of days t+1 .. t+H as calibrated quantiles.
 
-Config keys (``data.*`` here, ``model.*`` in rnnlab/models/horizon.py), the Job the one training loop drives
-(batches of rolling-origin windows, the pinball loss on per-horizon scaled log returns, forecasters' metrics in
-prices beside the historical-simulation random walk), and its report (the fan chart, the coverage table).
+Its config keys (``data.*`` here, ``model.*`` in rnnlab/models/horizon.py); the Job the one training loop drives
+(batches of rolling-origin windows, the pinball loss on log returns scaled by the origin's recent volatility,
+forecasters' metrics in prices beside the historical-simulation random walk) and its report (the fan chart, the
+coverage table); its predictor (a price history -> the next H days' quantiles), the service's request and answer
+(POST /v1/horizon), the scorer of any price file (``rnnlab evaluate --data --from --to``), the ``rnnlab forecast``
+answer for horizon bundles and the demo request.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import BaseModel, Field
 
+from rnnlab.bundle import Bundle
 from rnnlab.config import Count, Date, DataSettings, JobConfig, PositiveInt, TrainSettings, model_section
 from rnnlab.data.horizon import PROTOCOLS, random_walk_quantiles
-from rnnlab.forecasting import forecast_metrics
+from rnnlab.errors import InputError
+from rnnlab.forecasting import forecast_metrics, plot_fan
+from rnnlab.inference import PREDICT_BATCH_SIZE, at_position, device_of, expect_job
 from rnnlab.models.horizon import HorizonConfig
+from rnnlab.serve.schemas import StrictBody
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
 
 log = logging.getLogger(__name__)
@@ -32,7 +41,7 @@ BASELINE = "rw"  # the random walk with historical-simulation quantiles (trailin
 RW_LOOKBACK = 252
 
 
-class HorizonData(DataSettings):
+class HorizonDataSettings(DataSettings):
     window: PositiveInt = 21  # days of features per forecast (a month)
     features: Literal["scale_free", "chapter"] = "scale_free"
     # targets divided by the recent daily volatility at the origin, so the intervals follow it: an EWMA of squared
@@ -46,19 +55,19 @@ class HorizonData(DataSettings):
     test_end: Date = PROTOCOLS["chapter"]["test_end"]
 
 
-class HorizonTrain(TrainSettings):
+class HorizonTrainSettings(TrainSettings):
     batch_size: PositiveInt = 128
     monitor: str = "crps"
 
 
-HorizonModel = model_section(HorizonConfig)
+HorizonModelSettings = model_section(HorizonConfig)
 
 
 class HorizonJobConfig(JobConfig):
     job: Literal["horizon"] = "horizon"
-    data: HorizonData = Field(default_factory=HorizonData)
-    model: HorizonModel = Field(default_factory=HorizonModel)
-    train: HorizonTrain = Field(default_factory=HorizonTrain)
+    data: HorizonDataSettings = Field(default_factory=HorizonDataSettings)
+    model: HorizonModelSettings = Field(default_factory=HorizonModelSettings)
+    train: HorizonTrainSettings = Field(default_factory=HorizonTrainSettings)
 
 
 class HorizonJob(Job):
@@ -211,55 +220,230 @@ def horizon_table(val: dict, test: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_fan(closes, details: dict, path, *, recent: int = 60) -> Path:
-    """Two panels: the last test origin's recent closes and its fan of intervals; over every test origin, the
-    t+H forecast's intervals as % changes with the changes that happened."""
-    import matplotlib
+# ------------------------------------------------------------------------------------------------ predictor
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    taus, q = list(details["taus"]), details["quantiles"]
-    origins, actual = details["origins"], details["actual"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    last = len(origins) - 1
-    origin = origins[last]
-    past = closes[closes.index <= origin].iloc[-recent:]
-    future = closes[closes.index > origin].iloc[: q.shape[1]]
-    left.plot(past.index, past.to_numpy(), color="black", linewidth=1.3, label="close")
-    fan_dates = [origin, *future.index]
-    _fan(left, fan_dates, np.vstack([np.full(len(taus), details["close"][last]), q[last]]), taus)
-    left.plot(future.index, actual[last][: len(future)], "o", color="tab:red", markersize=4, label="actual")
-    left.set_title(f"Forecast from {origin.date()}: median and 50/80/90 % intervals")
-    left.legend(loc="upper left")
-    H = q.shape[1]
-    base = np.asarray(details["close"])[:, None]
-    _fan(right, origins, 100 * (q[:, H - 1, :] / base - 1), taus)
-    right.plot(origins, 100 * (actual[:, H - 1] / base[:, 0] - 1), ".", color="black", markersize=2,
-               label=f"actual {H}-day change")
-    right.axhline(0, color="gray", linewidth=0.6)
-    right.set_ylabel("% change from the origin's close")
-    right.set_title(f"Every test origin: the t+{H} forecast's intervals and what happened")
-    right.legend(loc="upper right", fontsize=8)
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+MAX_HISTORY_ROWS = 5_000  # ~20 years of trading days
 
 
-def _fan(ax, dates, q: np.ndarray, taus: list) -> None:
-    """Shade the central intervals (90, 80, 50 %) and draw the median."""
-    for level, alpha in ((0.90, 0.15), (0.80, 0.25), (0.50, 0.35)):
-        lo, hi = _index(taus, (1 - level) / 2), _index(taus, 1 - (1 - level) / 2)
-        if lo is not None and hi is not None:
-            ax.fill_between(dates, q[:, lo], q[:, hi], color="tab:blue", alpha=alpha, linewidth=0,
-                            label=f"{int(level * 100)} % interval")
-    mid = _index(taus, 0.5)
-    if mid is not None:
-        ax.plot(dates, q[:, mid], color="tab:blue", linewidth=1.2, label="median")
+class HorizonPredictor:
+    """The next H days' closes as quantiles, from a price history whose LAST row is the origin (its close known).
+
+    A request is ONE table of daily rows, oldest first, with date, open, high, low, close, volume (a DataFrame in
+    any capitalisation, with a DatetimeIndex or a date column; a list of row dicts; or a mapping of columns). Every
+    row must be complete: the forecast starts from the last row's close. At least 254 + window rows (the 252-day
+    features, their warm-up and the window), at most ``MAX_HISTORY_ROWS``. The answer: ``{"origin": date,
+    "close": the origin's close, "quantiles": levels, "steps": [{"step": h, "values": [Q closes], "median",
+    "lower_80", "upper_80", "lower_90", "upper_90"}, ...]}``.
+    """
+
+    def __init__(self, bundle: Bundle) -> None:
+        from rnnlab.data.horizon import history_rows
+        from rnnlab.data.stock import Scaler
+
+        expect_job(bundle, "horizon")
+        self.model = bundle.model.eval()
+        data = HorizonDataSettings.from_dict(bundle.config.get("data", {}), prefix="data")
+        self.window, self.feature_set, self.vol, self.vol_days = data.window, data.features, data.vol, data.vol_days
+        self.scaler = Scaler.from_json(bundle.assets["scaler"])
+        self.horizon_scale = np.asarray(bundle.assets["target_scaler"]["scale"], dtype=np.float64)
+        self.taus = [float(t) for t in bundle.model_config["quantiles"]]
+        self.horizon = int(bundle.model_config["horizon"])
+        self.min_rows = history_rows(self.window)
+        self.device = device_of(self.model)
+
+    def prepare(self, history) -> tuple:
+        """Validate ONE history (InputError naming the fault) -> (scaled window, origin date, close, volatility)."""
+        from rnnlab.data.horizon import window_for_history
+        from rnnlab.data.stock import read_history
+
+        if isinstance(history, Sequence) and not isinstance(history, str):
+            history = pd.DataFrame(list(history))
+        rows = len(next(iter(history.values()), [])) if isinstance(history, dict) else (
+            len(history) if isinstance(history, pd.DataFrame) else 0)
+        if rows > MAX_HISTORY_ROWS:
+            raise InputError(f"The price history has {rows:,} rows, more than the limit of {MAX_HISTORY_ROWS:,}; "
+                             f"send the last {self.min_rows} or more, up to {MAX_HISTORY_ROWS:,}.")
+        read = read_history(history, window=self.window)
+        last = read.values[-1]
+        if np.isnan(last).any():
+            missing = [n for n, v in zip(("open", "high", "low", "close", "volume"), last) if np.isnan(v)]
+            raise InputError(f"The last row ({read.dates[-1]}) is the forecast's origin and has no {missing[0]}; "
+                             "every row needs open, high, low, close and volume (the forecast starts from the last close).")
+        prices = pd.DataFrame(read.values, columns=["Open", "High", "Low", "Close", "Volume"],
+                              index=pd.DatetimeIndex(read.dates.astype("datetime64[ns]"), name="Date"))
+        return window_for_history(prices, self.scaler, window=self.window, feature_set=self.feature_set,
+                                  vol_days=self.vol_days, vol=self.vol)
+
+    def validate(self, history) -> None:
+        self.prepare(history)
+
+    def predict(self, histories: Sequence) -> list[dict[str, Any]]:
+        prepared = [at_position(self.prepare, h, "History", i) for i, h in enumerate(histories)]
+        return self.predict_prepared(prepared)
+
+    @torch.inference_mode()
+    def predict_prepared(self, prepared: Sequence[tuple], batch_size: int = PREDICT_BATCH_SIZE) -> list[dict]:
+        if not prepared:
+            return []
+        X = np.stack([p[0] for p in prepared])
+        outputs = [self.model(torch.from_numpy(X[i : i + batch_size]).to(self.device)).float().cpu().numpy()
+                   for i in range(0, len(X), batch_size)]
+        closes = np.array([p[2] for p in prepared])
+        q = to_prices(np.concatenate(outputs).astype(np.float64), closes, np.array([p[3] for p in prepared]),
+                      self.horizon_scale)
+        return [self.answer(p[1], p[2], q[i]) for i, p in enumerate(prepared)]
+
+    def answer(self, origin, close: float, q: np.ndarray) -> dict[str, Any]:
+        def at(tau):
+            hits = [i for i, t in enumerate(self.taus) if abs(t - tau) < 1e-9]
+            return hits[0] if hits else None
+
+        steps = []
+        for h in range(q.shape[0]):
+            step = {"step": h + 1, "values": [round(float(v), 4) for v in q[h]]}
+            for name, tau in (("median", 0.5), ("lower_80", 0.1), ("upper_80", 0.9), ("lower_90", 0.05),
+                              ("upper_90", 0.95)):
+                i = at(tau)
+                step[name] = None if i is None else round(float(q[h, i]), 4)
+            steps.append(step)
+        return {"origin": str(pd.Timestamp(origin).date()), "close": float(close), "quantiles": self.taus,
+                "steps": steps}
 
 
-def _index(taus: list, tau: float) -> int | None:
-    hits = [i for i, t in enumerate(taus) if abs(t - tau) < 1e-9]
-    return hits[0] if hits else None
+# ------------------------------------------------------------------------------------------------ service
+
+
+class HorizonRow(StrictBody):
+    date: dt.date
+    open: float = Field(gt=0)
+    high: float = Field(gt=0)
+    low: float = Field(gt=0)
+    close: float = Field(gt=0)
+    volume: float = Field(ge=0)
+
+
+class HorizonRequest(StrictBody):
+    raw_json: ClassVar[bool] = True  # hundreds of rows: validated from the raw JSON in one pass
+
+    rows: list[HorizonRow] = Field(
+        min_length=1, max_length=MAX_HISTORY_ROWS,
+        description=f"Daily prices, oldest first, at most {MAX_HISTORY_ROWS} rows, every field given. The LAST row "
+        "is the origin: the forecast is of the closes of the next H trading days. The model needs 254 + window rows "
+        "(about 13 months).")
+
+    def items(self) -> list[dict]:
+        rows = self.rows
+        days = np.array([row.date.toordinal() for row in rows], dtype=np.int64) - _EPOCH_ORDINAL
+        values = np.array([(r.open, r.high, r.low, r.close, r.volume) for r in rows], dtype=np.float64)
+        return [{"date": days.astype("datetime64[D]")} | dict(zip(("open", "high", "low", "close", "volume"), values.T))]
+
+    @staticmethod
+    def error_loc(index: int) -> list:
+        return ["body", "rows"]
+
+
+class HorizonStep(BaseModel):
+    step: int = Field(description="Trading days after the origin (1 = the next day).")
+    values: list[float] = Field(description="The close at each quantile level, in order.")
+    median: float | None
+    lower_80: float | None
+    upper_80: float | None
+    lower_90: float | None
+    upper_90: float | None
+
+
+class HorizonForecast(BaseModel):
+    origin: str = Field(description="The last row's date: the forecast starts from its close.")
+    close: float
+    quantiles: list[float] = Field(description="The quantile levels of every step's values.")
+    steps: list[HorizonStep]
+
+
+class HorizonResponse(BaseModel):
+    model: str
+    forecast: HorizonForecast
+
+    @staticmethod
+    def answer(model: str, results: list[dict]) -> dict:
+        return {"model": model, "forecast": results[0]}
+
+
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+
+
+# ------------------------------------------------------------------------------------------------ scorer
+
+
+def score(bundle: Bundle, path, *, start=None, end=None) -> dict[str, Any]:
+    """Any Yahoo-layout daily CSV: every day from ``start`` to ``end`` with H days after it in the file is an origin;
+    CRPS, pinball, MASE, sMAPE and 80/90 % coverage per horizon and overall, beside the historical-simulation random
+    walk on the same origins. MASE's scale is the file's mean absolute one-day change before the first origin (over
+    the whole file when nothing precedes it)."""
+    from rnnlab.data.horizon import random_walk_quantiles, rolling_origins
+    from rnnlab.data.stock import read_prices
+
+    predictor = HorizonPredictor(bundle)
+    prices = read_prices(path)
+    part = rolling_origins(prices, predictor.scaler, window=predictor.window, horizon=predictor.horizon,
+                           feature_set=predictor.feature_set, vol_days=predictor.vol_days, vol=predictor.vol,
+                           start=start, end=end)
+    with torch.inference_mode():
+        scaled = torch.cat([predictor.model(torch.from_numpy(part.X[i : i + 1024]).to(predictor.device)).float().cpu()
+                            for i in range(0, len(part.X), 1024)]).numpy().astype(np.float64)
+    q = to_prices(scaled, part.close, part.origin_scale, predictor.horizon_scale)
+    close = prices["Close"]
+    before = close[close.index <= part.origins[0]]
+    scale = float(np.mean(np.abs(np.diff((before if len(before) > 1 else close).to_numpy()))))
+    rw = random_walk_quantiles(close, part.origins, predictor.horizon, predictor.taus, lookback=RW_LOOKBACK)
+    keep = ("crps", "pinball", "mase", "smape", "coverage_80", "coverage_90")
+    model = forecast_metrics(part.future_close, q, predictor.taus, scale)
+    baseline = forecast_metrics(part.future_close, rw, predictor.taus, scale, per_horizon=False)
+    return {"origins": len(part.origins), "first_origin": str(part.origins[0].date()),
+            "last_origin": str(part.origins[-1].date()), "naive_scale": scale,
+            "model": {k: v for k, v in model.items() if k.split("_h")[0] in keep},
+            "random_walk": {k: baseline[k] for k in keep if k in baseline}}
+
+
+# ------------------------------------------------------------------------------------------------ CLI verb and demo
+
+
+class CLI:
+    """``rnnlab forecast BUNDLE --csv FILE [--json]`` with a horizon bundle: the next H days from the file's last
+    row, a table of quantiles (or the answer as JSON)."""
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument("--csv", required=True, metavar="FILE",
+                            help="Yahoo-layout daily prices (Date,Open,High,Low,Close,Volume)")
+        parser.add_argument("--json", action="store_true", help="horizon bundles: print the answer as JSON")
+
+    @staticmethod
+    def run(args, load_predictor) -> int:
+        import json
+
+        from rnnlab.data.stock import read_prices
+
+        predictor = load_predictor()
+        answer = predictor.predict([read_prices(args.csv).iloc[-1000:]])[0]
+        print(json.dumps(answer) if args.json else forecast_table(answer))
+        return 0
+
+
+def forecast_table(answer: dict) -> str:
+    taus = answer["quantiles"]
+    lines = [f"origin {answer['origin']}, close {answer['close']:,.2f}: the next {len(answer['steps'])} trading days",
+             f"{'day':>5s}" + "".join(f"{'q' + format(t, 'g'):>11s}" for t in taus)]
+    for step in answer["steps"]:
+        lines.append(f"{'t+' + str(step['step']):>5s}" + "".join(f"{v:11,.2f}" for v in step["values"]))
+    return "\n".join(lines)
+
+
+def demo(post) -> None:
+    """``make demo``: the index file's last 300 days through ``post(body)`` (POST /v1/horizon); the table printed."""
+    from rnnlab.data.sources import locate
+    from rnnlab.data.stock import read_prices
+
+    prices = read_prices(locate("stock")).tail(300)
+    rows = [{"date": day.strftime("%Y-%m-%d"), "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close,
+             "volume": r.Volume} for day, r in zip(prices.index, prices.itertuples())]
+    print("  " + forecast_table(post({"rows": rows})["forecast"]).replace("\n", "\n  "))
