@@ -13,12 +13,13 @@ export WANDB_MODE ?= offline
 
 .PHONY: demo test test-fast bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, so the package's loose torch>=2.4 never pulls a multi-GB CUDA build by surprise.
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e '.[test]'
+	# constraints.txt: the versions CI ran with, so a fresh clone next month installs what was tested.
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 demo: $(BIN)/.installed  ## train the three jobs briefly on the real data, serve them, query each once

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import free_port
 from tiny_datasets import make_stock_csv
 from rnnlab.launch.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _one_sentence(err: str) -> str:
@@ -48,10 +42,10 @@ def _one_sentence(err: str) -> str:
 
 @pytest.mark.parametrize("command", ["tune", "serve"])
 def test_an_address_where_no_cluster_answers_is_one_sentence_within_seconds(command, tmp_path, capsys):
-    closed = f"127.0.0.1:{_free_port()}"  # nothing listens there: a stopped cluster's stale address
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there: a stopped cluster's stale address
     argv = {"tune": ["tune", "stock", "--preset", "smoke", "--source", str(make_stock_csv(tmp_path)),
                      "--output", str(tmp_path / "out")],
-            "serve": ["serve", "--bundles", str(_bundles(tmp_path / "bundles")), "--port", str(_free_port())]}[command]
+            "serve": ["serve", "--bundles", str(_bundles(tmp_path / "bundles")), "--port", str(free_port())]}[command]
     unreachable = f"The Ray cluster at --address {closed} cannot be reached (nothing listens on port"
     for address, expected in ((closed, unreachable),
                               ("my-head", "--address 'my-head' is not HOST:PORT")):
@@ -143,7 +137,7 @@ def test_serve_address_places_replicas_on_both_nodes(cluster, tmp_path):
     import httpx
     import ray
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(
         [sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(_bundles(tmp_path / "bundles")),

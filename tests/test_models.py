@@ -107,10 +107,28 @@ def test_sentiment_backward_direction_reads_the_whole_review():
         assert not torch.equal(base, model(changed_last, lens))
 
 
-def test_sentiment_padding_embedding_is_zero_and_stays_untrained():
-    model = SentimentLSTM(SentimentConfig(vocab_size=10))
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_sentiment_padding_embedding_is_zero_and_stays_untrained(optimizer):
+    """A few steps of rnnlab's own optimizer (with weight decay) on padded batches move every other embedding
+    row and leave the padding row at zero."""
+    from rnnlab.config import TrainSettings
+    from rnnlab.trainers.optim import make_optimizer
+
+    torch.manual_seed(0)
+    model = SentimentLSTM(SentimentConfig(vocab_size=10, embed_dim=6, hidden_size=5, fc_size=4))
     assert model.embedding.padding_idx == 0
     assert torch.count_nonzero(model.embedding.weight[0]) == 0
+    before = model.embedding.weight.detach().clone()
+    step = make_optimizer(model, TrainSettings(optimizer=optimizer, lr=0.05, weight_decay=0.01))
+    for seed in range(5):
+        ids, lens = padded_batch([7, 3, 5, 2], vocab_size=10, seed=seed)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(ids, lens), (lens > 3).float())
+        step.zero_grad()
+        loss.backward()
+        step.step()
+    after = model.embedding.weight.detach()
+    assert torch.count_nonzero(after[0]) == 0
+    assert all(not torch.equal(before[row], after[row]) for row in range(1, 10))  # it did train
 
 
 def test_ngram_branch_counts_each_distinct_ngram_once_and_ignores_pads():

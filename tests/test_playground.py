@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from tiny_datasets import make_stock_csv
-from test_serve import _free_port, make_bundles
+from conftest import require, serving, skip_or_fail
 
 pytestmark = pytest.mark.slow
 
@@ -25,25 +25,11 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory) -> str:
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from rnnlab.serve.app import build_app
-
-    bundles = make_bundles(tmp_path_factory.mktemp("bundles"))
+def service(bundles, tmp_path_factory) -> str:
     key_file = tmp_path_factory.mktemp("key") / "api-key"
     key_file.write_text(KEY)
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"bundles": str(bundles), "api_key_file": str(key_file)}), name="rnnlab",
-                  route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serving({"bundles": str(bundles), "api_key_file": str(key_file)}) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +38,9 @@ def browser(tmp_path_factory):
                    if shutil.which(name)), None)
     driver_path = shutil.which("chromedriver")
     if binary is None or driver_path is None:
-        pytest.skip("no Chromium and chromedriver installed (Debian: apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="Selenium is not installed (the test extra has it)")
+        # .ci/run installs them; elsewhere the browser tests skip, saying what to install
+        skip_or_fail("no Chromium and chromedriver installed (Debian: apt-get install chromium chromium-driver)")
+    webdriver = require("selenium.webdriver", "Selenium is not installed (the test extra has it)")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:

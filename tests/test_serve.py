@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import serving
 from tiny_datasets import make_stock_csv
 
 pytestmark = pytest.mark.slow
@@ -65,41 +65,17 @@ def make_bundles(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory) -> Path:
-    return make_bundles(tmp_path_factory.mktemp("bundles"))
-
-
-@pytest.fixture(scope="module")
 def price_rows(tmp_path_factory) -> list[dict]:
     frame = pd.read_csv(make_stock_csv(tmp_path_factory.mktemp("prices"))).tail(300)
     return [{"date": r.Date, "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close, "volume": r.Volume}
             for r in frame.itertuples()]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(bundles) -> str:
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from rnnlab.serve.app import build_app
-
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # a longer wait than the default so concurrent test requests reliably share a batch
-        serve.run(build_app({"bundles": str(bundles), "batch_wait_timeout_s": 0.05}), name="rnnlab",
-                  route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    # a longer batch wait than the default so concurrent test requests reliably share a batch
+    with serving({"bundles": str(bundles), "batch_wait_timeout_s": 0.05}) as base:
+        yield base
 
 
 @pytest.fixture()
@@ -331,10 +307,13 @@ def test_bad_input_is_refused_naming_the_field_and_the_limit(http, endpoint, bod
 
 
 def test_forecast_with_too_short_a_history_states_the_minimum(http, price_rows):
-    response = http.post("/v1/forecast", json={"rows": price_rows[:20]})
-    assert response.status_code == 422
-    message = response.json()["detail"][0]["msg"]
-    assert any(char.isdigit() for char in message)  # the minimum number of rows is in the sentence
+    needed = 254 + 5  # djia-small's window is 5 days; the 252-day features need 254 warm-up rows
+    for rows in (20, needed - 1):
+        response = http.post("/v1/forecast", json={"rows": price_rows[-rows:]})
+        assert response.status_code == 422, response.text
+        message = response.json()["detail"][0]["msg"]
+        assert f"has {rows} rows" in message and f"at least {needed}" in message, message
+    assert http.post("/v1/forecast", json={"rows": price_rows[-needed:]}).status_code == 200  # the minimum is enough
 
 
 def test_one_bad_request_never_fails_the_others_in_its_batch(http, service, price_rows):

@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serve import _free_port, make_bundles
+from conftest import free_port
+from test_serve import make_bundles
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +52,7 @@ async def _burst(base: str, count: int) -> tuple[list[int], set[str]]:
 @pytest.mark.parametrize("ingress", ["direct", "proxy"])
 def test_serve_answers_on_the_asked_port_and_stops_cleanly(tmp_path, ingress):
     bundles = make_bundles(tmp_path / "bundles")
-    port = _free_port()
+    port = free_port()
     # a leftover export must not decide the ingress: the flag does
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
     env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if ingress == "proxy" else "0"

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serve import _free_port, make_bundles
+from conftest import free_port, require, serving
 
 pytestmark = pytest.mark.slow
 
@@ -33,31 +33,15 @@ LIMITS = {"max_ongoing_requests": 8, "max_queued_requests": 16, "max_streams": 3
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory) -> Path:
-    return make_bundles(tmp_path_factory.mktemp("bundles"))
-
-
-@pytest.fixture(scope="module")
 def service(bundles, tmp_path_factory):
     """(base URL, Ray metrics URL) of a service that needs KEY."""
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from rnnlab.serve.app import build_app
-
     key_file = tmp_path_factory.mktemp("secrets") / "api-key"
     key_file.write_text(KEY + "\n")
-    port, metrics_port = _free_port(), _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": LIMITS["request_timeout_s"]})
-        serve.run(build_app({"bundles": str(bundles), "api_key_file": str(key_file)} | LIMITS), name="rnnlab",
-                  route_prefix="/")
-        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    metrics_port = free_port()
+    with serving({"bundles": str(bundles), "api_key_file": str(key_file)} | LIMITS,
+                 http_options={"request_timeout_s": LIMITS["request_timeout_s"]},
+                 _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000}) as base:
+        yield base, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 @pytest.fixture()
@@ -95,8 +79,8 @@ def _session_processes(sid: int) -> list[int]:
 
 def test_serve_ignores_a_stale_ray_address_and_drains_streams_on_sigterm(bundles):
     ray_tmp = tempfile.mkdtemp(prefix="rl-", dir="/tmp")  # short: Ray's socket paths live under it
-    Path(ray_tmp, "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}\n")  # an unclean stop's leftover
-    port = _free_port()
+    Path(ray_tmp, "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")  # an unclean stop's leftover
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_TMPDIR": ray_tmp,
                                                                               "RNNLAB_API_KEY": KEY}
     service = subprocess.Popen([sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(bundles),
@@ -276,8 +260,11 @@ def test_a_client_that_stops_reading_frees_its_slot(base, http):
     silent.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     try:
+        # first the stream must be seen open: "no open streams" also holds before the request has arrived
         deadline = time.monotonic() + 30
-        time.sleep(0.5)
+        while gateway_streams(http)["open"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gateway_streams(http)["open"] >= 1, "the silent client's stream was never seen open"
         while time.monotonic() < deadline:
             generate = next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == "/v1/charlm")
             if gateway_streams(http)["open"] == 0 and generate["batching"]["active"] == 0:
@@ -326,7 +313,7 @@ def test_the_guard_closes_a_response_nobody_reads():
 def test_an_unreachable_ray_fails_in_one_sentence_quickly(bundles, capsys, monkeypatch):
     from rnnlab.launch.cli import main
 
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     for address, env in [(dead, None), ("auto", dead)]:
         if env:
             monkeypatch.setenv("RAY_ADDRESS", env)  # what a stale address file or variable leaves behind
@@ -341,7 +328,7 @@ def test_an_unreachable_ray_fails_in_one_sentence_quickly(bundles, capsys, monke
 def test_fuzzed_requests_get_no_5xx_and_4xx_name_the_field(base):
     """Valid and invalid requests generated from the service's own OpenAPI schema, at most 100 per operation (a few
     hundred in all, a fixed seed). Driven by hand rather than schemathesis' pytest plugin, which pytest 9 broke."""
-    schemathesis = pytest.importorskip("schemathesis")
+    schemathesis = require("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
 

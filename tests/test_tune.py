@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,19 +41,22 @@ def write_yaml(path: Path, data) -> Path:
 
 @pytest.mark.parametrize("job", JOBS)
 def test_default_space_is_valid_for_every_preset(job, tmp_path):
+    defaults = load_space(job)
     for preset in registry.job(job).presets():
         # a preset without a validation split (stock's chapter protocol) has nothing to rank trials by
         if not validate(load_config(job, preset)).has_validation_split:
             continue
         plan = plan_search(job, SearchSettings(num_cpus=2), preset=preset, output=tmp_path)
         keys = plan.space.params
-        assert keys["train.lr"] == {"loguniform": keys["train.lr"]["loguniform"]}
+        assert keys == defaults.params  # no preset changes the job's space
+        (low, high), = keys["train.lr"].values()  # a single distribution: loguniform over a real range
+        assert list(keys["train.lr"]) == ["loguniform"] and 0 < low < high <= 1
         assert {"train.batch_size", "model.hidden_size", "model.num_layers", "model.dropout"} <= set(keys)
         # the metric defaults to the monitor the loop picks its best checkpoint by
         assert plan.space.metric == f"val/{plan.base_config['train']['monitor']}"
         assert plan.base_config["train"]["eval_every"] == 0 and plan.base_config["train"]["epochs"] == 5
-    # every key of the job's own space file is searched
-    assert set(yaml.safe_load(registry.job(job).tune_space_file.read_text())["params"]) <= set(keys)
+        # every key of the job's own space file is searched
+        assert set(yaml.safe_load(registry.job(job).tune_space_file.read_text())["params"]) <= set(keys)
 
 
 def test_user_space_merges_over_defaults(tmp_path):
@@ -227,13 +232,33 @@ def _results_recorded(trial: Path) -> int:
     return len(results.read_text().splitlines()) if results.is_file() else 0
 
 
+def _params(trial: Path) -> dict:
+    """The trial's params.json; {} until Tune has written it whole."""
+    try:
+        return json.loads((trial / "params.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _finished_and_checkpointed(experiment: Path) -> bool:
     """Both quick trials have their bundle and the slow one (batch 1) has 1 or 2 of its 4 epochs recorded."""
     trials = list(experiment.glob("trial_*"))
-    slow = [t for t in trials if (t / "params.json").is_file()
-            and json.loads((t / "params.json").read_text()).get("train.batch_size") == 1]
+    slow = [t for t in trials if _params(t).get("train.batch_size") == 1]
     quick_done = [t for t in trials if (t / "bundle" / "config.json").is_file()]
     return len(quick_done) == 2 and bool(slow) and 1 <= _results_recorded(slow[0]) <= 2
+
+
+def _terminated_in_tune_state(ray_tmp: Path, name: str) -> set[str]:
+    """Trial ids Tune's controller has marked TERMINATED in the experiment state it saves on the driver (with
+    TUNE_GLOBAL_CHECKPOINT_S=0, after every step of its loop); a file caught mid-write reads as none."""
+    done = set()
+    for state in ray_tmp.glob(f"ray/session_*/artifacts/*/{name}/driver_artifacts/experiment_state-*.json"):
+        try:
+            trials = [json.loads(entry[0]) for entry in json.loads(state.read_text())["trial_data"]]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            continue
+        done |= {trial["trial_id"] for trial in trials if trial.get("status") == "TERMINATED"}
+    return done
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -253,22 +278,30 @@ def test_resume_after_interrupt_skips_finished_trials(tmp_path, prices):
     argv = ["tune", "stock", "--preset", "smoke", "--source", str(prices), "--space", str(space),
             "--num-samples", "1", "--max-epochs", "4", "--scheduler", "fifo", "--num-cpus", "2",
             "--output", str(out), "--name", "resume-test", "--quiet", "--set", "tracking.wandb=false"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    # Ray's temporary folder of our own (short: Ray's socket paths live under it), so the controller's saved
+    # experiment state can be read while it runs; saved after every step of its loop instead of every 10 s or more
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_TMPDIR": str(ray_tmp), "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     process = subprocess.Popen([sys.executable, "-m", "rnnlab.launch.cli", *argv], env=env, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # interrupt once one trial has finished AND another has a result (with its checkpoint) recorded by Tune's
-        # controller, so the resume below is tested on both: a finished trial kept, a checkpointed one continued
+        # controller, so the resume below is tested on both: a finished trial kept, a checkpointed one continued.
+        # "Finished" is the controller's word, not the bundle's: a bundle is written before the trial returns.
         deadline = time.time() + 300
-        while time.time() < deadline and not _finished_and_checkpointed(out / "resume-test"):
+        while time.time() < deadline and not (
+                _finished_and_checkpointed(out / "resume-test")
+                and {t.name for t in (out / "resume-test").glob("trial_*") if (t / "bundle" / "config.json").is_file()}
+                <= {f"trial_{i}" for i in _terminated_in_tune_state(ray_tmp, "resume-test")}):
             assert process.poll() is None, process.stdout.read()
-            time.sleep(0.2)
-        time.sleep(2)  # let Tune record the trial as finished
+            time.sleep(0.1)
+        assert time.time() < deadline, "the search never reached two finished trials and a checkpointed one"
         process.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
         output, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert process.returncode == 130, output
     assert "--resume" in output
     first = {row["trial"]: row for row in _read_csv(out / "results.csv")}
