@@ -162,27 +162,32 @@ class HorizonJob(Job):
         loss = pinball_sum(torch.from_numpy(scaled), self.y_scaled[split].double(),
                            torch.tensor(self.taus, dtype=torch.float64))
         quantiles = self.to_prices(scaled, split)
-        metrics = {"loss": float(loss) / max(1, len(scaled))}
-        metrics.update(forecast_metrics(part.future_close, quantiles, self.taus, self.data.naive_scale))
+        # the metrics: what the registry ranks by (+ the random walk's beside them); every score -- coverage, per
+        # horizon, scaled -- in the details, which the report adds to the test figures (bundle, W&B summary)
+        scores = forecast_metrics(part.future_close, quantiles, self.taus, self.data.naive_scale)
+        metrics = {"loss": float(loss) / max(1, len(scaled)), **{k: scores[k] for k in METRICS if k in scores}}
         base = self.baseline(split)["metrics"]
         for name in ("crps", "pinball", "mase", "smape", "coverage_80", "coverage_90"):
             metrics[f"baseline_{BASELINE}_{name}"] = base[name]
         return EvalResult(metrics, {"origins": part.origins, "close": part.close, "actual": part.future_close,
-                                    "quantiles": quantiles, "taus": self.taus})
+                                    "quantiles": quantiles, "taus": self.taus, "scores": scores})
 
     def assets(self) -> dict[str, dict]:
         return {"scaler": self.data.scaler.to_json(), "target_scaler": self.data.target_scaler.to_json()}
 
     def report(self, model, val: dict, test: EvalResult, output_dir, tracker) -> dict:
-        table = coverage_table(test.metrics, self.config.model.horizon)
-        print(horizon_table(val, test.metrics), flush=True)
+        scores = {**test.metrics, **test.details["scores"]}
+        table = coverage_table(scores, self.config.model.horizon)
+        print(horizon_table(val, scores), flush=True)
         path = plot_fan(self.data.closes, test.details, Path(output_dir) / "fan_chart.png")
+        extra = {k: v for k, v in test.details["scores"].items() if k not in test.metrics}
         if tracker is not None:
             import wandb
 
             tracker.log({"test/fan_chart": wandb.Image(str(path)),
-                         "test/coverage_table": wandb.Table(columns=table[0], data=table[1:])})
-        return {}
+                         "test/coverage_table": wandb.Table(columns=table[0], data=table[1:]),
+                         **{f"test/{k}": v for k, v in extra.items()}})
+        return extra  # coverage, per horizon, scaled: into the test figures the bundle keeps
 
 
 def to_prices(scaled: np.ndarray, close: np.ndarray, origin_scale: np.ndarray, horizon_scale: np.ndarray
@@ -211,12 +216,13 @@ def coverage_table(metrics: dict, horizon: int) -> list[list]:
 
 
 def horizon_table(val: dict, test: dict) -> str:
-    """CRPS / MASE / sMAPE / coverage of the model beside the random walk, validation and test."""
-    names = ("crps", "mase", "smape", "coverage_80", "coverage_90")
-    lines = [f"{'':26s}" + "".join(f"{s + ' ' + n:>18s}" for s in ("val", "test") for n in names)]
+    """CRPS / MASE / sMAPE of the model beside the random walk on validation and test, and the test's coverage."""
+    columns = [("val", n) for n in ("crps", "mase", "smape")] + [
+        ("test", n) for n in ("crps", "mase", "smape", "coverage_80", "coverage_90")]
+    lines = [f"{'':26s}" + "".join(f"{s + ' ' + n:>18s}" for s, n in columns)]
     for label, prefix in (("model", ""), ("random walk (hist. sim.)", f"baseline_{BASELINE}_")):
-        lines.append(f"{label:26s}" + "".join(f"{m.get(prefix + n, float('nan')):18.4f}"
-                                              for m in (val, test) for n in names))
+        lines.append(f"{label:26s}" + "".join(f"{(val if s == 'val' else test).get(prefix + n, float('nan')):18.4f}"
+                                              for s, n in columns))
     return "\n".join(lines)
 
 
