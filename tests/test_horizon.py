@@ -4,6 +4,7 @@ the future, smoke runs of both decoders through the loop and a bundle."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -299,58 +300,90 @@ def test_forecast_and_evaluate_from_the_command_line(tiny_bundle, prices_csv, ca
     assert {"crps", "coverage_80"} <= set(scores["random_walk"])
 
 
+@pytest.fixture(scope="module")
+def horizon_service(tiny_bundle) -> str:
+    """A real local Ray Serve instance serving the tiny horizon bundle (POST /v1/horizon)."""
+    from conftest import serving
+
+    with serving({"horizon": str(tiny_bundle), "batch_wait_timeout_s": 0.05}) as base:
+        yield base
+
+
 @pytest.mark.slow
-def test_the_route_answers_batched_and_refuses_bad_rows_naming_the_field(tiny_bundle, prices_csv):
-    """POST /v1/horizon on a real local Ray Serve instance over the tiny bundle."""
+def test_the_route_answers_batched_and_refuses_bad_rows_naming_the_field(horizon_service, tiny_bundle, prices_csv):
     import asyncio
-    import socket
 
     import httpx
 
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
     from rnnlab.inference import load_predictor
-    from rnnlab.serve.app import build_app
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    rows = _rows(prices_csv)
+    url, rows = horizon_service, _rows(prices_csv)
     expected = load_predictor(tiny_bundle).predict([rows])[0]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    with httpx.Client(base_url=url, timeout=60) as http:
+        assert http.get("/healthz").json()["serving"] == ["horizon"]
+        answer = http.post("/v1/horizon", json={"rows": rows})
+        assert answer.status_code == 200, answer.text
+        forecast = answer.json()["forecast"]
+        assert forecast["origin"] == expected["origin"]
+        np.testing.assert_allclose([s["values"] for s in forecast["steps"]],
+                                   [s["values"] for s in expected["steps"]], rtol=1e-5)
+        bad = [dict(row) for row in rows]
+        bad[5]["close"] = -1
+        refused = http.post("/v1/horizon", json={"rows": bad})
+        assert refused.status_code == 422 and "close" in json.dumps(refused.json()["detail"])
+        missing = [dict(row) for row in rows]
+        del missing[-1]["volume"]
+        refused = http.post("/v1/horizon", json={"rows": missing})
+        assert refused.status_code == 422 and "volume" in json.dumps(refused.json()["detail"])
+        short = http.post("/v1/horizon", json={"rows": rows[-50:]})
+        assert short.status_code == 422 and "264" in short.text
+
+    async def many() -> list:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/horizon", json={"rows": rows}) for _ in range(8)))
+
+    assert all(r.status_code == 200 for r in asyncio.run(many()))
+    with httpx.Client(base_url=url, timeout=60) as http:
+        model = next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == "/v1/horizon")
+        assert model["batching"]["items"] >= 9 and model["batching"]["batch_size_max"] >= 2
+
+
+@pytest.mark.slow
+def test_the_playground_draws_the_quantiles_and_a_fan(horizon_service, prices_csv, tmp_path):
+    """The playground's horizon panel in headless Chromium: the table shows the API's medians, the chart a fan of
+    three intervals and the median line after the recent closes."""
+    import httpx
+
+    from conftest import require, skip_or_fail
+
+    binary = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                  None)
+    if binary is None or shutil.which("chromedriver") is None:
+        skip_or_fail("no Chromium and chromedriver installed (Debian: apt-get install chromium chromium-driver)")
+    webdriver = require("selenium.webdriver", "Selenium is not installed (the test extra has it)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from test_playground import CHROMIUM_FLAGS
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")),
+                              options=options)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"horizon": str(tiny_bundle), "batch_wait_timeout_s": 0.05}), name="rnnlab",
-                  route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=url, timeout=60) as http:
-            assert http.get("/healthz").json()["serving"] == ["horizon"]
-            answer = http.post("/v1/horizon", json={"rows": rows})
-            assert answer.status_code == 200, answer.text
-            forecast = answer.json()["forecast"]
-            assert forecast["origin"] == expected["origin"]
-            np.testing.assert_allclose([s["values"] for s in forecast["steps"]],
-                                       [s["values"] for s in expected["steps"]], rtol=1e-5)
-            bad = [dict(row) for row in rows]
-            bad[5]["close"] = -1
-            refused = http.post("/v1/horizon", json={"rows": bad})
-            assert refused.status_code == 422 and "close" in json.dumps(refused.json()["detail"])
-            missing = [dict(row) for row in rows]
-            del missing[-1]["volume"]
-            refused = http.post("/v1/horizon", json={"rows": missing})
-            assert refused.status_code == 422 and "volume" in json.dumps(refused.json()["detail"])
-            short = http.post("/v1/horizon", json={"rows": rows[-50:]})
-            assert short.status_code == 422 and "264" in short.text
-
-        async def many() -> list:
-            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                return await asyncio.gather(*(client.post("/v1/horizon", json={"rows": rows}) for _ in range(8)))
-
-        assert all(r.status_code == 200 for r in asyncio.run(many()))
-        with httpx.Client(base_url=url, timeout=60) as http:
-            model = next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == "/v1/horizon")
-            assert model["batching"]["items"] >= 9 and model["batching"]["batch_size_max"] >= 2
+        driver.get(f"{horizon_service}/")
+        WebDriverWait(driver, 60).until(lambda d: "horizon" in d.find_element(By.ID, "serving").text)
+        driver.execute_script("document.getElementById('csv').value = arguments[0]", Path(prices_csv).read_text())
+        driver.find_element(By.ID, "run-horizon").click()
+        table = WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.ID, "horizon-table"))[0]
+        medians = [float(cell.text.replace(",", "")) for cell in table.find_elements(By.CSS_SELECTOR, "td.median")]
+        rows = _rows(prices_csv, 400)
+        expected = httpx.post(f"{horizon_service}/v1/horizon", json={"rows": rows}, timeout=60).json()["forecast"]
+        assert medians == pytest.approx([s["median"] for s in expected["steps"]], abs=0.006)
+        chart = driver.find_element(By.ID, "fan-chart")
+        assert len(chart.find_elements(By.CSS_SELECTOR, "polygon.fan")) == 3
+        assert chart.find_elements(By.ID, "fan-median") and chart.find_elements(By.TAG_NAME, "polyline")
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        driver.quit()
