@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,7 +40,6 @@ FEATURE_SETS: dict[str, list[str]] = {
     "chapter": [*FEATURE_NAMES, *DAY_FEATURES],
     "scale_free": [*_SCALE_FREE_CHAPTER, *_RELATIVE, *DAY_FEATURES],
 }
-DEFAULT_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 
 # Protocols: train_end, val_end (validation = (train_end, val_end]), test_start, test_end.
 PROTOCOLS: dict[str, dict[str, str]] = {
@@ -293,10 +291,3 @@ def random_walk_quantiles(closes: pd.Series, origins: pd.DatetimeIndex, horizon:
             offsets = np.quantile(past, q) - np.quantile(past, 0.5)
             out[i, h - 1] = logc[p] + h * mu + offsets
     return np.exp(out)
-
-
-def summarize(data: HorizonData) -> dict[str, Any]:
-    def span(split: HorizonSplit) -> str | None:
-        return f"{split.origins[0].date()}..{split.origins[-1].date()}" if len(split.origins) else None
-
-    return {name: {"origins": len(split.y), "span": span(split)} for name, split in data.splits.items()}
