@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reviews, rows = imdb_reviews(), price_rows()
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
         with tempfile.TemporaryDirectory() as scratch:

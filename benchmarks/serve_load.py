@@ -247,7 +247,7 @@ def deploy(bundles: Path, max_batch_size: int | None, batch_wait_timeout_s: floa
 
 
 def batching_stats(base: str) -> dict:
-    models = httpx.get(f"{base}/v1/models", timeout=30).json()["models"]
+    models = httpx.get(f"{base}/v1/models", timeout=30).json()["data"]  # OpenAI's list shape
     return {m["endpoint"]: m["batching"] for m in models}
 
 
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # as rnnlab serve does (each phase's serve.run restarts the Gateway, which gets its one port back at once)
         proxy_port = choose_ingress(not args.proxy, "127.0.0.1", args.port)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
         base = f"http://127.0.0.1:{args.port}"
         rounds: list[dict] = []

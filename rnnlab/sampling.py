@@ -139,6 +139,22 @@ def sample_next(
     return torch.where(greedy, scores.argmax(dim=-1), choice)
 
 
+MAX_LOGPROBS = 5  # alternatives per character a request may ask for (OpenAI's limit for completions)
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top_n: int) -> tuple[torch.Tensor, ...]:
+    """For ``logits[B, V]`` and the ids ``chosen[B]`` sampled from them: the chosen ids' log-probabilities [B] and
+    the ``top_n`` most likely ids with theirs ([B, top_n] values and ids, most likely first; [B, 0] for 0).
+
+    The distribution is the model's own (log-softmax of its scores), before temperature, top-k and top-p reshape
+    it for sampling: what OpenAI's and vLLM's ``logprobs`` report, and the same whatever sampling settings a
+    request uses. Called only for rows that ask, so a request without ``logprobs`` pays nothing."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen_lp = logp.gather(1, chosen.view(-1, 1).to(logp.device)).squeeze(1)
+    values, ids = logp.topk(min(int(top_n), logp.shape[1]), dim=-1)
+    return chosen_lp, values, ids
+
+
 def per_row_params(params: Sequence[SamplingParams], device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
     """(temperature, top_k, top_p) tensors for a batch of sequences, built once per batch change rather than
     once per step."""

@@ -55,7 +55,9 @@ def serving(options: dict, *, http_options: dict | None = None, **ray_init) -> I
     from rnnlab.serve.app import build_app
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR", **ray_init)
+    # address="local": always a new instance, never a cluster some `ray start` on this machine left running
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             **ray_init)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, **(http_options or {})})
         serve.run(build_app(options), name="rnnlab", route_prefix="/")

@@ -344,7 +344,7 @@ def test_the_route_answers_batched_and_refuses_bad_rows_naming_the_field(horizon
 
     assert all(r.status_code == 200 for r in asyncio.run(many()))
     with httpx.Client(base_url=url, timeout=60) as http:
-        model = next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == "/v1/horizon")
+        model = next(m for m in http.get("/v1/models").json()["data"] if m["endpoint"] == "/v1/horizon")
         assert model["batching"]["items"] >= 9 and model["batching"]["batch_size_max"] >= 2
 
 

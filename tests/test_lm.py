@@ -48,7 +48,7 @@ def sentiment_job(archive, *overrides):
 def test_every_output_layer_gives_the_nll_of_its_own_distribution(output):
     torch.manual_seed(0)
     config = SimpleNamespace(vocab_size=300, embed_dim=6, hidden_size=10, num_layers=2, dropout=0.0, output=output,
-                             cutoffs=[20, 100])
+                             cutoffs=[20, 100], cell="lstm", forget_bias=None)
     model = WordLSTM(config).eval()
     ids = torch.randint(1, 300, (3, 9))
     hidden, state = model(ids[:, :-1])

@@ -95,7 +95,7 @@ def http(service):
 
 
 def batching(http: httpx.Client, endpoint: str) -> dict:
-    return next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == endpoint)["batching"]
+    return next(m for m in http.get("/v1/models").json()["data"] if m["endpoint"] == endpoint)["batching"]
 
 
 def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
@@ -122,7 +122,7 @@ def test_healthz_docs_and_openapi(http):
 
 
 def test_models_lists_bundles_with_versions_metrics_and_batching(http):
-    models = {m["endpoint"]: m for m in http.get("/v1/models").json()["models"]}
+    models = {m["endpoint"]: m for m in http.get("/v1/models").json()["data"]}
     assert set(models) == {f"/v1/{job}" for job in registry.served()}
     assert models["/v1/sentiment"]["name"] == "imdb-small"
     assert models["/v1/charlm"]["metrics"] == {"val": {"nats_per_char": 3.4}}

@@ -140,7 +140,7 @@ def test_v1_routes_and_docs_need_the_key_and_healthz_does_not(base, http):
 def test_models_show_names_and_digests_not_paths(http, bundles):
     body = http.get("/v1/models").text
     assert str(bundles) not in body and "/tmp" not in body
-    models = http.get("/v1/models").json()["models"]
+    models = http.get("/v1/models").json()["data"]
     assert {m["name"] for m in models} == {path.name for path in bundles.iterdir()}  # one per served job
     assert all(m["digest"].startswith("sha256:") and len(m["digest"]) == 7 + 64 for m in models)
     assert all("path" not in m for m in models)
@@ -266,7 +266,7 @@ def test_a_client_that_stops_reading_frees_its_slot(base, http):
             time.sleep(0.05)
         assert gateway_streams(http)["open"] >= 1, "the silent client's stream was never seen open"
         while time.monotonic() < deadline:
-            generate = next(m for m in http.get("/v1/models").json()["models"] if m["endpoint"] == "/v1/charlm")
+            generate = next(m for m in http.get("/v1/models").json()["data"] if m["endpoint"] == "/v1/charlm")
             if gateway_streams(http)["open"] == 0 and generate["batching"]["active"] == 0:
                 break
             time.sleep(0.5)

@@ -108,7 +108,7 @@ class CharLMJob(Job):
             )
         self.batcher = text.TBPTTBatcher(self.streams["train"], self.batch_size, self.seq_len,
                                          rank=self.rank, world_size=self.world_size)
-        self.carry: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.carry: tuple[torch.Tensor, ...] | None = None
 
     def steps_per_epoch(self) -> int:
         # random_chunks: an "epoch" is as many random batches as one contiguous pass has windows
@@ -141,7 +141,7 @@ class CharLMJob(Job):
         logits, new_state = model(*batch.inputs, state)
         if self.sampler == "tbptt":
             # Truncated BPTT: the next window starts from this state, but gradients stop here.
-            self.carry = (new_state[0].detach(), new_state[1].detach())
+            self.carry = tuple(t.detach() for t in new_state)  # (h, c) or (h,): whatever the cell
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
                                reduction="sum")
 
@@ -203,10 +203,11 @@ class CharLMJob(Job):
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.carry is None:
             return {}
-        return {"carry_h": self.carry[0].detach().cpu().contiguous(), "carry_c": self.carry[1].detach().cpu().contiguous()}
+        # carry_h, and carry_c for an LSTM
+        return {f"carry_{kind}": t.detach().cpu().contiguous() for kind, t in zip("hc", self.carry)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.carry = (state["carry_h"].to(self.device), state["carry_c"].to(self.device)) if state else None
+        self.carry = tuple(state[f"carry_{kind}"].to(self.device) for kind in "hc" if f"carry_{kind}" in state) or None
 
 
 def hash_seed(*parts: int) -> int:

@@ -71,7 +71,7 @@ class LMJob(Job):
         self.seq_len = d.seq_len
         self.batcher = text.TBPTTBatcher(self.streams["train"], self.batch_size, self.seq_len,
                                          rank=self.rank, world_size=self.world_size)
-        self.carry: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.carry: list[tuple[torch.Tensor, ...]] | None = None
 
     def steps_per_epoch(self) -> int:
         return len(self.batcher)
@@ -91,7 +91,7 @@ class LMJob(Job):
 
     def loss_sum(self, model, batch: Batch) -> torch.Tensor:
         hidden, state = model(*batch.inputs, self.carry)
-        self.carry = [(h.detach(), c.detach()) for h, c in state]  # truncated BPTT
+        self.carry = [tuple(t.detach() for t in layer) for layer in state]  # truncated BPTT; (h, c) or (h,)
         return _unwrap(model).loss_sum(hidden, batch.targets)
 
     @torch.no_grad()
@@ -121,8 +121,8 @@ class LMJob(Job):
                 for i, pair in enumerate(self.carry) for kind, t in zip("hc", pair)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        layers = len(state) // 2
-        self.carry = [(state[f"carry_h_{i}"].to(self.device), state[f"carry_c_{i}"].to(self.device))
+        layers = sum(key.startswith("carry_h_") for key in state)  # carry_c_<i> too for an LSTM
+        self.carry = [tuple(state[f"carry_{kind}_{i}"].to(self.device) for kind in "hc" if f"carry_{kind}_{i}" in state)
                       for i in range(layers)] if state else None
 
 

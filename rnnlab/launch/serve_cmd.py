@@ -30,7 +30,8 @@ def add_parser(subparsers) -> None:
         description="Serve the bundles in DIR over HTTP with Ray Serve: POST /v1/<job> for "
         f"{', '.join(served())} (older routes: "
         f"{', '.join(f'/v1/{a} = /v1/{j}' for a, j in routes().items() if a != j)}, "
-        "kept for one release); GET /v1/models, /healthz; OpenAPI at /docs. Concurrent requests are batched.",
+        "kept for one release); POST /v1/completions (OpenAI's API, for the openai client); GET /v1/models, "
+        "/healthz; OpenAPI at /docs. Concurrent requests are batched.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--bundles", required=True, metavar="DIR",

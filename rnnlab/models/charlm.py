@@ -1,9 +1,11 @@
 """CharLSTM: a character-level language model.
 
-embedding -> LSTM layers -> dropout -> linear to the vocabulary. ``forward`` runs a whole window in one LSTM
-call and carries ``(h, c)`` in and out, so truncated BPTT is "detach the state, feed the next window"; ``step``
-is one decoding step for many sequences at once (each row its own sequence, its own state column).
-State shapes: ``h, c: [num_layers, B, hidden_size]``. The chapter's recipe is embedding 256, LSTM 512.
+embedding -> recurrent layers (``model.cell``: LSTM by default, GRU or plain RNN; see rnnlab/models/cells.py)
+-> dropout -> linear to the vocabulary. ``forward`` runs a whole window in one call and carries the state in and
+out, so truncated BPTT is "detach the state, feed the next window"; ``step`` is one decoding step for many
+sequences at once (each row its own sequence, its own state column). The state is a tuple whatever the cell --
+LSTM ``(h, c)``, GRU/RNN ``(h,)`` -- each ``[num_layers, B, hidden_size]``. The chapter's recipe is embedding
+256, LSTM 512. (The recurrent module is ``self.lstm`` for every cell: the name its weights have in bundles.)
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from rnnlab.config import ModelSettings, PositiveInt, Probability
+from rnnlab.config import PositiveInt, Probability
+from rnnlab.models.cells import CellSettings, State, recurrent, zero_state
 
-State = tuple[torch.Tensor, torch.Tensor]
 
-
-class CharConfig(ModelSettings):
+class CharConfig(CellSettings):
     FROM_DATA: ClassVar[tuple[str, ...]] = ("vocab_size",)
 
     vocab_size: PositiveInt
@@ -33,25 +34,19 @@ class CharLSTM(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embed_dim)
-        self.lstm = nn.LSTM(
-            config.embed_dim,
-            config.hidden_size,
-            num_layers=config.num_layers,
-            batch_first=True,
-            dropout=config.dropout if config.num_layers > 1 else 0.0,
-        )
+        self.lstm = recurrent(config.cell, config.embed_dim, config.hidden_size, num_layers=config.num_layers,
+                              dropout=config.dropout, forget_bias=config.forget_bias)
         self.dropout = nn.Dropout(config.dropout)
         self.output = nn.Linear(config.hidden_size, config.vocab_size)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
-        """Zero (h, c) for ``batch_size`` sequences (what ``state=None`` means)."""
+        """The zero state for ``batch_size`` sequences (what ``state=None`` means): (h, c) or (h,)."""
         device = device if device is not None else self.output.weight.device
-        shape = (self.config.num_layers, batch_size, self.config.hidden_size)
-        dtype = self.output.weight.dtype
-        return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        return zero_state(self.config.cell, self.config.num_layers, batch_size, self.config.hidden_size,
+                          device=device, dtype=self.output.weight.dtype)
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """ids: LongTensor[B, T]. Returns (logits[B, T, V], (h, c)) -- the state after the last position."""
+        """ids: LongTensor[B, T]. Returns (logits[B, T, V], state) -- the state after the last position."""
         out, state = self.lstm(self.embedding(ids), state)
         return self.output(self.dropout(out)), state
 

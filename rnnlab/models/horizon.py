@@ -20,20 +20,18 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from rnnlab.config import ModelSettings, Number, PositiveInt, Probability
-
-CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+from rnnlab.config import Number, PositiveInt, Probability
+from rnnlab.models.cells import CellSettings, recurrent
 DEFAULT_QUANTILES = [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]
 
 
-class HorizonConfig(ModelSettings):
+class HorizonConfig(CellSettings):  # model.cell (lstm | gru | rnn) and model.forget_bias, as every model
     FROM_DATA: ClassVar[tuple[str, ...]] = ("num_features",)
 
     num_features: PositiveInt = 26
     horizon: PositiveInt = 5  # days ahead (t+1 .. t+H)
     quantiles: list[Number] = Field(default_factory=lambda: list(DEFAULT_QUANTILES))
     decoder: Literal["seq2seq", "direct"] = "seq2seq"
-    cell: Literal["lstm", "gru", "rnn"] = "lstm"
     hidden_size: PositiveInt = 32
     num_layers: PositiveInt = 1
     fc_size: PositiveInt = 32  # direct head's hidden layer; seq2seq's horizon-step embedding size
@@ -43,7 +41,7 @@ class HorizonConfig(ModelSettings):
     median: Literal["learned", "zero"] = "learned"
 
     @model_validator(mode="after")
-    def _increasing_levels(self) -> HorizonConfig:
+    def _increasing_levels(self):
         q = self.quantiles
         if not q or any(not 0 < t < 1 for t in q) or any(b <= a for a, b in zip(q, q[1:])):
             raise ValueError(f"model.quantiles must be increasing levels strictly between 0 and 1, not {q}.")
@@ -51,8 +49,8 @@ class HorizonConfig(ModelSettings):
 
 
 def _rnn(config: HorizonConfig, input_size: int) -> nn.RNNBase:
-    return CELLS[config.cell](input_size, config.hidden_size, num_layers=config.num_layers, batch_first=True,
-                              dropout=config.dropout if config.num_layers > 1 else 0.0)
+    return recurrent(config.cell, input_size, config.hidden_size, num_layers=config.num_layers,
+                     dropout=config.dropout, forget_bias=config.forget_bias)
 
 
 def ordered_quantiles(raw: torch.Tensor, centre: int, *, anchored: bool = False) -> torch.Tensor:

@@ -23,7 +23,8 @@ the default; ``model.length_strategy = "packed"`` switches.
 
 The LSTM stack is built one layer and one direction at a time (``layers[i][d]``, each a one-layer
 ``nn.LSTM``) because the exact backward trick has to run between layers; it holds exactly the parameters of
-``nn.LSTM(num_layers=..., bidirectional=...)``, laid out per layer.
+``nn.LSTM(num_layers=..., bidirectional=...)``, laid out per layer. ``model.cell`` makes the stack GRU or plain
+RNN layers instead (rnnlab/models/cells.py); everything said here of "the LSTM" then holds of that cell.
 
 ``ngram_buckets > 0`` adds a linear bag of n-grams beside the LSTM (the "wide" half of wide-and-deep; on IMDb
 a linear model over word bigrams beats an LSTM trained on 25,000 reviews, and the two err on different
@@ -43,12 +44,13 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rnnlab.config import Count, ModelSettings, Number, PositiveInt, Probability
+from rnnlab.config import Count, Number, PositiveInt, Probability
+from rnnlab.models.cells import CellSettings, recurrent
 
 LENGTH_STRATEGIES = ("padded", "packed")
 
 
-class SentimentConfig(ModelSettings):
+class SentimentConfig(CellSettings):
     # lstm_weight is the job's to set, from the validation split after training (model.fit_lstm_weight)
     FROM_DATA: ClassVar[tuple[str, ...]] = ("vocab_size", "lstm_weight")
 
@@ -131,7 +133,8 @@ class SentimentLSTM(nn.Module):
         for layer in range(config.num_layers):
             input_size = config.embed_dim if layer == 0 else config.hidden_size * directions
             self.layers.append(
-                nn.ModuleList(nn.LSTM(input_size, config.hidden_size, batch_first=True) for _ in range(directions))
+                nn.ModuleList(recurrent(config.cell, input_size, config.hidden_size, forget_bias=config.forget_bias)
+                              for _ in range(directions))
             )
         self.embed_dropout = nn.Dropout(config.embed_dropout)
         self.dropout = nn.Dropout(config.dropout)
@@ -182,12 +185,12 @@ class SentimentLSTM(nn.Module):
         return (logits, ngram_logits) if branches else self.config.lstm_weight * logits + ngram_logits
 
     @staticmethod
-    def _run_padded(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _run_padded(lstm: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # Positions past a sequence's end see pads; nothing at or before length-1 does (the LSTM is causal).
         return lstm(x)[0]
 
     @staticmethod
-    def _run_packed(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _run_packed(lstm: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = lstm(packed)
         return pad_packed_sequence(out, batch_first=True, total_length=x.size(1))[0]

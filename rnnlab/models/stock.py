@@ -1,7 +1,8 @@
 """StockLSTM: a window of daily feature vectors in, one number (the target day's scaled target) out.
 
-LSTM layers over the window -> last step's output -> FC -> ReLU -> FC. The chapter's recipe is
-``StockConfig()`` (16 hidden units, 2 layers, FC 16) on windows of 5 days of 37 features.
+Recurrent layers (``model.cell``: LSTM by default, GRU or plain RNN; rnnlab/models/cells.py) over the window -> last step's output -> FC -> ReLU -> FC. The chapter's recipe is
+``StockConfig()`` (16 hidden units, 2 layers, FC 16) on windows of 5 days of 37 features. The recurrent module
+is ``self.lstm`` for every cell (the name its weights have in bundles).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from rnnlab.config import ModelSettings, PositiveInt, Probability
+from rnnlab.config import PositiveInt, Probability
+from rnnlab.models.cells import CellSettings, recurrent
 
 
-class StockConfig(ModelSettings):
+class StockConfig(CellSettings):
     FROM_DATA: ClassVar[tuple[str, ...]] = ("num_features",)
 
     num_features: PositiveInt = 37
@@ -28,13 +30,8 @@ class StockLSTM(nn.Module):
     def __init__(self, config: StockConfig) -> None:
         super().__init__()
         self.config = config
-        self.lstm = nn.LSTM(
-            config.num_features,
-            config.hidden_size,
-            num_layers=config.num_layers,
-            batch_first=True,
-            dropout=config.dropout if config.num_layers > 1 else 0.0,
-        )
+        self.lstm = recurrent(config.cell, config.num_features, config.hidden_size, num_layers=config.num_layers,
+                              dropout=config.dropout, forget_bias=config.forget_bias)
         self.head = nn.Sequential(
             nn.Linear(config.hidden_size, config.fc_size),
             nn.ReLU(),

@@ -1,7 +1,8 @@
 """WordLSTM: a word-level language model over reviews, laid out so a sentiment model can start from it.
 
 embedding (the sentiment vocabulary, padding index 0) -> LSTM layers (``layers[i]``, one ``nn.LSTM`` each, the
-same per-layer layout as ``SentimentLSTM``'s forward direction) -> dropout -> an output layer over the vocabulary.
+same per-layer layout as ``SentimentLSTM``'s forward direction; ``model.cell`` makes them GRU or plain RNN layers,
+rnnlab/models/cells.py) -> dropout -> an output layer over the vocabulary.
 ``model.init_from`` in a sentiment config copies the embedding and the LSTM layers into the classifier.
 
 The output layer decides the cost on a CPU (the vocabulary is 30,000 words, the LSTM 256 wide):
@@ -26,13 +27,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from rnnlab.config import ModelSettings, PositiveInt, Probability
+from rnnlab.config import PositiveInt, Probability
+from rnnlab.models.cells import CellSettings, recurrent
 
 OUTPUTS = ("adaptive", "softmax", "tied")
-State = list[tuple[torch.Tensor, torch.Tensor]]
+State = list[tuple[torch.Tensor, ...]]  # per layer: (h, c) for an LSTM, (h,) for a GRU or an RNN
 
 
-class WordLMConfig(ModelSettings):
+class WordLMConfig(CellSettings):
     FROM_DATA: ClassVar[tuple[str, ...]] = ("vocab_size",)
 
     vocab_size: PositiveInt
@@ -52,7 +54,7 @@ class WordLSTM(nn.Module):
         c = config
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
         self.layers = nn.ModuleList(
-            nn.LSTM(c.embed_dim if i == 0 else c.hidden_size, c.hidden_size, batch_first=True)
+            recurrent(c.cell, c.embed_dim if i == 0 else c.hidden_size, c.hidden_size, forget_bias=c.forget_bias)
             for i in range(c.num_layers)
         )
         self.dropout = nn.Dropout(c.dropout)
@@ -69,7 +71,7 @@ class WordLSTM(nn.Module):
                 self.output.weight = self.embedding.weight
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """ids: LongTensor[B, T] -> (hidden[B, T, H] of the last layer, per-layer (h, c) after the last step)."""
+        """ids: LongTensor[B, T] -> (hidden[B, T, H] of the last layer, per-layer state after the last step)."""
         x = self.embedding(ids)
         new_state = []
         for i, lstm in enumerate(self.layers):
@@ -99,11 +101,14 @@ class WordLSTM(nn.Module):
 
 
 def copy_into_classifier(lm: WordLSTM, classifier: nn.Module) -> list[str]:
-    """Copy ``lm``'s embedding and LSTM layers into a ``SentimentLSTM`` (its forward direction; a backward
+    """Copy ``lm``'s embedding and recurrent layers (the same cell) into a ``SentimentLSTM`` (its forward direction; a backward
     direction keeps its fresh weights). Returns the names of the tensors copied. The sizes must agree: a
     mismatch is a ConfigError naming both."""
     from rnnlab.errors import ConfigError
 
+    if lm.config.cell != classifier.config.cell:
+        raise ConfigError(f"model.init_from: the language model's cell is {lm.config.cell} and this classifier's is "
+                          f"{classifier.config.cell}; set model.cell={lm.config.cell} to start from it.")
     pairs = [("embedding.weight", lm.embedding.weight, classifier.embedding.weight)]
     if len(classifier.layers) != len(lm.layers):
         raise ConfigError(f"model.init_from: the language model has {len(lm.layers)} LSTM layer(s), the classifier "

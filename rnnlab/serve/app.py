@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from ray import serve
 
 from rnnlab import registry
-from rnnlab.serve import http, limits, metrics
+from rnnlab.serve import completions, http, limits, metrics, openai
 from rnnlab.serve.deployments import DEFAULT_BATCH, DEPLOYMENTS, checked_batching
 from rnnlab.serve.http import api
 from rnnlab.serve.schemas import error_item
@@ -116,8 +116,10 @@ class Gateway:
         for job, info in zip(jobs, described):
             if job in self.gather:  # gathered here, in the Gateway
                 info["batching"]["batch_wait_timeout_s"] = self.batch_wait_timeout_s
-        return {"models": [{"endpoint": f"/v1/{job}"} | info for job, info in zip(jobs, described)],
-                "streams": {"open": self.open_streams, "max": int(self.limits["max_streams"])}}
+        entries = [openai.model_entry(info["name"], {"endpoint": f"/v1/{job}"} | info, created=info.get("created"))
+                   for job, info in zip(jobs, described)]
+        # OpenAI's list shape (client.models.list()): each bundle's id is its name, rnnlab's facts extra fields
+        return openai.model_list(entries, streams={"open": self.open_streams, "max": int(self.limits["max_streams"])})
 
     async def answer_batched(self, job: str, body):
         """POST /v1/<job> of a batched job: the body's items gathered with concurrent requests' items, a 422 naming
@@ -209,6 +211,8 @@ def _add_route(route: str, job: str) -> None:
 
 for _route, _job in registry.routes().items():
     _add_route(_route, _job)
+
+completions.add_routes(Gateway, api)  # POST /v1/completions and friends: OpenAI's API (rnnlab.serve.completions)
 
 # @serve.ingress serializes the app when applied: every route is on it by now.
 Gateway = serve.deployment(name="Gateway", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.25})(

@@ -105,6 +105,14 @@ def bundle_info(bundle) -> dict:
         "version": version,
         "format_version": format_version,
         "digest": f"sha256:{digest}" if digest else None,  # of the weights; no path: it tells strangers the layout
+        "created": _created(path),  # for OpenAI's model list: when the bundle was written
         "model": bundle.model_config,
         "metrics": bundle.metrics,
     }
+
+
+def _created(path: Path) -> int | None:
+    try:
+        return int((path / "config.json").stat().st_mtime)
+    except OSError:
+        return None

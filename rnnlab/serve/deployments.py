@@ -22,6 +22,7 @@ from ray import serve
 
 from rnnlab.errors import BundleError, ConfigError, InputError, RnnlabError
 from rnnlab.serve import metrics
+from rnnlab.serve.completions import CompletionsMixin
 from rnnlab.serve.schemas import error_item
 
 # Serve's own logger: lines land in the replica's log file (and the driver's console) in Serve's format
@@ -145,7 +146,7 @@ class BatchedDeployment:
 
 
 @serve.deployment(name="generation", max_ongoing_requests=256, **MODEL_DEPLOYMENT)
-class GenerationDeployment:
+class GenerationDeployment(CompletionsMixin):  # complete / complete_stream: OpenAI's completions
     """Text generation with iteration-level batching (rnnlab.serve.scheduler): one model step for every active
     sequence. The predictor gives ``encode_prompt`` (a checked prompt -> ids), ``vocab`` and ``model``."""
 

@@ -21,6 +21,7 @@ from fastapi import HTTPException
 
 from rnnlab.errors import ConfigError
 from rnnlab.serve import auth, metrics
+from rnnlab.serve.openai import from_detail as openai_error
 
 # name: (type, default, minimum, what it bounds)
 LIMITS: dict[str, tuple[type, float, float, str]] = {
@@ -91,7 +92,8 @@ class _ClientStoppedReading(Exception):
 
 
 def _json_response(status: int, body: dict, headers: list | None = None) -> list[dict]:
-    payload = json.dumps(body).encode()
+    # rnnlab's {"detail": [...]} and OpenAI's {"error": {...}} in one body: every client finds its own shape
+    payload = json.dumps(body | openai_error(status, body["detail"][0])).encode()
     return [{"type": "http.response.start", "status": status,
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                          *(headers or [])]},

@@ -1,11 +1,13 @@
-"""Iteration-level batching for character generation (the Orca / vLLM idea, for an LSTM).
+"""Iteration-level batching for character generation (the Orca / vLLM idea, for a recurrent model).
 
 One thread decodes every active sequence together, one ``CharLSTM.step`` call per step for all of them.
 Each sequence keeps its own temperature / top-k / top-p, length and seeded draws; a sequence that is done leaves
 after the step that finished it, and a request that arrives joins at the next block boundary: its prompt is run
-through ``forward`` (the prefill) and its (h, c) is concatenated onto the slot tensors. An LSTM's state is a
-fixed-size (h, c) per sequence, so a slot costs ``2 * layers * hidden`` floats and joining or leaving is one
-``torch.cat`` / index.
+through ``forward`` (the prefill) and its state is concatenated onto the slot tensors. A recurrent model's state
+is a fixed-size tuple of tensors per sequence -- an LSTM's (h, c), a GRU's or plain RNN's (h,), each
+``[layers, B, hidden]`` -- so a slot costs ``len(state) * layers * hidden`` floats and joining or leaving is one
+``torch.cat`` / index per member. The scheduler only ever handles the tuple as a whole (``_cat_rows``,
+``_split_rows``, ``_rows``), never which cell made it.
 
 Speed: one thread decodes in a tight loop -- admit, a block of steps (about ``block_s`` of compute), hand the new
 tokens to their consumers, again -- and never waits for an event loop, so the model is busy whenever there is
@@ -46,7 +48,7 @@ from typing import NamedTuple
 
 import torch
 
-from rnnlab.sampling import NonFiniteScores, SamplingParams, per_row_params, sample_next
+from rnnlab.sampling import NonFiniteScores, SamplingParams, per_row_params, sample_next, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ IDLE_EXIT_S = 10.0  # the decoding thread ends after this long with nothing to d
 class Chunk(NamedTuple):
     ids: list[int]
     last: bool  # no more chunks follow: the sequence is complete
+    # with ``generate(logprobs=N)``: per id, (its log-probability, [(alternative id, log-probability)] * N)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class GenerationFailed(RuntimeError):
@@ -84,6 +88,8 @@ class _Sequence:
     error: str | None = None
     cancelled: bool = False
     last_wake: float = 0.0
+    logprobs: int | None = None  # alternatives asked per token; None: no log-probabilities at all
+    logprob_out: list = field(default_factory=list)  # per token: (log-probability, [(id, log-probability)])
 
     @property
     def remaining(self) -> int:
@@ -93,8 +99,9 @@ class _Sequence:
 class GenerationScheduler:
     """Decodes all active sequences together; see the module docstring.
 
-    ``model`` is a CharLSTM: ``forward(ids[B, T], state) -> (logits[B, T, V], (h, c))`` and
-    ``step(ids[B], state) -> (logits[B, V], (h, c))``. ``max_batch_size`` bounds the sequences decoded together;
+    ``model`` is a CharLSTM of any cell: ``forward(ids[B, T], state) -> (logits[B, T, V], state)``,
+    ``step(ids[B], state) -> (logits[B, V], state)`` and ``init_state(B, device)``, the state a tuple of
+    ``[layers, B, hidden]`` tensors. ``max_batch_size`` bounds the sequences decoded together;
     further requests wait (FIFO) for a free slot. ``max_batch_size=1`` is "one request at a time".
     """
 
@@ -111,7 +118,7 @@ class GenerationScheduler:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         # the batch, row i = self._active[i]
-        self._state: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, c), each [layers, B, hidden]
+        self._state: tuple[torch.Tensor, ...] | None = None  # (h, c) or (h,), each [layers, B, hidden]
         self._ids: torch.Tensor | None = None  # [B] the tokens fed at the next step
         self._sampling: tuple[torch.Tensor, ...] = ()  # per-row temperature, top_k, top_p
         self._step_s = 0.0  # running estimate of one step's time, to size blocks
@@ -126,13 +133,15 @@ class GenerationScheduler:
 
     # --- public ------------------------------------------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, request_id: str | None = None,
-                       stream: bool = True) -> AsyncIterator[Chunk]:
+                       stream: bool = True, logprobs: int | None = None) -> AsyncIterator[Chunk]:
         """Yield the new token ids in chunks: with ``stream`` every ``stream_interval_s`` or so, else all at once
         at the end; the final chunk says so (``last``), so that a consumer can end its answer in the same message.
+        With ``logprobs`` (0 or more alternatives) each chunk also carries every token's log-probability and the
+        ``logprobs`` most likely tokens at that step (``rnnlab.sampling.token_logprobs``); sampling is unchanged.
         Raises GenerationFailed if the sequence failed. Closing the iterator (a client that went away) frees the
         slot before the next block."""
         sequence = _Sequence(list(prompt_ids), params.with_seed(), request_id or secrets.token_hex(8), stream,
-                             asyncio.get_running_loop())
+                             asyncio.get_running_loop(), logprobs=logprobs)
         self._waiting.append(sequence)
         self._ensure_running()
         self._wakeup.set()
@@ -143,9 +152,11 @@ class GenerationScheduler:
                 sequence.wake.clear()
                 if len(sequence.tokens) > sent:
                     chunk = sequence.tokens[sent:]
+                    # logprob_out is extended before tokens (_flush), so it covers every token seen here
+                    scores = sequence.logprob_out[sent : sent + len(chunk)] if logprobs is not None else None
                     sent += len(chunk)
                     last = sequence.done and sequence.error is None and sent == len(sequence.tokens)
-                    yield Chunk(chunk, last)
+                    yield Chunk(chunk, last, scores)
                     if last:
                         return
                 if sequence.error is not None:
@@ -266,34 +277,32 @@ class GenerationScheduler:
         joined = [s for s in joined if s in states]
         if not joined:
             return failed
-        h = torch.cat([states[s][0] for s in joined], dim=1)
-        c = torch.cat([states[s][1] for s in joined], dim=1)
+        state = _cat_rows([states[s] for s in joined])
         ids = torch.tensor([s.next_id for s in joined], dtype=torch.long, device=self.device)
         if self._state is not None:
-            h = torch.cat([self._state[0], h], dim=1)
-            c = torch.cat([self._state[1], c], dim=1)
+            state = _cat_rows([self._state, state])
             ids = torch.cat([self._ids, ids])
-        self._state, self._ids = (h, c), ids
+        self._state, self._ids = state, ids
         self._active.extend(joined)
         self._sampling = per_row_params([s.params for s in self._active], self.device)
         self.counts["joined"] += len(joined)
         return failed
 
     @torch.inference_mode()
-    def _prefill(self, group: list[_Sequence]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _prefill(self, group: list[_Sequence]) -> list[tuple[torch.Tensor, ...]]:
         """Run prompts of one length except their last character through forward(); the last one is the first
         step's input, so every sequence, new or old, advances by exactly one step() per iteration. Also makes each
-        sequence's draws. Returns each one's (h, c)."""
+        sequence's draws. Returns each one's state."""
         for sequence in group:
             generator = torch.Generator(device="cpu").manual_seed(sequence.params.seed)
             sequence.uniforms = torch.rand(sequence.params.max_new_tokens, generator=generator)
             sequence.next_id = sequence.prompt_ids[-1]
         if len(group[0].prompt_ids) > 1:
             ids = torch.tensor([s.prompt_ids[:-1] for s in group], dtype=torch.long, device=self.device)
-            _, (h, c) = self.model.forward(ids)
+            _, state = self.model.forward(ids)
         else:
-            h, c = self.model.init_state(len(group), self.device)
-        return [(h[:, i : i + 1], c[:, i : i + 1]) for i in range(len(group))]
+            state = self.model.init_state(len(group), self.device)
+        return _split_rows(state)
 
     # --- decoding ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -302,6 +311,8 @@ class GenerationScheduler:
         steps = max(1, min(MAX_STEPS_PER_BLOCK, int(self.block_s / self._step_s) if self._step_s else 1))
         uniforms = self._block_uniforms(steps)
         segment: list[torch.Tensor] = []  # sampled ids per step since the batch last changed
+        scored: list[tuple[torch.Tensor, ...]] = []  # per step, for the rows asking for log-probabilities
+        asking = self._asking_logprobs()
         # rows finish at known steps (their lengths), so no per-row check is needed at each step
         until_finish = min(s.remaining for s in self._active)
         step = 0
@@ -311,20 +322,24 @@ class GenerationScheduler:
                 logits, state = self.model.step(self._ids, self._state)
                 ids = sample_next(logits, *self._sampling, uniforms=uniforms[:, step])
             except Exception as error:  # noqa: BLE001 -- isolate the rows at fault, retry without them
-                self._flush(segment)
+                self._flush(segment, scored, asking)
                 keep = self._rows_not_at_fault(error, uniforms[:, step])
                 self._retain(keep)
                 uniforms = uniforms[keep]
+                asking = self._asking_logprobs()
                 until_finish = min((s.remaining for s in self._active), default=0)
                 continue
             self._unexplained = 0
             self._state, self._ids = state, ids
             segment.append(ids)
+            if asking is not None:
+                rows, top_n = asking
+                scored.append(token_logprobs(logits.index_select(0, rows), ids.index_select(0, rows), top_n))
             self.step_sizes[len(self._active)] += 1
             self.counts["tokens"] += len(self._active)
             step += 1
             if len(segment) == until_finish:
-                self._flush(segment)
+                self._flush(segment, scored, asking)
                 keep = []
                 for row, sequence in enumerate(self._active):
                     if sequence.remaining:
@@ -334,8 +349,9 @@ class GenerationScheduler:
                         self.counts["finished"] += 1
                 self._retain(keep)
                 uniforms = uniforms[keep]
+                asking = self._asking_logprobs()
                 until_finish = min((s.remaining for s in self._active), default=0)
-        self._flush(segment)
+        self._flush(segment, scored, asking)
         self.decode_s += time.perf_counter() - started
         if step:
             elapsed = (time.perf_counter() - started) / step
@@ -349,13 +365,32 @@ class GenerationScheduler:
             block[row, : len(drawn)] = drawn
         return block
 
-    def _flush(self, segment: list[torch.Tensor]) -> None:
-        """Hand the segment's sampled ids to their sequences (one tensor-to-list per segment, not per step)."""
+    def _flush(self, segment: list[torch.Tensor], scored: list | None = None, asking=None) -> None:
+        """Hand the segment's sampled ids to their sequences (one tensor-to-list per segment, not per step), and
+        the log-probabilities of the rows that asked, before their ids (a consumer reading ``tokens`` meanwhile
+        finds the log-probabilities of all of them)."""
         if not segment:
             return
+        if scored:
+            rows, _ = asking
+            chosen, values, ids = (torch.stack(parts, dim=1).tolist() for parts in zip(*scored))
+            for row, lps, top_lps, top_ids in zip(rows.tolist(), chosen, values, ids):
+                n = self._active[row].logprobs
+                self._active[row].logprob_out.extend(
+                    (lp, list(zip(i[:n], v[:n]))) for lp, v, i in zip(lps, top_lps, top_ids))
+            scored.clear()
         for sequence, tokens in zip(self._active, torch.stack(segment, dim=1).tolist()):
             sequence.tokens.extend(tokens)
         segment.clear()
+
+    def _asking_logprobs(self) -> tuple[torch.Tensor, int] | None:
+        """(rows of the active batch that asked for log-probabilities, the most alternatives any asked), or None
+        when none did: then a step computes nothing for them (looked at once per block and batch change)."""
+        rows = [row for row, sequence in enumerate(self._active) if sequence.logprobs is not None]
+        if not rows:
+            return None
+        top_n = max(self._active[row].logprobs for row in rows)
+        return torch.tensor(rows, dtype=torch.long, device=self.device), top_n
 
     def _rows_not_at_fault(self, error: Exception, uniforms: torch.Tensor) -> list[int]:
         """After a failed step: fail the sequences at fault, return the rows to go on with."""
@@ -408,9 +443,21 @@ def _set_all(events: list[asyncio.Event]) -> None:
         event.set()
 
 
-def _rows(state: tuple[torch.Tensor, torch.Tensor], rows) -> tuple[torch.Tensor, torch.Tensor]:
+# A state is a tuple of [layers, B, hidden] tensors ((h, c) for an LSTM, (h,) for a GRU or RNN); rows are dim 1.
+def _rows(state: tuple[torch.Tensor, ...], rows) -> tuple[torch.Tensor, ...]:
+    """The state of the given rows (a list or an index tensor), in that order."""
     index = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.long, device=state[0].device)
-    return state[0].index_select(1, index), state[1].index_select(1, index)
+    return tuple(t.index_select(1, index) for t in state)
+
+
+def _split_rows(state: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """One state per row (views, each with a batch of one)."""
+    return [tuple(t[:, i : i + 1] for t in state) for i in range(state[0].size(1))]
+
+
+def _cat_rows(states: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """The states' rows one after the other: the inverse of ``_split_rows``."""
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*states, strict=True))
 
 
 def _reason(error: Exception) -> str:

@@ -143,13 +143,22 @@ def differing_keys(saved: Mapping, current: Mapping) -> list[str]:
     return sorted(key for key in set(saved) | set(current) if saved.get(key, _ABSENT) != current.get(key, _ABSENT))
 
 
+# Settings added after runs were already checkpointed, with the value those runs trained under: a checkpoint whose
+# config lacks one resumes when the run asks for that value (a pre-`model.cell` run is an LSTM run).
+ADDED_SETTINGS = {"model.cell": "lstm", "model.forget_bias": None}
+
+
 def check_same_config(folder: Path, config: Mapping) -> None:
     """Refuse to resume ``folder`` under settings that would train another model."""
     manifest = read_manifest(folder)
     fingerprint, shaping = config_fingerprint(config)
     if manifest.get("config_fingerprint") in (None, fingerprint):
         return
-    keys = differing_keys(manifest.get("config", {}), shaping)
+    saved = manifest.get("config", {})
+    keys = [key for key in differing_keys(saved, shaping)
+            if key in saved or ADDED_SETTINGS.get(key, _ABSENT) != shaping.get(key)]
+    if not keys:
+        return
     shown = ", ".join(f"{key} ({_short(manifest.get('config', {}).get(key))} -> {_short(shaping.get(key))})"
                       for key in keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
     raise ConfigError(f"The checkpoint {folder} was written under other settings: {shown}; resume with the "
