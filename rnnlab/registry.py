@@ -157,6 +157,25 @@ JOBS: dict[str, JobSpec] = {
             job="rnnlab.jobs.lm:LMJob",
             # no predictor: a starting point for sentiment (model.init_from), not served
         ),
+        JobSpec(
+            name="horizon",
+            description="the next H days of an index as calibrated quantiles, an RNN encoder-decoder",
+            data_set="stock",
+            metrics={"loss": "min", "crps": "min", "pinball": "min", "mase": "min", "smape": "min",
+                     "coverage_80_error": "min", "coverage_90_error": "min"},
+            model="rnnlab.models.horizon:HorizonRNN",
+            model_config="rnnlab.models.horizon:HorizonConfig",
+            job="rnnlab.jobs.horizon:HorizonJob",
+            predictor="rnnlab.jobs.horizon:HorizonPredictor",
+            scorer="rnnlab.jobs.horizon:score",
+            verb="forecast",
+            verb_help="the next days' closes as quantiles from a price history with a horizon bundle",
+            cli="rnnlab.jobs.horizon:CLI",
+            served_by="batched",
+            request="rnnlab.jobs.horizon:HorizonRequest",
+            answer="rnnlab.jobs.horizon:HorizonResponse",
+            demo="rnnlab.jobs.horizon:demo",
+        ),
     )
 }
 

@@ -28,14 +28,16 @@ CHARS = "abcdefghijklmnopqrstuvwxyz .,\n"
 SMALL = {"sentiment": {"vocab_size": 50, "embed_dim": 6, "hidden_size": 8, "fc_size": 4},
          "stock": {"num_features": 12, "hidden_size": 8},
          "charlm": {"vocab_size": 30, "hidden_size": 8, "embed_dim": 4},
-         "lm": {"vocab_size": 300, "hidden_size": 16, "embed_dim": 4, "cutoffs": [20, 100]}}
+         "lm": {"vocab_size": 300, "hidden_size": 16, "embed_dim": 4, "cutoffs": [20, 100]},
+         "horizon": {"num_features": 12, "hidden_size": 8}}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("data")
     reviews = make_imdb_tar(folder, unsup=60)
-    return {"sentiment": reviews, "lm": reviews, "stock": make_stock_csv(folder), "charlm": make_text(folder)}
+    prices = make_stock_csv(folder)
+    return {"sentiment": reviews, "lm": reviews, "stock": prices, "charlm": make_text(folder), "horizon": prices}
 
 
 # the tiny archive holds 60 unlabelled reviews: the lm smoke preset's held-out blocks must fit in it
@@ -46,6 +48,7 @@ LEARN = {
     "stock": ["train.epochs=4", "train.lr=0.01"],
     "charlm": ["train.lr=0.01", "train.max_steps=30"],
     "lm": ["train.lr=0.01", "train.max_steps=30"],
+    "horizon": ["train.epochs=4", "train.lr=0.01"],
 }
 
 

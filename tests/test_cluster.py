@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from conftest import free_port
+from rnnlab import registry
 from tiny_datasets import make_stock_csv
 from rnnlab.launch.cli import main
 
@@ -166,7 +167,7 @@ def test_serve_address_places_replicas_on_both_nodes(cluster, tmp_path):
             ray.shutdown()
         placed = {actor["ActorClassName"].split(":")[-1]: actor["Address"]["NodeID"] for actor in replicas}
         print(f"serve replicas by node: {placed}")
-        assert set(placed) == {"Gateway", "sentiment", "stock", "charlm"}
+        assert set(placed) == {"Gateway", *registry.served()}
         assert set(placed.values()) == _node_ids(cluster)
     finally:
         process.send_signal(signal.SIGTERM)  # rnnlab serve shuts Serve down on SIGTERM

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import serving
+from rnnlab import registry
 from tiny_datasets import make_stock_csv
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,7 @@ WORDS = ["<pad>", "<unk>", "the", "movie", "was", "great", "awful", "plot", "and
 
 # --- fixtures --------------------------------------------------------------------------------------------------
 def make_bundles(directory: Path) -> Path:
-    """Three tiny bundles from randomly initialised models (the service never needs a trained one)."""
+    """A tiny bundle of every served job from randomly initialised models (the service never needs a trained one)."""
     import numpy as np
 
     from rnnlab.bundle import save_bundle
@@ -61,6 +62,15 @@ def make_bundles(directory: Path) -> Path:
     save_bundle(directory / "wp-small", job="charlm", model=charlm,
                 assets={"vocab": Vocab(list(CHARS)).to_json()}, metrics={"val": {"nats_per_char": 3.4}},
                 config={"job": "charlm", "data": {"lowercase": True}})
+    from rnnlab.data.horizon import FEATURE_SETS
+
+    names = FEATURE_SETS["scale_free"]
+    save_bundle(directory / "ndx-horizon", job="horizon",
+                model=build_model("horizon", {"num_features": len(names), "hidden_size": 4, "fc_size": 4}),
+                assets={"scaler": Scaler.fit(rng.normal(size=(32, len(names))), columns=list(names)).to_json(),
+                        "target_scaler": Scaler.fit(rng.normal(size=(32, 5)), columns=[f"h{h}" for h in range(1, 6)]
+                                                    ).to_json()},
+                metrics={"test": {"crps": 0.0}}, config={"job": "horizon", "data": {"window": 21}})
     return directory
 
 
@@ -103,17 +113,17 @@ def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
 def test_healthz_docs_and_openapi(http):
     health = http.get("/healthz")
     assert health.status_code == 200
-    assert sorted(health.json()["serving"]) == ["charlm", "sentiment", "stock"]
+    assert sorted(health.json()["serving"]) == sorted(registry.served())
     assert http.get("/docs").status_code == 200
     paths = http.get("/openapi.json").json()["paths"]
-    assert {"/v1/sentiment", "/v1/stock", "/v1/charlm", "/v1/models", "/healthz"} <= set(paths)
+    assert {*(f"/v1/{job}" for job in registry.served()), "/v1/models", "/healthz"} <= set(paths)
     # the older routes answer too, for one release, marked deprecated
     assert paths["/v1/forecast"]["post"]["deprecated"] and paths["/v1/generate"]["post"]["deprecated"]
 
 
 def test_models_lists_bundles_with_versions_metrics_and_batching(http):
     models = {m["endpoint"]: m for m in http.get("/v1/models").json()["data"]}
-    assert set(models) == {"/v1/sentiment", "/v1/stock", "/v1/charlm"}
+    assert set(models) == {f"/v1/{job}" for job in registry.served()}
     assert models["/v1/sentiment"]["name"] == "imdb-small"
     assert models["/v1/charlm"]["metrics"] == {"val": {"nats_per_char": 3.4}}
     for model in models.values():

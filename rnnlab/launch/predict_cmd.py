@@ -35,7 +35,9 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run_evaluate)
 
     for verb, specs in verbs().items():
-        p = subparsers.add_parser(verb, help=specs[0].verb_help, conflict_handler="resolve")
+        # a verb several jobs answer says what it does for each (forecast: stock's next close, horizon's quantiles)
+        p = subparsers.add_parser(verb, help="; or ".join(dict.fromkeys(s.verb_help for s in specs if s.verb_help)),
+                                  conflict_handler="resolve")
         p.__class__ = _VerbParser  # its jobs' arguments are added when it parses (``rnnlab --help`` imports none)
         p.specs = specs
         p.add_argument("bundle", metavar="BUNDLE")

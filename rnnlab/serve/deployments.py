@@ -35,7 +35,9 @@ DEFAULT_BATCH = {"max_batch_size": 32, "batch_wait_timeout_s": 0.02}
 DEFAULT_GENERATION = {"max_batch_size": 128}
 # Deployment defaults sized for a 2-core laptop: fractional CPUs so all the replicas fit, and one constructor
 # try, because a corrupt bundle will not heal on retry (Serve's default retries a failing constructor).
-MODEL_DEPLOYMENT = {"ray_actor_options": {"num_cpus": 0.5}, "max_constructor_retry_count": 1}
+# 0.4 CPU each: the Gateway (0.25) and the four served jobs' deployments (1.6) fit in 2 CPUs (at 0.5 the fourth
+# never started: a 2-core machine serving every job waited for it for ever).
+MODEL_DEPLOYMENT = {"ray_actor_options": {"num_cpus": 0.4}, "max_constructor_retry_count": 1}
 
 
 def checked_batching(config: dict | None, defaults: dict, where: str) -> dict:
