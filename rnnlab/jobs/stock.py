@@ -102,16 +102,7 @@ class StockJob(Job):
         return math.ceil(len(self.y_scaled["train"]) / self.batch_size)
 
     def batches(self, epoch: int, start: int) -> Iterator[Batch]:
-        n = len(self.y_scaled["train"])
-        order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        for k in range(start, self.steps_per_epoch()):
-            global_batch = order[k * self.batch_size : (k + 1) * self.batch_size]
-            if len(global_batch) < self.world_size:
-                continue
-            mine = torch.from_numpy(self._share(global_batch))
-            x = self.X["train"][mine]
-            yield Batch(inputs=(x.to(self.device),), targets=self.y_scaled["train"][mine].to(self.device),
-                        global_units=len(global_batch), samples=len(mine), tokens=len(mine) * x.shape[1])
+        return self.shuffled_batches(self.X["train"], self.y_scaled["train"], epoch, start)
 
     def data_model_config(self) -> dict:
         return {"num_features": self.data.num_features}

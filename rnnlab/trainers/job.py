@@ -13,6 +13,7 @@ same way and collects the pieces with ``accelerator.gather_for_metrics``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -129,6 +130,19 @@ class Job:
         pass
 
     # -- helpers ----------------------------------------------------------------------------------------------
+    def shuffled_batches(self, inputs: torch.Tensor, targets: torch.Tensor, epoch: int, start: int) -> Iterator[Batch]:
+        """Micro-batches ``start, start+1, ...`` of an epoch over examples of one shape (windows of days): the
+        examples shuffled by ``(seed, epoch)``, this process's share of each global batch."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(targets))
+        for k in range(start, math.ceil(len(targets) / self.batch_size)):
+            global_batch = order[k * self.batch_size : (k + 1) * self.batch_size]
+            if len(global_batch) < self.world_size:
+                continue
+            mine = torch.from_numpy(self._share(global_batch))
+            x = inputs[mine]
+            yield Batch(inputs=(x.to(self.device),), targets=targets[mine].to(self.device),
+                        global_units=len(global_batch), samples=len(mine), tokens=len(mine) * x.shape[1])
+
     def _share(self, indices: np.ndarray) -> np.ndarray:
         return indices[self.rank :: self.world_size]
 
