@@ -15,6 +15,11 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Every Ray the tests start (local instances, the two-node cluster, `rnnlab serve`/`swap` subprocesses) runs in one
+# authentication mode: Ray 2.60 turns token auth on for the first local ray.init() and leaves RAY_AUTH_MODE=token in
+# this process's environment, and a two-node cluster started after that hung its driver's connect. Loopback only.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 
 def in_ci() -> bool:
     """CI sets CI=true (.ci/run does, as GitHub Actions and most CI services do)."""
