@@ -162,7 +162,7 @@ def test_served_versions_are_chosen_by_model_and_swapped_under_load_with_no_fail
 
         # every bundle under its id; `model` picks one; the default answers without it; an unknown id is a 404
         listed = {m["id"]: m for m in httpx.get(f"{base}/v1/models", timeout=60).json()["data"]}
-        assert set(listed) == {"imdb-b", "imdb-small", "runs-c", "djia-small", "wp-small"}
+        assert set(listed) == {"imdb-b", "imdb-small", "runs-c", "djia-small", "wp-small", "ndx-horizon"}
         assert [m for m in listed if listed[m]["default"]] == ["imdb-small", "djia-small", "wp-small"]
         assert listed["imdb-b"]["version"] != listed["imdb-small"]["version"]
         for model, expected in [(None, "imdb-small"), ("imdb-b", "imdb-b"), ("runs-c", "runs-c")]:
