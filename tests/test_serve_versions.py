@@ -142,7 +142,9 @@ def test_served_versions_are_chosen_by_model_and_swapped_under_load_with_no_fail
                                                                      seed=2)],
                 "wp-small": [served / "wp-small", _other_version(bundles / "wp-small", tmp_path / "v2" / "wp", seed=3)]}
     ray_tmp = tempfile.mkdtemp(prefix="rv-", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_TMPDIR": ray_tmp}
+    # a Ray of its own, in the suite's one authentication mode (conftest), which the swapping process shares
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_AUTH_MODE"} | {
+        "RAY_TMPDIR": ray_tmp}
     port = free_port()
     service = subprocess.Popen([sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(served),
                                 "--port", str(port), "--default-model", "imdb-small"], env=env,
@@ -163,7 +165,7 @@ def test_served_versions_are_chosen_by_model_and_swapped_under_load_with_no_fail
         # every bundle under its id; `model` picks one; the default answers without it; an unknown id is a 404
         listed = {m["id"]: m for m in httpx.get(f"{base}/v1/models", timeout=60).json()["data"]}
         assert set(listed) == {"imdb-b", "imdb-small", "runs-c", "djia-small", "wp-small", "ndx-horizon"}
-        assert [m for m in listed if listed[m]["default"]] == ["imdb-small", "djia-small", "wp-small"]
+        assert [m for m in listed if listed[m]["default"]] == ["imdb-small", "djia-small", "wp-small", "ndx-horizon"]
         assert listed["imdb-b"]["version"] != listed["imdb-small"]["version"]
         for model, expected in [(None, "imdb-small"), ("imdb-b", "imdb-b"), ("runs-c", "runs-c")]:
             body = {"texts": ["a fine film", "a dull one"]} | ({"model": model} if model else {})
