@@ -354,24 +354,18 @@ def _words(detail) -> str:
     return detail[0]["msg"] if isinstance(detail, list) and detail and "msg" in detail[0] else str(detail)
 
 
-class _ShuttingDown(Exception):
-    pass
-
-
 async def _events(stream, deadline: float, stopping: asyncio.Event, on_close) -> AsyncIterator[str]:
     """The replica's chunks as server-sent events, ending ``data: [DONE]``; a failure after the headers went out
     is an ``{"error": ...}`` event (the client raises it) before the end."""
-    from ray.exceptions import RayError
+    from rnnlab.serve.http import STREAM_FAULTS, next_item, stream_fault
 
     finished = False
     try:
         while True:
             try:
-                item = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+                item = await next_item(stream, deadline, stopping)
             except StopAsyncIteration:
                 break
-            if stopping.is_set():
-                raise _ShuttingDown
             if "error" in item:
                 finished = True
                 yield sse(item["error"]) + SSE_DONE
@@ -379,14 +373,8 @@ async def _events(stream, deadline: float, stopping: asyncio.Event, on_close) ->
             yield sse(item)
         finished = True
         yield SSE_DONE
-    except (RayError, asyncio.TimeoutError, _ShuttingDown) as error:
-        reason = ("timeout" if isinstance(error, asyncio.TimeoutError) else
-                  "shutting_down" if isinstance(error, _ShuttingDown) else "replica_failed")
-        metrics.rejected(reason)
-        message = {"timeout": "The stream took longer than the service's request_timeout_s.",
-                   "shutting_down": "The service is shutting down; retry the request against its next instance.",
-                   "replica_failed": "The generation replica failed during this stream; retry the request."}[reason]
-        logger.warning("rnnlab serve: a completions stream ended early: %s", type(error).__name__)
+    except STREAM_FAULTS as error:
+        reason, message = stream_fault(error, "completions")
         yield sse(OpenAIError(503 if reason != "timeout" else 504, message, code=reason).body()) + SSE_DONE
     finally:
         if not finished:  # the client went away: stop the replica's generator so its slots are freed now

@@ -177,6 +177,29 @@ class ShuttingDown(Exception):
     pass
 
 
+STREAM_FAULTS = (RayError, asyncio.TimeoutError, ShuttingDown)  # what ends a stream whose headers are sent
+
+
+async def next_item(stream, deadline: float, stopping: asyncio.Event):
+    """The replica stream's next item by the request's deadline (asyncio.TimeoutError after it; StopAsyncIteration
+    at its end); ShuttingDown once the service drains."""
+    item = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+    if stopping.is_set():
+        raise ShuttingDown
+    return item
+
+
+def stream_fault(error: BaseException, route: str) -> tuple[str, str]:
+    """(reason, one sentence) for a stream ended by one of STREAM_FAULTS; counted and logged once, here."""
+    reason = ("timeout" if isinstance(error, asyncio.TimeoutError) else
+              "shutting_down" if isinstance(error, ShuttingDown) else "replica_failed")
+    metrics.rejected(reason)
+    logger.warning("rnnlab serve: a %s stream ended early: %s", route, type(error).__name__)
+    return reason, {"timeout": "The stream took longer than the service's request_timeout_s.",
+                    "shutting_down": "The service is shutting down; retry the request against its next instance.",
+                    "replica_failed": "The generation replica failed during this stream; retry the request."}[reason]
+
+
 async def events(first: dict, stream, deadline: float, stopping: asyncio.Event, on_close=None):
     tokens, finished = 0, False
     # `start` goes out with the first chunk, and the final chunk with `done`: every message is a send through Ray
@@ -185,11 +208,9 @@ async def events(first: dict, stream, deadline: float, stopping: asyncio.Event, 
     try:
         while True:
             try:
-                item = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+                item = await next_item(stream, deadline, stopping)
             except StopAsyncIteration:
                 break
-            if stopping.is_set():
-                raise ShuttingDown
             if "failed" in item:  # this sequence failed; the others in its batch go on
                 failure = {"detail": failure_message(item["failed"]), "request_id": item["failed"]}
                 yield pending + sse("error", failure)
@@ -203,15 +224,9 @@ async def events(first: dict, stream, deadline: float, stopping: asyncio.Event, 
             pending = ""
         finished = True
         yield pending + sse("done", {"tokens": tokens})
-    except (RayError, asyncio.TimeoutError, ShuttingDown) as error:
+    except STREAM_FAULTS as error:
         # headers are sent: the fault goes to the client as an event, and the stream ends
-        reason = ("timeout" if isinstance(error, asyncio.TimeoutError) else
-                  "shutting_down" if isinstance(error, ShuttingDown) else "replica_failed")
-        metrics.rejected(reason)
-        message = {"timeout": "The stream took longer than the service's request_timeout_s.",
-                   "shutting_down": "The service is shutting down; retry the request against its next instance.",
-                   "replica_failed": "The generation replica failed during this stream; retry the request."}[reason]
-        logger.warning("rnnlab serve: a generation stream ended early: %s", type(error).__name__)
+        reason, message = stream_fault(error, "generation")
         yield pending + sse("error", {"detail": [error_item(["service"], message, reason)], "tokens": tokens})
     finally:
         if not finished:  # the client went away: stop the replica's generator so its slot is freed now
