@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: a throughput timer, precision contexts and a machine description."""
+"""Shared by the benchmark scripts: a throughput timer, precision contexts and a machine description; for the serving
+benchmarks a free port, a service's stop and a stream's outcome."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import contextlib
 import json
 import os
 import platform
+import signal
+import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,3 +96,26 @@ def write_json(path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {path}")
+
+
+# --- serving benchmarks ----------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_service(service: subprocess.Popen) -> None:
+    """Ctrl-C to an `rnnlab serve` started in its own session (it drains and stops Ray), SIGKILL after 2 minutes."""
+    if service.poll() is None:
+        os.killpg(service.pid, signal.SIGINT)
+        try:
+            service.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(service.pid, signal.SIGKILL)
+
+
+def stream_outcome(last_event: str | None) -> str:
+    """A /v1/generate stream's outcome from its last ``event:``: "ok" for done, else what went wrong."""
+    return {"done": "ok", "error": "sse error"}.get(last_event, "stream cut")

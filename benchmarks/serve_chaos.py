@@ -19,7 +19,6 @@ import asyncio
 import collections
 import json
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -27,16 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import free_port, stream_outcome  # noqa: E402
 from serve_load import imdb_reviews, price_rows, random_bundles  # noqa: E402
 
 KINDS = ("sentiment", "forecast", "generate", "stream")
 DEPLOYMENT_OF = {"sentiment": "sentiment", "forecast": "stock", "generate": "charlm", "stream": "charlm"}  # deployment = job
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def one_request(http, base: str, kind: str, rng: random.Random, reviews, rows, timeout: float) -> str:
@@ -58,7 +52,7 @@ async def one_request(http, base: str, kind: str, rng: random.Random, reviews, r
             async for line in response.content:
                 if line.startswith(b"event: "):
                     last_event = line[7:].strip().decode()
-            return {"done": "ok", "error": "sse error"}.get(last_event, "stream cut")
+            return stream_outcome(last_event)
 
     try:
         return await asyncio.wait_for(send(), timeout)
@@ -145,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from rnnlab.serve.app import build_app
 
     reviews, rows = imdb_reviews(), price_rows()
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})

@@ -25,8 +25,6 @@ import logging
 import os
 import random
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,17 +33,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import free_port, stop_service, stream_outcome  # noqa: E402
 from serve_load import imdb_reviews, random_bundles  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"imdb": "sentiment", "wp": "charlm"}  # served id -> the bundle of random_bundles it is
 TARGETS = {"sentiment": "imdb", "stream": "wp"}  # the model id each kind of client asks for
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def make_versions(root: Path, reviews: list[str]) -> tuple[Path, dict[str, list[Path]]]:
@@ -89,15 +82,6 @@ def start_service(bundles: Path, port: int, log: Path, extra: list[str] = ()) ->
     raise SystemExit(f"serve_swap: the service did not start within 600 s; see {log}")
 
 
-def stop_service(service: subprocess.Popen) -> None:
-    if service.poll() is None:
-        os.killpg(service.pid, signal.SIGINT)
-        try:
-            service.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.pid, signal.SIGKILL)
-
-
 async def one_request(http, base: str, kind: str, rng: random.Random, reviews, timeout: float,
                       targets: dict[str, str] | None = None):
     """(outcome, version) of one request; version is the VERSION of the answer's ``model`` (ID@VERSION)."""
@@ -125,7 +109,7 @@ async def one_request(http, base: str, kind: str, rng: random.Random, reviews, t
                     event = line[7:].strip().decode()
                 elif line.startswith(b"data: ") and event == "start" and version is None:
                     version = json.loads(line[6:])["model"].rsplit("@", 1)[1]
-            return {"done": "ok", "error": "sse error"}.get(event, "stream cut"), version
+            return stream_outcome(event), version
 
     try:
         return await asyncio.wait_for(send(), timeout)
@@ -276,7 +260,7 @@ def benchmark(*, clients: int, seconds: float, every: float, timeout: float = 60
     with tempfile.TemporaryDirectory(prefix="swap-") as temporary:
         root = Path(scratch or temporary)
         serving, versions = make_versions(root, reviews)
-        port = _free_port()
+        port = free_port()
         log = root / "serve.log"
         started = time.monotonic()
         service, address = start_service(serving, port, log)

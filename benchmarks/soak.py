@@ -31,8 +31,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,16 +39,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import free_port, stop_service, stream_outcome  # noqa: E402
 from serve_load import imdb_reviews, price_rows, random_bundles  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("sentiment", "stream", "forecast")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # --- the service -------------------------------------------------------------------------------------------------
@@ -68,15 +61,6 @@ def start_service(bundles: Path, port: int, log: Path, extra: list[str]) -> subp
             return service
         time.sleep(1)
     raise SystemExit(f"soak: the service did not start within 600 s; see {log}")
-
-
-def stop_service(service: subprocess.Popen) -> None:
-    if service.poll() is None:
-        os.killpg(service.pid, signal.SIGINT)
-        try:
-            service.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.pid, signal.SIGKILL)
 
 
 def replica_memory(root: int | None) -> dict[str, dict]:
@@ -134,7 +118,7 @@ async def one_request(http, base: str, kind: str, rng: random.Random, reviews, r
             async for line in response.content:
                 if line.startswith(b"event: "):
                     last_event = line[7:].strip().decode()
-            return {"done": "ok", "error": "sse error"}.get(last_event, "stream cut")
+            return stream_outcome(last_event)
 
     try:
         return await asyncio.wait_for(send(), timeout)
@@ -285,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             base = args.url.rstrip("/")
         else:
             bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch.name), reviews)
-            port = _free_port()
+            port = free_port()
             log = Path(scratch.name) / "serve.log"
             started = time.monotonic()
             service = start_service(bundles, port, log, args.serve_arg)
