@@ -132,6 +132,7 @@ def test_served_versions_are_chosen_by_model_and_swapped_under_load_with_no_fail
     from conftest import free_port
 
     sys.path.insert(0, str(BENCHMARKS))
+    from _common import stop_service
     from serve_swap import run_load, summarize
 
     served = tmp_path / "served"
@@ -202,10 +203,5 @@ def test_served_versions_are_chosen_by_model_and_swapped_under_load_with_no_fail
             assert {version for k, version in seen if k == kind} >= {swaps[0][2][model_id], swaps[1][2][model_id]}
     finally:
         watchdog.cancel()
-        if service.poll() is None:
-            os.killpg(service.pid, signal.SIGINT)
-        try:
-            service.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.pid, signal.SIGKILL)
+        stop_service(service)
         subprocess.run(["rm", "-rf", ray_tmp], check=False)
