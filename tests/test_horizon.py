@@ -15,7 +15,7 @@ import torch
 from rnnlab.bundle import load_bundle
 from rnnlab.config import load_config
 from rnnlab.data.horizon import (
-    future_log_returns, load_horizon_data, random_walk_quantiles, recent_volatility, rolling_origins,
+    PROTOCOLS, future_log_returns, load_horizon_data, random_walk_quantiles, recent_volatility, rolling_origins,
     window_for_history,
 )  # fmt: skip
 from rnnlab.data.stock import read_prices
@@ -387,3 +387,21 @@ def test_the_playground_draws_the_quantiles_and_a_fan(horizon_service, prices_cs
         assert chart.find_elements(By.ID, "fan-median") and chart.find_elements(By.TAG_NAME, "polyline")
     finally:
         driver.quit()
+
+
+@pytest.mark.mirror
+def test_the_recipe_folds_never_read_the_backtests_test_period(mirror):
+    """benchmarks/horizon_folds.py chooses the recipe on folds before 2020: no fold's scored origin may look at a
+    close from the backtest's test period, through its own target days or the random walk's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("horizon_folds", Path(__file__).resolve().parents[1] / "benchmarks" / "horizon_folds.py")
+    folds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(folds)
+    test_start = pd.Timestamp(PROTOCOLS["backtest"]["test_start"])
+    for name, dates in folds.FOLDS.items():
+        data = load_horizon_data(mirror / "19900101_20230630.csv", window=21, horizon=5, **dates)
+        origins = data.splits["test"].origins
+        last_target = data.closes.index[data.closes.index.get_indexer(origins) + 5].max()
+        assert len(origins) > 400 and last_target < test_start, name
+        assert pd.Timestamp(dates["val_end"]) < origins[0]  # each fold early-stops on the year before its scores
