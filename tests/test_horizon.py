@@ -226,6 +226,22 @@ def test_smoke_run_beats_a_constant_forecast_and_round_trips_through_a_bundle(de
     assert sum(r["event"] == "test" for r in summary) == 1
 
 
+def test_the_wandb_run_holds_the_fan_chart_and_the_coverage_table(prices_csv, tmp_path, monkeypatch):
+    from wandb_files import read_finished_wandb_run
+
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    result = train(smoke_config(prices_csv, "tracking.wandb=true", "model.decoder=direct"), tmp_path)
+    run = next((tmp_path / "wandb").glob("offline-run-*"))
+    history, _, summary, _ = read_finished_wandb_run(next(run.glob("*.wandb")))
+    assert any(row.get("test/fan_chart/_type") == "image-file" for row in history)
+    assert any(row.get("test/coverage_table/_type") == "table-file" for row in history)
+    table = json.loads(next(run.glob("files/media/table/test/coverage_table_*.table.json")).read_text())
+    assert table["columns"] == ["horizon", "coverage_80", "coverage_90", "crps", "mase"]
+    assert [r[0] for r in table["data"]] == ["t+1", "t+2", "t+3", "t+4", "t+5", "all"]
+    assert table["data"][-1][1] == pytest.approx(result["test"]["coverage_80"], abs=1e-4)
+    assert summary["test/coverage_90_h2"] == pytest.approx(result["test"]["coverage_90_h2"])
+
+
 # --- the predictor, the CLI, the scorer and the route ----------------------------------------------------------
 
 
