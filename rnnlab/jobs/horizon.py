@@ -30,7 +30,7 @@ from rnnlab.forecasting import forecast_metrics, plot_fan
 from rnnlab.inference import PREDICT_BATCH_SIZE, at_position, device_of, expect_job
 from rnnlab.models.horizon import HorizonConfig
 from rnnlab.serve.schemas import StrictBody
-from rnnlab.trainers.job import Batch, EvalResult, Job, gather
+from rnnlab.trainers.job import Batch, EvalResult, Job
 
 log = logging.getLogger(__name__)
 
@@ -111,22 +111,10 @@ class HorizonJob(Job):
     def loss_sum(self, model, batch: Batch) -> torch.Tensor:
         return pinball_sum(model(*batch.inputs).float(), batch.targets, self.tau_tensor.to(batch.targets.device))
 
-    @torch.no_grad()
     def predict_scaled(self, model, split: str, accelerator) -> np.ndarray:
         """[N, H, Q] scaled log-return quantiles of every origin of ``split`` (gathered from every process)."""
-        X = self.X[split]
-        mine = self._share(np.arange(len(X)))
-        preds = []
-        for start in range(0, len(mine), self.eval_batch_size):
-            chunk = torch.from_numpy(mine[start : start + self.eval_batch_size])
-            with accelerator.autocast():
-                preds.append(model(X[chunk].to(self.device)).float().cpu().numpy())
-        H, Q = self.config.model.horizon, len(self.taus)
-        local = np.concatenate(preds) if preds else np.zeros((0, H, Q), np.float32)
-        pieces = gather(accelerator, (mine, local))
-        out = np.empty((len(X), H, Q), dtype=np.float64)
-        out[np.concatenate([p[0] for p in pieces])] = np.concatenate([p[1] for p in pieces])
-        return out
+        shape = (self.config.model.horizon, len(self.taus))
+        return self.predict_examples(model, self.X[split], accelerator, output_shape=shape)
 
     def scale_targets(self, y: np.ndarray, origin_scale: np.ndarray) -> np.ndarray:
         return (y / origin_scale[:, None] / self.data.target_scaler.scale[None, :]).astype(np.float32)

@@ -27,7 +27,7 @@ from rnnlab.errors import ConfigError, InputError
 from rnnlab.inference import PREDICT_BATCH_SIZE, at_position, device_of, expect_job
 from rnnlab.models.stock import StockConfig
 from rnnlab.serve.schemas import StrictBody
-from rnnlab.trainers.job import Batch, EvalResult, Job, gather
+from rnnlab.trainers.job import Batch, EvalResult, Job
 
 log = logging.getLogger(__name__)
 
@@ -110,19 +110,8 @@ class StockJob(Job):
     def loss_sum(self, model, batch: Batch) -> torch.Tensor:
         return stock_loss(model(*batch.inputs).float(), batch.targets, self.loss_name, self.huber_delta)
 
-    @torch.no_grad()
     def evaluate(self, model, split: str, accelerator) -> EvalResult:
-        X = self.X[split]
-        mine = self._share(np.arange(len(X)))
-        preds = []
-        for start in range(0, len(mine), self.eval_batch_size):
-            chunk = torch.from_numpy(mine[start : start + self.eval_batch_size])
-            with accelerator.autocast():
-                preds.append(model(X[chunk].to(self.device)).float().cpu().numpy())
-        local = np.concatenate(preds) if preds else np.zeros(0, np.float32)
-        pieces = gather(accelerator, (mine, local))
-        scaled = np.empty(len(X), dtype=np.float64)
-        scaled[np.concatenate([p[0] for p in pieces])] = np.concatenate([p[1] for p in pieces])
+        scaled = self.predict_examples(model, self.X[split], accelerator)
         _, y_raw, rows = self.data.splits[split]
         predicted_target = self.data.target_scaler.inverse_transform(scaled)
         predicted = self._stock.to_price(predicted_target, rows, self.data.target)

@@ -143,6 +143,22 @@ class Job:
             yield Batch(inputs=(x.to(self.device),), targets=targets[mine].to(self.device),
                         global_units=len(global_batch), samples=len(mine), tokens=len(mine) * x.shape[1])
 
+    @torch.no_grad()
+    def predict_examples(self, model, inputs: torch.Tensor, accelerator, output_shape: tuple = ()) -> np.ndarray:
+        """The model's output for every example of ``inputs`` (windows of days), in order, as float64: each process
+        predicts its share in eval batches and the shares are gathered (an empty share is [0, *output_shape])."""
+        mine = self._share(np.arange(len(inputs)))
+        preds = []
+        for start in range(0, len(mine), self.eval_batch_size):
+            chunk = torch.from_numpy(mine[start : start + self.eval_batch_size])
+            with accelerator.autocast():
+                preds.append(model(inputs[chunk].to(self.device)).float().cpu().numpy())
+        local = np.concatenate(preds) if preds else np.zeros((0, *output_shape), np.float32)
+        pieces = gather(accelerator, (mine, local))
+        out = np.empty((len(inputs), *output_shape), dtype=np.float64)
+        out[np.concatenate([p[0] for p in pieces])] = np.concatenate([p[1] for p in pieces])
+        return out
+
     def _share(self, indices: np.ndarray) -> np.ndarray:
         return indices[self.rank :: self.world_size]
 
