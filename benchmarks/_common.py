@@ -119,3 +119,33 @@ def stop_service(service: subprocess.Popen) -> None:
 def stream_outcome(last_event: str | None) -> str:
     """A /v1/generate stream's outcome from its last ``event:``: "ok" for done, else what went wrong."""
     return {"done": "ok", "error": "sse error"}.get(last_event, "stream cut")
+
+
+async def post_outcome(http, url: str, body: dict, *, stream: bool, timeout: float, headers: dict | None = None,
+                       answered: Callable[[dict], bool] | None = None, timeout_outcome: str = "timeout") -> str:
+    """What one POST to the service came to: "ok"; "http N" for a refusal; a stream's ``stream_outcome``; "empty
+    answer" when ``answered(body)`` is false; ``timeout_outcome`` past ``timeout`` s; "connection <error>"."""
+    import asyncio
+
+    import aiohttp
+
+    async def send() -> str:
+        async with http.post(url, json=body, headers=headers) as response:
+            if response.status != 200:
+                await response.read()
+                return f"http {response.status}"
+            if not stream:
+                payload = await response.json() if answered else await response.read()
+                return "ok" if answered is None or answered(payload) else "empty answer"
+            last_event = None
+            async for line in response.content:
+                if line.startswith(b"event: "):
+                    last_event = line[7:].strip().decode()
+            return stream_outcome(last_event)
+
+    try:
+        return await asyncio.wait_for(send(), timeout)
+    except asyncio.TimeoutError:
+        return timeout_outcome
+    except aiohttp.ClientError as error:
+        return f"connection {type(error).__name__}"

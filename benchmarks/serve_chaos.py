@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import free_port, stream_outcome  # noqa: E402
+from _common import free_port, post_outcome  # noqa: E402
 from serve_load import imdb_reviews, price_rows, random_bundles  # noqa: E402
 
 KINDS = ("sentiment", "forecast", "generate", "stream")
@@ -34,32 +34,12 @@ DEPLOYMENT_OF = {"sentiment": "sentiment", "forecast": "stock", "generate": "cha
 
 
 async def one_request(http, base: str, kind: str, rng: random.Random, reviews, rows, timeout: float) -> str:
-    import aiohttp
-
     body = {"sentiment": {"texts": [rng.choice(reviews)]}, "forecast": {"rows": rows},
             "generate": {"prompt": "the emperor", "max_new_tokens": 100, "seed": rng.randrange(2**31)},
             "stream": {"prompt": "the emperor", "max_new_tokens": 100, "seed": rng.randrange(2**31), "stream": True}}
     path = "/v1/generate" if kind == "stream" else f"/v1/{kind}"
-    async def send() -> str:
-        async with http.post(base + path, json=body[kind]) as response:
-            if response.status != 200:
-                await response.read()
-                return f"http {response.status}"
-            if kind != "stream":
-                await response.read()
-                return "ok"
-            last_event = None
-            async for line in response.content:
-                if line.startswith(b"event: "):
-                    last_event = line[7:].strip().decode()
-            return stream_outcome(last_event)
-
-    try:
-        return await asyncio.wait_for(send(), timeout)
-    except asyncio.TimeoutError:
-        return "hang"
-    except aiohttp.ClientError as error:
-        return f"connection {type(error).__name__}"
+    return await post_outcome(http, base + path, body[kind], stream=kind == "stream", timeout=timeout,
+                              timeout_outcome="hang")
 
 
 def replica(deployment: str):

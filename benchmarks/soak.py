@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import free_port, stop_service, stream_outcome  # noqa: E402
+from _common import free_port, post_outcome, stop_service  # noqa: E402
 from serve_load import imdb_reviews, price_rows, random_bundles  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,35 +97,15 @@ def replica_memory(root: int | None) -> dict[str, dict]:
 # --- the traffic -------------------------------------------------------------------------------------------------
 async def one_request(http, base: str, kind: str, rng: random.Random, reviews, rows, timeout: float,
                       headers: dict) -> str:
-    import aiohttp
-
-    async def send() -> str:
-        if kind == "sentiment":
-            path, body = "/v1/sentiment", {"texts": [rng.choice(reviews)]}
-        elif kind == "forecast":
-            path, body = "/v1/forecast", {"rows": rows}
-        else:
-            path, body = "/v1/generate", {"prompt": "the emperor", "max_new_tokens": 100,
-                                          "seed": rng.randrange(2**31), "stream": True}
-        async with http.post(base + path, json=body, headers=headers) as response:
-            if response.status != 200:
-                await response.read()
-                return f"http {response.status}"
-            if kind != "stream":
-                payload = await response.json()
-                return "ok" if payload.get("results") or payload.get("forecast") else "empty answer"
-            last_event = None
-            async for line in response.content:
-                if line.startswith(b"event: "):
-                    last_event = line[7:].strip().decode()
-            return stream_outcome(last_event)
-
-    try:
-        return await asyncio.wait_for(send(), timeout)
-    except asyncio.TimeoutError:
-        return "timeout"
-    except aiohttp.ClientError as error:
-        return f"connection {type(error).__name__}"
+    if kind == "sentiment":
+        path, body = "/v1/sentiment", {"texts": [rng.choice(reviews)]}
+    elif kind == "forecast":
+        path, body = "/v1/forecast", {"rows": rows}
+    else:
+        path, body = "/v1/generate", {"prompt": "the emperor", "max_new_tokens": 100,
+                                      "seed": rng.randrange(2**31), "stream": True}
+    return await post_outcome(http, base + path, body, stream=kind == "stream", timeout=timeout, headers=headers,
+                              answered=lambda payload: bool(payload.get("results") or payload.get("forecast")))
 
 
 async def soak(base: str, args, reviews, rows, root: int | None) -> tuple[list, list]:
