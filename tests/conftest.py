@@ -50,6 +50,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def read_until_serving(service) -> list[str]:
+    """The output lines of an ``rnnlab serve`` process up to its ready line ("rnnlab: serving ..."), which comes once
+    every deployment is up; fails with what it printed when it exits first. Start it with its output piped as
+    text, under a watchdog: this reads until either happens."""
+    lines = []
+    for line in service.stdout:
+        lines.append(line)
+        if "rnnlab: serving" in line:
+            break
+    assert service.poll() is None, "".join(lines)
+    return lines
+
+
 @contextlib.contextmanager
 def serving(options: dict, *, http_options: dict | None = None, **ray_init) -> Iterator[str]:
     """A local Ray instance (2 CPUs) serving ``build_app(options)`` at 127.0.0.1 on a free port: yields the base

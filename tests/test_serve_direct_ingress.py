@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port
+from conftest import free_port, read_until_serving
 from test_serve import make_bundles
 
 pytestmark = pytest.mark.slow
@@ -83,18 +83,14 @@ def test_serve_answers_on_the_asked_port_and_stops_cleanly(tmp_path, ingress):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
+    watchdog = threading.Timer(240, lambda: os.killpg(service.pid, signal.SIGKILL))  # a hang fails, not stalls
+    watchdog.start()
     try:
         # The ready line comes once serve.run has returned (every deployment up, Ctrl-C handled from then on);
         # with direct ingress /healthz can answer a little earlier.
-        watchdog = threading.Timer(240, lambda: os.killpg(service.pid, signal.SIGKILL))  # a hang fails, not stalls
-        watchdog.start()
-        lines = []
-        for line in service.stdout:
-            lines.append(line)
-            if "rnnlab: serving" in line:
-                break
+        lines = read_until_serving(service)
         watchdog.cancel()
-        assert service.poll() is None and f"127.0.0.1:{port}" in lines[-1], "".join(lines)
+        assert f"127.0.0.1:{port}" in lines[-1], "".join(lines)
         assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
         owner = _listener(port)  # direct ingress: the Gateway replica holds the port, else Ray's proxy
         assert ("ServeReplica:rnnlab:Gateway" if ingress == "direct" else "ProxyActor") in owner, owner
@@ -115,6 +111,7 @@ def test_serve_answers_on_the_asked_port_and_stops_cleanly(tmp_path, ingress):
         assert sum(a.startswith(b"HTTP/1.1 408 ") for a in answers) >= 12, answers
         assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
     finally:
+        watchdog.cancel()
         os.killpg(service.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
         try:
             code = service.wait(timeout=90)

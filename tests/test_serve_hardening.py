@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port, require, serving
+from conftest import free_port, read_until_serving, require, serving
 
 pytestmark = pytest.mark.slow
 
@@ -89,12 +89,7 @@ def test_serve_ignores_a_stale_ray_address_and_drains_streams_on_sigterm(bundles
     watchdog = threading.Timer(240, lambda: os.killpg(service.pid, signal.SIGKILL))  # a hang fails, not stalls
     watchdog.start()
     try:
-        lines = []
-        for line in service.stdout:
-            lines.append(line)
-            if "rnnlab: serving" in line:
-                break
-        assert service.poll() is None, "".join(lines)
+        read_until_serving(service)
         headers = {"Authorization": f"Bearer {KEY}"}
         request = {"prompt": "the ", "max_new_tokens": 2000, "seed": 1, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/generate", json=request, headers=headers,

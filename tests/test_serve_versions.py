@@ -129,7 +129,7 @@ def test_served_versions_are_chosen_by_model_and_swapped_under_load_with_no_fail
 
     import httpx
 
-    from conftest import free_port
+    from conftest import free_port, read_until_serving
 
     sys.path.insert(0, str(BENCHMARKS))
     from _common import stop_service
@@ -154,12 +154,7 @@ def test_served_versions_are_chosen_by_model_and_swapped_under_load_with_no_fail
     watchdog.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        lines = []
-        for line in service.stdout:
-            lines.append(line)
-            if "rnnlab: serving" in line:
-                break
-        assert service.poll() is None, "".join(lines)
+        lines = read_until_serving(service)
         address = re.search(r"rnnlab swap --address (\S+)", lines[-1]).group(1)
         assert "/v1/sentiment (imdb-b, imdb-small, runs-c; default imdb-small)" in lines[-1]
 
