@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine_description  # noqa: E402
 from forecast_peers import TAUS, ewma_gaussian  # noqa: E402
 
-from rnnlab.data.horizon import PROTOCOLS, load_horizon_data  # noqa: E402
+from rnnlab.data.horizon import PROTOCOLS, load_horizon_data, random_walk_quantiles  # noqa: E402
 from rnnlab.data.sources import resolve  # noqa: E402
 from rnnlab.forecasting import forecast_metrics  # noqa: E402
 
@@ -64,15 +65,18 @@ def train_run(out: Path, preset: str, settings: dict[str, Any]) -> dict:
         sets = [a for key, value in settings.items() for a in ("--set", f"{key}={value}")]
         command = [sys.executable, "-m", "rnnlab.launch.cli", "train", "horizon", "--preset", preset,
                    "--output", str(out), *sets, "--set", "train.progress=false", "--set", "tracking.wandb=false"]
-        subprocess.run(["rm", "-rf", str(out)], check=True)
+        shutil.rmtree(out, ignore_errors=True)
         with open(f"{out}.log", "w") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return json.loads(metrics.read_text())
 
 
-def ratios(test: dict) -> dict:
+def ratios(metrics: dict) -> dict:
+    """A run's test scores beside the random walk's on the same origins, and its validation CRPS beside it too."""
+    test, val = metrics["test"], metrics["val"]
     return {"crps_vs_rw": test["crps"] / test["baseline_rw_crps"], "coverage_80": test["coverage_80"],
-            "coverage_90": test["coverage_90"], "mase_vs_rw": test["mase"] / test["baseline_rw_mase"]}
+            "coverage_90": test["coverage_90"], "mase_vs_rw": test["mase"] / test["baseline_rw_mase"],
+            "val_crps_vs_rw": val["crps"] / val["baseline_rw_crps"]}
 
 
 def riskmetrics(dates: dict) -> dict:
@@ -81,8 +85,6 @@ def riskmetrics(dates: dict) -> dict:
     test = data.splits["test"]
     q = ewma_gaussian(data.closes, test.origins)
     m = forecast_metrics(test.future_close, q, TAUS, data.naive_scale, per_horizon=False)
-    from rnnlab.data.horizon import random_walk_quantiles
-
     rw = forecast_metrics(test.future_close, random_walk_quantiles(data.closes, test.origins, 5, TAUS, lookback=252),
                           TAUS, data.naive_scale, per_horizon=False)
     return {"crps_vs_rw": m["crps"] / rw["crps"], "coverage_80": m["coverage_80"], "coverage_90": m["coverage_90"],
@@ -117,8 +119,7 @@ def folds_stage(args) -> dict:
     report: dict[str, Any] = {"folds": FOLDS, "riskmetrics": {f: riskmetrics(d) for f, d in FOLDS.items()},
                               "recipes": {}}
     for name in recipes:
-        runs = {f"{fold}-s{seed}": {**ratios(m["test"]), "val_crps_vs_rw": m["val"]["crps"] / m["val"]["baseline_rw_crps"]}
-                for (n, fold, seed), m in zip(keys, results) if n == name}
+        runs = {f"{fold}-s{seed}": ratios(m) for (n, fold, seed), m in zip(keys, results) if n == name}
         report["recipes"][name] = {"settings": recipes[name], **summarise(list(runs.values())), "each": runs}
     report["pick"] = min(report["recipes"], key=lambda n: report["recipes"][n]["crps_vs_rw"])
     return report
@@ -135,8 +136,7 @@ def test_stage(args) -> dict:
         results = run_all(tasks, args.parallel)
         part: dict[str, Any] = {"riskmetrics": riskmetrics(PROTOCOLS[protocol]), "recipes": {}}
         for name in args.recipes:
-            runs = {f"s{seed}": {**ratios(m["test"]), "val_crps_vs_rw": m["val"]["crps"] / m["val"]["baseline_rw_crps"]}
-                    for (n, seed), m in zip(names, results) if n == name}
+            runs = {f"s{seed}": ratios(m) for (n, seed), m in zip(names, results) if n == name}
             part["recipes"][name] = {"settings": RECIPES[name], **summarise(list(runs.values())), "each": runs}
         report["protocols"][protocol] = part
     return report
