@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import free_port
+from processes import Processes
 from tiny_datasets import make_imdb_tar, make_stock_csv, make_text
 from wandb_files import read_finished_wandb_run
 from rnnlab.errors import ConfigError
@@ -344,12 +345,11 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
 def two_process_run(data, tmp_path_factory) -> Path:
     """An uninterrupted 2-process (gloo) run: the curve to follow and the weights the elastic run must end with."""
     out = tmp_path_factory.mktemp("two-processes")
-    two = subprocess.run(
-        [*LAUNCH, "--num_machines", "1", "--main_process_port", str(free_port()),
-         "-m", "rnnlab.launch.train", *_train_argv(data), "--output", str(out)],
-        env=_quiet_env(out), capture_output=True, text=True, cwd=REPO, timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    with Processes(out / "logs") as launcher:
+        launcher.start("launcher", [*LAUNCH, "--num_machines", "1", "--main_process_port", str(free_port()),
+                                    "-m", "rnnlab.launch.train", *_train_argv(data), "--output", str(out)],
+                       env=_quiet_env(out), cwd=REPO)
+        launcher.wait(timeout=300)
     return out
 
 
@@ -378,25 +378,20 @@ def test_elastic_run_survives_a_killed_rank_and_ends_with_the_uninterrupted_weig
     stops the group and starts it again with the same command line, whose ``--resume auto`` continues from the
     last checkpoint. The run ends with the same weights as the uninterrupted 2-process run, bit for bit."""
     out = tmp_path / "elastic"
-    launcher = subprocess.Popen(
-        [*LAUNCH, "--num_machines", "1", "--main_process_port", str(free_port()), "--max_restarts", "1",
-         "--monitor_interval", "0.5", "-m", "rnnlab.launch.train", *_train_argv(data), "--output", str(out),
-         "--resume", "auto"],
-        env=_quiet_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    try:
+    with Processes(tmp_path / "logs") as group:
+        launcher = group.start("launcher", [
+            *LAUNCH, "--num_machines", "1", "--main_process_port", str(free_port()), "--max_restarts", "1",
+            "--monitor_interval", "0.5", "-m", "rnnlab.launch.train", *_train_argv(data), "--output", str(out),
+            "--resume", "auto"], env=_quiet_env(tmp_path), cwd=REPO)
         deadline = time.time() + 240
         while not (out / "checkpoints" / "latest.json").is_file():
-            assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()[-3000:]
+            assert launcher.poll() is None and time.time() < deadline, group.report("no checkpoint written")
             time.sleep(0.05)
         victim = _rank_process(launcher, 1)
-        assert victim is not None
+        assert victim is not None, group.report("no process of rank 1")
         killed_at_step = json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
         victim.kill()  # SIGKILL
-        output, _ = launcher.communicate(timeout=300)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-    assert launcher.returncode == 0, output[-3000:]
+        group.wait(timeout=300)
     starts = events(out, "config")
     assert len(starts) == 2 and starts[1]["resumed_from"], starts  # restarted once, from a checkpoint
     assert killed_at_step < 15
@@ -412,22 +407,13 @@ def test_two_machines_of_one_process_follow_the_one_process_loss_curve(data, one
     """``--num_machines 2``: one launcher per "machine" (machine ranks 0 and 1), meeting at 127.0.0.1 over gloo,
     as two nodes would at the main node's address (configs/accelerate/multi_node.yaml)."""
     port = str(free_port())
-    launchers = [
-        subprocess.Popen(
-            [*LAUNCH, "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-             "--main_process_port", port, "-m", "rnnlab.launch.train", *_train_argv(data),
-             "--output", str(tmp_path / "two")],
-            env=_quiet_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-        for rank in (0, 1)
-    ]
-    try:
-        outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
-    finally:
-        for launcher in launchers:
-            if launcher.poll() is None:
-                launcher.kill()
-    for launcher, output in zip(launchers, outputs):
-        assert launcher.returncode == 0, output[-3000:]
+    with Processes(tmp_path / "logs") as machines:
+        for rank in (0, 1):
+            machines.start(f"machine-{rank}", [
+                *LAUNCH, "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                "--main_process_port", port, "-m", "rnnlab.launch.train", *_train_argv(data),
+                "--output", str(tmp_path / "two")], env=_quiet_env(tmp_path), cwd=REPO)
+        machines.wait(timeout=300)
     _assert_follows(one_process_run, tmp_path / "two")
 
 
