@@ -1,6 +1,7 @@
 """rnnlab.serve.connections against a real uvicorn server on 127.0.0.1 (no Ray: the same protocol class Ray's
 proxy and the direct-ingress Gateway run): half-open connections get 408 after header_timeout_s, connections above
-max_connections get 503 + Retry-After at once, and nothing else changes (slow bodies, kept-alive connections).
+max_connections get 503 + Retry-After at once, both answers reach the client whole even while it is still sending
+(no reset: httpx sees the status, not a ReadError), and nothing else changes (slow bodies, kept-alive connections).
 
 Every wait is a socket read with a timeout (bounded), never a sleep to let the server catch up. The running
 service gets the same checks through its flags in tests/test_serve_direct_ingress.py.
@@ -8,13 +9,17 @@ service gets the same checks through its flags in tests/test_serve_direct_ingres
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
 
 import pytest
 
-uvicorn = pytest.importorskip("uvicorn")
+from conftest import require
+
+uvicorn = require("uvicorn")
+httpx = require("httpx")
 
 from rnnlab.serve import connections  # noqa: E402
 
@@ -23,6 +28,13 @@ HALF_OPEN = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # a request line an
 
 async def _app(scope, receive, send):
     if scope["type"] != "http":
+        return
+    if scope["path"] == "/busy":  # a handler that holds the event loop in 0.2 s slices for 3 s
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+        for _ in range(15):
+            time.sleep(0.2)
+            await asyncio.sleep(0)
+        await send({"type": "http.response.body", "body": b""})
         return
     body = b""
     while True:
@@ -73,10 +85,7 @@ def _read_until_closed(client: socket.socket, timeout_s: float = 10) -> bytes:
     received = b""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            chunk = client.recv(65536)
-        except ConnectionResetError:
-            break
+        chunk = client.recv(65536)  # a reset fails the test: the answer must be readable
         if not chunk:
             break
         received += chunk
@@ -96,6 +105,17 @@ def _response(client: socket.socket, timeout_s: float = 10) -> bytes:
     while len(body) < length:
         body += client.recv(65536)
     return head + b"\r\n\r\n" + body
+
+
+def _response_head(client: socket.socket, timeout_s: float = 10) -> bytes:
+    """A response's status line and headers (the body may not have been sent yet)."""
+    client.settimeout(timeout_s)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = client.recv(65536)
+        assert chunk, f"closed before a response: {data!r}"
+        data += chunk
+    return data
 
 
 def _stays_open(client: socket.socket, seconds: float) -> bool:
@@ -152,6 +172,60 @@ def test_connections_above_the_cap_get_503_with_retry_after_at_once(server):
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     for client in held + extra:
         client.close()
+
+
+def test_a_408_stays_readable_while_a_slow_client_is_still_sending(server):
+    """The 408 falls due while the server's loop is busy (as under load) and the client's next header bytes are
+    already waiting unread: they must not turn the close into a reset that discards the 408."""
+    with _connect(server, b"GET /busy HTTP/1.1\r\nHost: h\r\n\r\n") as busy:
+        assert _response_head(busy).startswith(b"HTTP/1.1 200 ")  # the loop is busy from here for 3 s
+        with _connect(server, HALF_OPEN + b"X-Slow: ") as client:  # its header deadline falls within those 3 s
+            client.settimeout(0.01)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # one more byte of the header value each 10 ms until an answer
+                client.sendall(b"a")
+                try:
+                    if client.recv(1, socket.MSG_PEEK):
+                        break
+                except TimeoutError:
+                    pass
+            answer = _read_until_closed(client)
+    assert answer.startswith(b"HTTP/1.1 408 ") and answer.endswith(b'"type": "timeout"}]}'), answer
+
+
+async def _burst_beside_idle_connections(address, count: int) -> list:
+    """``count`` concurrent httpx requests while 3 connections that sent nothing and 3 that sent part of their
+    headers hold 6 of the 8 connections the server allows; then those 6 leave. Each request's answer or exception."""
+    idle = [_connect(address) for _ in range(3)] + [_connect(address, HALF_OPEN) for _ in range(3)]
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{address[0]}:{address[1]}", timeout=60,
+                                     limits=httpx.Limits(max_connections=count)) as client:
+            return await asyncio.gather(*(client.post("/burst", content=b"x" * 1000) for _ in range(count)),
+                                        return_exceptions=True)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_shed_connections_get_a_readable_503_not_a_reset(server):
+    connections.install(header_timeout_s=30, count=False)  # the idle connections hold their places throughout
+    answers = asyncio.run(_burst_beside_idle_connections(server, 100))
+    errors = [repr(a) for a in answers if isinstance(a, Exception)]
+    assert not errors, f"{len(errors)} of 100 requests got no HTTP answer: {errors[:5]}"
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 503, 408, 504} and 200 in codes, codes  # the 2 free places serve
+    shed = [a for a in answers if a.status_code == 503]
+    assert shed and all(a.headers["retry-after"] == "3" for a in shed)
+    # the turned-away connections leave no count behind: once the idle ones have gone, 8 are served again, not 9
+    deadline = time.monotonic() + 30
+    while True:
+        held = [_connect(server, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n") for _ in range(9)]
+        answers = [_read_until_closed(sock, 10) if i == 8 else _response(sock) for i, sock in enumerate(held)]
+        for sock in held:
+            sock.close()
+        if all(answer.startswith(b"HTTP/1.1 200 ") for answer in answers[:8]) or time.monotonic() > deadline:
+            break  # until the server has seen the idle connections close (it sees a close when it next reads)
+    assert [answer[:12] for answer in answers] == [b"HTTP/1.1 200"] * 8 + [b"HTTP/1.1 503"], answers
 
 
 def test_the_proxy_callback_reads_the_limits_rnnlab_serve_exports(monkeypatch):

@@ -14,6 +14,12 @@ connection) that
 * answers ``503`` with ``Retry-After`` and closes a new connection at once when ``max_connections`` are already open
   (idle keep-alive and streaming connections count).
 
+Both answers end in a lingering close: the answer, then FIN (``write_eof``), then whatever the client still sends is
+read and dropped (never parsed, never the app's) until it closes or ``LINGER_S`` pass. Closing with the request
+unread would make the kernel answer with a reset, which throws away the answer the client has not read yet (httpx:
+``ReadError`` instead of 503). Lingering connections do not count towards ``max_connections``; past
+``MAX_LINGERING`` of them a connection is closed at once, as before.
+
 Why here and not a TCP front (a small asyncio server relaying to the real one): a front is one more hop for every
 byte of every request on a 2-core box where the proxy hop was what direct ingress removed, a second place where a
 stream can break, and it exists only under ``rnnlab serve`` (not ``serve run``). The subclass costs one timer per
@@ -43,6 +49,8 @@ DEFAULT_MAX_CONNECTIONS = 512
 ENV_HEADER_TIMEOUT = "RNNLAB_HEADER_TIMEOUT_S"
 ENV_MAX_CONNECTIONS = "RNNLAB_MAX_CONNECTIONS"
 PROXY_CALLBACK = "rnnlab.serve.connections:proxy_callback"
+LINGER_S = 2.0  # how long a turned-away client may go on sending before its connection is closed regardless
+MAX_LINGERING = 256  # connections lingering at once, at most (a bound on the sockets a flood can hold)
 
 
 class Settings:
@@ -72,22 +80,24 @@ def _guarded(base: type) -> type:
         """uvicorn's HTTP protocol with a header deadline and a connection cap (see the module docstring)."""
 
         _rnnlab_base = base
+        lingering = 0  # connections in a lingering close (they do not count towards max_connections)
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._header_timer = None
-            if len(self.connections) > Settings.max_connections:  # this one included
+            self._header_timer = self._linger_timer = None
+            if len(self.connections) - GuardedHTTPProtocol.lingering > Settings.max_connections:  # this one included
                 _rejected("too_many_connections")
                 retry = f"retry-after: {max(1, round(Settings.retry_after_s))}\r\n".encode()
-                transport.write(_response(503, "Service Unavailable",
-                                          f"The service already has {Settings.max_connections} connections open, its "
-                                          "max_connections; retry after the Retry-After seconds.", "overloaded",
-                                          retry))
-                transport.close()
+                self._answer_and_close(_response(503, "Service Unavailable",
+                                                 f"The service already has {Settings.max_connections} connections "
+                                                 "open, its max_connections; retry after the Retry-After seconds.",
+                                                 "overloaded", retry))
                 return
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self._linger_timer is not None:
+                return  # answered already: the rest of the request is read only to be dropped
             cycle = getattr(self, "cycle", None)
             if self._header_timer is None and (cycle is None or cycle.response_complete) \
                     and not self.transport.is_closing():
@@ -98,7 +108,23 @@ def _guarded(base: type) -> type:
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            timer, self._linger_timer = self._linger_timer, None
+            if timer is not None:
+                timer.cancel()
+                GuardedHTTPProtocol.lingering -= 1
             super().connection_lost(exc)
+
+        def _answer_and_close(self, response: bytes) -> None:
+            """The lingering close (see the module docstring): ``response``, the end of what this side sends, then
+            the client's bytes dropped until it closes or ``LINGER_S`` pass; a plain close past ``MAX_LINGERING``."""
+            self.transport.write(response)
+            if GuardedHTTPProtocol.lingering >= MAX_LINGERING:
+                self.transport.close()
+                return
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            GuardedHTTPProtocol.lingering += 1
+            self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
         def _arm(self) -> None:
             self._waiting_since = getattr(self, "cycle", None)
@@ -114,10 +140,10 @@ def _guarded(base: type) -> type:
             if getattr(self, "cycle", None) is not self._waiting_since or self.transport.is_closing():
                 return
             _rejected("header_timeout")
-            self.transport.write(_response(408, "Request Timeout",
-                                           f"The request's headers did not arrive within {Settings.header_timeout_s:g} "
-                                           "s (the service's header_timeout_s).", "timeout"))
-            self.transport.close()
+            self._answer_and_close(_response(408, "Request Timeout",
+                                             f"The request's headers did not arrive within "
+                                             f"{Settings.header_timeout_s:g} s (the service's header_timeout_s).",
+                                             "timeout"))
 
     return GuardedHTTPProtocol
 
