@@ -316,6 +316,18 @@ def test_forecast_and_evaluate_from_the_command_line(tiny_bundle, prices_csv, ca
     assert {"crps", "coverage_80"} <= set(scores["random_walk"])
 
 
+def test_the_forecast_table_keeps_its_columns_for_prices_of_any_size():
+    from rnnlab.jobs.horizon import forecast_table
+
+    values = [5e-05, 0.5, 13716.164, 999_999.99, 12_345_678.0, 1e300, 1.7e308]
+    answer = {"origin": "2023-06-30", "close": 1e300, "quantiles": [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95],
+              "steps": [{"step": 1, "values": values}, {"step": 2, "values": values[::-1]}]}
+    table = forecast_table(answer).splitlines()
+    assert table[0] == "origin 2023-06-30, close 1e+300: the next 2 trading days"
+    assert table[2].split() == ["t+1", "5e-05", "0.50", "13,716.16", "999,999.99", "1.235e+07", "1e+300", "1.7e+308"]
+    assert len({len(line) for line in table[1:]}) == 1  # every row as wide as the header: 5 + 7 cells of 11
+
+
 @pytest.fixture(scope="module")
 def horizon_service(tiny_bundle) -> str:
     """A real local Ray Serve instance serving the tiny horizon bundle (POST /v1/horizon)."""

@@ -415,12 +415,19 @@ class CLI:
 
 
 def forecast_table(answer: dict) -> str:
+    """The answer as a table: a row per day ahead, a column per quantile level, every cell 11 wide."""
     taus = answer["quantiles"]
-    lines = [f"origin {answer['origin']}, close {answer['close']:,.2f}: the next {len(answer['steps'])} trading days",
-             f"{'day':>5s}" + "".join(f"{'q' + format(t, 'g'):>11s}" for t in taus)]
+    lines = [f"origin {answer['origin']}, close {price_text(answer['close'])}: the next {len(answer['steps'])} "
+             "trading days", f"{'day':>5s}" + "".join(f"{'q' + format(t, 'g'):>11s}" for t in taus)]
     for step in answer["steps"]:
-        lines.append(f"{'t+' + str(step['step']):>5s}" + "".join(f"{v:11,.2f}" for v in step["values"]))
+        lines.append(f"{'t+' + str(step['step']):>5s}" + "".join(f"{price_text(v):>11s}" for v in step["values"]))
     return "\n".join(lines)
+
+
+def price_text(value: float) -> str:
+    """A price in at most 10 characters, so a table's columns hold for prices of any size: to the cent from 0.01 to
+    a million (13,716.16), else to 4 significant digits (1.235e+07, 1e+300, 5e-05)."""
+    return f"{value:,.2f}" if 0.01 <= abs(value) < 1e6 else f"{value:.4g}"
 
 
 def demo(post) -> None:
