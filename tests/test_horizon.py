@@ -4,6 +4,7 @@ the future, smoke runs of both decoders through the loop and a bundle."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -316,6 +317,28 @@ def test_forecast_and_evaluate_from_the_command_line(tiny_bundle, prices_csv, ca
     assert {"crps", "coverage_80"} <= set(scores["random_walk"])
 
 
+def test_forecast_refuses_rows_that_cannot_be_real_unless_told_they_are(tiny_bundle, prices_csv, tmp_path, capsys):
+    """The index file's tail with one field changed in its last row: one sentence naming the day and the field,
+    exit 2; with --trust-prices the forecast, its table's columns aligned whatever the prices' size."""
+    from rnnlab.launch.cli import main
+
+    frame = pd.read_csv(prices_csv).tail(300)
+    close = frame["Close"].iloc[-2]
+    for change, fault in (({"High": 1.0}, r"its high \(1\) is under its low \([\d,.]+\)"),
+                          ({"Close": 50 * close}, r"its close \([\d,.]+\) is 50x the close of 2023-06-29")):
+        changed = frame.copy()
+        changed.loc[changed.index[-1], list(change)] = list(change.values())
+        changed.to_csv(tmp_path / "changed.csv", index=False)
+        command = ["forecast", str(tiny_bundle), "--csv", str(tmp_path / "changed.csv")]
+        assert main(command) == 2
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert re.search(rf"^rnnlab: .*row for 2023-06-30 cannot be real: {fault}.*; .* --trust-prices\)\.$", message)
+        assert main([*command, "--trust-prices"]) == 0
+        table = capsys.readouterr().out.strip().splitlines()
+        assert table[0].startswith("origin 2023-06-30") and [line.split()[0] for line in table[2:]] == ["t+1", "t+2", "t+3"]
+        assert len({len(line) for line in table[1:]}) == 1, table  # 50x the close: cells of 1.341e+06 beside cents
+
+
 def test_the_forecast_table_keeps_its_columns_for_prices_of_any_size():
     from rnnlab.jobs.horizon import forecast_table
 
@@ -365,12 +388,22 @@ def test_the_route_answers_batched_and_refuses_bad_rows_naming_the_field(horizon
         assert refused.status_code == 422 and "volume" in json.dumps(refused.json()["detail"])
         short = http.post("/v1/horizon", json={"rows": rows[-50:]})
         assert short.status_code == 422 and "264" in short.text
+        unreal = [dict(row) for row in rows]
+        unreal[-1]["high"] = 1.0
+        refused = http.post("/v1/horizon", json={"rows": unreal})
+        assert refused.status_code == 422, refused.text
+        [error] = refused.json()["detail"]
+        assert error["loc"] == ["body", "rows"]
+        assert f"row for {rows[-1]['date']} cannot be real: its high (1) is under its low (" in error["msg"]
+        assert http.post("/v1/horizon", json={"rows": unreal, "trust_prices": True}).status_code == 200
 
-    async def many() -> list:
+    async def many() -> list:  # one request that cannot be real among good ones, gathered into the same batches
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            return await asyncio.gather(*(client.post("/v1/horizon", json={"rows": rows}) for _ in range(8)))
+            return await asyncio.gather(*(client.post("/v1/horizon", json={"rows": rows}) for _ in range(8)),
+                                        client.post("/v1/horizon", json={"rows": unreal}))
 
-    assert all(r.status_code == 200 for r in asyncio.run(many()))
+    *good, bad = asyncio.run(many())
+    assert all(r.status_code == 200 for r in good) and bad.status_code == 422 and "cannot be real" in bad.text
     with httpx.Client(base_url=url, timeout=60) as http:
         model = next(m for m in http.get("/v1/models").json()["data"] if m["endpoint"] == "/v1/horizon")
         assert model["batching"]["items"] >= 9 and model["batching"]["batch_size_max"] >= 2
