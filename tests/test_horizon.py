@@ -351,6 +351,30 @@ def test_the_forecast_table_keeps_its_columns_for_prices_of_any_size():
     assert len({len(line) for line in table[1:]}) == 1  # every row as wide as the header: 5 + 7 cells of 11
 
 
+def test_a_forecast_past_the_largest_float_fails_only_its_own_history(tiny_bundle, prices_csv):
+    """Trusted prices of 1e300 can give quantiles past the largest float, which JSON cannot carry: that history's
+    error, not the batch's."""
+    from rnnlab.inference import load_predictor
+
+    predictor = load_predictor(tiny_bundle)
+    X, origin, close, scale = prepared = predictor.prepare(_rows(prices_csv))
+    good, huge = predictor.predict_prepared([prepared, (X, origin, 1e300, 1000 * scale)])  # a jump to 1e300
+    assert good["close"] == close and "steps" in good
+    assert huge == {"error": "The forecast from the close of 1e+300 on 2023-06-30 passes the largest number a float "
+                             "holds; send prices in a smaller unit."}
+
+
+def test_a_history_with_no_defined_feature_is_that_requests_error(tiny_bundle, prices_csv):
+    from rnnlab.errors import InputError
+    from rnnlab.inference import load_predictor
+
+    rows = _rows(prices_csv)
+    for row in rows:
+        row["volume"] = 0  # every volume ratio 0/0: no feature row at all
+    with pytest.raises(InputError, match="undefined features"):  # a DataError here would fail the whole batch
+        load_predictor(tiny_bundle).prepare(rows)
+
+
 @pytest.fixture(scope="module")
 def horizon_service(tiny_bundle) -> str:
     """A real local Ray Serve instance serving the tiny horizon bundle (POST /v1/horizon)."""

@@ -267,19 +267,28 @@ class HorizonPredictor:
 
     def predict(self, histories: Sequence) -> list[dict[str, Any]]:
         prepared = [at_position(self.prepare, h, "History", i) for i, h in enumerate(histories)]
-        return self.predict_prepared(prepared)
+        results = self.predict_prepared(prepared)
+        for position, result in enumerate(results):
+            if "error" in result:
+                raise InputError(f"History {position}: {result['error']}")
+        return results
 
     @torch.inference_mode()
     def predict_prepared(self, prepared: Sequence[tuple], batch_size: int = PREDICT_BATCH_SIZE) -> list[dict]:
+        """Forecasts for :meth:`prepare` outputs. A history whose quantiles pass the largest float (prices of
+        1e300, sent with trust_prices) gets ``{"error": sentence}`` in its place: JSON has no infinity."""
         if not prepared:
             return []
         X = np.stack([p[0] for p in prepared])
         outputs = [self.model(torch.from_numpy(X[i : i + batch_size]).to(self.device)).float().cpu().numpy()
                    for i in range(0, len(X), batch_size)]
         closes = np.array([p[2] for p in prepared])
-        q = to_prices(np.concatenate(outputs).astype(np.float64), closes, np.array([p[3] for p in prepared]),
-                      self.horizon_scale)
-        return [self.answer(p[1], p[2], q[i]) for i, p in enumerate(prepared)]
+        with np.errstate(over="ignore"):  # an overflow is that history's error below
+            q = to_prices(np.concatenate(outputs).astype(np.float64), closes, np.array([p[3] for p in prepared]),
+                          self.horizon_scale)
+        return [self.answer(p[1], p[2], q[i]) if np.isfinite(q[i]).all() else {"error": (
+            f"The forecast from the close of {p[2]:.4g} on {pd.Timestamp(p[1]).date()} passes the largest number a "
+            "float holds; send prices in a smaller unit.")} for i, p in enumerate(prepared)]
 
     def answer(self, origin, close: float, q: np.ndarray) -> dict[str, Any]:
         def at(tau):
