@@ -39,6 +39,13 @@ def test_bad_source_is_one_sentence_and_nonzero(tmp_path):
     assert message.startswith("rnnlab: ") and str(bad) in message
 
 
+def test_forecast_help_states_what_trust_prices_lets_through():
+    result = rnnlab("forecast", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--trust-prices" in result.stdout and "more than 50% from the day before's close" in " ".join(
+        result.stdout.split())
+
+
 def test_generate_refuses_an_out_of_range_sampling_flag_in_one_sentence(tmp_path):
     from rnnlab.bundle import save_bundle
     from rnnlab.data.vocab import Vocab

@@ -4,6 +4,7 @@ the future, smoke runs of both decoders through the loop and a bundle."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -316,6 +317,64 @@ def test_forecast_and_evaluate_from_the_command_line(tiny_bundle, prices_csv, ca
     assert {"crps", "coverage_80"} <= set(scores["random_walk"])
 
 
+def test_forecast_refuses_rows_that_cannot_be_real_unless_told_they_are(tiny_bundle, prices_csv, tmp_path, capsys):
+    """The index file's tail with one field changed in its last row: one sentence naming the day and the field,
+    exit 2; with --trust-prices the forecast, its table's columns aligned whatever the prices' size."""
+    from rnnlab.launch.cli import main
+
+    frame = pd.read_csv(prices_csv).tail(300)
+    close = frame["Close"].iloc[-2]
+    for change, fault in (({"High": 1.0}, r"its high \(1\) is under its low \([\d,.]+\)"),
+                          ({"Close": 50 * close}, r"its close \([\d,.]+\) is 50x the close of 2023-06-29")):
+        changed = frame.copy()
+        changed.loc[changed.index[-1], list(change)] = list(change.values())
+        changed.to_csv(tmp_path / "changed.csv", index=False)
+        command = ["forecast", str(tiny_bundle), "--csv", str(tmp_path / "changed.csv")]
+        assert main(command) == 2
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert re.search(rf"^rnnlab: .*row for 2023-06-30 cannot be real: {fault}.*; .* --trust-prices\)\.$", message)
+        assert main([*command, "--trust-prices"]) == 0
+        table = capsys.readouterr().out.strip().splitlines()
+        assert table[0].startswith("origin 2023-06-30") and [line.split()[0] for line in table[2:]] == ["t+1", "t+2", "t+3"]
+        assert len({len(line) for line in table[1:]}) == 1, table  # 50x the close: cells of 1.341e+06 beside cents
+
+
+def test_the_forecast_table_keeps_its_columns_for_prices_of_any_size():
+    from rnnlab.jobs.horizon import forecast_table
+
+    values = [5e-05, 0.5, 13716.164, 999_999.99, 12_345_678.0, 1e300, 1.7e308]
+    answer = {"origin": "2023-06-30", "close": 1e300, "quantiles": [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95],
+              "steps": [{"step": 1, "values": values}, {"step": 2, "values": values[::-1]}]}
+    table = forecast_table(answer).splitlines()
+    assert table[0] == "origin 2023-06-30, close 1e+300: the next 2 trading days"
+    assert table[2].split() == ["t+1", "5e-05", "0.50", "13,716.16", "999,999.99", "1.235e+07", "1e+300", "1.7e+308"]
+    assert len({len(line) for line in table[1:]}) == 1  # every row as wide as the header: 5 + 7 cells of 11
+
+
+def test_a_forecast_past_the_largest_float_fails_only_its_own_history(tiny_bundle, prices_csv):
+    """Trusted prices of 1e300 can give quantiles past the largest float, which JSON cannot carry: that history's
+    error, not the batch's."""
+    from rnnlab.inference import load_predictor
+
+    predictor = load_predictor(tiny_bundle)
+    X, origin, close, scale = prepared = predictor.prepare(_rows(prices_csv))
+    good, huge = predictor.predict_prepared([prepared, (X, origin, 1e300, 1000 * scale)])  # a jump to 1e300
+    assert good["close"] == close and "steps" in good
+    assert huge == {"error": "The forecast from the close of 1e+300 on 2023-06-30 passes the largest number a float "
+                             "holds; send prices in a smaller unit."}
+
+
+def test_a_history_with_no_defined_feature_is_that_requests_error(tiny_bundle, prices_csv):
+    from rnnlab.errors import InputError
+    from rnnlab.inference import load_predictor
+
+    rows = _rows(prices_csv)
+    for row in rows:
+        row["volume"] = 0  # every volume ratio 0/0: no feature row at all
+    with pytest.raises(InputError, match="undefined features"):  # a DataError here would fail the whole batch
+        load_predictor(tiny_bundle).prepare(rows)
+
+
 @pytest.fixture(scope="module")
 def horizon_service(tiny_bundle) -> str:
     """A real local Ray Serve instance serving the tiny horizon bundle (POST /v1/horizon)."""
@@ -353,12 +412,22 @@ def test_the_route_answers_batched_and_refuses_bad_rows_naming_the_field(horizon
         assert refused.status_code == 422 and "volume" in json.dumps(refused.json()["detail"])
         short = http.post("/v1/horizon", json={"rows": rows[-50:]})
         assert short.status_code == 422 and "264" in short.text
+        unreal = [dict(row) for row in rows]
+        unreal[-1]["high"] = 1.0
+        refused = http.post("/v1/horizon", json={"rows": unreal})
+        assert refused.status_code == 422, refused.text
+        [error] = refused.json()["detail"]
+        assert error["loc"] == ["body", "rows"]
+        assert f"row for {rows[-1]['date']} cannot be real: its high (1) is under its low (" in error["msg"]
+        assert http.post("/v1/horizon", json={"rows": unreal, "trust_prices": True}).status_code == 200
 
-    async def many() -> list:
+    async def many() -> list:  # one request that cannot be real among good ones, gathered into the same batches
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            return await asyncio.gather(*(client.post("/v1/horizon", json={"rows": rows}) for _ in range(8)))
+            return await asyncio.gather(*(client.post("/v1/horizon", json={"rows": rows}) for _ in range(8)),
+                                        client.post("/v1/horizon", json={"rows": unreal}))
 
-    assert all(r.status_code == 200 for r in asyncio.run(many()))
+    *good, bad = asyncio.run(many())
+    assert all(r.status_code == 200 for r in good) and bad.status_code == 422 and "cannot be real" in bad.text
     with httpx.Client(base_url=url, timeout=60) as http:
         model = next(m for m in http.get("/v1/models").json()["data"] if m["endpoint"] == "/v1/horizon")
         assert model["batching"]["items"] >= 9 and model["batching"]["batch_size_max"] >= 2

@@ -331,14 +331,21 @@ def test_one_bad_request_never_fails_the_others_in_its_batch(http, service, pric
         async with httpx.AsyncClient(base_url=service, timeout=60) as client:
             good_forecasts = [client.post("/v1/forecast", json={"rows": price_rows}) for _ in range(6)]
             bad_forecast = client.post("/v1/forecast", json={"rows": price_rows[::-1]})  # dates descending
+            unreal = client.post("/v1/stock", json={"rows": price_rows[:-1] + [high_under_low]})
+            trusted = client.post("/v1/stock",  # the same row vouched for: answered, one of the good
+                                  json={"rows": price_rows[:-1] + [high_under_low], "trust_prices": True})
             good_prompts = [client.post("/v1/generate", json={"prompt": "the", "max_new_tokens": 20, "seed": i})
                             for i in range(6)]
             bad_prompt = client.post("/v1/generate", json={"prompt": "the ☃", "max_new_tokens": 20})
             good_texts = [client.post("/v1/sentiment", json={"texts": ["the plot was great"]}) for _ in range(6)]
-            return await asyncio.gather(bad_forecast, bad_prompt, *good_forecasts, *good_prompts, *good_texts)
+            return await asyncio.gather(bad_forecast, unreal, bad_prompt, trusted, *good_forecasts, *good_prompts,
+                                        *good_texts)
 
-    bad_forecast, bad_prompt, *good = asyncio.run(mixed())
+    high_under_low = price_rows[-1] | {"high": 1.0}
+    bad_forecast, unreal, bad_prompt, *good = asyncio.run(mixed())
     assert bad_forecast.status_code == 422 and "unsorted dates" in bad_forecast.text
+    assert unreal.status_code == 422 and unreal.json()["detail"][0]["loc"] == ["body", "rows"]
+    assert f"row for {high_under_low['date']} cannot be real: its high (1) is under its low" in unreal.text
     assert bad_prompt.status_code == 422 and "☃" in bad_prompt.text
     assert [g.status_code for g in good] == [200] * len(good)
 

@@ -335,6 +335,57 @@ def test_a_request_with_bad_rows_is_refused(prices_csv):
         stock.read_history(bad, window=1)
 
 
+def test_rows_that_cannot_be_real_prices_are_refused_naming_the_day_and_field_unless_trusted(prices_csv):
+    history = request_rows(pd.read_csv(prices_csv))
+    last, day, before = len(history) - 1, history["date"].iloc[-1], history["date"].iloc[-2]
+    previous_close = history["close"].iloc[-2]
+    high_under_low = history.copy()
+    high_under_low.loc[last, "high"] = 1.0
+    fifty_fold = history.copy()
+    fifty_fold.loc[last, "close"] = 50 * previous_close
+    halved = history.copy()  # a fall past the bound, every field of the row consistent
+    halved.loc[last, ["open", "high", "low", "close"]] = 0.4 * previous_close
+    open_only = history.astype({c: float for c in ("high", "low", "close", "volume")})
+    open_only.loc[last, ["open", "high", "low", "close", "volume"]] = [1.6 * previous_close] + [None] * 4
+    refused = [(high_under_low, rf"its high \(1\) is under its low \("),
+               (fifty_fold, rf"its close \([\d,.]+\) is 50x the close of {before} \("),
+               (halved, rf"its close \([\d,.]+\) is 0.4x the close of {before} .* beyond the 50%"),
+               (open_only, rf"its open \([\d,.]+\) is 1.6x the close of {before}")]  # the stock forecast day's open
+    for rows, fault in refused:
+        with pytest.raises(InputError, match=rf"^The price history's row for {day} cannot be real: {fault}") as error:
+            stock.read_history(rows, window=5)
+        assert "--trust-prices" in str(error.value) and str(error.value).count(". ") == 0
+        read = stock.read_history(rows, window=5, trust_prices=True)  # the sender says they are real: used as sent
+        np.testing.assert_array_equal(read.values[-1, :4], rows.loc[last, ["open", "high", "low", "close"]].to_numpy(float))
+    inside = history.copy()  # 45 % in a day: a crash, not a typo
+    inside.loc[last, ["high", "close"]] = 1.45 * previous_close
+    assert stock.read_history(inside, window=5).values[-1, 3] == 1.45 * previous_close
+    early = high_under_low.copy()  # of several faulty rows the forecast reads, the earliest is named
+    early.loc[last - 100, "low"] = history.loc[last - 100, "high"]
+    with pytest.raises(InputError, match=rf"row for {history['date'].iloc[-101]} cannot be real: its low .* is over "
+                                         r"its (open|close)"):
+        stock.read_history(early, window=5)
+
+
+def test_a_request_body_refuses_a_row_that_cannot_be_real_unless_it_trusts_its_prices(stock_setup):
+    """POST /v1/stock's body -> its item -> the deployment's ``prepare`` of that item alone: the InputError is the
+    request's 422 (naming the row and field), and only its own; ``"trust_prices": true`` lets the row through."""
+    from rnnlab.inference import load_predictor
+    from rnnlab.jobs.stock import StockRequest
+
+    path, csv, _, _ = stock_setup
+    forecaster = load_predictor(path)
+    rows = request_rows(pd.read_csv(csv).tail(300)).to_dict(orient="records")
+    rows[-1] = {"date": rows[-1]["date"], "open": 50 * rows[-2]["close"]}  # the day to forecast: its open 50x
+    [item] = StockRequest.model_validate_json(json.dumps({"rows": rows})).items()
+    with pytest.raises(InputError, match=rf"row for {rows[-1]['date']} cannot be real: its open .* is 50x the close"):
+        forecaster.prepare(item)
+    [trusted] = StockRequest.model_validate_json(json.dumps({"rows": rows, "trust_prices": True})).items()
+    [answer] = forecaster.predict_prepared([forecaster.prepare(trusted)])
+    assert answer["date"] == rows[-1]["date"] and answer["baseline_open"] == rows[-1]["open"]
+    assert StockRequest.model_json_schema()["properties"]["trust_prices"]["default"] is False
+
+
 # --- one feature path: serving reads the bits training read; both against the chapter's pandas features -------
 
 # No rolling sums behind these: the same float operations in pandas and numpy, so the same bits.
@@ -443,6 +494,20 @@ def test_djia_summary_and_windows(mirror):
     X, y, rows = data.splits["test"]
     assert X.shape == (124, 5, 37) and len(rows) == 124  # every test day gets a prediction
     np.testing.assert_allclose(data.to_price(y, "test"), rows["close"], rtol=1e-5)
+
+
+@pytest.mark.mirror
+def test_the_index_file_has_no_row_that_cannot_be_real_prices(mirror):
+    """Forecast histories are refused such rows; the training file is read unchecked, and needs no check: over its
+    whole 1990-2023 history no high is under its day's prices and no price is 50 % from the day before's close."""
+    from rnnlab.data.prices import unreal_row
+
+    prices = stock.read_prices(mirror / DJIA)
+    assert len(prices) == 8439
+    everything = stock.PriceHistory(dates=prices.index.to_numpy().astype("datetime64[D]"),
+                                    values=prices[stock.VALUE_COLUMNS].to_numpy())
+    assert unreal_row(everything) is None
+    assert prices["Close"].pct_change().abs().max() < 0.15  # its largest move, 2001-01-03, is 14.2 %
 
 
 @pytest.mark.mirror

@@ -257,7 +257,10 @@ def window_for_history(prices: pd.DataFrame, scaler: Scaler, *, window: int, fea
     if len(prices) < needed:
         raise InputError(f"The price history has {len(prices)} rows but a forecast with windows of {window} days "
                          f"needs at least {needed} (254 warm-up days for the 252-day features plus the window).")
-    features = horizon_features(prices.iloc[-(needed + 1):] if len(prices) > needed else prices, feature_set)
+    try:
+        features = horizon_features(prices.iloc[-(needed + 1):] if len(prices) > needed else prices, feature_set)
+    except DataError:  # not one feature row is defined (zero volumes throughout): this history's fault
+        features = prices.iloc[:0]
     if len(features) < window or features.index[-1] != prices.index[-1]:
         raise InputError("The price history gives undefined features for its last days (a zero volume or constant "
                          "prices make a ratio 0/0); send a history with non-zero volumes.")

@@ -1,6 +1,11 @@
 """Daily price histories: a Yahoo-layout CSV (:func:`read_prices`) or a forecast request's rows
 (:func:`read_history`), validated with one set of checks and errors, and how much history the features need.
 
+A forecast's rows must also be prices that can be real (:func:`unreal_row`): a high under the day's low, open or
+close, a low over them, or a price more than ``MAX_DAILY_MOVE`` from the day before's close is refused unless the
+sender vouches for the rows (``trust_prices``: a :class:`TrustedHistory`). Training and scoring files are read as
+they are: the index file passes these checks over 1990-2023, and a share's own file may hold a real split.
+
 The stock features (:mod:`rnnlab.data.stock`) read, for day t, prices up to day t-1 and day t's open. The
 longest, ``moving_avg_365`` (a 252-day mean of ``return_1``, itself lagged twice), is first defined on the
 255th row of a series, so the first ``WARMUP_ROWS`` = 254 rows never get features. One prediction from
@@ -31,6 +36,14 @@ PERIODS = {"5": 5, "30": 21, "365": 252}
 # moving_avg_365 = return_1 (first defined at row index 2) -> rolling(252) (+251) -> shift(1) (+1) = index 254.
 WARMUP_ROWS = 2 + (PERIODS["365"] - 1) + 1
 MIN_ROWS = WARMUP_ROWS + 1  # rows a price file needs for a single feature row
+
+# No index moves this far from one close to the next day's prices: the Dow's worst day since 1900 (1987-10-19) fell
+# 22.6 %, and the index file's largest close-to-close moves, 1990-2023, are +14.2 % (2001-01-03) and -12.3 %
+# (2020-03-16). A share can move further (trust_prices says its rows are real).
+MAX_DAILY_MOVE = 0.5
+# What trust_prices (--trust-prices) says, for the request's field and the CLI flag.
+TRUST_PRICES_MEANS = (f"the rows are real prices even where an index's could not be (a high under the day's low, "
+                      f"open or close; a move of more than {MAX_DAILY_MOVE:.0%} from the day before's close)")
 
 # Cells that mean "no value" (Yahoo writes "null" for days it has no quote).
 _MISSING_TOKENS = {"", "null", "nan", "na", "n/a", "none", "-"}
@@ -203,7 +216,21 @@ class PriceHistory:
     values: np.ndarray  # float64 [rows, 5]: Open, High, Low, Close, Volume; NaN where the last row's are unknown
 
 
-def read_history(history: Any, *, window: int) -> PriceHistory:
+@dataclass(frozen=True)
+class TrustedHistory:
+    """A forecast's history whose sender says its rows are real prices (``trust_prices``: the CLI's
+    ``--trust-prices``, a request's ``"trust_prices": true``), so :func:`read_history` reads them without
+    :func:`unreal_row`. A predictor's ``prepare`` takes it in place of the history it wraps."""
+
+    rows: Any
+
+    @staticmethod
+    def unwrap(history: Any) -> tuple[Any, bool]:
+        """(the history, whether its sender vouched for it) of a history, wrapped or not."""
+        return (history.rows, True) if isinstance(history, TrustedHistory) else (history, False)
+
+
+def read_history(history: Any, *, window: int, trust_prices: bool = False) -> PriceHistory:
     """Validate a forecast request's price history and keep the ``min_history_rows(window)`` rows it reads.
 
     ``history`` holds one row per trading day, oldest first: a DataFrame (a ``date``/``Date`` column or a
@@ -211,7 +238,8 @@ def read_history(history: Any, *, window: int) -> PriceHistory:
     ``pd.DataFrame(request_json["rows"])``) or a mapping of columns (date -> ISO strings, dates or datetime64;
     the values -> numbers). To forecast day T's close, send the history through day T-1 plus a row for day T
     with its open; that last row's high, low, close and volume may be missing (None/NaN), as no feature uses
-    them. Any other missing, non-numeric, non-positive, unsorted or duplicated value is an InputError.
+    them. Any other missing, non-numeric, non-positive, unsorted or duplicated value is an InputError, and so is
+    a row the forecast reads that cannot be real prices (:func:`unreal_row`) unless ``trust_prices``.
 
     Clean typed columns (what the service sends) are checked in numpy; anything else, or anything that fails
     a check, goes through :func:`validate_prices` (as CSV files do), which words every error.
@@ -233,7 +261,49 @@ def read_history(history: Any, *, window: int) -> PriceHistory:
             f"The price history has {len(typed.values)} rows but one prediction with windows of {window} days needs "
             f"at least {needed} (254 warm-up days for the 252-day features plus the window)."
         )
-    return PriceHistory(dates=typed.dates[-needed:], values=typed.values[-needed:])
+    read = PriceHistory(dates=typed.dates[-needed:], values=typed.values[-needed:])
+    fault = None if trust_prices else unreal_row(read)
+    if fault:
+        raise InputError(f"The price history's row for {fault}; correct it, or say the prices are real "
+                         "(trust_prices, on the command line --trust-prices).")
+    return read
+
+
+# A row's checks, in the order its fault is named: (field, "move" from the day before's close | "under" | "over",
+# the field it contradicts). A close or open far from the day before's close first (a high under a close of 50x
+# is the close's fault), then the row's own contradictions, then a high or low far away.
+_CHECKS = [("close", "move", None), ("open", "move", None), ("high", "under", "low"), ("high", "under", "open"),
+           ("high", "under", "close"), ("low", "over", "open"), ("low", "over", "close"), ("high", "move", None),
+           ("low", "move", None)]
+
+
+def unreal_row(history: PriceHistory) -> str | None:
+    """The day and fault of the earliest row that cannot be real prices ("2023-06-30 cannot be real: its high (1) is
+    under its low (13,716.16)"), or None when every row can be: a high under the day's low, open or close; a low
+    over its open or close; an open, high, low or close more than ``MAX_DAILY_MOVE`` from the day before's close.
+    Unknown (NaN) values, as in the last row of a stock forecast, pass."""
+    prices = dict(zip(("open", "high", "low", "close"), history.values[:, :4].T))
+    previous_close = np.concatenate([[np.nan], prices["close"][:-1]])
+
+    def fails(field: str, how: str, other: str | None) -> np.ndarray:  # NaN compares False: unknown passes
+        if how == "move":
+            return np.abs(prices[field] / previous_close - 1) > MAX_DAILY_MOVE
+        return prices[field] < prices[other] if how == "under" else prices[field] > prices[other]
+
+    bad = np.stack([fails(*check) for check in _CHECKS], axis=1)  # [rows, checks]
+    if not bad.any():
+        return None
+    row, check = divmod(int(np.argmax(bad)), len(_CHECKS))  # row-major: the earliest row, then its first fault
+    field, how, other = _CHECKS[check]
+    value = f"{history.dates[row]} cannot be real: its {field} ({_number(prices[field][row])}) is"
+    if how != "move":
+        return f"{value} {how} its {other} ({_number(prices[other][row])})"
+    return (f"{value} {prices[field][row] / previous_close[row]:.3g}x the close of {history.dates[row - 1]} "
+            f"({_number(previous_close[row])}), a move beyond the {MAX_DAILY_MOVE:.0%} in a day no index makes")
+
+
+def _number(value: float) -> str:
+    return f"{value:,.8g}"
 
 
 def _typed_history(history: Any) -> PriceHistory | None:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from rnnlab.bundle import Bundle
 from rnnlab.config import Count, Date, DataSettings, JobConfig, PositiveInt, TrainSettings, model_section
 from rnnlab.data.horizon import PROTOCOLS, random_walk_quantiles
+from rnnlab.data.stock import TRUST_PRICES_MEANS, TrustedHistory
 from rnnlab.errors import InputError
 from rnnlab.forecasting import forecast_metrics, plot_fan
 from rnnlab.inference import PREDICT_BATCH_SIZE, at_position, device_of, expect_job
@@ -237,10 +238,12 @@ class HorizonPredictor:
         self.device = device_of(self.model)
 
     def prepare(self, history) -> tuple:
-        """Validate ONE history (InputError naming the fault) -> (scaled window, origin date, close, volatility)."""
+        """Validate ONE history (InputError naming the fault) -> (scaled window, origin date, close, volatility).
+        A history wrapped in a ``TrustedHistory`` is read as sent even where its rows cannot be real prices."""
         from rnnlab.data.horizon import window_for_history
         from rnnlab.data.stock import read_history
 
+        history, trusted = TrustedHistory.unwrap(history)
         if isinstance(history, Sequence) and not isinstance(history, str):
             history = pd.DataFrame(list(history))
         rows = len(next(iter(history.values()), [])) if isinstance(history, dict) else (
@@ -248,7 +251,7 @@ class HorizonPredictor:
         if rows > MAX_HISTORY_ROWS:
             raise InputError(f"The price history has {rows:,} rows, more than the limit of {MAX_HISTORY_ROWS:,}; "
                              f"send the last {self.min_rows} or more, up to {MAX_HISTORY_ROWS:,}.")
-        read = read_history(history, window=self.window)
+        read = read_history(history, window=self.window, trust_prices=trusted)
         last = read.values[-1]
         if np.isnan(last).any():
             missing = [n for n, v in zip(("open", "high", "low", "close", "volume"), last) if np.isnan(v)]
@@ -264,19 +267,28 @@ class HorizonPredictor:
 
     def predict(self, histories: Sequence) -> list[dict[str, Any]]:
         prepared = [at_position(self.prepare, h, "History", i) for i, h in enumerate(histories)]
-        return self.predict_prepared(prepared)
+        results = self.predict_prepared(prepared)
+        for position, result in enumerate(results):
+            if "error" in result:
+                raise InputError(f"History {position}: {result['error']}")
+        return results
 
     @torch.inference_mode()
     def predict_prepared(self, prepared: Sequence[tuple], batch_size: int = PREDICT_BATCH_SIZE) -> list[dict]:
+        """Forecasts for :meth:`prepare` outputs. A history whose quantiles pass the largest float (prices of
+        1e300, sent with trust_prices) gets ``{"error": sentence}`` in its place: JSON has no infinity."""
         if not prepared:
             return []
         X = np.stack([p[0] for p in prepared])
         outputs = [self.model(torch.from_numpy(X[i : i + batch_size]).to(self.device)).float().cpu().numpy()
                    for i in range(0, len(X), batch_size)]
         closes = np.array([p[2] for p in prepared])
-        q = to_prices(np.concatenate(outputs).astype(np.float64), closes, np.array([p[3] for p in prepared]),
-                      self.horizon_scale)
-        return [self.answer(p[1], p[2], q[i]) for i, p in enumerate(prepared)]
+        with np.errstate(over="ignore"):  # an overflow is that history's error below
+            q = to_prices(np.concatenate(outputs).astype(np.float64), closes, np.array([p[3] for p in prepared]),
+                          self.horizon_scale)
+        return [self.answer(p[1], p[2], q[i]) if np.isfinite(q[i]).all() else {"error": (
+            f"The forecast from the close of {p[2]:.4g} on {pd.Timestamp(p[1]).date()} passes the largest number a "
+            "float holds; send prices in a smaller unit.")} for i, p in enumerate(prepared)]
 
     def answer(self, origin, close: float, q: np.ndarray) -> dict[str, Any]:
         def at(tau):
@@ -315,12 +327,15 @@ class HorizonRequest(StrictBody):
         description=f"Daily prices, oldest first, at most {MAX_HISTORY_ROWS} rows, every field given. The LAST row "
         "is the origin: the forecast is of the closes of the next H trading days. The model needs 254 + window rows "
         "(about 13 months).")
+    trust_prices: bool = Field(False, description=f"true: {TRUST_PRICES_MEANS}; false: such a row is a 422 naming it.")
 
-    def items(self) -> list[dict]:
+    def items(self) -> list:
         rows = self.rows
         days = np.array([row.date.toordinal() for row in rows], dtype=np.int64) - _EPOCH_ORDINAL
         values = np.array([(r.open, r.high, r.low, r.close, r.volume) for r in rows], dtype=np.float64)
-        return [{"date": days.astype("datetime64[D]")} | dict(zip(("open", "high", "low", "close", "volume"), values.T))]
+        columns = {"date": days.astype("datetime64[D]"),
+                   **dict(zip(("open", "high", "low", "close", "volume"), values.T))}
+        return [TrustedHistory(columns) if self.trust_prices else columns]
 
     @staticmethod
     def error_loc(index: int) -> list:
@@ -401,6 +416,8 @@ class CLI:
         parser.add_argument("--csv", required=True, metavar="FILE",
                             help="Yahoo-layout daily prices (Date,Open,High,Low,Close,Volume)")
         parser.add_argument("--json", action="store_true", help="horizon bundles: print the answer as JSON")
+        parser.add_argument("--trust-prices", action="store_true",  # argparse reads % as a format: %%
+                            help=f"{TRUST_PRICES_MEANS}: forecast from them rather than refuse them".replace("%", "%%"))
 
     @staticmethod
     def run(args, load_predictor) -> int:
@@ -409,18 +426,26 @@ class CLI:
         from rnnlab.data.stock import read_prices
 
         predictor = load_predictor()
-        answer = predictor.predict([read_prices(args.csv).iloc[-1000:]])[0]
+        history = read_prices(args.csv).iloc[-1000:]
+        answer = predictor.predict([TrustedHistory(history) if args.trust_prices else history])[0]
         print(json.dumps(answer) if args.json else forecast_table(answer))
         return 0
 
 
 def forecast_table(answer: dict) -> str:
+    """The answer as a table: a row per day ahead, a column per quantile level, every cell 11 wide."""
     taus = answer["quantiles"]
-    lines = [f"origin {answer['origin']}, close {answer['close']:,.2f}: the next {len(answer['steps'])} trading days",
-             f"{'day':>5s}" + "".join(f"{'q' + format(t, 'g'):>11s}" for t in taus)]
+    lines = [f"origin {answer['origin']}, close {price_text(answer['close'])}: the next {len(answer['steps'])} "
+             "trading days", f"{'day':>5s}" + "".join(f"{'q' + format(t, 'g'):>11s}" for t in taus)]
     for step in answer["steps"]:
-        lines.append(f"{'t+' + str(step['step']):>5s}" + "".join(f"{v:11,.2f}" for v in step["values"]))
+        lines.append(f"{'t+' + str(step['step']):>5s}" + "".join(f"{price_text(v):>11s}" for v in step["values"]))
     return "\n".join(lines)
+
+
+def price_text(value: float) -> str:
+    """A price in at most 10 characters, so a table's columns hold for prices of any size: to the cent from 0.01 to
+    a million (13,716.16), else to 4 significant digits (1.235e+07, 1e+300, 5e-05)."""
+    return f"{value:,.2f}" if 0.01 <= abs(value) < 1e6 else f"{value:.4g}"
 
 
 def demo(post) -> None:

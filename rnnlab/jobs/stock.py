@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from rnnlab.config import (
     Count, DataSettings, Date, JobConfig, PositiveInt, PositiveNumber, TrainSettings, model_section,
 )  # fmt: skip
-from rnnlab.data.stock import TEST_END, TEST_START, TRAIN_END, VAL_DAYS
+from rnnlab.data.stock import TEST_END, TEST_START, TRAIN_END, TRUST_PRICES_MEANS, VAL_DAYS, TrustedHistory
 from rnnlab.bundle import Bundle
 from rnnlab.errors import ConfigError, InputError
 from rnnlab.inference import PREDICT_BATCH_SIZE, at_position, device_of, expect_job
@@ -221,9 +221,11 @@ class StockPredictor:
     def prepare(self, history: pd.DataFrame | Sequence[dict] | dict):
         """Validate ONE history and keep the rows its forecast reads (InputError for anything malformed). A server
         prepares each request as it arrives and forecasts the gathered batch with :meth:`predict_prepared`.
-        ``history`` may also be a mapping of columns (what the service sends: dates and float arrays)."""
+        ``history`` may also be a mapping of columns (what the service sends: dates and float arrays), and any of
+        these wrapped in a ``TrustedHistory`` (rows that cannot be real prices are then read as sent)."""
         from rnnlab.data.stock import read_history
 
+        history, trusted = TrustedHistory.unwrap(history)
         if isinstance(history, Sequence) and not isinstance(history, str):
             history = pd.DataFrame(list(history))
         if isinstance(history, dict):
@@ -235,7 +237,7 @@ class StockPredictor:
                 f"The price history has {rows:,} rows, more than the limit of {MAX_HISTORY_ROWS:,}; "
                 f"send the last {self.min_rows} or more, up to {MAX_HISTORY_ROWS:,}."
             )
-        return read_history(history, window=self.window)
+        return read_history(history, window=self.window, trust_prices=trusted)
 
     def predict(self, histories: Sequence[pd.DataFrame | Sequence[dict] | dict]) -> list[dict[str, Any]]:
         prepared = [at_position(self.prepare, h, "History", i) for i, h in enumerate(histories)]
@@ -304,6 +306,7 @@ class StockRequest(StrictBody):
         f"{MAX_HISTORY_ROWS} rows. The LAST row is the day to forecast: its date and open (high, low, close, "
         "volume may be null and are ignored). The model needs 254 + window rows (about a year of history).",
     )
+    trust_prices: bool = Field(False, description=f"true: {TRUST_PRICES_MEANS}; false: such a row is a 422 naming it.")
 
     def columns(self) -> dict:
         """The rows as columns (datetime64 days, float64 with NaN for nulls): what the stock deployment reads,
@@ -315,7 +318,7 @@ class StockRequest(StrictBody):
 
     def items(self) -> list[dict]:
         """The items the service batches (with those of concurrent requests): the one history."""
-        return [self.columns()]
+        return [TrustedHistory(self.columns()) if self.trust_prices else self.columns()]
 
     @staticmethod
     def error_loc(index: int) -> list:
@@ -376,6 +379,8 @@ class CLI:
     def add_arguments(parser) -> None:
         parser.add_argument("--csv", required=True, metavar="FILE",
                             help="Yahoo-layout daily prices (Date,Open,High,Low,Close,Volume)")
+        parser.add_argument("--trust-prices", action="store_true",  # argparse reads % as a format: %%
+                            help=f"{TRUST_PRICES_MEANS}: forecast from them rather than refuse them".replace("%", "%%"))
 
     @staticmethod
     def run(args, load_predictor) -> int:
@@ -387,7 +392,8 @@ class CLI:
         # The forecast needs the last few hundred days only (252-day features + a window); a full file is longer
         # than the service limit, so keep its tail.
         history = read_prices(args.csv).iloc[-1000:]
-        print(json.dumps(predictor.predict([history])[0], default=str))
+        print(json.dumps(predictor.predict([TrustedHistory(history) if args.trust_prices else history])[0],
+                         default=str))
         return 0
 
 
