@@ -10,16 +10,21 @@ everywhere. Two rules shape a predictor's API:
   ``predict_prepared(prepared, batch_size)`` answers prepared items, one dict each (``{"error": sentence}`` for
   one that fails after preparing), ``batch_size`` items per forward pass;
 * ``predict`` takes a LIST of raw items (a batch) and still validates each item, naming its position, for
-  callers that skip ``prepare``.
+  callers that skip ``prepare``; an item that fails after preparing raises the same way.
+
+The batched jobs' predictors (sentiment, stock, horizon) share all of that in :class:`Predictor`; generation has
+its own shape (prompts and sampling settings, one step at a time) and its own class.
 
 Limits are constants of each job's module (its service schemas use the same numbers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from rnnlab import registry
@@ -27,6 +32,7 @@ from rnnlab.bundle import Bundle, load_bundle
 from rnnlab.errors import BundleError, InputError
 
 PREDICT_BATCH_SIZE = 64  # rows per forward pass inside predict
+SCORE_BATCH_SIZE = 1024  # windows per forward pass when scoring a whole file: nobody waits on one answer
 
 
 def load_predictor(bundle_dir: str | Path, *, device: str | torch.device = "cpu") -> Any:
@@ -53,3 +59,42 @@ def at_position(check, item, noun: str, position: int):
         return check(item)
     except InputError as error:
         raise InputError(f"{noun} {position}: {error}") from None
+
+
+class Predictor:
+    """A batched job's predictor: its bundle's model in eval mode on its device, and the per-item rules above.
+    A job's subclass names its ``job`` and its ``noun`` (how an error names an item: "Review 3: ...") and writes
+    ``prepare`` and ``predict_prepared``."""
+
+    job: ClassVar[str]
+    noun: ClassVar[str]
+
+    def __init__(self, bundle: Bundle) -> None:
+        expect_job(bundle, self.job)
+        self.model = bundle.model.eval()
+        self.device = device_of(self.model)
+
+    def prepare(self, item: Any) -> Any:
+        raise NotImplementedError
+
+    def predict_prepared(self, prepared: Sequence, batch_size: int = PREDICT_BATCH_SIZE) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def validate(self, item: Any) -> None:
+        """InputError (one sentence) if ``item`` cannot be answered."""
+        self.prepare(item)
+
+    def predict(self, items: Sequence) -> list[dict[str, Any]]:
+        """One answer per item; InputError naming the first bad item's position."""
+        results = self.predict_prepared([at_position(self.prepare, item, self.noun, i) for i, item in enumerate(items)])
+        for position, result in enumerate(results):
+            if "error" in result:
+                raise InputError(f"{self.noun} {position}: {result['error']}")
+        return results
+
+    @torch.inference_mode()
+    def forward(self, inputs: np.ndarray, batch_size: int = PREDICT_BATCH_SIZE) -> np.ndarray:
+        """The model's float32 outputs for fixed-size inputs (windows), ``batch_size`` rows per forward pass."""
+        outputs = [self.model(torch.from_numpy(inputs[start : start + batch_size]).to(self.device)).float().cpu()
+                   for start in range(0, len(inputs), batch_size)]
+        return torch.cat(outputs).numpy() if outputs else np.zeros((0,), dtype=np.float32)

@@ -16,7 +16,7 @@ from rnnlab.inference import load_predictor
 from rnnlab.jobs.charlm import CharLMPredictor
 from rnnlab.jobs.sentiment import MAX_TEXT_CHARS
 from rnnlab.jobs.sentiment import SentimentPredictor
-from rnnlab.jobs.stock import MAX_HISTORY_ROWS
+from rnnlab.jobs.price_history import MAX_HISTORY_ROWS
 from rnnlab.jobs.stock import StockPredictor
 from rnnlab.sampling import sample_next
 from rnnlab.models import build_model

@@ -10,12 +10,11 @@ answer for horizon bundles and the demo request.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -28,9 +27,9 @@ from rnnlab.data.horizon import PROTOCOLS, random_walk_quantiles
 from rnnlab.data.stock import TRUST_PRICES_MEANS, TrustedHistory
 from rnnlab.errors import InputError
 from rnnlab.forecasting import forecast_metrics, plot_fan
-from rnnlab.inference import PREDICT_BATCH_SIZE, at_position, device_of, expect_job
+from rnnlab.inference import PREDICT_BATCH_SIZE, SCORE_BATCH_SIZE, Predictor
+from rnnlab.jobs.price_history import MAX_HISTORY_ROWS, CompletePriceRow, PriceHistoryRequest, bounded_history
 from rnnlab.models.horizon import HorizonConfig
-from rnnlab.serve.schemas import StrictBody
 from rnnlab.trainers.job import Batch, EvalResult, Job
 
 log = logging.getLogger(__name__)
@@ -208,10 +207,7 @@ def horizon_table(val: dict, test: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ predictor
 
-MAX_HISTORY_ROWS = 5_000  # ~20 years of trading days
-
-
-class HorizonPredictor:
+class HorizonPredictor(Predictor):
     """The next H days' closes as quantiles, from a price history whose LAST row is the origin (its close known).
 
     A request is ONE table of daily rows, oldest first, with date, open, high, low, close, volume (a DataFrame in
@@ -222,12 +218,13 @@ class HorizonPredictor:
     "lower_80", "upper_80", "lower_90", "upper_90"}, ...]}``.
     """
 
+    job, noun = "horizon", "History"
+
     def __init__(self, bundle: Bundle) -> None:
         from rnnlab.data.horizon import history_rows
         from rnnlab.data.stock import Scaler
 
-        expect_job(bundle, "horizon")
-        self.model = bundle.model.eval()
+        super().__init__(bundle)
         data = HorizonDataSettings.from_dict(bundle.config.get("data", {}), prefix="data")
         self.window, self.feature_set, self.vol, self.vol_days = data.window, data.features, data.vol, data.vol_days
         self.scaler = Scaler.from_json(bundle.assets["scaler"])
@@ -235,7 +232,6 @@ class HorizonPredictor:
         self.taus = [float(t) for t in bundle.model_config["quantiles"]]
         self.horizon = int(bundle.model_config["horizon"])
         self.min_rows = history_rows(self.window)
-        self.device = device_of(self.model)
 
     def prepare(self, history) -> tuple:
         """Validate ONE history (InputError naming the fault) -> (scaled window, origin date, close, volatility).
@@ -243,14 +239,7 @@ class HorizonPredictor:
         from rnnlab.data.horizon import window_for_history
         from rnnlab.data.stock import read_history
 
-        history, trusted = TrustedHistory.unwrap(history)
-        if isinstance(history, Sequence) and not isinstance(history, str):
-            history = pd.DataFrame(list(history))
-        rows = len(next(iter(history.values()), [])) if isinstance(history, dict) else (
-            len(history) if isinstance(history, pd.DataFrame) else 0)
-        if rows > MAX_HISTORY_ROWS:
-            raise InputError(f"The price history has {rows:,} rows, more than the limit of {MAX_HISTORY_ROWS:,}; "
-                             f"send the last {self.min_rows} or more, up to {MAX_HISTORY_ROWS:,}.")
+        history, trusted = bounded_history(history, self.min_rows)
         read = read_history(history, window=self.window, trust_prices=trusted)
         last = read.values[-1]
         if np.isnan(last).any():
@@ -262,29 +251,15 @@ class HorizonPredictor:
         return window_for_history(prices, self.scaler, window=self.window, feature_set=self.feature_set,
                                   vol_days=self.vol_days, vol=self.vol)
 
-    def validate(self, history) -> None:
-        self.prepare(history)
-
-    def predict(self, histories: Sequence) -> list[dict[str, Any]]:
-        prepared = [at_position(self.prepare, h, "History", i) for i, h in enumerate(histories)]
-        results = self.predict_prepared(prepared)
-        for position, result in enumerate(results):
-            if "error" in result:
-                raise InputError(f"History {position}: {result['error']}")
-        return results
-
-    @torch.inference_mode()
     def predict_prepared(self, prepared: Sequence[tuple], batch_size: int = PREDICT_BATCH_SIZE) -> list[dict]:
         """Forecasts for :meth:`prepare` outputs. A history whose quantiles pass the largest float (prices of
         1e300, sent with trust_prices) gets ``{"error": sentence}`` in its place: JSON has no infinity."""
         if not prepared:
             return []
-        X = np.stack([p[0] for p in prepared])
-        outputs = [self.model(torch.from_numpy(X[i : i + batch_size]).to(self.device)).float().cpu().numpy()
-                   for i in range(0, len(X), batch_size)]
+        scaled = self.forward(np.stack([p[0] for p in prepared]), batch_size)
         closes = np.array([p[2] for p in prepared])
         with np.errstate(over="ignore"):  # an overflow is that history's error below
-            q = to_prices(np.concatenate(outputs).astype(np.float64), closes, np.array([p[3] for p in prepared]),
+            q = to_prices(scaled.astype(np.float64), closes, np.array([p[3] for p in prepared]),
                           self.horizon_scale)
         return [self.answer(p[1], p[2], q[i]) if np.isfinite(q[i]).all() else {"error": (
             f"The forecast from the close of {p[2]:.4g} on {pd.Timestamp(p[1]).date()} passes the largest number a "
@@ -310,36 +285,12 @@ class HorizonPredictor:
 # ------------------------------------------------------------------------------------------------ service
 
 
-class HorizonRow(StrictBody):
-    date: dt.date
-    open: float = Field(gt=0)
-    high: float = Field(gt=0)
-    low: float = Field(gt=0)
-    close: float = Field(gt=0)
-    volume: float = Field(ge=0)
-
-
-class HorizonRequest(StrictBody):
-    raw_json: ClassVar[bool] = True  # hundreds of rows: validated from the raw JSON in one pass
-
-    rows: list[HorizonRow] = Field(
+class HorizonRequest(PriceHistoryRequest):
+    rows: list[CompletePriceRow] = Field(
         min_length=1, max_length=MAX_HISTORY_ROWS,
         description=f"Daily prices, oldest first, at most {MAX_HISTORY_ROWS} rows, every field given. The LAST row "
         "is the origin: the forecast is of the closes of the next H trading days. The model needs 254 + window rows "
         "(about 13 months).")
-    trust_prices: bool = Field(False, description=f"true: {TRUST_PRICES_MEANS}; false: such a row is a 422 naming it.")
-
-    def items(self) -> list:
-        rows = self.rows
-        days = np.array([row.date.toordinal() for row in rows], dtype=np.int64) - _EPOCH_ORDINAL
-        values = np.array([(r.open, r.high, r.low, r.close, r.volume) for r in rows], dtype=np.float64)
-        columns = {"date": days.astype("datetime64[D]"),
-                   **dict(zip(("open", "high", "low", "close", "volume"), values.T))}
-        return [TrustedHistory(columns) if self.trust_prices else columns]
-
-    @staticmethod
-    def error_loc(index: int) -> list:
-        return ["body", "rows"]
 
 
 class HorizonStep(BaseModel):
@@ -368,9 +319,6 @@ class HorizonResponse(BaseModel):
         return {"model": model, "forecast": results[0]}
 
 
-_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
-
-
 # ------------------------------------------------------------------------------------------------ scorer
 
 
@@ -387,9 +335,7 @@ def score(bundle: Bundle, path, *, start=None, end=None) -> dict[str, Any]:
     part = rolling_origins(prices, predictor.scaler, window=predictor.window, horizon=predictor.horizon,
                            feature_set=predictor.feature_set, vol_days=predictor.vol_days, vol=predictor.vol,
                            start=start, end=end)
-    with torch.inference_mode():
-        scaled = torch.cat([predictor.model(torch.from_numpy(part.X[i : i + 1024]).to(predictor.device)).float().cpu()
-                            for i in range(0, len(part.X), 1024)]).numpy().astype(np.float64)
+    scaled = predictor.forward(part.X, SCORE_BATCH_SIZE).astype(np.float64)
     q = to_prices(scaled, part.close, part.origin_scale, predictor.horizon_scale)
     close = prices["Close"]
     before = close[close.index <= part.origins[0]]

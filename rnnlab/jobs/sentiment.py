@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, Field, StringConstraints
 from rnnlab.bundle import Bundle
 from rnnlab.config import Count, DataSettings, JobConfig, PositiveInt, Probability, model_section
 from rnnlab.errors import ConfigError, DataError, InputError
-from rnnlab.inference import PREDICT_BATCH_SIZE, at_position, device_of, expect_job
+from rnnlab.inference import PREDICT_BATCH_SIZE, Predictor
 from rnnlab.models.sentiment import SentimentConfig
 from rnnlab.serve.schemas import StrictBody
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
@@ -274,7 +274,7 @@ def sentiment_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float
 # ------------------------------------------------------------------------------------------------ predictor
 
 
-class SentimentPredictor:
+class SentimentPredictor(Predictor):
     """Reviews in, ``{"label": "positive" | "negative", "probability": P(positive)}`` out.
 
     Texts are tokenized exactly as in training (``rnnlab.data.imdb.tokenize``), unknown words map to ``<unk>``,
@@ -282,21 +282,18 @@ class SentimentPredictor:
     Batching never changes a result: the model ignores padding exactly.
     """
 
+    job, noun = "sentiment", "Review"
+
     def __init__(self, bundle: Bundle) -> None:
         from rnnlab.data.vocab import Vocab
 
-        expect_job(bundle, "sentiment")
-        self.model = bundle.model.eval()
+        super().__init__(bundle)
         self.vocab = Vocab.from_json(bundle.assets["vocab"])
         self.max_length = bundle.config.get("data", {}).get("max_length")
-        self.device = device_of(self.model)
-
-    def validate(self, text: Any) -> None:
-        """InputError if ``text`` is not a string, is empty, too long, or has no words."""
-        self.prepare(text)
 
     def prepare(self, text: Any) -> np.ndarray:
-        """Validate ONE review and return its token ids (what the model reads), tokenizing it once: a server
+        """Validate ONE review (InputError if ``text`` is not a string, is empty, too long, or has no words) and
+        return its token ids (what the model reads), tokenizing it once: a server
         prepares each item as it arrives and runs :meth:`predict_prepared` on the batch."""
         from rnnlab.data.imdb import tokenize
 
@@ -313,9 +310,6 @@ class SentimentPredictor:
             raise InputError("The review has no words after removing markup and punctuation; send review text.")
         ids = np.asarray(self.vocab.encode(tokens), dtype=np.int64)
         return ids[-self.max_length :] if self.max_length is not None else ids
-
-    def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
-        return self.predict_prepared([at_position(self.prepare, text, "Review", i) for i, text in enumerate(texts)])
 
     @torch.inference_mode()
     def predict_prepared(self, encoded: Sequence[np.ndarray], batch_size: int = PREDICT_BATCH_SIZE) -> list[dict]:

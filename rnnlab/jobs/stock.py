@@ -5,12 +5,11 @@ file (``rnnlab evaluate --data``) and the ``rnnlab forecast`` verb."""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -23,16 +22,15 @@ from rnnlab.config import (
 )  # fmt: skip
 from rnnlab.data.stock import TEST_END, TEST_START, TRAIN_END, TRUST_PRICES_MEANS, VAL_DAYS, TrustedHistory
 from rnnlab.bundle import Bundle
-from rnnlab.errors import ConfigError, InputError
-from rnnlab.inference import PREDICT_BATCH_SIZE, at_position, device_of, expect_job
+from rnnlab.errors import ConfigError
+from rnnlab.inference import PREDICT_BATCH_SIZE, SCORE_BATCH_SIZE, Predictor
+from rnnlab.jobs.price_history import MAX_HISTORY_ROWS, PriceHistoryRequest, PriceRow, bounded_history
 from rnnlab.models.stock import StockConfig
-from rnnlab.serve.schemas import StrictBody
 from rnnlab.trainers.job import Batch, EvalResult, Job
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("mse", "l1", "huber")
-MAX_HISTORY_ROWS = 5_000  # ~20 years of trading days
 
 
 class StockDataSettings(DataSettings):
@@ -187,7 +185,7 @@ def plot_predictions(details: dict, path) -> Any:
 # ------------------------------------------------------------------------------------------------ predictor
 
 
-class StockPredictor:
+class StockPredictor(Predictor):
     """Forecast one day's close from the price history before it and that day's open.
 
     A request is ONE table of daily rows, oldest first, with date, open, high, low, close, volume (a DataFrame
@@ -202,21 +200,18 @@ class StockPredictor:
     if it was given, else None}``.
     """
 
+    job, noun = "stock", "History"
+
     def __init__(self, bundle: Bundle) -> None:
         from rnnlab.data.stock import Scaler, min_history_rows
 
-        expect_job(bundle, "stock")
-        self.model = bundle.model.eval()
+        super().__init__(bundle)
         data = bundle.config.get("data", {})
         self.window = int(data.get("window", 5))
         self.target = str(data.get("target", "close"))
         self.scaler = Scaler.from_json(bundle.assets["scaler"])
         self.target_scaler = Scaler.from_json(bundle.assets["target_scaler"])
         self.min_rows = min_history_rows(self.window)
-        self.device = device_of(self.model)
-
-    def validate(self, history: pd.DataFrame | Sequence[dict] | dict) -> None:
-        self.prepare(history)
 
     def prepare(self, history: pd.DataFrame | Sequence[dict] | dict):
         """Validate ONE history and keep the rows its forecast reads (InputError for anything malformed). A server
@@ -225,29 +220,9 @@ class StockPredictor:
         these wrapped in a ``TrustedHistory`` (rows that cannot be real prices are then read as sent)."""
         from rnnlab.data.stock import read_history
 
-        history, trusted = TrustedHistory.unwrap(history)
-        if isinstance(history, Sequence) and not isinstance(history, str):
-            history = pd.DataFrame(list(history))
-        if isinstance(history, dict):
-            rows = len(next(iter(history.values()), []))
-        else:
-            rows = len(history) if isinstance(history, pd.DataFrame) else 0
-        if rows > MAX_HISTORY_ROWS:
-            raise InputError(
-                f"The price history has {rows:,} rows, more than the limit of {MAX_HISTORY_ROWS:,}; "
-                f"send the last {self.min_rows} or more, up to {MAX_HISTORY_ROWS:,}."
-            )
+        history, trusted = bounded_history(history, self.min_rows)
         return read_history(history, window=self.window, trust_prices=trusted)
 
-    def predict(self, histories: Sequence[pd.DataFrame | Sequence[dict] | dict]) -> list[dict[str, Any]]:
-        prepared = [at_position(self.prepare, h, "History", i) for i, h in enumerate(histories)]
-        results = self.predict_prepared(prepared)
-        for position, result in enumerate(results):
-            if "error" in result:
-                raise InputError(f"History {position}: {result['error']}")
-        return results
-
-    @torch.inference_mode()
     def predict_prepared(self, histories: Sequence, batch_size: int = PREDICT_BATCH_SIZE) -> list[dict[str, Any]]:
         """Forecasts for :meth:`prepare` outputs: the features of the whole batch in one vectorised pass, then the
         model ``batch_size`` windows at a time. A history whose last days give an undefined feature (a zero
@@ -259,11 +234,8 @@ class StockPredictor:
         features = forecast_features(np.stack([h.values for h in histories]), self.window)
         defined = np.isfinite(features).all(axis=(1, 2))
         windows = self.scaler.transform(features[defined]).astype(np.float32)
-        outputs = [np.zeros((0,), dtype=np.float32)]
-        for start in range(0, len(windows), batch_size):
-            x = torch.from_numpy(windows[start : start + batch_size])
-            outputs.append(self.model(x.to(self.device)).float().cpu().numpy().reshape(-1))
-        target = self.target_scaler.inverse_transform(np.concatenate(outputs).astype(np.float64))
+        scaled = self.forward(windows, batch_size).reshape(-1)
+        target = self.target_scaler.inverse_transform(scaled.astype(np.float64))
         last_days = [h.values[-1] for h, ok in zip(histories, defined) if ok]
         closes = iter(to_price(target, pd.DataFrame({"open": [day[0] for day in last_days]}), self.target))
         results = []
@@ -283,22 +255,7 @@ class StockPredictor:
 
 # ------------------------------------------------------------------------------------------------ service
 
-_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()  # datetime64[D] counts days from here
-
-
-class PriceRow(StrictBody):
-    date: dt.date
-    open: float = Field(gt=0)
-    # the last row is the day to forecast: only its date and open are known, so these may be null there
-    high: float | None = Field(None, gt=0)
-    low: float | None = Field(None, gt=0)
-    close: float | None = Field(None, gt=0)
-    volume: float | None = Field(None, ge=0)
-
-
-class StockRequest(StrictBody):
-    raw_json: ClassVar[bool] = True  # the service validates the raw JSON in one pass: hundreds of rows
-
+class StockRequest(PriceHistoryRequest):
     rows: list[PriceRow] = Field(
         min_length=1,
         max_length=MAX_HISTORY_ROWS,
@@ -306,23 +263,6 @@ class StockRequest(StrictBody):
         f"{MAX_HISTORY_ROWS} rows. The LAST row is the day to forecast: its date and open (high, low, close, "
         "volume may be null and are ignored). The model needs 254 + window rows (about a year of history).",
     )
-    trust_prices: bool = Field(False, description=f"true: {TRUST_PRICES_MEANS}; false: such a row is a 422 naming it.")
-
-    def columns(self) -> dict:
-        """The rows as columns (datetime64 days, float64 with NaN for nulls): what the stock deployment reads,
-        a few arrays to ship to it rather than hundreds of dicts."""
-        rows = self.rows
-        days = np.array([row.date.toordinal() for row in rows], dtype=np.int64) - _EPOCH_ORDINAL
-        values = np.array([(row.open, row.high, row.low, row.close, row.volume) for row in rows], dtype=np.float64)
-        return {"date": days.astype("datetime64[D]")} | dict(zip(("open", "high", "low", "close", "volume"), values.T))
-
-    def items(self) -> list[dict]:
-        """The items the service batches (with those of concurrent requests): the one history."""
-        return [TrustedHistory(self.columns()) if self.trust_prices else self.columns()]
-
-    @staticmethod
-    def error_loc(index: int) -> list:
-        return ["body", "rows"]
 
 
 class Forecast(BaseModel):
@@ -355,9 +295,7 @@ def score(bundle: Bundle, path: str | Path, *, start=None, end=None) -> dict[str
     forecaster = StockPredictor(bundle)
     features = make_features(read_prices(path))
     X, rows = windows_between(features, forecaster.scaler, forecaster.window, start, end)
-    with torch.inference_mode():
-        scaled = torch.cat([forecaster.model(torch.from_numpy(X[i : i + 1024]).to(forecaster.device)).float().cpu()
-                            for i in range(0, len(X), 1024)]).numpy()
+    scaled = forecaster.forward(X, SCORE_BATCH_SIZE)
     predicted = to_price(forecaster.target_scaler.inverse_transform(scaled.astype(np.float64)), rows,
                          forecaster.target)
     actual = rows[TARGET_COLUMN].to_numpy(dtype=np.float64)
