@@ -222,6 +222,13 @@ def test_smoke_run_beats_a_constant_forecast_and_round_trips_through_a_bundle(de
     again = forecast_metrics(part.future_close, prices, job.taus, job.data.naive_scale)
     assert again["crps"] == pytest.approx(result["test"]["crps"], rel=1e-5)
     assert (tmp_path / "fan_chart.png").stat().st_size > 1000
+    # the bundle keeps the last rows one forecast reads as its example request, and answers it
+    from rnnlab.data.horizon import history_rows
+    from rnnlab.jobs.horizon import HorizonPredictor
+
+    rows = bundle.example["rows"]
+    assert len(rows) == history_rows(job.config.data.window) and rows[-1]["date"] == str(job.data.closes.index[-1].date())
+    assert HorizonPredictor(bundle).predict([rows])[0]["origin"] == rows[-1]["date"]
     summary = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["event"] == "test" for r in summary) == 1
 

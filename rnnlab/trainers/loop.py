@@ -331,8 +331,10 @@ def finish(accelerator, model, job: Job, checkpoints: Checkpoints, state: TrainS
                 # shows its metrics (the path told strangers this machine's layout)
                 kept = {key: value for key, value in result.items() if key != "bundle"}
                 save_bundle(output_dir / "bundle", job=job.config.job, model=unwrapped, assets=job.assets(),
-                            metrics={**kept, **({"extra": extra} if extra else {})}, config=job.config.to_dict())
+                            metrics={**kept, **({"extra": extra} if extra else {})}, config=job.config.to_dict(),
+                            example=example)
 
+        example = job.example()
         export({})  # the model first: plots, tables and W&B come after and can never cost it
         try:
             extra = job.report(unwrapped, val, test, output_dir, tracking.tracker)
