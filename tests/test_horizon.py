@@ -227,7 +227,8 @@ def test_smoke_run_beats_a_constant_forecast_and_round_trips_through_a_bundle(de
     from rnnlab.jobs.horizon import HorizonPredictor
 
     rows = bundle.example["rows"]
-    assert len(rows) == history_rows(job.config.data.window) and rows[-1]["date"] == str(job.data.closes.index[-1].date())
+    assert len(rows) == history_rows(job.config.data.window)
+    assert rows[-1]["date"] == str(job.data.closes.index[-1].date())
     assert HorizonPredictor(bundle).predict([rows])[0]["origin"] == rows[-1]["date"]
     # the run ends with a table of the ranked metrics, not the per-horizon figures (those are in --json)
     from rnnlab.launch.train import result_table
