@@ -7,6 +7,9 @@ A bundle is a folder::
                          "assets": [names], "files": {file name: sha256}, "rnnlab_version", "config_sha256"}
     <asset>.json        one per asset: vocab.json (sentiment, charlm), scaler.json + target_scaler.json (stock)
     metrics.json        the training run's final metrics
+    example.json        optional: a request body for the job's route (POST /v1/<job>) to try the model with, e.g.
+                        the last price rows a forecast reads (GET /v1/<job>/example serves it; the playground's
+                        "load example")
 
 ``files`` holds the sha256 of every other file and ``config_sha256`` that of config.json's own content (minus
 that field), so any edit after export -- weights, assets, metrics or config -- is refused at load time.
@@ -40,6 +43,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+EXAMPLE_FILE = "example.json"
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Bundle:
     config: dict[str, Any]  # the full training config
     assets: dict[str, dict]  # {"vocab": {...}} or {"scaler": {...}, "target_scaler": {...}}
     metrics: dict[str, Any]
+    example: dict | None = None  # example.json: a request body for the job's route (None: the bundle has none)
 
 
 # ------------------------------------------------------------------------------------------------- saving
@@ -64,8 +69,10 @@ def save_bundle(
     assets: dict[str, dict],
     metrics: dict,
     config: dict,
+    example: dict | None = None,
 ) -> Path:
-    """Write ``model`` (with ``model.config``), its assets, metrics and training config as a bundle folder.
+    """Write ``model`` (with ``model.config``), its assets, metrics and training config as a bundle folder, and
+    ``example`` (a request body for the job's route) as example.json when given.
 
     ``directory`` may exist already if it is empty or a bundle (it is then replaced); anything else is refused,
     so a mistyped path never deletes a user's folder.
@@ -84,6 +91,8 @@ def save_bundle(
         for name, asset in assets.items():
             _write_json(staging / f"{name}.json", asset)
         _write_json(staging / METRICS_FILE, metrics)
+        if example is not None:
+            _write_json(staging / EXAMPLE_FILE, example)
         files = {p.name: sha256_of(p) for p in sorted(staging.iterdir())}
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -227,6 +236,8 @@ def load_bundle(directory: str | os.PathLike, *, device: str | torch.device = "c
         config=manifest["config"],
         assets=assets,
         metrics=metrics,
+        # listed in ``files`` (so checked above) when the bundle has one; older bundles have none
+        example=_read_json(directory, EXAMPLE_FILE) if EXAMPLE_FILE in files else None,
     )
 
 

@@ -119,7 +119,7 @@ class TrainSettings(Settings):
     log_every: Count = 10  # optimizer steps between train-loss log lines
     early_stopping_patience: Count = 0  # validations without improvement before stopping; 0 = never
     monitor: str = "loss"  # validation metric for the best checkpoint / early stopping (the job's metrics)
-    progress: bool = True  # tqdm bar (main process only)
+    progress: bool = True  # a progress bar (main process only; a line now and then when not on a terminal)
 
     @model_validator(mode="before")
     @classmethod

@@ -64,12 +64,16 @@ def read_until_serving(service) -> list[str]:
 
 
 @contextlib.contextmanager
-def serving(options: dict, *, http_options: dict | None = None, **ray_init) -> Iterator[str]:
+def serving(options: dict, *, http_options: dict | None = None, from_config: bool = False,
+            **ray_init) -> Iterator[str]:
     """A local Ray instance (2 CPUs) serving ``build_app(options)`` at 127.0.0.1 on a free port: yields the base
-    URL, and stops Serve and Ray after. ``ray_init`` goes to ``ray.init`` (e.g. a metrics export port)."""
+    URL, and stops Serve and Ray after. ``ray_init`` goes to ``ray.init`` (e.g. a metrics export port).
+    ``from_config``: deployed from a config as ``rnnlab serve`` does (``options`` are its args), so
+    ``rnnlab.serve.versions.swap`` swaps its models in place, from this process."""
     ray = require("ray")
     from ray import serve
 
+    from rnnlab.launch.serve_cmd import deploy_config
     from rnnlab.serve.app import build_app
 
     port = free_port()
@@ -77,8 +81,12 @@ def serving(options: dict, *, http_options: dict | None = None, **ray_init) -> I
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              **ray_init)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port, **(http_options or {})})
-        serve.run(build_app(options), name="rnnlab", route_prefix="/")
+        http = {"host": "127.0.0.1", "port": port, **(http_options or {})}
+        serve.start(http_options=http)
+        if from_config:
+            deploy_config(options, port, http["host"], http.get("request_timeout_s"))
+        else:
+            serve.run(build_app(options), name="rnnlab", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

@@ -65,6 +65,19 @@ def test_bundle_holds_safetensors_and_json_only(tmp_path):
     assert set(manifest["files"]) == {"metrics.json", "model.safetensors", "vocab.json"}
 
 
+def test_an_example_request_is_kept_checked_and_optional(tmp_path):
+    path, _ = make_bundle(tmp_path)
+    assert load_bundle(path).example is None and not (path / "example.json").exists()  # none asked for: none kept
+    model = build_model("charlm", SETTINGS["charlm"])
+    example = {"prompt": "the war", "max_new_tokens": 20}
+    save_bundle(path, job="charlm", model=model, assets=ASSETS["charlm"], metrics={}, config={}, example=example)
+    assert load_bundle(path).example == example
+    assert "example.json" in json.loads((path / "config.json").read_text())["files"]
+    (path / "example.json").write_text('{"prompt": "something else"}')
+    with pytest.raises(BundleError, match="example.json does not match its checksum"):
+        load_bundle(path)
+
+
 def test_saving_again_replaces_the_bundle_and_leaves_no_temporary_folders(tmp_path):
     path, _ = make_bundle(tmp_path)
     torch.manual_seed(1)

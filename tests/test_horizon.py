@@ -223,8 +223,39 @@ def test_smoke_run_beats_a_constant_forecast_and_round_trips_through_a_bundle(de
     again = forecast_metrics(part.future_close, prices, job.taus, job.data.naive_scale)
     assert again["crps"] == pytest.approx(result["test"]["crps"], rel=1e-5)
     assert (tmp_path / "fan_chart.png").stat().st_size > 1000
+    # the bundle keeps the last rows one forecast reads as its example request, and answers it
+    from rnnlab.data.horizon import history_rows
+    from rnnlab.jobs.horizon import HorizonPredictor
+
+    rows = bundle.example["rows"]
+    assert len(rows) == history_rows(job.config.data.window)
+    assert rows[-1]["date"] == str(job.data.closes.index[-1].date())
+    assert HorizonPredictor(bundle).predict([rows])[0]["origin"] == rows[-1]["date"]
+    # the run ends with a table of the ranked metrics, not the per-horizon figures (those are in --json)
+    from rnnlab.launch.train import result_table
+
+    table = result_table("horizon", result).splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["val", "test"] and table[0].split()[:2] == ["loss", "crps"]
+    assert len(table[2].split()) == 1 + len(table[0].split()) == 1 + 7 and "_h1" not in table[0]
     summary = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["event"] == "test" for r in summary) == 1
+
+
+def test_rnnlab_train_prints_a_table_and_the_whole_result_with_json(monkeypatch, tmp_path, capsys):
+    from rnnlab.launch.cli import main
+
+    per_horizon = {f"{name}_h{h}": 0.5 for name in ("crps", "mase", "coverage_80", "coverage_90") for h in range(1, 6)}
+    figures = {"loss": 0.2, "crps": 30.1, "pinball": 3.5, "mase": 1.1, "smape": 0.02, "coverage_80_error": 0.05,
+               "coverage_90_error": 0.04}
+    result = {"val": figures, "test": figures | per_horizon, "best_step": 40, "steps": 50}
+    monkeypatch.setattr("rnnlab.trainers.loop.train", lambda config, output, resume: result)
+    assert main(["train", "horizon", "--preset", "smoke", "--output", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 4 and "best step 40" in printed[0] and str(tmp_path) in printed[0]
+    assert printed[1].split() == list(figures) and printed[3].split() == ["test", "0.2", "30.1", "3.5", "1.1", "0.02",
+                                                                         "0.05", "0.04"]
+    assert main(["train", "horizon", "--preset", "smoke", "--output", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["crps_h3"] == 0.5
 
 
 def test_the_wandb_run_holds_the_fan_chart_and_the_coverage_table(prices_csv, tmp_path, monkeypatch):

@@ -1,19 +1,24 @@
 """The playground page at GET /, in a real browser: headless Chromium loads it from a running service (Ray Serve
-over tiny random bundles, as in test_serve.py, with an API key), submits each panel and checks what appears
-against the API's own answers. Skips with a reason where no Chromium (or Selenium) is installed; `.ci/run`
-installs both when it can. (Without a key the page sends no Authorization header; the service then ignores it.)
+over tiny random bundles, as in test_serve.py, plus a second sentiment model, with an API key), submits each panel
+and checks what appears against the API's own answers. Skips with a reason where no Chromium (or Selenium) is
+installed; `.ci/run` installs both when it can. (Without a key the page sends no Authorization header; the service
+then ignores it.)
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
 
+from rnnlab import registry
 from tiny_datasets import make_stock_csv
 from conftest import require, serving, skip_or_fail
+from test_serve import make_bundles
+from test_serve_versions import _other_version
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +30,20 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 @pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> Path:
+    """test_serve's bundles (the forecasters with an example, the others without) plus imdb-b, a second sentiment
+    model with its own weights."""
+    root = make_bundles(tmp_path_factory.mktemp("bundles"))
+    _other_version(root / "imdb-small", root / "imdb-b", seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
 def service(bundles, tmp_path_factory) -> str:
     key_file = tmp_path_factory.mktemp("key") / "api-key"
     key_file.write_text(KEY)
-    with serving({"bundles": str(bundles), "api_key_file": str(key_file)}) as base:
+    # from a config, as rnnlab serve deploys it: a model can then be swapped in place while the page is open
+    with serving({"bundles": str(bundles), "api_key_file": str(key_file)}, from_config=True) as base:
         yield base
 
 
@@ -75,6 +90,32 @@ def click(driver, element_id: str) -> None:
     from selenium.webdriver.common.by import By
 
     driver.find_element(By.ID, element_id).click()
+
+
+def open_with_key(driver, service: str) -> None:
+    """The page loaded and the key typed in (the panels are up once the service has said what it serves)."""
+    driver.get(f"{service}/")
+    wait_for_text(driver, "serving", lambda t: t.startswith("serving:"))
+    fill(driver, "api-key", KEY)
+    driver.execute_script("document.getElementById('api-key').blur()")  # the key is read on its change event
+
+
+def picker_labels(driver, job: str) -> list[str]:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(`select.model[data-job='${arguments[0]}'] option`), "
+        "(o) => o.textContent)", job)
+
+
+def expected_labels(service: str, job: str) -> list[str]:
+    """What a picker should list: the job's models in /v1/models, each with its version, the default marked."""
+    listed = httpx.get(f"{service}/v1/models", headers=AUTH, timeout=60).json()["data"]
+    return [f"{m['id']} ({m['version']})" + (", default" if m["default"] else "") for m in listed if m["job"] == job]
+
+
+def wait_until(driver, condition, message: str, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: condition(), message)
 
 
 def test_the_page_is_one_static_file_with_nothing_from_elsewhere(service):
@@ -134,6 +175,19 @@ def test_each_panel_in_a_real_browser(service, browser, tmp_path):
     chart = browser.find_element(By.ID, "forecast-chart")
     assert chart.find_elements(By.TAG_NAME, "polyline") and chart.find_elements(By.ID, "forecast-point")
 
+    # the next days as quantiles from the same file in the horizon panel: its table is the API's answer
+    browser.find_element(By.ID, "horizon-csv-file").send_keys(str(csv))
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "horizon-csv").get_attribute("value"),
+                                     "no upload")
+    click(browser, "run-horizon")
+    origin = wait_for_text(browser, "horizon-origin")
+    quantiles = httpx.post(f"{service}/v1/horizon", json={"rows": rows}, headers=AUTH, timeout=30).json()["forecast"]
+    assert origin.startswith(f"from {quantiles['origin']}'s close")
+    table = [[float(cell.text.replace(",", "")) for cell in row.find_elements(By.TAG_NAME, "td")[1:]]
+             for row in browser.find_elements(By.CSS_SELECTOR, "#horizon-table tr")[1:]]
+    assert table == [pytest.approx(step["values"], abs=0.006) for step in quantiles["steps"]]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#fan-chart polygon.fan")) == 3
+
     # the next day, from an open typed in: no actual close yet
     browser.execute_script("document.getElementById('next-date').value = '2023-07-03'")
     fill(browser, "next-open", "1234.5")
@@ -163,3 +217,60 @@ def test_bad_input_shows_the_services_sentence(service, browser):
     click(browser, "run-generate")
     assert "☃" in wait_for_text(browser, "generate-meta", lambda t: t.startswith("422"))
     assert browser.find_elements(By.CSS_SELECTOR, "#generate-meta .error")
+
+
+def test_every_served_job_has_a_panel_whose_picker_lists_its_models_and_follows_a_swap(service, browser, bundles,
+                                                                                        tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from rnnlab.serve.versions import swap
+
+    open_with_key(browser, service)
+    for job in registry.served():  # the page follows what the service serves: a panel and a picker for each job
+        wait_until(browser, lambda: picker_labels(browser, job) == expected_labels(service, job),
+                   f"the {job} picker never listed the job's models")
+        panel = browser.find_element(By.CSS_SELECTOR, f"section[data-job='{job}']")
+        assert panel.is_displayed() and panel.find_element(By.CSS_SELECTOR, "select.model").is_displayed()
+    sentiment = picker_labels(browser, "sentiment")
+    assert len(sentiment) == 2 and sentiment[0].startswith("imdb-b (") and sentiment[1].startswith("imdb-small (")
+
+    # imdb-b swapped to other weights in place: the picker shows its new version once it is opened again
+    version = swap({"imdb-b": _other_version(bundles / "imdb-small", tmp_path / "imdb-b-2", seed=2)},
+                   say=lambda line: None)["imdb-b"]
+    assert version not in sentiment[0]
+    browser.find_element(By.ID, "model-sentiment").click()
+    wait_until(browser, lambda: picker_labels(browser, "sentiment")[0] == f"imdb-b ({version}), default",
+               "the sentiment picker never showed imdb-b's new version")
+    browser.find_element(By.ID, "model-sentiment").click()  # closed again
+    click(browser, "classify")
+    assert wait_for_text(browser, "sentiment-out", lambda t: "@" in t).endswith(f"imdb-b@{version}")
+
+
+def test_the_forecast_panels_load_their_models_example_in_one_click_and_draw_it(service, browser):
+    from selenium.webdriver.common.by import By
+
+    open_with_key(browser, service)
+    example = httpx.get(f"{service}/v1/stock/example", headers=AUTH, timeout=60).json()
+    wait_until(browser, lambda: browser.find_element(By.ID, "stock-example").is_enabled(), "no stock example")
+    click(browser, "stock-example")
+    wait_until(browser, lambda: browser.find_element(By.ID, "csv").get_attribute("value"), "the example never loaded")
+    lines = browser.find_element(By.ID, "csv").get_attribute("value").splitlines()
+    assert len(lines) == 1 + len(example["rows"]) and lines[-1].startswith(example["rows"][-1]["date"] + ",")
+    click(browser, "run-forecast")
+    assert wait_for_text(browser, "forecast-date") == example["rows"][-1]["date"]  # the example's last day
+    points = browser.find_element(By.CSS_SELECTOR, "#forecast-chart polyline").get_attribute("points").split()
+    assert len(points) == 60 and browser.find_elements(By.ID, "forecast-point")  # the last 60 closes, the forecast
+
+    example = httpx.get(f"{service}/v1/horizon/example", headers=AUTH, timeout=60).json()
+    wait_until(browser, lambda: browser.find_element(By.ID, "horizon-example").is_enabled(), "no horizon example")
+    click(browser, "horizon-example")
+    wait_until(browser, lambda: browser.find_element(By.ID, "horizon-csv").get_attribute("value"),
+               "the example never loaded")
+    click(browser, "run-horizon")
+    assert wait_for_text(browser, "horizon-origin").startswith(f"from {example['rows'][-1]['date']}'s close")
+    steps = browser.find_elements(By.CSS_SELECTOR, "#horizon-table tr")[1:]
+    answer = httpx.post(f"{service}/v1/horizon", json=example, headers=AUTH, timeout=60).json()["forecast"]
+    assert len(steps) == len(answer["steps"]) == 5
+    median = browser.find_element(By.ID, "fan-median").get_attribute("points").split()
+    assert len(median) == 1 + len(answer["steps"])  # from the origin's close through each step's median
+

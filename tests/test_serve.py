@@ -32,14 +32,21 @@ WORDS = ["<pad>", "<unk>", "the", "movie", "was", "great", "awful", "plot", "and
 
 # --- fixtures --------------------------------------------------------------------------------------------------
 def make_bundles(directory: Path) -> Path:
-    """A tiny bundle of every served job from randomly initialised models (the service never needs a trained one)."""
+    """A tiny bundle of every served job from randomly initialised models (the service never needs a trained one).
+    The forecasters keep an example request (the last rows of a fixture price file), as training writes one; the
+    others have none."""
+    import tempfile
+
     import numpy as np
 
     from rnnlab.bundle import save_bundle
-    from rnnlab.data.stock import FEATURE_NAMES, Scaler
+    from rnnlab.data.stock import FEATURE_NAMES, Scaler, example_request
     from rnnlab.data.vocab import Vocab
     from rnnlab.models import build_model
 
+    with tempfile.TemporaryDirectory() as prices:
+        csv = make_stock_csv(Path(prices))
+        examples = {window: example_request(csv, window) for window in (5, 21)}
     torch.manual_seed(0)
     vocab = Vocab(WORDS, unk_index=1)
     save_bundle(directory / "imdb-small", job="sentiment",
@@ -54,7 +61,7 @@ def make_bundles(directory: Path) -> Path:
                                             "fc_size": 4}),
                 assets={"scaler": scaler.to_json(), "target_scaler": target_scaler.to_json()},
                 metrics={"test": {"r2": 0.0}},
-                config={"job": "stock", "data": {"window": 5, "target": "close"}})
+                config={"job": "stock", "data": {"window": 5, "target": "close"}}, example=examples[5])
     charlm = build_model("charlm", {"vocab_size": len(CHARS), "embed_dim": 8, "hidden_size": 32})
     with torch.no_grad():  # a model fault only an apostrophe in a prompt reaches (see FAULTY_PROMPT)
         charlm.embedding.weight[CHARS.index(FAULT_CHAR)] = float("nan")
@@ -70,7 +77,8 @@ def make_bundles(directory: Path) -> Path:
                 assets={"scaler": Scaler.fit(rng.normal(size=(32, len(names))), columns=list(names)).to_json(),
                         "target_scaler": Scaler.fit(rng.normal(size=(32, 5)), columns=[f"h{h}" for h in range(1, 6)]
                                                     ).to_json()},
-                metrics={"test": {"crps": 0.0}}, config={"job": "horizon", "data": {"window": 21}})
+                metrics={"test": {"crps": 0.0}}, config={"job": "horizon", "data": {"window": 21}},
+                example=examples[21])
     return directory
 
 
@@ -129,6 +137,26 @@ def test_models_lists_bundles_with_versions_metrics_and_batching(http):
     for model in models.values():
         assert len(model["version"]) == 12
         assert {"batch_size_histogram", "batch_size_max", "batch_size_mean", "max_batch_size"} <= set(model["batching"])
+
+
+def test_a_forecasters_example_is_linked_from_models_and_answers_its_route(http):
+    """A bundle's example (example.json) is served at GET /v1/<job>/example, ready to POST; a bundle without one
+    still serves, and its example route is a 404 naming the model, as is an id the job does not serve."""
+    models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert models["djia-small"]["example"] == "/v1/stock/example?model=djia-small"
+    assert models["imdb-small"]["example"] is None and models["wp-small"]["example"] is None
+    for job, rows in [("stock", 254 + 5), ("horizon", 254 + 21)]:
+        model = next(m for m in models.values() if m["job"] == job)
+        example = http.get(model["example"])
+        assert example.status_code == 200 and len(example.json()["rows"]) == rows
+        assert http.get(f"/v1/{job}/example").json() == example.json()  # the default model's
+        answer = http.post(f"/v1/{job}", json=example.json())
+        assert answer.status_code == 200 and answer.json()["model"].startswith(model["id"] + "@"), answer.text
+    for path, model in [("/v1/sentiment/example", "imdb-small"), ("/v1/stock/example?model=imdb-small", "imdb-small")]:
+        missing = http.get(path)
+        assert missing.status_code == 404 and missing.json()["detail"][0]["loc"] == ["query", "model"]
+        assert model in missing.json()["detail"][0]["msg"]
+    assert "/v1/horizon/example" in http.get("/openapi.json").json()["paths"]
 
 
 # --- each endpoint ---------------------------------------------------------------------------------------------

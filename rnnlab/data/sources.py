@@ -149,9 +149,9 @@ def _download(spec: DatasetFile, target: Path) -> Path:
 
 
 def _copy_with_progress(source, sink, total: int, label: str) -> None:
-    from tqdm.auto import tqdm
+    from rnnlab.progress import progress_bar
 
-    with tqdm(total=total or None, unit="B", unit_scale=True, desc=label, leave=False) as bar:
+    with progress_bar(total=total or None, unit="B", unit_scale=True, desc=label, leave=False) as bar:
         for block in iter(lambda: source.read(1 << 20), b""):
             sink.write(block)
             bar.update(len(block))

@@ -343,6 +343,18 @@ def load_stock_data(
                      feature_names=list(FEATURE_NAMES))
 
 
+def request_rows(prices: pd.DataFrame) -> list[dict]:
+    """A price frame (:func:`read_prices`) as a forecast request's rows: date, open, high, low, close, volume."""
+    return [{"date": day.strftime("%Y-%m-%d"), "open": float(r.Open), "high": float(r.High), "low": float(r.Low),
+             "close": float(r.Close), "volume": float(r.Volume)} for day, r in zip(prices.index, prices.itertuples())]
+
+
+def example_request(path: Path | str, window: int) -> dict:
+    """The last rows one forecast from windows of ``window`` days reads from a price file, as a request body
+    ``{"rows": [...]}``: what a forecaster's bundle keeps as its example."""
+    return {"rows": request_rows(read_prices(path).tail(min_history_rows(window)))}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Baselines, metrics, summary
 

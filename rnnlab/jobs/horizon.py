@@ -154,6 +154,11 @@ class HorizonJob(Job):
     def assets(self) -> dict[str, dict]:
         return {"scaler": self.data.scaler.to_json(), "target_scaler": self.data.target_scaler.to_json()}
 
+    def example(self) -> dict:
+        from rnnlab.data.stock import example_request
+
+        return example_request(self.source_path(), self.config.data.window)
+
     def report(self, model, val: dict, test: EvalResult, output_dir, tracker) -> dict:
         scores = {**test.metrics, **test.details["scores"]}
         table = coverage_table(scores, self.config.model.horizon)
@@ -397,9 +402,7 @@ def price_text(value: float) -> str:
 def demo(post) -> None:
     """``make demo``: the index file's last 300 days through ``post(body)`` (POST /v1/horizon); the table printed."""
     from rnnlab.data.sources import locate
-    from rnnlab.data.stock import read_prices
+    from rnnlab.data.stock import read_prices, request_rows
 
-    prices = read_prices(locate("stock")).tail(300)
-    rows = [{"date": day.strftime("%Y-%m-%d"), "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close,
-             "volume": r.Volume} for day, r in zip(prices.index, prices.itertuples())]
+    rows = request_rows(read_prices(locate("stock")).tail(300))
     print("  " + forecast_table(post({"rows": rows})["forecast"]).replace("\n", "\n  "))

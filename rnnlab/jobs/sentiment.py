@@ -102,10 +102,9 @@ class SentimentJob(Job):
     def _teacher_probabilities(self, path: str, keep: np.ndarray) -> np.ndarray:
         """P(positive) of the sentiment bundle at ``path`` for the unlabelled reviews ``keep``, read with its own
         vocabulary and length."""
-        from tqdm.auto import tqdm
-
         from rnnlab.bundle import load_bundle
         from rnnlab.data.review_lm import unlabelled_reviews
+        from rnnlab.progress import progress_bar
 
         teacher = load_bundle(path)
         if teacher.job != "sentiment":
@@ -121,8 +120,8 @@ class SentimentJob(Job):
         teacher_ids = unlabelled_reviews(self.source_path(), classifier.vocab, max_length=classifier.max_length)
         answers = []
         chunks = [keep[start : start + 1000] for start in range(0, len(keep), 1000)]
-        for chunk in tqdm(chunks, desc=f"labels from {Path(path).parent.name or path}", unit="k reviews",
-                          disable=not (self.rank == 0 and self.config.train.progress)):
+        for chunk in progress_bar(chunks, desc=f"labels from {Path(path).parent.name or path}", unit="k reviews",
+                                  disable=not (self.rank == 0 and self.config.train.progress)):
             answers += classifier.predict_prepared([teacher_ids[i] for i in chunk])
         return np.array([answer["probability"] for answer in answers], dtype=np.float32)
 

@@ -127,6 +127,9 @@ class StockJob(Job):
     def assets(self) -> dict[str, dict]:
         return {"scaler": self.data.scaler.to_json(), "target_scaler": self.data.target_scaler.to_json()}
 
+    def example(self) -> dict:
+        return self._stock.example_request(self.source_path(), self.config.data.window)
+
     def report(self, model, val: dict, test: EvalResult, output_dir, tracker) -> dict:
         print(stock_table(val, test.metrics), flush=True)
         path = plot_predictions(test.details, output_dir / "predicted_vs_actual.png")
@@ -339,11 +342,9 @@ def demo(post) -> None:
     """``make demo``: the index file's last 300 days through ``post(body)`` (POST /v1/stock), the last day reduced to
     its open (the day to forecast); the forecast printed beside close = open and the actual close."""
     from rnnlab.data.sources import locate
-    from rnnlab.data.stock import read_prices
+    from rnnlab.data.stock import read_prices, request_rows
 
-    prices = read_prices(locate("stock")).tail(300)
-    rows = [{"date": day.strftime("%Y-%m-%d"), "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close,
-             "volume": r.Volume} for day, r in zip(prices.index, prices.itertuples())]
+    rows = request_rows(read_prices(locate("stock")).tail(300))
     actual = float(rows[-1]["close"])
     rows[-1] = {"date": rows[-1]["date"], "open": rows[-1]["open"]}
     answer = post({"rows": rows})["forecast"]

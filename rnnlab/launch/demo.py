@@ -34,6 +34,7 @@ PRESET = "demo"  # each job's demo preset: where its size and its measured figur
 
 def train_all(output: Path) -> dict[str, dict]:
     from rnnlab.config import load_config
+    from rnnlab.launch.train import result_table
     from rnnlab.trainers.loop import train
 
     results = {}
@@ -42,14 +43,17 @@ def train_all(output: Path) -> dict[str, dict]:
         config = load_config(job, PRESET, None, ["tracking.group=demo"])
         result = train(config, output / job)
         results[job] = {"val": result["val"], "test": result["test"], "bundle": result["bundle"]}
-        print(json.dumps({job: results[job]["test"]}, indent=1, default=str), flush=True)
+        print(result_table(job, result), flush=True)
     return results
 
 
 def start_service(bundles: Path, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(bundles), "--port", str(port)]
     print(f"\n== starting the service: {' '.join(command[2:])} ==", flush=True)
-    return subprocess.Popen(command, start_new_session=True)
+    # The service's own Ray instance keeps Ray's token authentication (its ports listen on the machine's address,
+    # not only loopback); asked for by name, Ray does not warn that it turned it on by default.
+    env = os.environ | {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    return subprocess.Popen(command, start_new_session=True, env=env)
 
 
 def stop_service(service: subprocess.Popen) -> None:

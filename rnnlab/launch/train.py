@@ -41,6 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="override one setting, e.g. --set train.lr=1e-3 (repeatable; value parsed as YAML)")
     parser.add_argument("--source", metavar="PATH", help="train on this file/folder instead of the default data set")
     parser.add_argument("--output", metavar="DIR", help="where everything goes (default: runs/JOB-PRESET)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the run's result as JSON (every figure, as in metrics.json) instead of a table")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|CHECKPOINT",
                         help="continue the run in --output from its last good checkpoint, or start it when it has "
                         "none ('auto', the default when the flag is bare: the same command line then works for a "
@@ -63,9 +65,28 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(json.dumps({"output": str(output), "best_step": result["best_step"], "steps": result["steps"],
-                          "val": result["val"], "test": result["test"]}, indent=1, default=str))
+        if args.json:
+            print(json.dumps({"output": str(output), "best_step": result["best_step"], "steps": result["steps"],
+                              "val": result["val"], "test": result["test"]}, indent=1, default=str))
+        else:
+            print(f"rnnlab: {args.job} trained for {result['steps']} steps (best step {result['best_step']}); "
+                  f"bundle and figures in {output}")
+            print(result_table(args.job, result))
     return 0
+
+
+def result_table(job: str, result: dict) -> str:
+    """The job's ranked metrics (the registry's) on validation and test, a row each: what a finished run prints
+    (every other figure -- per horizon, baselines -- is in metrics.json, the bundle and ``--json``)."""
+    splits = [split for split in ("val", "test") if result.get(split)]
+    names = [name for name in JOBS[job].metrics if any(name in result[split] for split in splits)]
+    width = {name: max(10, len(name) + 2) for name in names}
+    lines = [f"{'':6s}" + "".join(f"{name:>{width[name]}s}" for name in names)]
+    for split in splits:
+        cells = (result[split].get(name) for name in names)
+        lines.append(f"{split:6s}" + "".join(f"{'-' if v is None else format(v, '.4g'):>{width[n]}s}"
+                                             for n, v in zip(names, cells)))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

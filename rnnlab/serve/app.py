@@ -24,16 +24,17 @@ use.
 import asyncio
 import time
 import weakref
+from urllib.parse import quote
 
 from fastapi import Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
 from rnnlab import registry
 from rnnlab.serve import completions, connections, http, limits, metrics, openai
 from rnnlab.serve.deployments import DEFAULT_BATCH, DEPLOYMENTS, checked_batching
 from rnnlab.serve.http import api
-from rnnlab.serve.schemas import error_item, with_model_field
+from rnnlab.serve.schemas import ErrorResponse, error_item, with_model_field
 
 
 class Gateway:
@@ -127,8 +128,10 @@ class Gateway:
             if job in self.gather:  # gathered here, in the Gateway
                 batching["batch_wait_timeout_s"] = self.batch_wait_timeout_s
             for info in deployment["models"]:
+                # where its example request is, when its bundle has one (the body itself would swell this list)
+                example = f"/v1/{job}/example?model={quote(info['id'])}" if info.get("example") else None
                 entries.append(openai.model_entry(info["id"], {"endpoint": f"/v1/{job}"} | info
-                                                  | {"batching": info.get("batching", batching)},
+                                                  | {"batching": info.get("batching", batching), "example": example},
                                                   created=info.get("created")))
         # OpenAI's list shape (client.models.list()): each model's id, rnnlab's facts as extra fields
         return openai.model_list(entries, streams={"open": self.open_streams, "max": int(self.limits["max_streams"])})
@@ -153,6 +156,21 @@ class Gateway:
         if errors:
             return http.invalid(errors)
         return spec.load("answer").answer(answers[0][0], [result for _, result in answers])
+
+    async def example(self, job: str, model: str | None):
+        """GET /v1/<job>/example: the example request body the model's bundle keeps; 404 naming ``model`` when it
+        is not served or its bundle has none."""
+        if self.handles[job] is None:
+            return http.unavailable(job)
+        answer = await self._within_timeout(self.handles[job].example.remote(model))
+        if "error" in answer:
+            return http.invalid([error_item(["query", "model"], answer["error"], "unknown_model")])
+        if answer["example"] is None:
+            return JSONResponse(status_code=404, content={"detail": [error_item(
+                ["query", "model"], f"Model {answer['id']} has no example: its bundle was exported without one "
+                "(bundles trained by this rnnlab have one, where the job gives it); send your own request.",
+                "no_example")]})
+        return JSONResponse(answer["example"])
 
     async def answer_generation(self, job: str, body):
         """POST /v1/<job> of a generation job: JSON, or with ``stream`` server-sent events."""
@@ -228,6 +246,27 @@ def _add_route(route: str, job: str) -> None:
     api.post(f"/v1/{route}", response_model=answer_model, deprecated=alias or None,
              summary=f"{job} (alias of /v1/{job}, kept for one release)" if alias else spec.description,
              **({"responses": http.ERRORS} | extra))(endpoint)
+    if not alias:
+        _add_example_route(job, request_model)
+
+
+def _add_example_route(job: str, request_model) -> None:
+    """GET /v1/<job>/example[?model=ID]: a request body for POST /v1/<job> that the model's bundle keeps (training
+    wrote it), for a visitor to try the model with; the playground's "load example"."""
+    async def example(self, model: str | None = None):
+        return await self.example(job, model)
+
+    example.__name__ = f"example_{job}"
+    example.__qualname__ = f"Gateway.{example.__name__}"
+    setattr(Gateway, example.__name__, example)
+    api.get(f"/v1/{job}/example", summary=f"An example request body for POST /v1/{job}",
+            description="What the model's bundle keeps as its example (a forecaster's: the last price rows one "
+            "forecast reads), ready to send to POST /v1/" + job + ". `model`: a served model id (GET /v1/models; "
+            "its `example` field links here when its bundle has one); the job's default model when left out.",
+            responses={200: {"model": request_model, "description": "A request body for POST /v1/" + job + "."},
+                       404: {"model": ErrorResponse, "description": "`model` is not served for this job, or its "
+                             "bundle has no example."},
+                       401: http.ERRORS[401], 503: http.ERRORS[503], 504: http.ERRORS[504]})(example)
 
 
 for _route, _job in registry.routes().items():

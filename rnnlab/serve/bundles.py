@@ -124,7 +124,8 @@ def check_defaults(found: dict[str, dict[str, Path]], defaults: list[str] | None
 
 
 def bundle_info(bundle) -> dict:
-    """What /v1/models shows about a loaded bundle: name, version, job, model config, metrics."""
+    """What /v1/models shows about a loaded bundle: name, version, job, model config, metrics; and its example
+    request body (None without one), which the replica keeps and /v1/models only links to."""
     path = Path(bundle.path)
     try:
         files = json.loads((path / "config.json").read_text(encoding="utf-8")).get("files", {})
@@ -143,6 +144,7 @@ def bundle_info(bundle) -> dict:
         "created": _created(path),  # for OpenAI's model list: when the bundle was written
         "model": without_paths(bundle.model_config),
         "metrics": without_paths(bundle.metrics),
+        "example": bundle.example,
     }
 
 

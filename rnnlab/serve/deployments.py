@@ -117,8 +117,22 @@ def model_id(info: dict) -> str:
     return f"{info['name']}@{info['version']}"
 
 
+class ServesExamples:
+    """``example``, for the Gateway's GET /v1/<job>/example: what a deployment's ``models`` keep as each bundle's
+    example request body."""
+
+    def example(self, model: str | None = None) -> dict:
+        """``{"id", "example"}`` (the example None when the bundle has none), or ``{"error"}`` for an unknown id."""
+        from rnnlab.serve.versions import UnknownModel
+
+        try:
+            return {"id": model or self.models.default, "example": self.models.example(model)}
+        except UnknownModel as error:
+            return {"error": str(error)}
+
+
 @serve.deployment(name="batched", max_ongoing_requests=64, **MODEL_DEPLOYMENT)
-class BatchedDeployment:
+class BatchedDeployment(ServesExamples):
     """A batch of items in (gathered by the Gateway's ``@serve.batch`` from concurrent requests: one handle call
     per batch, not per request), each item validated on its own (``predictor.prepare``), the valid ones through
     the model ``max_batch_size`` at a time (``predictor.predict_prepared``), one answer per item back. A bad
@@ -184,7 +198,7 @@ class BatchedDeployment:
 
 
 @serve.deployment(name="generation", max_ongoing_requests=256, **MODEL_DEPLOYMENT)
-class GenerationDeployment(CompletionsMixin):  # complete / complete_stream: OpenAI's completions
+class GenerationDeployment(CompletionsMixin, ServesExamples):  # complete / complete_stream: OpenAI's completions
     """Text generation with iteration-level batching (rnnlab.serve.scheduler): one model step for every active
     sequence. The predictor gives ``encode_prompt`` (a checked prompt -> ids), ``vocab`` and ``model``."""
 

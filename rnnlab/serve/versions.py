@@ -52,7 +52,9 @@ class UnknownModel(InputError):
 # --- inside a replica -------------------------------------------------------------------------------------------
 class ModelSet:
     """The models one deployment serves, by id. ``load(path) -> (predictor, info)`` loads one bundle (raising
-    RnnlabError for a bad one); ``info`` is what /v1/models shows, its ``version`` the weights' digest."""
+    RnnlabError for a bad one); ``info`` is what /v1/models shows, its ``version`` the weights' digest, except its
+    ``example`` (the bundle's example request body, or None): :meth:`example` answers it, describe() says only
+    whether there is one."""
 
     def __init__(self, job: str, models: dict[str, str] | str, default: str | None,
                  load: Callable[[str], tuple[Any, dict]]) -> None:
@@ -112,8 +114,13 @@ class ModelSet:
             logger.info("rnnlab serve: %s now serves version %s.", model_id, info["version"])
         return swapped
 
+    def example(self, model_id: str | None) -> dict | None:
+        """The example request body of ``model_id``'s bundle (None: it has none); UnknownModel as :meth:`pick`."""
+        return self.pick(model_id)[1].get("example")
+
     def describe(self) -> list[dict]:
-        return [info | {"default": model_id == self.default, "swaps": self.swaps}
+        return [info | {"example": info.get("example") is not None, "default": model_id == self.default,
+                        "swaps": self.swaps}
                 | ({"swap_error": self.errors[model_id]} if model_id in self.errors else {})
                 for model_id, (_, info) in self.served.items()]
 

@@ -118,6 +118,11 @@ class Job:
         """JSON assets for the bundle (vocab.json, scaler.json, ...)."""
         return {}
 
+    def example(self) -> dict | None:
+        """A request body for the job's route to try the model with (the bundle keeps it as example.json, the
+        service answers it at GET /v1/<job>/example); None: the job gives none."""
+        return None
+
     def report(self, model: nn.Module, val: dict, test: EvalResult, output_dir, tracker) -> dict:
         """Main process, after the test: figures/tables for W&B and beside the bundle. Returns extra metrics."""
         return {}

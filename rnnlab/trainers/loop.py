@@ -107,7 +107,7 @@ def train(config: JobConfig | Mapping, output_dir: str | Path, *, resume: bool |
     Returns ``{"val": best validation metrics, "test": test metrics, "best_step": int, "steps": int,
     "stopped_early": bool, "bundle": str}`` on every process.
     """
-    from tqdm.auto import tqdm
+    from rnnlab.progress import progress_bar
 
     config = config if isinstance(config, JobConfig) else validate(config)
     output_dir = Path(output_dir)
@@ -145,8 +145,8 @@ def train(config: JobConfig | Mapping, output_dir: str | Path, *, resume: bool |
                      checkpoints)
         validate_step(accelerator, model, job, state, schedule, checkpoints, tracking, on_eval)
 
-    progress = tqdm(total=schedule.total_steps, initial=state.step, desc=f"train {config.job}", dynamic_ncols=True,
-                    disable=not (accelerator.is_main_process and config.train.progress))
+    progress = progress_bar(total=schedule.total_steps, initial=state.step, desc=f"train {config.job}",
+                            disable=not (accelerator.is_main_process and config.train.progress), dynamic_ncols=True)
     world, clip, log_every = accelerator.num_processes, config.train.grad_clip, max(1, config.train.log_every)
     window = TrainWindow(accelerator.device)
     model.train()
@@ -331,8 +331,10 @@ def finish(accelerator, model, job: Job, checkpoints: Checkpoints, state: TrainS
                 # shows its metrics (the path told strangers this machine's layout)
                 kept = {key: value for key, value in result.items() if key != "bundle"}
                 save_bundle(output_dir / "bundle", job=job.config.job, model=unwrapped, assets=job.assets(),
-                            metrics={**kept, **({"extra": extra} if extra else {})}, config=job.config.to_dict())
+                            metrics={**kept, **({"extra": extra} if extra else {})}, config=job.config.to_dict(),
+                            example=example)
 
+        example = job.example()
         export({})  # the model first: plots, tables and W&B come after and can never cost it
         try:
             extra = job.report(unwrapped, val, test, output_dir, tracking.tracker)
