@@ -402,17 +402,40 @@ def test_elastic_run_survives_a_killed_rank_and_ends_with_the_uninterrupted_weig
         assert torch.equal(straight[name], resumed[name]), name
 
 
+def _wait_until_listening(launcher: subprocess.Popen, port: int, group: Processes, timeout: float = 240) -> None:
+    """Until a process of ``launcher``'s tree listens on ``port``; fails naming whoever else holds it."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while True:
+        assert launcher.poll() is None and time.time() < deadline, group.report(f"nothing listens on {port}")
+        tree = {launcher.pid, *(child.pid for child in psutil.Process(launcher.pid).children(recursive=True))}
+        # pid None: a socket psutil has not matched to a process yet (its /proc scan races new processes)
+        holders = {c.pid for c in psutil.net_connections("tcp")
+                   if c.laddr.port == port and c.status == "LISTEN" and c.pid is not None}
+        assert holders <= tree, group.report(f"port {port} is held by another process: "
+                                             f"{[psutil.Process(pid).cmdline() for pid in holders - tree]}")
+        if holders:
+            return
+        time.sleep(0.1)  # polling the socket table, not synchronising on an event
+
+
 @pytest.mark.slow
 def test_two_machines_of_one_process_follow_the_one_process_loss_curve(data, one_process_run, tmp_path):
     """``--num_machines 2``: one launcher per "machine" (machine ranks 0 and 1), meeting at 127.0.0.1 over gloo,
     as two nodes would at the main node's address (configs/accelerate/multi_node.yaml)."""
-    port = str(free_port())
+    port = free_port()
     with Processes(tmp_path / "logs") as machines:
-        for rank in (0, 1):
-            machines.start(f"machine-{rank}", [
+        def start(rank: int):
+            return machines.start(f"machine-{rank}", [
                 *LAUNCH, "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                "--main_process_port", port, "-m", "rnnlab.launch.train", *_train_argv(data),
+                "--main_process_port", str(port), "-m", "rnnlab.launch.train", *_train_argv(data),
                 "--output", str(tmp_path / "two")], env=_quiet_env(tmp_path), cwd=REPO)
+
+        # Rank 0's store listens before rank 1 dials it, and it is rank 0's: another process on the port (taken
+        # between free_port() and the launch) would otherwise meet rank 1 in its place.
+        _wait_until_listening(start(0), port, machines)
+        start(1)
         machines.wait(timeout=300)
     _assert_follows(one_process_run, tmp_path / "two")
 
