@@ -1,12 +1,11 @@
-"""Shared fixtures and helpers: the data mirror, an isolated cache per test session, free ports, a running
-service over tiny bundles, and what a missing requirement does (skip on a laptop, fail under CI=true)."""
+"""Shared fixtures and helpers: the data mirror, an isolated cache per test session, a running service over tiny
+bundles, and what a missing requirement does (skip on a laptop, fail under CI=true)."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,46 +42,16 @@ def require(module: str, reason: str | None = None):
         skip_or_fail(reason or f"{module} is not installed ({error})")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def read_until_serving(service) -> list[str]:
-    """The output lines of an ``rnnlab serve`` process up to its ready line ("rnnlab: serving ..."), which comes once
-    every deployment is up; fails with what it printed when it exits first. Start it with its output piped as
-    text, under a watchdog: this reads until either happens."""
-    lines = []
-    for line in service.stdout:
-        lines.append(line)
-        if "rnnlab: serving" in line:
-            break
-    assert service.poll() is None, "".join(lines)
-    return lines
-
-
 @contextlib.contextmanager
 def serving(options: dict, *, http_options: dict | None = None, **ray_init) -> Iterator[str]:
     """A local Ray instance (2 CPUs) serving ``build_app(options)`` at 127.0.0.1 on a free port: yields the base
     URL, and stops Serve and Ray after. ``ray_init`` goes to ``ray.init`` (e.g. a metrics export port)."""
-    ray = require("ray")
-    from ray import serve
+    require("ray")
+    from rnnlab.serve.local import deploy, in_process
 
-    from rnnlab.serve.app import build_app
-
-    port = free_port()
-    # address="local": always a new instance, never a cluster some `ray start` on this machine left running
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             **ray_init)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port, **(http_options or {})})
-        serve.run(build_app(options), name="rnnlab", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with in_process(http_options=http_options, **ray_init) as base:
+        deploy(options)
+        yield base
 
 
 @pytest.fixture(scope="module")

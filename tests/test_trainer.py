@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import free_port
+from rnnlab.serve.local import free_port
 from tiny_datasets import make_imdb_tar, make_stock_csv, make_text
 from wandb_files import read_finished_wandb_run
 from rnnlab.errors import ConfigError
