@@ -5,7 +5,8 @@ A bundle is a folder::
     model.safetensors   the weights (safetensors: loading never unpickles)
     config.json         {"format_version", "job", "model": <model config>, "config": <full training config>,
                          "assets": [names], "files": {file name: sha256}, "rnnlab_version", "config_sha256"}
-    <asset>.json        one per asset: vocab.json (sentiment, charlm), scaler.json + target_scaler.json (stock)
+    <asset>.json        one per asset: vocab.json (sentiment, charlm, lm), scaler.json + target_scaler.json
+                        (stock, horizon)
     metrics.json        the training run's final metrics
 
 ``files`` holds the sha256 of every other file and ``config_sha256`` that of config.json's own content (minus

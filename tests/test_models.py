@@ -7,16 +7,10 @@ import torch
 
 from rnnlab.errors import ConfigError
 from rnnlab.registry import JOBS
-from rnnlab.models import (
-    CharConfig,
-    CharLSTM,
-    SentimentConfig,
-    SentimentLSTM,
-    StockConfig,
-    StockLSTM,
-    build_model,
-)
-from rnnlab.models.sentiment import masked_max_mean
+from rnnlab.models import build_model
+from rnnlab.models.charlm import CharConfig, CharLSTM
+from rnnlab.models.sentiment import SentimentConfig, SentimentLSTM, masked_max_mean
+from rnnlab.models.stock import StockConfig, StockLSTM
 
 
 def padded_batch(lengths: list[int], vocab_size: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

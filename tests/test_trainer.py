@@ -485,7 +485,7 @@ def test_fit_lstm_weight_needs_an_ngram_branch(data, tmp_path):
 
 def test_lr_multipliers_must_name_parameters_of_the_model():
     from rnnlab.errors import ConfigError
-    from rnnlab.models import SentimentConfig, SentimentLSTM
+    from rnnlab.models.sentiment import SentimentConfig, SentimentLSTM
     from rnnlab.trainers.optim import parameter_groups
 
     model = SentimentLSTM(SentimentConfig(vocab_size=20, num_layers=2))

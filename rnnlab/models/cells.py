@@ -7,7 +7,7 @@
 Whatever the cell, a recurrent module here takes and returns its state as a TUPLE of tensors, each
 ``[num_layers * directions, B, hidden]``: the LSTM's ``(h, c)`` as ``nn.LSTM`` has it, the GRU's and the RNN's
 ``(h,)``. Code that carries state (truncated BPTT, the generation scheduler, sampling) therefore works on the
-tuple -- ``tuple(t.detach() for t in state)``, ``torch.cat`` per member -- and never asks which cell it holds.
+tuple -- ``detach_state(state)``, ``torch.cat`` per member -- and never asks which cell it holds.
 ``GRU`` and ``RNN`` below subclass ``nn.GRU`` / ``nn.RNN`` only to speak tuples; their parameters (and so the
 names in a bundle's weights) are torch's own.
 
@@ -31,7 +31,6 @@ CELLS = ("lstm", "gru", "rnn")
 Cell = Literal["lstm", "gru", "rnn"]
 State = tuple[torch.Tensor, ...]  # (h, c) for an LSTM, (h,) for a GRU or an RNN
 STATE_SIZE = {"lstm": 2, "gru": 1, "rnn": 1}  # tensors in a cell's state
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # weight blocks per layer: parameters scale with this
 
 
 class CellSettings(ModelSettings):
