@@ -122,7 +122,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(job, extra, one
 
         def build_in_one_buffer(self):
             model = build(self)
-            _flatten_like_cudnn(model.lstm)
+            _flatten_like_cudnn(model.recurrent)
             return model
 
         monkeypatch.setattr(job_class, "build_model", build_in_one_buffer)
@@ -140,7 +140,8 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(job, extra, one
     result = train(config, tmp_path / "resumed", resume=True)
 
     straight, resumed = latest_weights(tmp_path / "straight"), latest_weights(tmp_path / "resumed")
-    assert straight.keys() == resumed.keys() >= {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_hh_l0"}
+    assert straight.keys() == resumed.keys() >= {"recurrent.weight_ih_l0", "recurrent.weight_hh_l0",
+                                                 "recurrent.bias_hh_l0"}
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
     losses = {r["step"]: r["loss"] for r in events(tmp_path / "straight", "train")}

@@ -96,6 +96,17 @@ def zero_state(cell: str, layers: int, batch_size: int, hidden_size: int, *, dev
     return tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(STATE_SIZE[cell]))
 
 
+def load_renamed(module: nn.Module, old: str, new: str) -> None:
+    """``module`` also loads state dicts written when its submodule ``new`` was called ``old`` (bundles and
+    checkpoints from before the rename): their ``old.*`` keys are read as ``new.*``."""
+
+    def rename(module, state_dict, prefix, *_):
+        for key in [key for key in state_dict if key.startswith(f"{prefix}{old}.")]:
+            state_dict[f"{prefix}{new}.{key[len(prefix) + len(old) + 1:]}"] = state_dict.pop(key)
+
+    module.register_load_state_dict_pre_hook(rename)
+
+
 def detach_state(state: State) -> State:
     """The same state with no gradient history (truncated BPTT)."""
     return tuple(t.detach() for t in state)
