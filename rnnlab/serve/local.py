@@ -86,6 +86,8 @@ class LocalService:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 break
         if self.ready_line is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)  # its output ended first, or the deadline passed
             code = self.process.poll()
             self.stop(grace_s=10)
             why = f"exited with code {code}" if code is not None else f"was not serving within {timeout_s:.0f} s"
