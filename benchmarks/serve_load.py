@@ -44,6 +44,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks._harness import deploy, imdb_reviews, price_rows, random_bundles
+from rnnlab.registry import routes
 
 FLOORS = ("healthz", "post-422")  # no model behind them: the HTTP path's own ceilings, measured once per round
 
@@ -410,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             on = [r["batched"][kind][key] for r in rounds]
             off = [r["unbatched"][kind][key] for r in rounds]
             ratios = [a / b for a, b in zip(on, off)]
-            sizes = [r["batched_stats"][f"/v1/{kind}"]["batch_size_mean"] for r in rounds]
+            endpoint = f"/v1/{routes()[kind]}"  # /v1/models names the job's own route (/v1/stock for /v1/forecast)
+            sizes = [r["batched_stats"][endpoint]["batch_size_mean"] for r in rounds]
             errors = sum(r[side][kind]["errors"] for r in rounds for side in ("batched", "unbatched"))
             results["summary"][kind] = {"key": key, "batched": statistics.median(on),
                                         "unbatched": statistics.median(off), "ratios": ratios,
