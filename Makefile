@@ -32,7 +32,7 @@ test-fast: $(BIN)/.installed  ## unit tests only
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/train_speed.py --quick
+	$(BIN)/python -m benchmarks.train_speed --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: a throughput timer, precision contexts and a machine description; for the serving
-benchmarks a free port, a service's stop and a stream's outcome."""
+"""Shared by the benchmark scripts: a throughput timer, precision contexts, a machine description and the JSON report
+(the serving benchmarks' own shared code is in _harness.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,56 +93,3 @@ def write_json(path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {path}")
-
-
-# --- serving benchmarks ----------------------------------------------------------------------------------------
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def stop_service(service: subprocess.Popen) -> None:
-    """Ctrl-C to an `rnnlab serve` started in its own session (it drains and stops Ray), SIGKILL after 2 minutes."""
-    if service.poll() is None:
-        os.killpg(service.pid, signal.SIGINT)
-        try:
-            service.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.pid, signal.SIGKILL)
-
-
-def stream_outcome(last_event: str | None) -> str:
-    """A /v1/generate stream's outcome from its last ``event:``: "ok" for done, else what went wrong."""
-    return {"done": "ok", "error": "sse error"}.get(last_event, "stream cut")
-
-
-async def post_outcome(http, url: str, body: dict, *, stream: bool, timeout: float, headers: dict | None = None,
-                       answered: Callable[[dict], bool] | None = None, timeout_outcome: str = "timeout") -> str:
-    """What one POST to the service came to: "ok"; "http N" for a refusal; a stream's ``stream_outcome``; "empty
-    answer" when ``answered(body)`` is false; ``timeout_outcome`` past ``timeout`` s; "connection <error>"."""
-    import asyncio
-
-    import aiohttp
-
-    async def send() -> str:
-        async with http.post(url, json=body, headers=headers) as response:
-            if response.status != 200:
-                await response.read()
-                return f"http {response.status}"
-            if not stream:
-                payload = await response.json() if answered else await response.read()
-                return "ok" if answered is None or answered(payload) else "empty answer"
-            last_event = None
-            async for line in response.content:
-                if line.startswith(b"event: "):
-                    last_event = line[7:].strip().decode()
-            return stream_outcome(last_event)
-
-    try:
-        return await asyncio.wait_for(send(), timeout)
-    except asyncio.TimeoutError:
-        return timeout_outcome
-    except aiohttp.ClientError as error:
-        return f"connection {type(error).__name__}"

@@ -10,24 +10,21 @@ ones the LSTMs train and are scored on:
 * stock: persistence (close = same-day open, close = previous close) and linear regression on the 37 scaled
   features, on the seed's date split (train .. 2022-12-31, test 2023-01..06).
 
-    python benchmarks/baselines.py                    # all three, a table on stdout
-    python benchmarks/baselines.py --only charlm --json results/baselines.json
+    python -m benchmarks.baselines                    # all three, a table on stdout
+    python -m benchmarks.baselines --only charlm --json results/baselines.json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find ngram.py beside it
-
-from _common import machine_description, write_json  # noqa: E402
-from ngram import WittenBellNgram  # noqa: E402
+from benchmarks._common import machine_description, write_json
+from benchmarks.ngram import WittenBellNgram
 
 BASELINES = ("sentiment", "charlm", "stock")  # the jobs with a simple baseline here
 

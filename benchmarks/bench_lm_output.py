@@ -4,7 +4,7 @@ Times a training step (forward + backward + Adam) of ``WordLSTM`` on random toke
 law like review words (so the adaptive softmax's head sees the share of tokens it would in training), and
 prints tokens/s with each output's ratio to the full softmax measured in the same run.
 
-    python benchmarks/bench_lm_output.py [--vocab 30000] [--embed 128] [--hidden 256] [--batch 32] [--bptt 64]
+    python -m benchmarks.bench_lm_output [--vocab 30000] [--embed 128] [--hidden 256] [--batch 32] [--bptt 64]
                                          [--steps 8] [--threads N]
 """
 

@@ -4,7 +4,7 @@ pytorch#149194 reports nn.LSTM on a PackedSequence 5-110x slower than on padded 
 exact strategies sharing the same weights (see rnnlab/models/sentiment.py); this script times a training step
 (forward + backward) and an inference forward for each on IMDb-like lengths and checks they agree.
 
-    python benchmarks/bench_sentiment_packing.py [--batches 10] [--batch-size 32] [--threads N] [--repeats 1]
+    python -m benchmarks.bench_sentiment_packing [--batches 10] [--batch-size 32] [--threads N] [--repeats 1]
 
 Takes about 6.5 minutes on 2 CPU cores, almost all of it the packed bidirectional training step.
 
@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from rnnlab.models import SentimentConfig, SentimentLSTM
+from rnnlab.models.sentiment import SentimentConfig, SentimentLSTM
 
 
 def bucketed_batches(num_batches: int, batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

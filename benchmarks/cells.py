@@ -34,8 +34,8 @@ interpolated Witten-Bell n-gram of benchmarks/results/baselines.json (best order
 TF-IDF + logistic regression from the same file (trained on all 25,000 reviews, full test set: a stronger setting
 than the reduced recipe's); lm -- a unigram model of the training stream (add-one), computed here.
 
-    OMP_NUM_THREADS=1 python benchmarks/cells.py --json benchmarks/results/cells.json           # ~1 h, 2-core CPU
-    OMP_NUM_THREADS=1 python benchmarks/cells.py --jobs stock --variants lstm gru --json /tmp/x.json   # a minute
+    OMP_NUM_THREADS=1 python -m benchmarks.cells --json benchmarks/results/cells.json           # ~1 h, 2-core CPU
+    OMP_NUM_THREADS=1 python -m benchmarks.cells --jobs stock --variants lstm gru --json /tmp/x.json   # a minute
 """
 
 from __future__ import annotations
@@ -52,9 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import machine_description  # noqa: E402
+from benchmarks._common import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

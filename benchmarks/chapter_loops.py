@@ -17,8 +17,8 @@ sentiment: the DataLoader iterates raw reviews in random order; its ``collate_ba
 Both are reproduced here at the chapter's model sizes (charlm: embedding 256, LSTM 512; sentiment: embedding 32,
 LSTM 50, FC 32) with Adam(lr=0.003), and timed as training throughput (characters/s, tokens/s). Run alone::
 
-    python benchmarks/chapter_loops.py charlm --seconds 20
-    python benchmarks/chapter_loops.py sentiment --seconds 30
+    python -m benchmarks.chapter_loops charlm --seconds 20
+    python -m benchmarks.chapter_loops sentiment --seconds 30
 
 ``benchmarks/train_speed.py`` runs them beside rnnlab's loops in one process and prints the ratios.
 """
@@ -27,18 +27,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import Throughput, autocast, machine_description, measure  # noqa: E402
+from benchmarks._common import Throughput, autocast, machine_description, measure
 
 # ---------------------------------------------------------------------------------------------------------
 # charlm: the per-character loop

@@ -22,7 +22,7 @@ error):
 
 statsforecast and neuralforecast are benchmark extras (``pip install rnnlab[peers]``), never runtime dependencies.
 
-    python benchmarks/forecast_peers.py --protocol both --json benchmarks/results/forecast_peers.json \
+    python -m benchmarks.forecast_peers --protocol both --json benchmarks/results/forecast_peers.json \
         --run backtest:seq2seq=runs/horizon-backtest --figure docs/horizon_peers.png
 """
 
@@ -40,12 +40,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rnnlab.data.horizon import PROTOCOLS, load_horizon_data, random_walk_quantiles  # noqa: E402
-from rnnlab.data.sources import resolve  # noqa: E402
-from rnnlab.forecasting import forecast_metrics  # noqa: E402
+from rnnlab.data.horizon import PROTOCOLS, load_horizon_data, random_walk_quantiles
+from rnnlab.data.sources import resolve
+from rnnlab.forecasting import forecast_metrics
 
 TAUS = [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]
 LEVELS = {0.05: ("lo", 90), 0.1: ("lo", 80), 0.25: ("lo", 50), 0.75: ("hi", 50), 0.9: ("hi", 80),

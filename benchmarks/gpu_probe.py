@@ -8,7 +8,7 @@ weight gradient, ``|a - ref| / |ref|``), and timed with CUDA events (median of 2
 Finally it asks rnnlab's own ``resolve_precision`` what the trainer would use for each request, so the
 fall-back path (``training in fp32 instead``) is exercised on real cuDNN.
 
-    python benchmarks/gpu_probe.py --json probe.json
+    python -m benchmarks.gpu_probe --json probe.json
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ NO_WANDB=(--set tracking.wandb=false --set train.progress=false)
 
 step "1. machine and cuDNN LSTM precision probe"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-$PY benchmarks/gpu_probe.py --json "$OUT/probe.json"
+$PY -m benchmarks.gpu_probe --json "$OUT/probe.json"
 
 step "2. smoke training, every job x precision, on the GPU (in parallel)"
 for job in charlm stock sentiment; do
@@ -70,7 +70,7 @@ if [ "$(cat "$WORK/smoke/charlm-no.rc")" != 0 ]; then
 fi
 
 step "3. training speed: chapter loop vs rnnlab, fp32, bf16 and fp16 autocast"
-$PY benchmarks/train_speed.py --device cuda --precision fp32 bf16 fp16 --large-batch 1024 --large-seq 100 \
+$PY -m benchmarks.train_speed --device cuda --precision fp32 bf16 fp16 --large-batch 1024 --large-seq 100 \
   --seconds "$SPEED_SECONDS" --skip-chapter-sampler --data-mirror "$MIRROR" --json "$OUT/train_speed_gpu.json" \
   >"$WORK/train_speed.log" 2>&1
 sed -n '/^machine:/,$p' "$WORK/train_speed.log"; tail -3 "$WORK/train_speed.log" | grep -i error
@@ -79,7 +79,7 @@ left=$(( BUDGET_S - $(elapsed) - 25 ))
 step "4. charlm quality, side by side until a deadline ${left} s from now"
 quality() {  # name, then quality.py arguments
   local name=$1; shift
-  timeout "$left" $PY benchmarks/quality.py --data-mirror "$MIRROR" --output "$WORK/quality/$name" \
+  timeout "$left" $PY -m benchmarks.quality --data-mirror "$MIRROR" --output "$WORK/quality/$name" \
     --set charlm:tracking.wandb=false --set charlm:train.progress=false "$@" \
     --json "$OUT/quality_$name.json" >"$WORK/quality/$name.log" 2>&1
 }

@@ -17,8 +17,8 @@ walk with Gaussian quantiles of the EWMA volatility: no network) scored on the s
 ``--stage test`` then trains the recipes on the two protocols (``backtest``, ``chapter``) with ``--test-seeds``
 seeds each and reports the test's mean and spread: each seed's test is scored once, by its run, at its end.
 
-    OMP_NUM_THREADS=1 python benchmarks/horizon_folds.py --stage folds --json benchmarks/results/horizon_folds.json
-    OMP_NUM_THREADS=1 python benchmarks/horizon_folds.py --stage test --recipes direct_zero seq2seq_learned \\
+    OMP_NUM_THREADS=1 python -m benchmarks.horizon_folds --stage folds --json benchmarks/results/horizon_folds.json
+    OMP_NUM_THREADS=1 python -m benchmarks.horizon_folds --stage test --recipes direct_zero seq2seq_learned \\
         --json benchmarks/results/horizon_folds.json
 """
 
@@ -35,15 +35,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import machine_description
+from benchmarks.forecast_peers import TAUS, ewma_gaussian
 
-from _common import machine_description  # noqa: E402
-from forecast_peers import TAUS, ewma_gaussian  # noqa: E402
-
-from rnnlab.data.horizon import PROTOCOLS, load_horizon_data, random_walk_quantiles  # noqa: E402
-from rnnlab.data.sources import resolve  # noqa: E402
-from rnnlab.forecasting import forecast_metrics  # noqa: E402
+from rnnlab.data.horizon import PROTOCOLS, load_horizon_data, random_walk_quantiles
+from rnnlab.data.sources import resolve
+from rnnlab.forecasting import forecast_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDS = {

@@ -1,7 +1,7 @@
 """kill -9 a training run inside its training steps, resume it, and check it ends with the uninterrupted run's weights.
 
-    python benchmarks/kill_resume.py --kills 20 --json benchmarks/results/kill_resume.json
-    python benchmarks/kill_resume.py --kills 5 --job charlm --source my.txt --set train.max_steps=40
+    python -m benchmarks.kill_resume --kills 20 --json benchmarks/results/kill_resume.json
+    python -m benchmarks.kill_resume --kills 5 --job charlm --source my.txt --set train.max_steps=40
 
 1. One uninterrupted run (``rnnlab.launch.train JOB --preset smoke``, every step logged): its bundle weights are
    the reference and its metrics.jsonl gives the number of training steps N.

@@ -1,8 +1,8 @@
 """Characters/s of the OpenAI-compatible /v1/completions beside /v1/charlm, same service, same run.
 
-    python benchmarks/openai_load.py --seconds 10 --clients 32 --rounds 2 --json openai_load.json
+    python -m benchmarks.openai_load --seconds 10 --clients 32 --rounds 2 --json openai_load.json
 
-Starts a local service over chapter-sized random bundles (benchmarks/serve_load.py's, or --bundles) and sends the
+Starts a local service over chapter-sized random bundles (benchmarks/_harness.py's, or --bundles) and sends the
 same generation (prompt, length, temperature, a fresh seed per request) to both routes AT ONCE, half of
 ``--clients`` on each, for ``--seconds``, plain and then streamed, ``--rounds`` times: on a shared machine whose
 load comes and goes, both routes see the same load at the same moment. Their sequences share the decoding batch,
@@ -22,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from serve_load import deploy, imdb_reviews, random_bundles  # noqa: E402
+from benchmarks._harness import deploy, random_bundles
 
 PROMPT = "the emperor"
 
@@ -111,33 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
-    import ray
-    from ray import serve
+    from rnnlab.serve.local import in_process
 
-    from rnnlab.launch.serve_cmd import choose_ingress
-
-    proxy_port = choose_ingress(True, "127.0.0.1", args.port)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
-    base = f"http://127.0.0.1:{args.port}"
     phases = []
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch), imdb_reviews(64))
-            deploy(bundles, None, max_streams=args.clients, max_ongoing_requests=2 * args.clients,
-                   max_queued_requests=2 * args.clients)
-            for number in range(1, args.rounds + 1):
-                for stream in (False, True):
-                    for result in asyncio.run(phase(base, stream, clients=args.clients, seconds=args.seconds,
-                                                    tokens=args.tokens)):
-                        phases.append(result | {"round": number})
-                        print(f"[round {number}] {result['route']:15s} {'stream' if stream else 'plain ':6s} "
-                              f"{result['chars_per_s']:8.0f} chars/s  p50 {result['p50_ms']:7.1f} ms  "
-                              f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}"
-                              + (f" ({result['first_error']})" if result["errors"] else ""), flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with tempfile.TemporaryDirectory() as scratch, in_process(args.port, direct=True) as base:
+        bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch))
+        deploy(bundles, None, max_streams=args.clients, max_ongoing_requests=2 * args.clients,
+               max_queued_requests=2 * args.clients)
+        for number in range(1, args.rounds + 1):
+            for stream in (False, True):
+                for result in asyncio.run(phase(base, stream, clients=args.clients, seconds=args.seconds,
+                                                tokens=args.tokens)):
+                    phases.append(result | {"round": number})
+                    print(f"[round {number}] {result['route']:15s} {'stream' if stream else 'plain ':6s} "
+                          f"{result['chars_per_s']:8.0f} chars/s  p50 {result['p50_ms']:7.1f} ms  "
+                          f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}"
+                          + (f" ({result['first_error']})" if result["errors"] else ""), flush=True)
     summary = {}
     for stream in (False, True):
         ratios = [c["chars_per_s"] / g["chars_per_s"] for g, c in zip(

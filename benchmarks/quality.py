@@ -16,9 +16,9 @@ Full presets take hours on a 2-core CPU (charlm ``chapter`` is 10,000 steps of 6
 ``chapter`` is 10 epochs). ``--set JOB:KEY=VALUE`` changes a run (shorter, a variant); the table names the keys a run changed (keys that only
 change logging, ``tracking.*`` and ``train.progress``, are not counted).
 
-    python benchmarks/quality.py stock:chapter stock:default
-    python benchmarks/quality.py sentiment:chapter --set sentiment:train.epochs=2 --json results/quality.json
-    python benchmarks/quality.py --collect-only sentiment:default     # tabulate a finished run again
+    python -m benchmarks.quality stock:chapter stock:default
+    python -m benchmarks.quality sentiment:chapter --set sentiment:train.epochs=2 --json results/quality.json
+    python -m benchmarks.quality --collect-only sentiment:default     # tabulate a finished run again
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks._common import machine_description, write_json
 
-from _common import machine_description, write_json  # noqa: E402
-
-from rnnlab.registry import JOBS, presets  # noqa: E402
+from rnnlab.registry import JOBS, presets
 
 # Measured with baselines.py on the mirror (see benchmarks/README.md); used when --baselines is not given.
 REFERENCE_BASELINES: dict[str, Any] = {

@@ -1,9 +1,9 @@
 """Chaos run for `rnnlab serve`: clients keep the service busy while model replicas are killed.
 
-    python benchmarks/serve_chaos.py                       # 32 clients, 60 s, Generator killed at 15 s, Sentiment at 35 s
-    python benchmarks/serve_chaos.py --json benchmarks/results/serve_chaos.json
+    python -m benchmarks.serve_chaos                       # 32 clients, 60 s, Generator killed at 15 s, Sentiment at 35 s
+    python -m benchmarks.serve_chaos --json benchmarks/results/serve_chaos.json
 
-Starts its own local service (2 CPUs, default limits, chapter-sized random bundles as serve_load.py builds) and
+Starts its own local service (2 CPUs, default limits, chapter-sized random bundles as _harness.py builds) and
 runs ``--clients`` clients for ``--seconds``: a quarter each on /v1/sentiment, /v1/forecast, /v1/generate and
 /v1/generate with ``stream``. Each replica is killed once with ``ray.kill`` (as a crashed process would be);
 Serve starts a new one. Every request is recorded: ok, its HTTP status, an SSE ``error`` event, a stream cut
@@ -24,10 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import free_port, post_outcome  # noqa: E402
-from serve_load import imdb_reviews, price_rows, random_bundles  # noqa: E402
+from benchmarks._harness import deploy, imdb_reviews, post_outcome, price_rows, random_bundles
 
 KINDS = ("sentiment", "forecast", "generate", "stream")
 DEPLOYMENT_OF = {"sentiment": "sentiment", "forecast": "stock", "generate": "charlm", "stream": "charlm"}  # deployment = job
@@ -113,23 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
-    import ray
-    from ray import serve
-
-    from rnnlab.serve.app import build_app
+    from rnnlab.serve.local import in_process
 
     reviews, rows = imdb_reviews(), price_rows()
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-        with tempfile.TemporaryDirectory() as scratch:
-            serve.run(build_app({"bundles": str(random_bundles(Path(scratch), reviews))}), name="rnnlab",
-                      route_prefix="/")
-            records, kills = asyncio.run(chaos(f"http://127.0.0.1:{port}", args, reviews, rows))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with tempfile.TemporaryDirectory() as scratch, in_process(http_options={"request_timeout_s": 60}) as base:
+        deploy(random_bundles(Path(scratch)))
+        records, kills = asyncio.run(chaos(base, args, reviews, rows))
     report = summarize(records, kills, args.seconds)
     report["setup"] = {"clients": args.clients, "seconds": args.seconds, "timeout_s": args.timeout,
                        "kills": kills}

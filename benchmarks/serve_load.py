@@ -1,8 +1,8 @@
 """Load test for `rnnlab serve`: N concurrent clients for T seconds, batching on vs off in one run.
 
-    python benchmarks/serve_load.py                      # starts its own local service (2 CPUs) and compares
-    python benchmarks/serve_load.py --bundles runs/bundles   # ... over trained bundles instead of random ones
-    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --only sentiment   # a running service, as is
+    python -m benchmarks.serve_load                      # starts its own local service (2 CPUs) and compares
+    python -m benchmarks.serve_load --bundles runs/bundles   # ... over trained bundles instead of random ones
+    python -m benchmarks.serve_load --url http://127.0.0.1:8000 --only sentiment   # a running service, as is
 
 Phases (own service): each endpoint with batching on (max_batch_size 32 for sentiment/forecast, 128 sequences
 for generation) and then with max_batch_size=1 everywhere (the Gateway's gathering and the model deployments:
@@ -16,8 +16,8 @@ and the served characters/s at 32 and 128 concurrent clients, plain and streamed
 requests (`--gen-clients`, `--gen-lengths`), each phase beside the ceiling measured just before and after it,
 with the Generator replica's busy fraction and ms/step (where the time went):
 
-    python benchmarks/serve_load.py --generation --seconds 10 --json gen.json
-    python benchmarks/serve_load.py --generation --proxy   # HTTP through Ray's proxy actor, as on a cluster
+    python -m benchmarks.serve_load --generation --seconds 10 --json gen.json
+    python -m benchmarks.serve_load --generation --proxy   # HTTP through Ray's proxy actor, as on a cluster
 
 The service it starts takes HTTP the way `rnnlab serve` does on one machine: the Gateway replica listens on
 --port itself (Ray Serve's direct ingress); `--proxy` puts Ray's proxy actor in front, as `rnnlab serve --proxy`
@@ -37,15 +37,15 @@ import os
 import random
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-MIRROR = Path(os.environ.get("RNNLAB_DATA_MIRROR") or REPO.parent / "shared" / "data")
+from benchmarks._harness import deploy, imdb_reviews, price_rows, random_bundles
+from rnnlab.registry import routes
+
 FLOORS = ("healthz", "post-422")  # no model behind them: the HTTP path's own ceilings, measured once per round
 
 
@@ -127,88 +127,7 @@ async def run_clients(url: str, make_body, *, clients: int, seconds: float, coun
     return result
 
 
-# --- request bodies --------------------------------------------------------------------------------------------
-def imdb_reviews(limit: int = 512) -> list[str]:
-    archive = MIRROR / "aclImdb_v1.tar.gz"
-    if archive.is_file():
-        texts = []
-        with tarfile.open(archive, "r:gz") as tar:  # the test split comes first in the archive: stop early
-            for member in tar:
-                if member.name.startswith("aclImdb/test/") and member.name.endswith(".txt") and member.isfile():
-                    texts.append(tar.extractfile(member).read().decode("utf-8"))
-                    if len(texts) == limit:
-                        break
-        if texts:
-            return texts
-    rng = random.Random(0)
-    words = "the a film movie good bad great plot acting story was is and but not very really one".split()
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(50, 500))) for _ in range(limit)]
-
-
-def price_rows(count: int = 300) -> list[dict]:
-    csv = MIRROR / "19900101_20230630.csv"
-    if csv.is_file():
-        import pandas as pd
-
-        frame = pd.read_csv(csv).tail(count)
-        return [{"date": r.Date, "open": r.Open, "high": r.High, "low": r.Low, "close": r.Close,
-                 "volume": float(r.Volume)} for r in frame.itertuples()]
-    return synthetic_rows(count)
-
-
-def synthetic_rows(count: int, seed: int = 0) -> list[dict]:
-    import numpy as np
-    import pandas as pd
-
-    rng = np.random.default_rng(seed)
-    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, count)))
-    open_ = close * np.exp(rng.normal(0, 0.003, count))
-    dates = pd.bdate_range("2020-01-01", periods=count)
-    return [{"date": d.date().isoformat(), "open": float(o), "high": float(max(o, c) * 1.005),
-             "low": float(min(o, c) * 0.995), "close": float(c), "volume": float(rng.integers(1e6, 1e7))}
-            for d, o, c in zip(dates, open_, close)]
-
-
-# --- a local service over chapter-sized bundles ------------------------------------------------------------------
-def random_bundles(directory: Path, reviews: list[str], preset: str = "chapter", seed: int = 0) -> Path:
-    """Chapter-sized bundles from randomly initialised models: the compute of trained ones, in a second. Another
-    ``seed``, other weights (another version of the same models: benchmarks/serve_swap.py)."""
-    import torch
-
-    from rnnlab.bundle import save_bundle
-    from rnnlab.data.imdb import tokenize
-    from rnnlab.data.stock import FEATURE_NAMES, Scaler
-    from rnnlab.data.vocab import build_vocab
-    from rnnlab.models import SentimentConfig, build_model
-
-    from rnnlab.config import load_config
-
-    torch.manual_seed(seed)
-    vocab = build_vocab(tokenize(text) for text in reviews)
-    recipe = load_config("sentiment", preset)  # the architecture (and max_length) that preset trains
-    # the model's own keys: the section also holds training's (init_from, fit_lstm_weight)
-    architecture = {key: value for key, value in recipe["model"].items() if key in SentimentConfig.model_fields}
-    save_bundle(directory / "sentiment", job="sentiment",
-                model=build_model("sentiment", {**architecture, "vocab_size": len(vocab)}),
-                assets={"vocab": vocab.to_json()}, metrics={},
-                config={"job": "sentiment", "data": {"max_length": recipe["data"].get("max_length")}})
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    scaler = Scaler.fit(rng.normal(size=(64, len(FEATURE_NAMES))), columns=list(FEATURE_NAMES))
-    target_scaler = Scaler.fit(rng.normal(30_000, 1_000, size=(64, 1)), columns=["close"])
-    save_bundle(directory / "stock", job="stock", model=build_model("stock", {"num_features": len(FEATURE_NAMES)}),
-                assets={"scaler": scaler.to_json(), "target_scaler": target_scaler.to_json()}, metrics={},
-                config={"job": "stock", "data": {"window": 5, "target": "close"}})
-    text_path = MIRROR / "warpeace_input.txt"
-    fallback = "abcdefghijklmnopqrstuvwxyz .,\n"
-    text = text_path.read_text(encoding="utf-8-sig").lower() if text_path.is_file() else fallback
-    chars = build_vocab([text], specials=())
-    save_bundle(directory / "charlm", job="charlm", model=build_model("charlm", {"vocab_size": len(chars)}),
-                assets={"vocab": chars.to_json()}, metrics={}, config={"job": "charlm", "data": {"lowercase": True}})
-    return directory
-
-
+# --- measurements -------------------------------------------------------------------------------------------
 def model_ceiling(bundles: Path, reviews: list[str], seconds: float = 3.0) -> dict:
     """In-process sentiment throughput at batch 1 vs 32 (one torch thread, as a replica has): the most that
     batching can buy before any HTTP or Ray overhead is counted."""
@@ -231,20 +150,6 @@ def model_ceiling(bundles: Path, reviews: list[str], seconds: float = 3.0) -> di
         out[f"reviews_per_s_batch_{size}"] = done / (time.perf_counter() - start)
     torch.set_num_threads(threads)
     return out
-
-
-def deploy(bundles: Path, max_batch_size: int | None, batch_wait_timeout_s: float | None = None,
-           **limits: int) -> None:
-    from ray import serve
-
-    from rnnlab.serve.app import build_app
-
-    args = {"bundles": str(bundles), **limits}
-    if max_batch_size is not None:
-        args["max_batch_size"] = max_batch_size
-    if batch_wait_timeout_s is not None:
-        args["batch_wait_timeout_s"] = batch_wait_timeout_s
-    serve.run(build_app(args), name="rnnlab", route_prefix="/")
 
 
 def batching_stats(base: str) -> dict:
@@ -388,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="a running service; measure it as it is (no batching comparison)")
     parser.add_argument("--bundles", help="bundle folder for the service this script starts")
     parser.add_argument("--preset", default="chapter", choices=["chapter", "default"],
-                        help="sentiment architecture of the random bundle (without --bundles)")
+                        help="the preset whose model sizes the random bundles have (without --bundles)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--max-new-tokens", type=int, default=100)
@@ -447,27 +352,34 @@ def main(argv: list[str] | None = None) -> int:
         results = {"as_deployed": measure(args.url.rstrip("/"), "service")}
         results["batching"] = batching_stats(args.url.rstrip("/"))
     else:
-        import ray
-        from ray import serve
+        from rnnlab.serve.local import in_process
 
-        from rnnlab.launch.serve_cmd import choose_ingress
-
-        # as rnnlab serve does (each phase's serve.run restarts the Gateway, which gets its one port back at once)
-        proxy_port = choose_ingress(not args.proxy, "127.0.0.1", args.port)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
-        base = f"http://127.0.0.1:{args.port}"
         rounds: list[dict] = []
         with tempfile.TemporaryDirectory() as scratch:
-            bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch), reviews, args.preset)
+            bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch), args.preset)
+            # direct ingress as rnnlab serve has it (each phase's serve.run restarts the Gateway, which gets its
+            # one port back at once)
+            with in_process(args.port, direct=not args.proxy) as base:
+                if args.generation:
+                    # room for every client's sequence in one decoding batch, and for every client's stream and
+                    # request at the Gateway (the service's defaults shed load above 32 streams)
+                    most = max(args.gen_clients)
+                    deploy(bundles, most, max_streams=most, max_ongoing_requests=2 * most,
+                           max_queued_requests=2 * most)
+                    results = {"generation": generation_phases(base, bundles, args)}
+                else:
+                    # Batched and unbatched phases alternate, `--rounds` times: load from other processes on the
+                    # machine comes and goes, and alternating spreads it over both sides; ratios are taken within
+                    # each round.
+                    for number in range(1, args.rounds + 1):
+                        deploy(bundles, args.batch_size, args.batch_wait)  # new user_config: Ray restarts replicas
+                        before = batching_stats(base)
+                        batched = measure(base, f"batched {number}")
+                        stats = phase_stats(before, batching_stats(base))
+                        deploy(bundles, 1)  # max_batch_size=1 everywhere: Gateway gathering and model forward passes
+                        rounds.append({"batched": batched, "batched_stats": stats,
+                                       "unbatched": measure(base, f"unbatched {number}")})
             if args.generation:
-                # room for every client's sequence in one decoding batch, and for every client's stream and
-                # request at the Gateway (the service's defaults shed load above 32 streams)
-                most = max(args.gen_clients)
-                deploy(bundles, most, max_streams=most, max_ongoing_requests=2 * most, max_queued_requests=2 * most)
-                results = {"generation": generation_phases(base, bundles, args)}
-                serve.shutdown()
-                ray.shutdown()
                 print_generation_summary(results["generation"])
                 results["setup"] = {"ingress": ingress, "seconds": args.seconds,
                                     "ceiling_seconds": args.ceiling_seconds,
@@ -475,18 +387,6 @@ def main(argv: list[str] | None = None) -> int:
                 if args.json:
                     Path(args.json).write_text(json.dumps(results, indent=2))
                 return 0
-            # Batched and unbatched phases alternate, `--rounds` times: load from other processes on the machine
-            # comes and goes, and alternating spreads it over both sides; ratios are taken within each round.
-            for number in range(1, args.rounds + 1):
-                deploy(bundles, args.batch_size, args.batch_wait)  # redeploy with the new user_config (Ray 2.60 restarts the replicas)
-                before = batching_stats(base)
-                batched = measure(base, f"batched {number}")
-                stats = phase_stats(before, batching_stats(base))
-                deploy(bundles, 1)  # max_batch_size=1 everywhere: Gateway gathering and model forward passes
-                rounds.append({"batched": batched, "batched_stats": stats,
-                               "unbatched": measure(base, f"unbatched {number}")})
-            serve.shutdown()
-            ray.shutdown()
             results = {"rounds": rounds,
                        "ray_serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}}
             if "sentiment" in args.only:
@@ -511,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             on = [r["batched"][kind][key] for r in rounds]
             off = [r["unbatched"][kind][key] for r in rounds]
             ratios = [a / b for a, b in zip(on, off)]
-            sizes = [r["batched_stats"][f"/v1/{kind}"]["batch_size_mean"] for r in rounds]
+            endpoint = f"/v1/{routes()[kind]}"  # /v1/models names the job's own route (/v1/stock for /v1/forecast)
+            sizes = [r["batched_stats"][endpoint]["batch_size_mean"] for r in rounds]
             errors = sum(r[side][kind]["errors"] for r in rounds for side in ("batched", "unbatched"))
             results["summary"][kind] = {"key": key, "batched": statistics.median(on),
                                         "unbatched": statistics.median(off), "ratios": ratios,

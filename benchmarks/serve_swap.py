@@ -1,7 +1,7 @@
 """Model swaps under load: 32 clients for 60 s while the bundles behind two model ids are swapped every 15 s.
 
-    python benchmarks/serve_swap.py                        # 32 clients, 60 s, a swap every 15 s
-    python benchmarks/serve_swap.py --json benchmarks/results/serve_swap.json
+    python -m benchmarks.serve_swap                        # 32 clients, 60 s, a swap every 15 s
+    python -m benchmarks.serve_swap --json benchmarks/results/serve_swap.json
 
 Starts `rnnlab serve` (a subprocess, as users start it: direct ingress, default limits) over two models,
 ``imdb`` (sentiment) and ``wp`` (charlm), each with two versions: chapter-sized bundles of randomly initialised
@@ -24,33 +24,26 @@ import json
 import logging
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks._harness import REPO, imdb_reviews, random_bundles, repo_env, stream_outcome
+from rnnlab.serve.local import LocalService
 
-from _common import free_port, stop_service, stream_outcome  # noqa: E402
-from serve_load import imdb_reviews, random_bundles  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 MODELS = {"imdb": "sentiment", "wp": "charlm"}  # served id -> the bundle of random_bundles it is
 TARGETS = {"sentiment": "imdb", "stream": "wp"}  # the model id each kind of client asks for
 
 
-def make_versions(root: Path, reviews: list[str]) -> tuple[Path, dict[str, list[Path]]]:
+def make_versions(root: Path) -> tuple[Path, dict[str, list[Path]]]:
     """``root/serving`` (what --bundles names: version 1 of each id) and {id: [version 1, version 2]}."""
     import shutil
 
-    import torch
-
     versions: dict[str, list[Path]] = {model_id: [] for model_id in MODELS}
     for seed in (1, 2):
-        torch.manual_seed(seed)
-        built = random_bundles(root / f"seed{seed}", reviews, seed=seed)
+        built = random_bundles(root / f"seed{seed}", seed=seed, jobs=MODELS.values())
         for model_id, job in MODELS.items():
             target = root / f"v{seed}" / model_id
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -61,25 +54,6 @@ def make_versions(root: Path, reviews: list[str]) -> tuple[Path, dict[str, list[
     for model_id, (first, _) in versions.items():
         shutil.copytree(first, serving / model_id)
     return serving, versions
-
-
-def start_service(bundles: Path, port: int, log: Path, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
-    """``rnnlab serve`` in its own session; returns it and the Ray address it printed (for swaps)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    handle = open(log, "w")
-    service = subprocess.Popen([sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(bundles),
-                                "--port", str(port), *extra], stdout=handle, stderr=subprocess.STDOUT, env=env,
-                               start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if service.poll() is not None:
-            raise SystemExit(f"serve_swap: the service exited ({service.returncode}); see {log}:\n"
-                             f"{log.read_text()[-3000:]}")
-        match = re.search(r"rnnlab swap --address (\S+)", log.read_text())
-        if match:
-            return service, match.group(1)
-        time.sleep(0.5)
-    raise SystemExit(f"serve_swap: the service did not start within 600 s; see {log}")
 
 
 async def one_request(http, base: str, kind: str, rng: random.Random, reviews, timeout: float,
@@ -132,9 +106,8 @@ def run_load(base: str, address: str, versions: dict[str, list[Path]], *, client
     # it has joined; the clock starts then, for both.
     plan = {"address": address, "every": every, "seconds": seconds,
             "versions": {model_id: [str(p) for p in paths] for model_id, paths in versions.items()}}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    swapper = subprocess.Popen([sys.executable, __file__, "--swapper", json.dumps(plan)], env=env,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    swapper = subprocess.Popen([sys.executable, "-m", "benchmarks.serve_swap", "--swapper", json.dumps(plan)],
+                               env=repo_env(), cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     ready = swapper.stdout.readline()
     if ready.strip() != "READY":
         swapper.kill()
@@ -174,7 +147,7 @@ def swapper_main(plan: dict) -> int:
     """``--swapper PLAN``: join the service's Ray, say READY, read the start time (epoch) from stdin, then every
     ``every`` s until ``seconds`` pass point every id at its other version; one ``SWAP [asked, done, {id: version}
     or {"error": ...}]`` line per swap, in s from the epoch."""
-    from rnnlab.launch.swap_cmd import bring_token
+    from rnnlab.cluster import bring_token
 
     bring_token()  # before Ray is imported
     import ray
@@ -259,18 +232,13 @@ def benchmark(*, clients: int, seconds: float, every: float, timeout: float = 60
     reviews = imdb_reviews(256)
     with tempfile.TemporaryDirectory(prefix="swap-") as temporary:
         root = Path(scratch or temporary)
-        serving, versions = make_versions(root, reviews)
-        port = free_port()
-        log = root / "serve.log"
+        serving, versions = make_versions(root)
         started = time.monotonic()
-        service, address = start_service(serving, port, log)
-        try:
+        with LocalService(serving, env=repo_env(), log=root / "serve.log") as service:
             print(f"service up in {time.monotonic() - started:.0f} s; {clients} clients for {seconds:g} s, a swap "
                   f"every {every:g} s", flush=True)
-            records, swaps = run_load(f"http://127.0.0.1:{port}", address, versions, clients=clients,
+            records, swaps = run_load(service.url, service.ray_address, versions, clients=clients,
                                       seconds=seconds, every=every, timeout=timeout, reviews=reviews)
-        finally:
-            stop_service(service)
     report = summarize(records, swaps, seconds)
     report["setup"] = {"clients": clients, "seconds": seconds, "every_s": every, "timeout_s": timeout,
                        "load_average": os.getloadavg(), "cpus": os.cpu_count(),

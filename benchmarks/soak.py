@@ -1,13 +1,13 @@
 """Soak run for `rnnlab serve`: mixed traffic from 16 clients for 20 minutes, watching errors, p99 latency and each
 replica's resident memory minute by minute.
 
-    python benchmarks/soak.py                                   # 16 clients, 20 min, its own service
-    python benchmarks/soak.py --minutes 3 --json /tmp/soak.json --png /tmp/soak.png   # a short shake-out
-    python benchmarks/soak.py --bundles runs/bundles            # over trained bundles instead of random ones
-    python benchmarks/soak.py --url http://127.0.0.1:8000       # a service already running on this machine
+    python -m benchmarks.soak                                   # 16 clients, 20 min, its own service
+    python -m benchmarks.soak --minutes 3 --json /tmp/soak.json --png /tmp/soak.png   # a short shake-out
+    python -m benchmarks.soak --bundles runs/bundles            # over trained bundles instead of random ones
+    python -m benchmarks.soak --url http://127.0.0.1:8000       # a service already running on this machine
 
 It starts the service as users do (`rnnlab serve`, a subprocess: direct ingress, default limits) over
-chapter-sized bundles of randomly initialised models (serve_load.py's: the compute of trained ones), unless
+chapter-sized bundles of randomly initialised models (_harness.py's: the compute of trained ones), unless
 `--url` names a running one. Each client sends one request after another, each a random pick of: a review to
 classify (`/v1/sentiment`), a 100-character generation stream (`/v1/generate`, `stream: true`, read to its `done`
 event) or a 300-day forecast (`/v1/forecast`). An error is anything but a 200 with a whole answer: another status,
@@ -31,38 +31,18 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks._harness import REPO, imdb_reviews, post_outcome, price_rows, random_bundles, repo_env
+from rnnlab.serve.local import LocalService
 
-from _common import free_port, post_outcome, stop_service  # noqa: E402
-from serve_load import imdb_reviews, price_rows, random_bundles  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 KINDS = ("sentiment", "stream", "forecast")
 
 
-# --- the service -------------------------------------------------------------------------------------------------
-def start_service(bundles: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(bundles), "--port", str(port),
-               *extra]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    handle = open(log, "w")
-    service = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if service.poll() is not None:
-            raise SystemExit(f"soak: the service exited ({service.returncode}); see {log}")
-        if "rnnlab: serving" in log.read_text():
-            return service
-        time.sleep(1)
-    raise SystemExit(f"soak: the service did not start within 600 s; see {log}")
-
-
+# --- the service's replicas ------------------------------------------------------------------------------------
 def replica_memory(root: int | None) -> dict[str, dict]:
     """{deployment: {"pid", "rss_mb"}} of the Serve replica processes under process ``root`` (the service this
     script started: Ray's processes are its descendants), or on the whole machine (``root`` None: --url).
@@ -248,19 +228,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             base = args.url.rstrip("/")
         else:
-            bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch.name), reviews)
-            port = free_port()
-            log = Path(scratch.name) / "serve.log"
+            bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch.name))
             started = time.monotonic()
-            service = start_service(bundles, port, log, args.serve_arg)
-            print(f"service up in {time.monotonic() - started:.0f} s on port {port}; soaking {args.minutes:g} min "
-                  f"with {args.clients} clients", flush=True)
-            base = f"http://127.0.0.1:{port}"
+            service = LocalService(bundles, args.serve_arg, env=repo_env())
+            service.start()
+            print(f"service up in {time.monotonic() - started:.0f} s on port {service.port}; soaking "
+                  f"{args.minutes:g} min with {args.clients} clients", flush=True)
+            base = service.url
         load_before = os.getloadavg()
-        records, samples = asyncio.run(soak(base, args, reviews, rows, service.pid if service else None))
+        records, samples = asyncio.run(soak(base, args, reviews, rows, service.process.pid if service else None))
     finally:
         if service is not None:
-            stop_service(service)
+            service.stop()
         scratch.cleanup()
     report = summarize(records, samples, args.minutes, args.rss_tolerance)
     report["setup"] = {"clients": args.clients, "minutes": args.minutes, "timeout_s": args.timeout,

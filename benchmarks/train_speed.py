@@ -14,9 +14,9 @@ The rnnlab side runs the trainer's own Job objects (batches, model, loss) under 
 what ``rnnlab train`` does per step minus Accelerate's bookkeeping. The loops' optimizer steps are interleaved
 (the loop with the least time so far goes next), so load on a shared machine hits all alike.
 
-    python benchmarks/train_speed.py --quick                      # < 2 minutes on a 2-core CPU
-    python benchmarks/train_speed.py --seconds 120 --json results/train_speed_cpu.json
-    python benchmarks/train_speed.py --device cuda --precision fp32 bf16 fp16 --large-batch 1024 --large-seq 100
+    python -m benchmarks.train_speed --quick                      # < 2 minutes on a 2-core CPU
+    python -m benchmarks.train_speed --seconds 120 --json results/train_speed_cpu.json
+    python -m benchmarks.train_speed --device cuda --precision fp32 bf16 fp16 --large-batch 1024 --large-seq 100
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,10 +31,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import Throughput, autocast, machine_description, synchronize, write_json  # noqa: E402
-from chapter_loops import CharChapterLoop, SentimentChapterLoop, load_raw_reviews  # noqa: E402
+from benchmarks._common import Throughput, autocast, machine_description, synchronize, write_json
+from benchmarks.chapter_loops import CharChapterLoop, SentimentChapterLoop, load_raw_reviews
 
 
 class JobLoop:

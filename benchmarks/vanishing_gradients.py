@@ -17,15 +17,14 @@ in a vertical drop has reached float32's smallest numbers: the gradient there is
 Writes docs/vanishing_gradients.png, benchmarks/results/vanishing_gradients.json and logs the same figure and
 curves to W&B (offline unless WANDB_API_KEY is set; ``--no-wandb`` skips it).
 
-    OMP_NUM_THREADS=1 python benchmarks/vanishing_gradients.py                # ~3-5 minutes on a 2-core CPU
-    OMP_NUM_THREADS=1 python benchmarks/vanishing_gradients.py --train-steps 0 --reviews 64   # untrained, seconds
+    OMP_NUM_THREADS=1 python -m benchmarks.vanishing_gradients                # ~3-5 minutes on a 2-core CPU
+    OMP_NUM_THREADS=1 python -m benchmarks.vanishing_gradients --train-steps 0 --reviews 64   # untrained, seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -33,9 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import machine_description  # noqa: E402
+from benchmarks._common import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> model keys: the three cells, and the LSTM with its forget gate's bias at 1 (model.forget_bias)

@@ -5,7 +5,8 @@ A bundle is a folder::
     model.safetensors   the weights (safetensors: loading never unpickles)
     config.json         {"format_version", "job", "model": <model config>, "config": <full training config>,
                          "assets": [names], "files": {file name: sha256}, "rnnlab_version", "config_sha256"}
-    <asset>.json        one per asset: vocab.json (sentiment, charlm), scaler.json + target_scaler.json (stock)
+    <asset>.json        one per asset: vocab.json (sentiment, charlm, lm), scaler.json + target_scaler.json
+                        (stock, horizon)
     metrics.json        the training run's final metrics
     example.json        optional: a request body for the job's route (POST /v1/<job>) to try the model with, e.g.
                         the last price rows a forecast reads (GET /v1/<job>/example serves it; the playground's

@@ -65,6 +65,21 @@ def connect(address: str | None, **init_kwargs) -> list[Node] | None:
     return nodes
 
 
+def bring_token() -> None:
+    """``rnnlab serve`` starts its Ray instance with Ray's token authentication on (Ray's default for a new
+    instance); a driver joining it sends the token (~/.ray/auth_token, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)
+    only with RAY_AUTH_MODE=token, and fails with "Failed to connect" otherwise. Set it when a token is there and
+    the mode is not chosen already. Call it before Ray is imported: Ray reads the mode then."""
+    import os
+    from pathlib import Path
+
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+            (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def split_address(address: str, *, original: str | None = None) -> tuple[str, int]:
     shown = original or address
     host, sep, port = address.rpartition(":")

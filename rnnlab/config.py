@@ -406,7 +406,3 @@ def expectation(field) -> str:
 def is_number(value: Any) -> bool:
     """A real, finite number (not a bool): what a range end or a resource count must be."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def dump_config(config: Mapping) -> str:
-    return yaml.safe_dump(dict(config), sort_keys=False)

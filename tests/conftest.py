@@ -1,12 +1,11 @@
-"""Shared fixtures and helpers: the data mirror, an isolated cache per test session, free ports, a running
-service over tiny bundles, and what a missing requirement does (skip on a laptop, fail under CI=true)."""
+"""Shared fixtures and helpers: the data mirror, an isolated cache per test session, a running service over tiny
+bundles, and what a missing requirement does (skip on a laptop, fail under CI=true)."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,26 +42,6 @@ def require(module: str, reason: str | None = None):
         skip_or_fail(reason or f"{module} is not installed ({error})")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def read_until_serving(service) -> list[str]:
-    """The output lines of an ``rnnlab serve`` process up to its ready line ("rnnlab: serving ..."), which comes once
-    every deployment is up; fails with what it printed when it exits first. Start it with its output piped as
-    text, under a watchdog: this reads until either happens."""
-    lines = []
-    for line in service.stdout:
-        lines.append(line)
-        if "rnnlab: serving" in line:
-            break
-    assert service.poll() is None, "".join(lines)
-    return lines
-
-
 @contextlib.contextmanager
 def serving(options: dict, *, http_options: dict | None = None, from_config: bool = False,
             **ray_init) -> Iterator[str]:
@@ -70,27 +49,17 @@ def serving(options: dict, *, http_options: dict | None = None, from_config: boo
     URL, and stops Serve and Ray after. ``ray_init`` goes to ``ray.init`` (e.g. a metrics export port).
     ``from_config``: deployed from a config as ``rnnlab serve`` does (``options`` are its args), so
     ``rnnlab.serve.versions.swap`` swaps its models in place, from this process."""
-    ray = require("ray")
-    from ray import serve
+    require("ray")
+    from rnnlab.serve.local import deploy, in_process
+    from rnnlab.serve.service import deploy_config
 
-    from rnnlab.launch.serve_cmd import deploy_config
-    from rnnlab.serve.app import build_app
-
-    port = free_port()
-    # address="local": always a new instance, never a cluster some `ray start` on this machine left running
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             **ray_init)
-    try:
-        http = {"host": "127.0.0.1", "port": port, **(http_options or {})}
-        serve.start(http_options=http)
+    with in_process(http_options=http_options, **ray_init) as base:
         if from_config:
-            deploy_config(options, port, http["host"], http.get("request_timeout_s"))
+            port = int(base.rsplit(":", 1)[1])
+            deploy_config(options, port, "127.0.0.1", (http_options or {}).get("request_timeout_s"))
         else:
-            serve.run(build_app(options), name="rnnlab", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+            deploy(options)
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-NGRAM_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "ngram.py"
-
-
-def _load_ngram():
-    spec = importlib.util.spec_from_file_location("benchmarks_ngram", NGRAM_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ngram = _load_ngram()
+from benchmarks import ngram
 
 TEXT = "the cat sat on the mat. the cat ate the rat!"
 

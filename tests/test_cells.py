@@ -141,7 +141,7 @@ def test_forget_bias_sets_the_forget_gates_and_is_the_lstms_only():
     model = build_model("charlm", {**SMALL["charlm"], "num_layers": 2, "forget_bias": 1.0})
     h = 8
     for layer in range(2):
-        b_ih, b_hh = getattr(model.lstm, f"bias_ih_l{layer}"), getattr(model.lstm, f"bias_hh_l{layer}")
+        b_ih, b_hh = getattr(model.recurrent, f"bias_ih_l{layer}"), getattr(model.recurrent, f"bias_hh_l{layer}")
         torch.testing.assert_close((b_ih + b_hh)[h : 2 * h], torch.ones(h))
         assert not torch.equal((b_ih + b_hh)[:h], torch.ones(h))  # the other gates keep torch's draw
     sentiment = build_model("sentiment", {**SMALL["sentiment"], "bidirectional": True, "forget_bias": 1.0})
@@ -166,7 +166,7 @@ def test_a_bundle_without_a_cell_key_loads_as_the_lstm_it_holds(tmp_path):
     manifest["config_sha256"] = _manifest_digest(manifest)
     manifest_path.write_text(json.dumps(manifest))
     loaded = load_bundle(path)
-    assert loaded.model.config.cell == "lstm" and isinstance(loaded.model.lstm, torch.nn.LSTM)
+    assert loaded.model.config.cell == "lstm" and isinstance(loaded.model.recurrent, torch.nn.LSTM)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
 

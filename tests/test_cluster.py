@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port
 from rnnlab import registry
+from rnnlab.serve.local import LocalService, free_port
 from tiny_datasets import make_stock_csv
 from rnnlab.launch.cli import main
 
@@ -138,24 +137,9 @@ def test_serve_address_places_replicas_on_both_nodes(cluster, tmp_path):
     import httpx
     import ray
 
-    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(_bundles(tmp_path / "bundles")),
-         "--address", cluster.address, "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/sentiment", json={"texts": ["the movie was great"]},
-                            timeout=30)
+    with LocalService(_bundles(tmp_path / "bundles"), ["--address", cluster.address], env=env) as service:
+        answer = httpx.post(f"{service.url}/v1/sentiment", json={"texts": ["the movie was great"]}, timeout=30)
         assert answer.status_code == 200, answer.text
         from rnnlab.cluster import connect
 
@@ -169,12 +153,6 @@ def test_serve_address_places_replicas_on_both_nodes(cluster, tmp_path):
         print(f"serve replicas by node: {placed}")
         assert set(placed) == {"Gateway", *registry.served()}
         assert set(placed.values()) == _node_ids(cluster)
-    finally:
-        process.send_signal(signal.SIGTERM)  # rnnlab serve shuts Serve down on SIGTERM
-        try:
-            process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.mark.slow

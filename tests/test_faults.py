@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from rnnlab.errors import ConfigError, RnnlabError
 from rnnlab.config import load_config
 from rnnlab.trainers.loop import train
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # 3 epochs x 8 steps, validated every 4 steps: checkpoints at 4, 8, ..., 24
@@ -278,8 +276,7 @@ def test_kill_9_inside_training_then_resume_ends_with_the_uninterrupted_weights(
     """benchmarks/kill_resume.py with one kill, as soon as metrics.jsonl records step 12 of 16 (after the
     step-8 checkpoint): the process must die mid-training, and the resumed run must end bit for bit where the
     uninterrupted one did (the benchmark draws 20 steps)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from kill_resume import kill_loop
+    from benchmarks.kill_resume import kill_loop
 
     report = kill_loop(tmp_path, job="stock", extra=["--source", str(prices), "--set", "tracking.wandb=false"],
                        kills=1, steps=[12])

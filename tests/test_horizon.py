@@ -509,11 +509,8 @@ def test_the_playground_draws_the_quantiles_and_a_fan(horizon_service, prices_cs
 def test_the_recipe_folds_never_read_the_backtests_test_period(mirror):
     """benchmarks/horizon_folds.py chooses the recipe on folds before 2020: no fold's scored origin may look at a
     close from the backtest's test period, through its own target days or the random walk's."""
-    import importlib.util
+    from benchmarks import horizon_folds as folds
 
-    spec = importlib.util.spec_from_file_location("horizon_folds", Path(__file__).resolve().parents[1] / "benchmarks" / "horizon_folds.py")
-    folds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(folds)
     test_start = pd.Timestamp(PROTOCOLS["backtest"]["test_start"])
     for name, dates in folds.FOLDS.items():
         data = load_horizon_data(mirror / "19900101_20230630.csv", window=21, horizon=5, **dates)

@@ -7,16 +7,10 @@ import torch
 
 from rnnlab.errors import ConfigError
 from rnnlab.registry import JOBS
-from rnnlab.models import (
-    CharConfig,
-    CharLSTM,
-    SentimentConfig,
-    SentimentLSTM,
-    StockConfig,
-    StockLSTM,
-    build_model,
-)
-from rnnlab.models.sentiment import masked_max_mean
+from rnnlab.models import build_model
+from rnnlab.models.charlm import CharConfig, CharLSTM
+from rnnlab.models.sentiment import SentimentConfig, SentimentLSTM, masked_max_mean
+from rnnlab.models.stock import StockConfig, StockLSTM
 
 
 def padded_batch(lengths: list[int], vocab_size: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,3 +231,31 @@ def test_config_refuses_unknown_and_missing_keys_and_bad_values():
         SentimentConfig(vocab_size=10, embed_dropout=1.0)
     with pytest.raises(ConfigError, match="unknown job|Unknown job"):
         build_model("translation", {})
+
+
+@pytest.mark.parametrize("job", ["charlm", "stock"])
+def test_a_bundle_from_before_the_recurrent_module_was_renamed_still_loads(job, tmp_path):
+    """Such a bundle holds the recurrent module's weights as ``lstm.*`` (it was ``self.lstm``, even for a GRU):
+    they load into ``model.recurrent``, every weight as it was."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from rnnlab.bundle import _manifest_digest, load_bundle, save_bundle
+    from rnnlab.data.sources import sha256_of
+
+    torch.manual_seed(0)
+    model = build_model(job, {**small_model_settings(job), "cell": "gru"})
+    path = save_bundle(tmp_path / "bundle", job=job, model=model, assets={}, metrics={}, config={"job": job})
+    old = {name.replace("recurrent.", "lstm.", 1): tensor.contiguous() for name, tensor in model.state_dict().items()}
+    assert any(name.startswith("lstm.") for name in old)
+    save_file(old, str(path / "model.safetensors"))
+    manifest = json.loads((path / "config.json").read_text())
+    manifest["files"]["model.safetensors"] = sha256_of(path / "model.safetensors")
+    manifest["config_sha256"] = _manifest_digest(manifest)
+    (path / "config.json").write_text(json.dumps(manifest))
+    loaded = load_bundle(path).model
+    assert isinstance(loaded.recurrent, torch.nn.GRU)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import free_port, read_until_serving
+from rnnlab.serve.local import LocalService
 from test_serve import make_bundles
 
 pytestmark = pytest.mark.slow
@@ -71,26 +67,18 @@ async def _burst(base: str, count: int) -> tuple[list[int], set[str]]:
 @pytest.mark.parametrize("ingress", ["direct", "proxy"])
 def test_serve_answers_on_the_asked_port_and_stops_cleanly(tmp_path, ingress):
     bundles = make_bundles(tmp_path / "bundles")
-    port = free_port()
     # a leftover export must not decide the ingress: the flag does
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
     env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if ingress == "proxy" else "0"
-    service = subprocess.Popen(
-        [sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(bundles), "--port", str(port),
-         "--max-ongoing-requests", "4", "--max-queued-requests", "4", "--retry-after-s", "2",
-         "--header-timeout-s", "1", "--max-connections", "48",
-         *(["--proxy"] if ingress == "proxy" else [])],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    watchdog = threading.Timer(240, lambda: os.killpg(service.pid, signal.SIGKILL))  # a hang fails, not stalls
-    watchdog.start()
+    service = LocalService(bundles, ["--max-ongoing-requests", "4", "--max-queued-requests", "4", "--retry-after-s",
+                                     "2", "--header-timeout-s", "1", "--max-connections", "48",
+                                     *(["--proxy"] if ingress == "proxy" else [])], env=env)
+    port, base = service.port, service.url
     try:
-        # The ready line comes once serve.run has returned (every deployment up, Ctrl-C handled from then on);
-        # with direct ingress /healthz can answer a little earlier.
-        lines = read_until_serving(service)
-        watchdog.cancel()
-        assert f"127.0.0.1:{port}" in lines[-1], "".join(lines)
+        # The ready line comes once every deployment is up (Ctrl-C handled from then on); with direct ingress
+        # /healthz can answer a little earlier.
+        ready = service.start(timeout_s=240)
+        assert f"127.0.0.1:{port}" in ready, service.output
         assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
         owner = _listener(port)  # direct ingress: the Gateway replica holds the port, else Ray's proxy
         assert ("ServeReplica:rnnlab:Gateway" if ingress == "direct" else "ProxyActor") in owner, owner
@@ -111,14 +99,8 @@ def test_serve_answers_on_the_asked_port_and_stops_cleanly(tmp_path, ingress):
         assert sum(a.startswith(b"HTTP/1.1 408 ") for a in answers) >= 12, answers
         assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
     finally:
-        watchdog.cancel()
-        os.killpg(service.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
-        try:
-            code = service.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.pid, signal.SIGKILL)
-            raise
+        code = service.stop(grace_s=90)  # Ctrl-C as in a terminal: the whole process group
     assert code == 0
     # a clean stop reads clean: no "(raylet) Task ServeController... failed ... killed by `ray.kill`"
-    said = service.stdout.read()
+    said = service.output
     assert "rnnlab: stopping the service." in said and "ray.kill" not in said and "(raylet)" not in said, said

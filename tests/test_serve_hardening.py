@@ -12,16 +12,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import free_port, read_until_serving, require, serving
+from conftest import require, serving
+from rnnlab.serve.local import LocalService, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -65,55 +64,33 @@ def gateway_streams(http) -> dict:
 
 
 # --- starting and stopping (its own Ray instance in a subprocess, before the module's one starts) ----------------
-def _session_processes(sid: int) -> list[int]:
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
-
-
 def test_serve_ignores_a_stale_ray_address_and_drains_streams_on_sigterm(bundles):
     ray_tmp = tempfile.mkdtemp(prefix="rl-", dir="/tmp")  # short: Ray's socket paths live under it
     Path(ray_tmp, "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")  # an unclean stop's leftover
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_TMPDIR": ray_tmp,
                                                                               "RNNLAB_API_KEY": KEY}
-    service = subprocess.Popen([sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(bundles),
-                                "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    watchdog = threading.Timer(240, lambda: os.killpg(service.pid, signal.SIGKILL))  # a hang fails, not stalls
-    watchdog.start()
+    service = LocalService(bundles, env=env, kill_after_s=240)  # the watchdog: a hang fails, not stalls
     try:
-        read_until_serving(service)
+        service.start()
         headers = {"Authorization": f"Bearer {KEY}"}
         request = {"prompt": "the ", "max_new_tokens": 2000, "seed": 1, "stream": True}
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/generate", json=request, headers=headers,
+        with httpx.stream("POST", f"{service.url}/v1/generate", json=request, headers=headers,
                           timeout=60) as response:
             assert response.status_code == 200
             lines_in = response.iter_lines()
             for line in lines_in:
                 if line.startswith("data: ") and "text" in line:
                     break
-            service.send_signal(signal.SIGTERM)  # in flight: the stream must finish or get an error event
+            service.process.send_signal(signal.SIGTERM)  # in flight: the stream must finish or get an error event
             events = [line for line in lines_in if line.startswith("event: ")]
         assert events and events[-1] in ("event: done", "event: error"), events
-        assert service.wait(timeout=90) == 0
+        assert service.process.wait(timeout=90) == 0
         deadline = time.monotonic() + 30
-        while _session_processes(service.pid) and time.monotonic() < deadline:
+        while service.session_processes() and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert _session_processes(service.pid) == [], "Ray processes outlived rnnlab serve"
+        assert service.session_processes() == [], "Ray processes outlived rnnlab serve"
     finally:
-        watchdog.cancel()
-        if service.poll() is None:
-            os.killpg(service.pid, signal.SIGKILL)
-        service.wait()
-        for pid in _session_processes(service.pid):
-            os.kill(pid, signal.SIGKILL)
+        service.stop()
         subprocess.run(["rm", "-rf", ray_tmp], check=False)
 
 

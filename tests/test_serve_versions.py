@@ -16,8 +16,6 @@ import pytest
 
 from test_serve import make_bundles
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> Path:
@@ -120,20 +118,14 @@ def _other_version(source: Path, target: Path, seed: int) -> Path:
 @pytest.mark.slow
 def test_served_versions_are_chosen_by_model_and_swapped_under_load_with_no_failed_request(bundles, tmp_path):
     import os
-    import re
-    import signal
     import subprocess
     import sys
     import tempfile
-    import threading
 
     import httpx
 
-    from conftest import free_port, read_until_serving
-
-    sys.path.insert(0, str(BENCHMARKS))
-    from _common import stop_service
-    from serve_swap import run_load, summarize
+    from benchmarks.serve_swap import run_load, summarize
+    from rnnlab.serve.local import LocalService
 
     served = tmp_path / "served"
     shutil.copytree(bundles, served)
@@ -146,17 +138,12 @@ def test_served_versions_are_chosen_by_model_and_swapped_under_load_with_no_fail
     # a Ray of its own, in the suite's one authentication mode (conftest), which the swapping process shares
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_AUTH_MODE"} | {
         "RAY_TMPDIR": ray_tmp}
-    port = free_port()
-    service = subprocess.Popen([sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(served),
-                                "--port", str(port), "--default-model", "imdb-small"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    watchdog = threading.Timer(600, lambda: os.killpg(service.pid, signal.SIGKILL))  # a hang fails, not stalls
-    watchdog.start()
-    base = f"http://127.0.0.1:{port}"
+    service = LocalService(served, ["--default-model", "imdb-small"], env=env, kill_after_s=600)  # a hang fails
+    base = service.url
     try:
-        lines = read_until_serving(service)
-        address = re.search(r"rnnlab swap --address (\S+)", lines[-1]).group(1)
-        assert "/v1/sentiment (imdb-b, imdb-small, runs-c; default imdb-small)" in lines[-1]
+        ready = service.start()
+        address = service.ray_address
+        assert "/v1/sentiment (imdb-b, imdb-small, runs-c; default imdb-small)" in ready
 
         # every bundle under its id; `model` picks one; the default answers without it; an unknown id is a 404
         listed = {m["id"]: m for m in httpx.get(f"{base}/v1/models", timeout=60).json()["data"]}
@@ -197,6 +184,5 @@ def test_served_versions_are_chosen_by_model_and_swapped_under_load_with_no_fail
         for kind, model_id in [("sentiment", "imdb-small"), ("stream", "wp-small")]:
             assert {version for k, version in seen if k == kind} >= {swaps[0][2][model_id], swaps[1][2][model_id]}
     finally:
-        watchdog.cancel()
-        stop_service(service)
+        service.stop()
         subprocess.run(["rm", "-rf", ray_tmp], check=False)

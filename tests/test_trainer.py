@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import free_port
 from processes import Processes
+from rnnlab.serve.local import free_port
 from tiny_datasets import make_imdb_tar, make_stock_csv, make_text
 from wandb_files import read_finished_wandb_run
 from rnnlab.errors import ConfigError
@@ -123,7 +123,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(job, extra, one
 
         def build_in_one_buffer(self):
             model = build(self)
-            _flatten_like_cudnn(model.lstm)
+            _flatten_like_cudnn(model.recurrent)
             return model
 
         monkeypatch.setattr(job_class, "build_model", build_in_one_buffer)
@@ -141,7 +141,8 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(job, extra, one
     result = train(config, tmp_path / "resumed", resume=True)
 
     straight, resumed = latest_weights(tmp_path / "straight"), latest_weights(tmp_path / "resumed")
-    assert straight.keys() == resumed.keys() >= {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_hh_l0"}
+    assert straight.keys() == resumed.keys() >= {"recurrent.weight_ih_l0", "recurrent.weight_hh_l0",
+                                                 "recurrent.bias_hh_l0"}
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
     losses = {r["step"]: r["loss"] for r in events(tmp_path / "straight", "train")}
@@ -494,7 +495,7 @@ def test_fit_lstm_weight_needs_an_ngram_branch(data, tmp_path):
 
 def test_lr_multipliers_must_name_parameters_of_the_model():
     from rnnlab.errors import ConfigError
-    from rnnlab.models import SentimentConfig, SentimentLSTM
+    from rnnlab.models.sentiment import SentimentConfig, SentimentLSTM
     from rnnlab.trainers.optim import parameter_groups
 
     model = SentimentLSTM(SentimentConfig(vocab_size=20, num_layers=2))

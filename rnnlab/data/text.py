@@ -263,11 +263,6 @@ class TBPTTBatcher:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return (self.window(k) for k in range(self.num_windows))
 
-    @property
-    def tokens_per_window(self) -> int:
-        """Target characters per full window on this process."""
-        return self.local_batch_size * self.seq_len
-
 
 def random_chunks(
     ids: np.ndarray | torch.Tensor, batch_size: int, seq_len: int = 40, *, generator: torch.Generator

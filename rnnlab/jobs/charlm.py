@@ -22,6 +22,7 @@ from rnnlab.config import (
 from rnnlab.bundle import Bundle
 from rnnlab.errors import ConfigError, DataError, InputError, RnnlabError
 from rnnlab.inference import device_of, expect_job
+from rnnlab.models.cells import detach_state
 from rnnlab.models.charlm import CharConfig
 from rnnlab.sampling import NonFiniteScores, SamplingParams, sample_next, sampling_params
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
@@ -141,7 +142,7 @@ class CharLMJob(Job):
         logits, new_state = model(*batch.inputs, state)
         if self.sampler == "tbptt":
             # Truncated BPTT: the next window starts from this state, but gradients stop here.
-            self.carry = tuple(t.detach() for t in new_state)  # (h, c) or (h,): whatever the cell
+            self.carry = detach_state(new_state)  # (h, c) or (h,): whatever the cell
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
                                reduction="sum")
 

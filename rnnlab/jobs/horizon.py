@@ -119,12 +119,6 @@ class HorizonJob(Job):
     def scale_targets(self, y: np.ndarray, origin_scale: np.ndarray) -> np.ndarray:
         return (y / origin_scale[:, None] / self.data.target_scaler.scale[None, :]).astype(np.float32)
 
-    def to_prices(self, scaled: np.ndarray, split: str) -> np.ndarray:
-        """Scaled log-return quantiles [N, H, Q] -> close quantiles (every scale is positive, so the order of the
-        quantiles holds)."""
-        part = self.data.splits[split]
-        return to_prices(scaled, part.close, part.origin_scale, self.data.target_scaler.scale)
-
     def baseline(self, split: str) -> dict:
         """The historical-simulation random walk's quantiles and metrics on ``split`` (computed once)."""
         if split not in self._baselines:
@@ -140,7 +134,7 @@ class HorizonJob(Job):
         part = self.data.splits[split]
         loss = pinball_sum(torch.from_numpy(scaled), self.y_scaled[split].double(),
                            torch.tensor(self.taus, dtype=torch.float64))
-        quantiles = self.to_prices(scaled, split)
+        quantiles = to_prices(scaled, part.close, part.origin_scale, self.data.target_scaler.scale)
         # the metrics: what the registry ranks by (+ the random walk's beside them); every score -- coverage, per
         # horizon, scaled -- in the details, which the report adds to the test figures (bundle, W&B summary)
         scores = forecast_metrics(part.future_close, quantiles, self.taus, self.data.naive_scale)
@@ -176,7 +170,8 @@ class HorizonJob(Job):
 
 def to_prices(scaled: np.ndarray, close: np.ndarray, origin_scale: np.ndarray, horizon_scale: np.ndarray
               ) -> np.ndarray:
-    """[N, H, Q] model outputs -> close quantiles: close_t * exp(out * origin_scale_t * horizon_scale_h)."""
+    """[N, H, Q] model outputs -> close quantiles: close_t * exp(out * origin_scale_t * horizon_scale_h) (every scale
+    is positive, so the order of the quantiles holds)."""
     log_returns = scaled * origin_scale[:, None, None] * np.asarray(horizon_scale)[None, :, None]
     return np.asarray(close)[:, None, None] * np.exp(log_returns)
 

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from rnnlab.config import DataSettings, JobConfig, PositiveInt, Probability, TrainSettings, model_section
 from rnnlab.errors import ConfigError
+from rnnlab.models.cells import detach_state
 from rnnlab.models.wordlm import WordLMConfig
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
 
@@ -91,7 +92,7 @@ class LMJob(Job):
 
     def loss_sum(self, model, batch: Batch) -> torch.Tensor:
         hidden, state = model(*batch.inputs, self.carry)
-        self.carry = [tuple(t.detach() for t in layer) for layer in state]  # truncated BPTT; (h, c) or (h,)
+        self.carry = [detach_state(layer) for layer in state]  # truncated BPTT; (h, c) or (h,)
         return _unwrap(model).loss_sum(hidden, batch.targets)
 
     @torch.no_grad()

@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 from rnnlab.registry import job as spec_of
 from rnnlab.registry import served
+from rnnlab.serve.local import LocalService, ServiceFailed
 
 JOBS = tuple(served())  # the jobs the service answers for (the review LM is a starting point, not served)
 
@@ -45,41 +43,6 @@ def train_all(output: Path) -> dict[str, dict]:
         results[job] = {"val": result["val"], "test": result["test"], "bundle": result["bundle"]}
         print(result_table(job, result), flush=True)
     return results
-
-
-def start_service(bundles: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(bundles), "--port", str(port)]
-    print(f"\n== starting the service: {' '.join(command[2:])} ==", flush=True)
-    # The service's own Ray instance keeps Ray's token authentication (its ports listen on the machine's address,
-    # not only loopback); asked for by name, Ray does not warn that it turned it on by default.
-    env = os.environ | {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    return subprocess.Popen(command, start_new_session=True, env=env)
-
-
-def stop_service(service: subprocess.Popen) -> None:
-    """SIGINT takes the service's own shutdown path (serve.shutdown, ray.shutdown); SIGKILL if that hangs."""
-    if service.poll() is not None:
-        return
-    os.killpg(service.pid, signal.SIGINT)
-    try:
-        service.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(service.pid, signal.SIGKILL)
-
-
-def wait_until_healthy(base: str, service: subprocess.Popen, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if service.poll() is not None:
-            raise SystemExit(f"demo: the service exited with code {service.returncode} before it was ready.")
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(1)
-    raise SystemExit(f"demo: the service did not answer {base}/healthz within {timeout_s:.0f} s.")
 
 
 def post(base: str, path: str, payload: dict) -> dict:
@@ -108,13 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     started = time.monotonic()
     train_all(output)
-    base = f"http://127.0.0.1:{args.port}"
-    service = start_service(output, args.port)
+    # The service's own Ray instance keeps Ray's token authentication (its ports listen on the machine's address,
+    # not only loopback); asked for by name, Ray does not warn that it turned it on by default.
+    env = os.environ | {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    service = LocalService(output, port=args.port, env=env, echo=True)
+    print(f"\n== starting the service: {' '.join(service.command[2:])} ==", flush=True)
     try:
-        wait_until_healthy(base, service)
-        query_all(base)
+        service.start(timeout_s=180)
+        query_all(service.url)
+    except ServiceFailed as error:
+        raise SystemExit(f"demo: {error}.") from None
     finally:
-        stop_service(service)
+        service.stop(grace_s=60)  # SIGINT takes the service's own shutdown path; SIGKILL if that hangs
     print(f"\n== done in {time.monotonic() - started:.0f} s: the service is stopped; runs and bundles are under "
           f"{output} ==")
     return 0

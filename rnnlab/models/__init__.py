@@ -7,23 +7,9 @@ from typing import Any
 from torch import nn
 
 from rnnlab import registry
-from rnnlab.models.charlm import CharConfig, CharLSTM
-from rnnlab.models.sentiment import SentimentConfig, SentimentLSTM
-from rnnlab.models.stock import StockConfig, StockLSTM
 
 
 def build_model(job: str, config: dict[str, Any]) -> nn.Module:
     """A freshly initialised model for ``job`` from a plain dict (unknown keys -> ConfigError)."""
     spec = registry.job(job)
     return spec.load("model")(spec.load("model_config").from_dict(config))
-
-
-__all__ = [
-    "build_model",
-    "CharConfig",
-    "CharLSTM",
-    "SentimentConfig",
-    "SentimentLSTM",
-    "StockConfig",
-    "StockLSTM",
-]

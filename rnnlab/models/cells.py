@@ -7,7 +7,7 @@
 Whatever the cell, a recurrent module here takes and returns its state as a TUPLE of tensors, each
 ``[num_layers * directions, B, hidden]``: the LSTM's ``(h, c)`` as ``nn.LSTM`` has it, the GRU's and the RNN's
 ``(h,)``. Code that carries state (truncated BPTT, the generation scheduler, sampling) therefore works on the
-tuple -- ``tuple(t.detach() for t in state)``, ``torch.cat`` per member -- and never asks which cell it holds.
+tuple -- ``detach_state(state)``, ``torch.cat`` per member -- and never asks which cell it holds.
 ``GRU`` and ``RNN`` below subclass ``nn.GRU`` / ``nn.RNN`` only to speak tuples; their parameters (and so the
 names in a bundle's weights) are torch's own.
 
@@ -31,7 +31,6 @@ CELLS = ("lstm", "gru", "rnn")
 Cell = Literal["lstm", "gru", "rnn"]
 State = tuple[torch.Tensor, ...]  # (h, c) for an LSTM, (h,) for a GRU or an RNN
 STATE_SIZE = {"lstm": 2, "gru": 1, "rnn": 1}  # tensors in a cell's state
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # weight blocks per layer: parameters scale with this
 
 
 class CellSettings(ModelSettings):
@@ -95,6 +94,17 @@ def zero_state(cell: str, layers: int, batch_size: int, hidden_size: int, *, dev
     """The zero state of ``batch_size`` sequences: ``STATE_SIZE[cell]`` tensors of ``[layers, B, hidden]``."""
     shape = (layers, batch_size, hidden_size)
     return tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(STATE_SIZE[cell]))
+
+
+def load_renamed(module: nn.Module, old: str, new: str) -> None:
+    """``module`` also loads state dicts written when its submodule ``new`` was called ``old`` (bundles and
+    checkpoints from before the rename): their ``old.*`` keys are read as ``new.*``."""
+
+    def rename(module, state_dict, prefix, *_):
+        for key in [key for key in state_dict if key.startswith(f"{prefix}{old}.")]:
+            state_dict[f"{prefix}{new}.{key[len(prefix) + len(old) + 1:]}"] = state_dict.pop(key)
+
+    module.register_load_state_dict_pre_hook(rename)
 
 
 def detach_state(state: State) -> State:

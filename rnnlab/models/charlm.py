@@ -5,7 +5,7 @@ embedding -> recurrent layers (``model.cell``: LSTM by default, GRU or plain RNN
 out, so truncated BPTT is "detach the state, feed the next window"; ``step`` is one decoding step for many
 sequences at once (each row its own sequence, its own state column). The state is a tuple whatever the cell --
 LSTM ``(h, c)``, GRU/RNN ``(h,)`` -- each ``[num_layers, B, hidden_size]``. The chapter's recipe is embedding
-256, LSTM 512. (The recurrent module is ``self.lstm`` for every cell: the name its weights have in bundles.)
+256, LSTM 512. (The recurrent module is ``self.recurrent`` whatever the cell; bundles from before hold it as ``lstm``.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rnnlab.config import PositiveInt, Probability
-from rnnlab.models.cells import CellSettings, State, recurrent, zero_state
+from rnnlab.models.cells import CellSettings, State, load_renamed, recurrent, zero_state
 
 
 class CharConfig(CellSettings):
@@ -34,8 +34,9 @@ class CharLSTM(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embed_dim)
-        self.lstm = recurrent(config.cell, config.embed_dim, config.hidden_size, num_layers=config.num_layers,
-                              dropout=config.dropout, forget_bias=config.forget_bias)
+        self.recurrent = recurrent(config.cell, config.embed_dim, config.hidden_size, num_layers=config.num_layers,
+                                   dropout=config.dropout, forget_bias=config.forget_bias)
+        load_renamed(self, "lstm", "recurrent")
         self.dropout = nn.Dropout(config.dropout)
         self.output = nn.Linear(config.hidden_size, config.vocab_size)
 
@@ -47,7 +48,7 @@ class CharLSTM(nn.Module):
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """ids: LongTensor[B, T]. Returns (logits[B, T, V], state) -- the state after the last position."""
-        out, state = self.lstm(self.embedding(ids), state)
+        out, state = self.recurrent(self.embedding(ids), state)
         return self.output(self.dropout(out)), state
 
     def step(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:

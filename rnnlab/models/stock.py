@@ -2,7 +2,7 @@
 
 Recurrent layers (``model.cell``: LSTM by default, GRU or plain RNN; rnnlab/models/cells.py) over the window -> last step's output -> FC -> ReLU -> FC. The chapter's recipe is
 ``StockConfig()`` (16 hidden units, 2 layers, FC 16) on windows of 5 days of 37 features. The recurrent module
-is ``self.lstm`` for every cell (the name its weights have in bundles).
+is ``self.recurrent`` whatever the cell (bundles from before hold it as ``lstm``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rnnlab.config import PositiveInt, Probability
-from rnnlab.models.cells import CellSettings, recurrent
+from rnnlab.models.cells import CellSettings, load_renamed, recurrent
 
 
 class StockConfig(CellSettings):
@@ -30,8 +30,9 @@ class StockLSTM(nn.Module):
     def __init__(self, config: StockConfig) -> None:
         super().__init__()
         self.config = config
-        self.lstm = recurrent(config.cell, config.num_features, config.hidden_size, num_layers=config.num_layers,
-                              dropout=config.dropout, forget_bias=config.forget_bias)
+        self.recurrent = recurrent(config.cell, config.num_features, config.hidden_size,
+                                   num_layers=config.num_layers, dropout=config.dropout, forget_bias=config.forget_bias)
+        load_renamed(self, "lstm", "recurrent")
         self.head = nn.Sequential(
             nn.Linear(config.hidden_size, config.fc_size),
             nn.ReLU(),
@@ -40,5 +41,5 @@ class StockLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: FloatTensor[B, L, F] (windows are all the same length). Returns FloatTensor[B]."""
-        out, _ = self.lstm(x)
+        out, _ = self.recurrent(x)
         return self.head(out[:, -1]).squeeze(-1)

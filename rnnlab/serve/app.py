@@ -24,6 +24,7 @@ use.
 import asyncio
 import time
 import weakref
+from typing import NamedTuple
 from urllib.parse import quote
 
 from fastapi import Request
@@ -284,7 +285,7 @@ def build_app(args: dict | None = None) -> serve.Application:
     """Ray Serve application builder (``import_path: rnnlab.serve.app:build_app`` in configs/serve.yaml).
 
     args: ``bundles`` (a folder of bundles) and/or one bundle per served job, named by the job (``sentiment``,
-    ``stock``, ``charlm``); ``torch_threads`` per replica (default 1: on a small CPU box the replicas share the
+    ...: ``registry.served()``); ``torch_threads`` per replica (default 1: on a small CPU box the replicas share the
     cores); ``max_batch_size`` / ``batch_wait_timeout_s`` for the Gateway's gathering and all the model
     deployments (a deployment's ``user_config`` in the YAML wins over these); ``api_key_file`` (else
     ``RNNLAB_API_KEY``) and the limits of ``rnnlab.serve.limits.LIMITS`` (``max_queued_requests`` applies to every
@@ -294,27 +295,12 @@ def build_app(args: dict | None = None) -> serve.Application:
     """
     from ray.serve.config import BackpressureConfig
 
-    from rnnlab.errors import ConfigError
     from rnnlab.serve import auth
-    from rnnlab.serve.bundles import check_defaults, default_model, find_models
+    from rnnlab.serve.bundles import default_model
 
-    args = dict(args or {})
+    found, defaults, checked, batching, key = check_args(args)
     served = registry.served()
-    known = {"bundles", *served, "torch_threads", "max_batch_size", "batch_wait_timeout_s", "api_key_file",
-             "default_models", *limits.LIMITS}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ConfigError(f"Unknown serve argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}.")
-    checked = limits.check_limits({name: args.get(name) for name in limits.LIMITS})
-    batching = {key: args[key] for key in ("max_batch_size", "batch_wait_timeout_s") if args.get(key) is not None}
-    key = auth.load_key(args.get("api_key_file"))
-    found = find_models(args.get("bundles"), explicit={job: args.get(job) for job in served})
-    defaults = args.get("default_models") or []
-    if isinstance(defaults, str):
-        defaults = [defaults]
-    check_defaults(found, defaults)
-    threads = args.get("torch_threads", 1)
-    checked_batching(batching, DEFAULT_BATCH, "serve argument")
+    threads = (args or {}).get("torch_threads", 1)
     user_config = {
         "batched": batching,
         "generation": {"max_batch_size": batching["max_batch_size"]} if "max_batch_size" in batching else {},
@@ -335,3 +321,38 @@ def build_app(args: dict | None = None) -> serve.Application:
                               **({"user_config": batching} if batching else {}))
     guard = {name: checked[name] for name in limits.LIMITS} | {"key_sha256": auth.digest(key) if key else None}
     return gateway.bind(handles, guard)
+
+
+class CheckedArgs(NamedTuple):
+    found: dict  # job -> {model id: bundle folder}
+    defaults: list  # the model ids ``default_models`` names
+    limits: dict  # every limit of ``rnnlab.serve.limits.LIMITS``, defaults filled in
+    batching: dict  # max_batch_size / batch_wait_timeout_s where given
+    key: object  # the API key (a str), or None
+
+
+def check_args(args: dict | None) -> CheckedArgs:
+    """``build_app``'s arguments checked in the process that calls it (``rnnlab serve`` calls it before Ray starts):
+    one sentence (ConfigError, BundleError) for an unknown argument, a limit out of range, an unreadable key file,
+    a missing or corrupt bundle (each is loaded once) or a default model that is not served."""
+    from rnnlab.errors import ConfigError
+    from rnnlab.serve import auth
+    from rnnlab.serve.bundles import check_defaults, find_models
+
+    args = dict(args or {})
+    served = registry.served()
+    known = {"bundles", *served, "torch_threads", "max_batch_size", "batch_wait_timeout_s", "api_key_file",
+             "default_models", *limits.LIMITS}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ConfigError(f"Unknown serve argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}.")
+    checked = limits.check_limits({name: args.get(name) for name in limits.LIMITS})
+    batching = {key: args[key] for key in ("max_batch_size", "batch_wait_timeout_s") if args.get(key) is not None}
+    key = auth.load_key(args.get("api_key_file"))
+    found = find_models(args.get("bundles"), explicit={job: args.get(job) for job in served})
+    defaults = args.get("default_models") or []
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    check_defaults(found, defaults)
+    checked_batching(batching, DEFAULT_BATCH, "serve argument")
+    return CheckedArgs(found, defaults, checked, batching, key)

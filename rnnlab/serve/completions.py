@@ -36,7 +36,6 @@ from rnnlab.serve.openai import (
 )
 
 logger = logging.getLogger("ray.serve")
-OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions")  # answered in OpenAI's error shape, even a 401 / 413
 
 
 # --- in the generation replica ---------------------------------------------------------------------------------

@@ -9,8 +9,10 @@
                                             header_timeout, too_many_connections)
 
 The ``kind`` tag is the job's name (the same as its route /v1/<job> and its deployment), or ``gateway`` for the
-Gateway's open streams. Ray adds the deployment, replica and application tags. Metrics are created lazily in the
-process that records them (a replica); outside a Ray worker (unit tests, the driver) recording is a no-op.
+Gateway's open streams (every job's together). Not called ``job``: Prometheus gives every series it scrapes a
+``job`` label of its own (the scrape target's), and renames a series' own ``job`` to ``exported_job``. Ray adds the
+deployment, replica and application tags. Metrics are created lazily in the process that records them (a
+replica); outside a Ray worker (unit tests, the driver) recording is a no-op.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ def _metrics():
         return None
 
 
-def batch_size(kind: str, size: float) -> None:
+def batch_size(job: str, size: float) -> None:
     if (m := _metrics()) is not None:
-        m["batch"].observe(size, tags={"kind": kind})
+        m["batch"].observe(size, tags={"kind": job})
 
 
 def queue_depth(kind: str, state: str, value: int) -> None:

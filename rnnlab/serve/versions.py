@@ -225,6 +225,30 @@ def swap(changes: dict[str, str | Path], *, app_name: str = APP_NAME, timeout_s:
     return versions
 
 
+def swap_at(address: str, changes: dict[str, str | Path], *, timeout_s: float = 300) -> dict[str, str]:
+    """``rnnlab swap``: every new bundle checked before any cluster is asked for anything (readable, checksums,
+    weights), then the service's Ray at ``address`` joined, :func:`swap` done, and Ray left."""
+    from rnnlab.cluster import bring_token, connect
+
+    bring_token()  # before Ray is imported: it reads the mode then
+    import ray
+
+    for bundle in changes.values():
+        check_new_bundle(bundle)
+    try:
+        connect(address, namespace="serve", logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError, TimeoutError) as error:
+        raise RnnlabError(f"Ray could not be reached at {address} ({first_line(error)}); pass the --address "
+                          "rnnlab serve printed.") from None
+    try:
+        # Serve's INFO lines ("Started <SharedRouterLongPollClient ...>") are not the operator's business here;
+        # a filter, because Serve sets its logger's level again when a handle is made
+        logging.getLogger("ray.serve").addFilter(lambda record: record.levelno >= logging.WARNING)
+        return swap(changes, timeout_s=timeout_s)
+    finally:
+        ray.shutdown()
+
+
 def _copy(config: dict) -> dict:
     import copy
 

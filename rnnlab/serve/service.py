@@ -1,0 +1,201 @@
+"""Running the service: what ``rnnlab serve`` does with the plain values its flags give (rnnlab/launch/serve_cmd.py).
+
+1. the application's arguments are checked before Ray starts (``check_args``: every bundle found and loaded once),
+   so a missing or corrupt bundle is one sentence and a non-zero exit, not replicas failing in a loop;
+2. Ray starts (a new local instance, never a stale one) or is joined (``address``), and Serve's HTTP entry is set
+   up: direct ingress (the Gateway replica listens on the port itself) or Ray's proxy;
+3. the application is deployed from a config, as ``serve run configs/serve.yaml`` does, so that ``rnnlab swap``
+   updates it in place; then the ready line (:data:`READY`) says where it answers;
+4. Ctrl-C or SIGTERM drains the open streams and takes the service down.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+
+from rnnlab.errors import ConfigError, RnnlabError, first_line
+
+logger = logging.getLogger(__name__)
+
+READY = "rnnlab: serving"  # how the line printed once every deployment is up begins (rnnlab/serve/local.py)
+APP_NAME = "rnnlab"
+
+
+def run(app_args: dict, *, host: str, port: int, address: str | None = None, proxy: bool = False,
+        metrics_port: int | None = None, verbose: bool = False) -> int:
+    """Serve ``build_app(app_args)`` on host:port until Ctrl-C or SIGTERM; 0 after a clean stop. ``address``: an
+    existing Ray cluster to deploy onto (HTTP then enters through Ray's proxy on its head)."""
+    from rnnlab.serve.app import check_args
+    from rnnlab.serve.bundles import default_model
+    from rnnlab.serve.connections import export_for_proxy
+
+    checked = check_args(app_args)
+    routes = ", ".join(f"/v1/{job} ({', '.join(ids)}; default {default_model(job, ids, checked.defaults)})"
+                       for job, ids in sorted(checked.found.items()))
+    if address is None:
+        check_port(host, port)
+    # direct ingress needs the Ray instance started here: the ports it hands replicas are read when Ray starts
+    proxy_port = choose_ingress(address is None and not proxy, host, port)
+    # Ray's proxy (--proxy, and the one Ray keeps aside under direct ingress) reads the header deadline and the
+    # connection cap from the environment Ray's processes inherit; the Gateway gets them as arguments. (On an
+    # existing cluster, --address, the proxy was started without them: export them where `ray start --head` runs.)
+    limits = checked.limits
+    export_for_proxy(limits["header_timeout_s"], int(limits["max_connections"]), limits["retry_after_s"])
+    ray_address = start_ray(address, metrics_port=metrics_port, verbose=verbose)
+    try:
+        deploy_config(app_args, proxy_port, host, limits["request_timeout_s"])
+        _stop_on_signals()
+        print(f"{READY} {routes} on http://{host}:{port} (API docs at /docs); Ctrl-C stops. "
+              f"Swap a model in place with: rnnlab swap --address {ray_address} MODEL_ID BUNDLE", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("rnnlab: stopping the service.", flush=True)
+            _drain()
+        return 0
+    finally:
+        stop(address)
+
+
+def check_port(host: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is not a valid port; use 1..65535.")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError(f"Port {port} on {host} is already in use; stop the other server or pass --port.")
+            raise ConfigError(f"Cannot bind {host}:{port} ({error.strerror}); pass another --host or --port.")
+
+
+def choose_ingress(direct: bool, host: str, port: int) -> int:
+    """Set up, before ray.init, who takes HTTP on ``port`` (the controller and replicas read these settings when
+    they start); returns the port for Ray's proxy.
+
+    ``direct``: Ray Serve's direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``), the Gateway replica itself
+    listens on ``port`` (no proxy hop: ~5x the POST rate on 2 cores, benchmarks/README.md). Ray 2.60 still starts
+    its proxy on the head node and hands ingress replicas ports from RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT
+    (max exclusive), so the range is pinned to ``port`` alone and the proxy is moved to a free port. One port
+    means one Gateway replica, and a restarted one must get it back at once: no drain period, no quarantine.
+    Otherwise the proxy takes ``port`` (an exported RAY_SERVE_ENABLE_DIRECT_INGRESS does not decide it)."""
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if direct else "0"
+    if not direct:
+        return port
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(port))
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(port + 1))
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
+    os.environ.setdefault("RAY_SERVE_PORT_QUARANTINE_S", "0")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def start_ray(address: str | None, *, metrics_port: int | None = None, verbose: bool = False) -> str:
+    """Join the cluster at ``address`` (one sentence within seconds when none answers: rnnlab/cluster.py), or start a
+    new local instance (never one a stale address file names); returns the GCS address, for ``rnnlab swap``."""
+    import ray
+
+    from rnnlab.cluster import connect
+
+    init = {"logging_level": logging.WARNING, "log_to_driver": verbose}
+    try:
+        if address:
+            connect(address, **init)
+        else:
+            connect(None, include_dashboard=False, **init,
+                    **({"_metrics_export_port": metrics_port} if metrics_port else {}))
+    except (ConnectionError, RuntimeError, TimeoutError) as error:
+        raise RnnlabError(f"Ray could not be started or reached ({first_line(error)}); check --address or "
+                          "'ray status'.")
+    return ray.get_runtime_context().gcs_address
+
+
+def deploy_config(app_args: dict, proxy_port: int, host: str, request_timeout_s: float,
+                  timeout_s: float = 900) -> None:
+    """Deploy the application from a config, as ``serve run configs/serve.yaml`` and ``serve deploy`` do, not with
+    ``serve.run(app)``: Ray versions a config's deployments by the config's code (import path, args), so a later
+    config that changes only a deployment's ``user_config`` (``rnnlab swap``) reconfigures the running replicas in
+    place. An application deployed from Python gets a new random version on every deploy: any update restarts
+    every replica. Serve's HTTP entry starts with it: one proxy, on the head node (with one per node, nodes
+    sharing a machine would fight for the port, and a cluster's load balancer points at the head anyway); replicas
+    still spread over every node."""
+    from ray import serve
+    # Serve's controller client: what `serve run CONFIG` itself deploys with. Ray's public alternative, `serve
+    # deploy`, goes through the dashboard's REST API, and the dashboard is not started (nor needed) here.
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    http_options = {"host": host, "port": proxy_port, "request_timeout_s": request_timeout_s}
+    serve.start(proxy_location="HeadOnly", http_options=http_options)
+    config = ServeDeploySchema.model_validate({
+        "proxy_location": "HeadOnly", "http_options": http_options,
+        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "rnnlab.serve.app:build_app",
+                          "args": app_args}]})
+    _get_global_client().deploy_apps(config)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RnnlabError(f"The service failed to start ({first_line(status.message or status.status)}); see "
+                              "the replica logs in /tmp/ray/session_latest/logs/serve.")
+        time.sleep(0.5)
+    raise RnnlabError(f"The service did not start within {timeout_s:.0f} s; see the replica logs in "
+                      "/tmp/ray/session_latest/logs/serve.")
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (and SIGINT, even where a parent shell set it to be ignored) end the wait in :func:`run` through the
+    same path as Ctrl-C, so Serve and Ray are always shut down."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _drain(grace_s: float = 10.0) -> None:
+    """Let open streams finish (or end them with an error event) before Serve's proxy goes away."""
+    from ray import serve
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not "Started <SharedRouterLongPollClient ...>"
+    try:
+        serve.get_deployment_handle("Gateway", app_name=APP_NAME).drain.remote(grace_s).result(timeout_s=grace_s + 10)
+        time.sleep(0.5)  # the proxy passes the last events on
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C: stop now
+    except Exception as error:  # the Gateway may already be gone; shutting down goes on regardless
+        logger.warning("rnnlab serve: could not drain open streams (%s).", type(error).__name__)
+
+
+def stop(address: str | None) -> None:
+    """Take the service down so that a clean stop reads clean.
+
+    ``serve.shutdown()`` ends by killing Serve's controller with ``ray.kill`` while this driver still has calls
+    open on it (its own ``graceful_shutdown``, and the long poll of the handle ``_drain`` used), and Ray prints
+    each as ``(raylet) Task ServeController... failed ... killed by ray.kill``: a fault to anyone reading. So: an
+    instance this process started (no ``address``) goes down with ``ray.shutdown()`` alone, which stops this
+    driver's listeners first and then every process of the instance (the streams were drained above; unary
+    requests in flight are cut either way); on an existing cluster only the application is deleted
+    (``serve.delete``): Serve's controller and proxy stay for the cluster's other users, so nothing is killed
+    under a call."""
+    import ray
+    from ray import serve
+
+    try:
+        if address is not None and ray.is_initialized():
+            serve.delete(APP_NAME)
+    except Exception as error:  # noqa: BLE001 -- shutting down goes on regardless
+        logger.warning("rnnlab serve: could not delete the application (%s).", first_line(error))
+    finally:
+        ray.shutdown()
