@@ -19,7 +19,8 @@ from pathlib import Path
 from rnnlab.errors import ConfigError, RnnlabError, first_line
 from rnnlab.registry import routes, served
 from rnnlab.serve.auth import ENV_VAR
-from rnnlab.serve.limits import LIMITS
+from rnnlab.serve.limits import LIMITS, proxy_timeout_s
+from rnnlab.serve.replicas import MIN_CPU_SHARE, cpu_share, node_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,14 @@ def add_parser(subparsers) -> None:
                         "job); default: the job's first model id in name order (ids: the bundles' folder names)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="batch size for every model deployment (generation: sequences decoded together)")
-    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per replica")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="replicas of each job's model deployment (the Gateway stays one): with 2 or more, a "
+                        "replica that dies costs only the requests it held, the next ones go to a live replica at "
+                        "once instead of waiting for a restart. Every replica, the Gateway's included, reserves an "
+                        f"equal share of the Ray cluster's CPUs, at least {MIN_CPU_SHARE} CPU: when they do not "
+                        "fit, serve refuses to start and names how many replicas would")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads per replica (also the most CPUs a replica reserves)")
     parser.add_argument("--proxy", action="store_true",
                         help="take HTTP through Ray Serve's proxy actor, as on a cluster (--address implies it). "
                         "By default the Gateway replica listens on --port itself (Ray Serve's direct ingress): "
@@ -143,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     # The application's arguments, as a config's `args` (JSON; absolute paths: Ray builds the application in a
     # task of its own). Built here first, which finds and loads every bundle once: a missing or corrupt one is a
     # BundleError (one sentence, exit 2) before Ray starts.
-    app_args = {"bundles": str(Path(args.bundles).expanduser().resolve()), "torch_threads": args.torch_threads,
+    app_args = {"bundles": str(Path(args.bundles).expanduser().resolve()), "replicas": args.replicas,
+                "torch_threads": args.torch_threads,
                 "max_batch_size": args.max_batch_size, "default_models": args.default_model or None,
                 "api_key_file": str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None}
     app_args = {key: value for key, value in app_args.items() if value is not None} | limits
@@ -179,11 +188,15 @@ def run(args: argparse.Namespace) -> int:
         raise RnnlabError(f"Ray could not be started or reached ({first_line(error)}); check --address or "
                           "'ray status'.")
     try:
+        # the replicas' CPU shares need the cluster's nodes: replicas that do not fit are one sentence here, not a
+        # deployment waiting for CPUs that never come
+        cpu_share(len(found), args.replicas, node_cpus(), args.torch_threads or 1)
         # One HTTP proxy, on the head node: with one per node, nodes sharing a machine would fight for the port,
         # and a cluster's load balancer points at the head anyway. Replicas still spread over every node.
+        proxy_timeout = proxy_timeout_s(limits["request_timeout_s"])
         serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": proxy_port,
-                                                             "request_timeout_s": limits["request_timeout_s"]})
-        deploy_config(app_args, proxy_port, args.host, limits["request_timeout_s"])
+                                                             "request_timeout_s": proxy_timeout})
+        deploy_config(app_args, proxy_port, args.host, proxy_timeout)
         _stop_on_signals()
         address = ray.get_runtime_context().gcs_address
         print(f"rnnlab: serving {kinds} on http://{args.host}:{args.port} (API docs at /docs); Ctrl-C stops. "
