@@ -259,7 +259,6 @@ def build_app(args: dict | None = None) -> serve.Application:
     started (``rnnlab serve`` checking its arguments) the cluster is not known and no share is set.
     """
     import ray
-
     from ray.serve.config import BackpressureConfig
 
     from rnnlab.errors import ConfigError
@@ -268,8 +267,8 @@ def build_app(args: dict | None = None) -> serve.Application:
 
     args = dict(args or {})
     served = registry.served()
-    known = {"bundles", *served, "replicas", "torch_threads", "max_batch_size", "batch_wait_timeout_s", "api_key_file",
-             "default_models", *limits.LIMITS}
+    known = {"bundles", *served, "replicas", "torch_threads", "max_batch_size", "batch_wait_timeout_s",
+             "api_key_file", "default_models", *limits.LIMITS}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"Unknown serve argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}.")

@@ -29,7 +29,7 @@ from rnnlab.errors import ConfigError
 logger = logging.getLogger("ray.serve")
 
 HEALTH_CHECKS = {"health_check_period_s": 1.0, "health_check_timeout_s": 10.0}
-MIN_CPU_SHARE = 0.1  # of a CPU per replica: below it, replicas that share a core are too many to answer in time
+MIN_CPU_SHARE = 0.1  # the least CPU a replica reserves (a floor chosen, not measured): more replicas are refused
 
 
 def checked_replicas(value) -> int:
