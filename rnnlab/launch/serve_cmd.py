@@ -14,6 +14,7 @@ from rnnlab.errors import ConfigError
 from rnnlab.registry import routes, served
 from rnnlab.serve.auth import ENV_VAR
 from rnnlab.serve.limits import LIMITS
+from rnnlab.serve.replicas import MIN_CPU_SHARE
 
 
 def add_parser(subparsers) -> None:
@@ -48,7 +49,14 @@ def add_parser(subparsers) -> None:
                         "job); default: the job's first model id in name order (ids: the bundles' folder names)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="batch size for every model deployment (generation: sequences decoded together)")
-    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per replica")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="replicas of each job's model deployment (the Gateway stays one): with 2 or more, a "
+                        "replica that dies costs only the requests it held, the next ones go to a live replica at "
+                        "once instead of waiting for a restart. Every replica, the Gateway's included, reserves an "
+                        f"equal share of the Ray cluster's CPUs, at least {MIN_CPU_SHARE} CPU: when they do not "
+                        "fit, serve refuses to start and names how many replicas would")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads per replica (also the most CPUs a replica reserves)")
     parser.add_argument("--proxy", action="store_true",
                         help="take HTTP through Ray Serve's proxy actor, as on a cluster (--address implies it). "
                         "By default the Gateway replica listens on --port itself (Ray Serve's direct ingress): "
@@ -72,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     refuse_exposed_without_key(args.host, load_key(args.api_key_file) is not None, args.insecure)
     # The application's arguments, as a config's `args` (JSON; absolute paths: Ray builds the application in a
     # task of its own).
-    app_args = {"bundles": str(Path(args.bundles).expanduser().resolve()), "torch_threads": args.torch_threads,
+    app_args = {"bundles": str(Path(args.bundles).expanduser().resolve()), "replicas": args.replicas,
+                "torch_threads": args.torch_threads,
                 "max_batch_size": args.max_batch_size, "default_models": args.default_model or None,
                 "api_key_file": str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None}
     app_args = {key: value for key, value in app_args.items() if value is not None} | limits

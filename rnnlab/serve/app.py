@@ -14,9 +14,10 @@ review) is paid per batch, not per request.
 
 Batch sizes and timeouts are ``user_config`` (live-updatable by ``serve deploy``/``serve run``): the Gateway's
 says how many items it gathers and how long it waits; a model deployment's says how many items go through one
-forward pass. Replicas, autoscaling and ``ray_actor_options`` (fractional ``num_gpus``) are ordinary deployment
-options in configs/serve.yaml. ``build_app`` is the application builder both ``rnnlab serve`` and ``serve run``
-use.
+forward pass. Each model deployment runs the ``replicas`` arg's count of replicas, and every replica reserves an
+equal share of the cluster's CPUs (rnnlab/serve/replicas.py); a deployment's own autoscaling or
+``ray_actor_options`` (fractional ``num_gpus``) in configs/serve.yaml win over them. ``build_app`` is the
+application builder both ``rnnlab serve`` and ``serve run`` use.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures at request time inside the
@@ -32,7 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
 from rnnlab import registry
-from rnnlab.serve import completions, connections, http, limits, metrics, openai
+from rnnlab.serve import completions, connections, http, limits, metrics, openai, replicas
 from rnnlab.serve.deployments import DEFAULT_BATCH, DEPLOYMENTS, checked_batching
 from rnnlab.serve.http import api
 from rnnlab.serve.schemas import ErrorResponse, error_item, with_model_field
@@ -276,7 +277,8 @@ for _route, _job in registry.routes().items():
 completions.add_routes(Gateway, api)  # POST /v1/completions and friends: OpenAI's API (rnnlab.serve.completions)
 
 # @serve.ingress serializes the app when applied: every route is on it by now.
-Gateway = serve.deployment(name="Gateway", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.25})(
+# its CPU share comes from build_app (replicas.cpu_share), sized to the cluster
+Gateway = serve.deployment(name="Gateway", max_ongoing_requests=512, **replicas.HEALTH_CHECKS)(
     serve.ingress(api)(Gateway))
 
 
@@ -285,14 +287,18 @@ def build_app(args: dict | None = None) -> serve.Application:
     """Ray Serve application builder (``import_path: rnnlab.serve.app:build_app`` in configs/serve.yaml).
 
     args: ``bundles`` (a folder of bundles) and/or one bundle per served job, named by the job (``sentiment``,
-    ...: ``registry.served()``); ``torch_threads`` per replica (default 1: on a small CPU box the replicas share the
-    cores); ``max_batch_size`` / ``batch_wait_timeout_s`` for the Gateway's gathering and all the model
+    ...: ``registry.served()``); ``replicas`` of each model deployment (default 1; with 2 or more, requests go to a
+    live replica at once when one dies); ``torch_threads`` per replica (default 1: on a small CPU box the replicas
+    share the cores); ``max_batch_size`` / ``batch_wait_timeout_s`` for the Gateway's gathering and all the model
     deployments (a deployment's ``user_config`` in the YAML wins over these); ``api_key_file`` (else
     ``RNNLAB_API_KEY``) and the limits of ``rnnlab.serve.limits.LIMITS`` (``max_queued_requests`` applies to every
     deployment, a deployment's own setting in the YAML wins). Each model deployment is named after its job and
     serves every bundle of that job found, each under its model id (rnnlab/serve/versions.py);
     ``default_models`` (a list of ids) picks the model a job's route answers with when a request names none.
+    Every replica reserves an equal share of the Ray cluster's CPUs (rnnlab/serve/replicas.py); before Ray is
+    started (``rnnlab serve`` checking its arguments) the cluster is not known and no share is set.
     """
+    import ray
     from ray.serve.config import BackpressureConfig
 
     from rnnlab.serve import auth
@@ -301,6 +307,10 @@ def build_app(args: dict | None = None) -> serve.Application:
     found, defaults, checked, batching, key = check_args(args)
     served = registry.served()
     threads = (args or {}).get("torch_threads", 1)
+    count = replicas.checked_replicas((args or {}).get("replicas", 1))
+    share = (replicas.cpu_share(len(found), count, replicas.node_cpus(), threads or 1) if ray.is_initialized()
+             else None)
+    cpus = {"ray_actor_options": {"num_cpus": share}} if share is not None else {}
     user_config = {
         "batched": batching,
         "generation": {"max_batch_size": batching["max_batch_size"]} if "max_batch_size" in batching else {},
@@ -313,11 +323,11 @@ def build_app(args: dict | None = None) -> serve.Application:
     for job in served:
         if job in found:
             kind = registry.job(job).served_by
-            options = shedding | ({"user_config": user_config[kind]} if user_config[kind] else {})
+            options = shedding | cpus | ({"user_config": user_config[kind]} if user_config[kind] else {})
             models = {model_id: str(path) for model_id, path in found[job].items()}
-            handles[job] = DEPLOYMENTS[kind].options(name=job, **options).bind(
+            handles[job] = DEPLOYMENTS[kind].options(name=job, num_replicas=count, **options).bind(
                 models, job, threads, default_model(job, found[job], defaults))
-    gateway = Gateway.options(max_ongoing_requests=int(checked["max_ongoing_requests"]), **shedding,
+    gateway = Gateway.options(max_ongoing_requests=int(checked["max_ongoing_requests"]), **shedding, **cpus,
                               **({"user_config": batching} if batching else {}))
     guard = {name: checked[name] for name in limits.LIMITS} | {"key_sha256": auth.digest(key) if key else None}
     return gateway.bind(handles, guard)
@@ -341,8 +351,8 @@ def check_args(args: dict | None) -> CheckedArgs:
 
     args = dict(args or {})
     served = registry.served()
-    known = {"bundles", *served, "torch_threads", "max_batch_size", "batch_wait_timeout_s", "api_key_file",
-             "default_models", *limits.LIMITS}
+    known = {"bundles", *served, "replicas", "torch_threads", "max_batch_size", "batch_wait_timeout_s",
+             "api_key_file", "default_models", *limits.LIMITS}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"Unknown serve argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}.")
@@ -354,5 +364,6 @@ def check_args(args: dict | None) -> CheckedArgs:
     if isinstance(defaults, str):
         defaults = [defaults]
     check_defaults(found, defaults)
+    replicas.checked_replicas(args.get("replicas", 1))
     checked_batching(batching, DEFAULT_BATCH, "serve argument")
     return CheckedArgs(found, defaults, checked, batching, key)

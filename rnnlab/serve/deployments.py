@@ -23,6 +23,7 @@ from ray import serve
 from rnnlab.errors import BundleError, ConfigError, InputError, RnnlabError
 from rnnlab.serve import metrics
 from rnnlab.serve.completions import CompletionsMixin
+from rnnlab.serve.replicas import HEALTH_CHECKS, StartupClock
 from rnnlab.serve.schemas import error_item
 
 # Serve's own logger: lines land in the replica's log file (and the driver's console) in Serve's format
@@ -33,11 +34,10 @@ logger = logging.getLogger("ray.serve")
 DEFAULT_BATCH = {"max_batch_size": 32, "batch_wait_timeout_s": 0.02}
 # 128 sequences per decoding step: on a CPU a step for 128 costs ~2.5x one for 32, so 1.7x the characters/s
 DEFAULT_GENERATION = {"max_batch_size": 128}
-# Deployment defaults sized for a 2-core laptop: fractional CPUs so all the replicas fit, and one constructor
-# try, because a corrupt bundle will not heal on retry (Serve's default retries a failing constructor).
-# 0.4 CPU each: the Gateway (0.25) and the four served jobs' deployments (1.6) fit in 2 CPUs (at 0.5 the fourth
-# never started: a 2-core machine serving every job waited for it for ever).
-MODEL_DEPLOYMENT = {"ray_actor_options": {"num_cpus": 0.4}, "max_constructor_retry_count": 1}
+# One constructor try, because a corrupt bundle will not heal on retry (Serve's default retries a failing
+# constructor); a dead replica noticed within about a second (rnnlab/serve/replicas.py). The CPUs each replica
+# reserves and how many there are come from build_app (replicas.cpu_share), sized to the cluster.
+MODEL_DEPLOYMENT = {"max_constructor_retry_count": 1, **HEALTH_CHECKS}
 
 
 def checked_batching(config: dict | None, defaults: dict, where: str) -> dict:
@@ -146,10 +146,12 @@ class BatchedDeployment(ServesExamples):
                  default: str | None = None) -> None:
         from rnnlab.serve.versions import ModelSet
 
+        self.startup = StartupClock()
         self.job = job
         self.models = ModelSet(job, models, default, lambda path: load_served(path, job, torch_threads))
         self.stats = BatchStats()
         self.max_batch_size = DEFAULT_BATCH["max_batch_size"]
+        self.startup.models_loaded(job)
 
     async def reconfigure(self, config: dict) -> None:
         self.max_batch_size = checked_batching(config, DEFAULT_BATCH, self.job)["max_batch_size"]
@@ -193,7 +195,7 @@ class BatchedDeployment(ServesExamples):
         return {"models": names, "results": answers}
 
     def describe(self) -> dict:
-        return {"job": self.job, "models": self.models.describe(),
+        return {"job": self.job, "models": self.models.describe(), "startup": self.startup.phases,
                 "batching": {"max_batch_size": self.max_batch_size, **self.stats.summary()}}
 
 
@@ -206,12 +208,14 @@ class GenerationDeployment(CompletionsMixin, ServesExamples):  # complete / comp
                  default: str | None = None) -> None:
         from rnnlab.serve.versions import ModelSet
 
+        self.startup = StartupClock()
         self.job = job
         self.max_batch_size = DEFAULT_GENERATION["max_batch_size"]
         self.torch_threads = torch_threads
         # each model decodes with its own scheduler (its own step); a swapped-out one finishes the sequences it
         # holds, and its thread ends once idle
         self.models = ModelSet(job, models, default, self._load)
+        self.startup.models_loaded(job)
 
     def _load(self, path: str):
         from rnnlab.serve.scheduler import GenerationScheduler
@@ -337,7 +341,8 @@ class GenerationDeployment(CompletionsMixin, ServesExamples):  # complete / comp
     def describe(self) -> dict:
         models = [info | {"batching": self.models.served[info["id"]][0].scheduler.stats()}
                   for info in self.models.describe()]
-        return {"job": self.job, "models": models, "batching": {"max_batch_size": self.max_batch_size}}
+        return {"job": self.job, "models": models, "startup": self.startup.phases,
+                "batching": {"max_batch_size": self.max_batch_size}}
 
 
 DEPLOYMENTS = {"batched": BatchedDeployment, "generation": GenerationDeployment}  # the registry's served_by

@@ -225,9 +225,11 @@ async def events(first: dict, stream, deadline: float, stopping: asyncio.Event, 
         finished = True
         yield pending + sse("done", {"tokens": tokens})
     except STREAM_FAULTS as error:
-        # headers are sent: the fault goes to the client as an event, and the stream ends
+        # headers are sent: the fault goes to the client as an event, and the stream ends; a restarting replica or
+        # service says when to retry, as a 503's Retry-After would
         reason, message = stream_fault(error, "generation")
-        yield pending + sse("error", {"detail": [error_item(["service"], message, reason)], "tokens": tokens})
+        retry = {"retry_after_s": limits.SETTINGS.retry_after_s} if reason != "timeout" else {}
+        yield pending + sse("error", {"detail": [error_item(["service"], message, reason)], "tokens": tokens, **retry})
     finally:
         if not finished:  # the client went away: stop the replica's generator so its slot is freed now
             stream.cancel()

@@ -64,6 +64,13 @@ def _number(value, kind: type, label: str):
     return kind(value)
 
 
+def proxy_timeout_s(request_timeout_s: float) -> float:
+    """The request timeout for Ray's proxy (``http_options``): 5 s past the Gateway's. The proxy cuts a request at
+    its own timeout with a plain-text 408; later, a slow request (one queued while a replica restarts, say) gets
+    the Gateway's JSON 504, and a long stream its error event, first."""
+    return request_timeout_s + 5.0
+
+
 # --- inside the Gateway replica ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GuardSettings:

@@ -19,6 +19,8 @@ import socket
 import time
 
 from rnnlab.errors import ConfigError, RnnlabError, first_line
+from rnnlab.serve.limits import proxy_timeout_s
+from rnnlab.serve.replicas import cpu_share, node_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,10 @@ def run(app_args: dict, *, host: str, port: int, address: str | None = None, pro
     export_for_proxy(limits["header_timeout_s"], int(limits["max_connections"]), limits["retry_after_s"])
     ray_address = start_ray(address, metrics_port=metrics_port, verbose=verbose)
     try:
-        deploy_config(app_args, proxy_port, host, limits["request_timeout_s"])
+        # the replicas' CPU shares need the cluster's nodes: replicas that do not fit are one sentence here, not a
+        # deployment waiting for CPUs that never come
+        cpu_share(len(checked.found), app_args.get("replicas", 1), node_cpus(), app_args.get("torch_threads") or 1)
+        deploy_config(app_args, proxy_port, host, proxy_timeout_s(limits["request_timeout_s"]))
         _stop_on_signals()
         print(f"{READY} {routes} on http://{host}:{port} (API docs at /docs); Ctrl-C stops. "
               f"Swap a model in place with: rnnlab swap --address {ray_address} MODEL_ID BUNDLE", flush=True)
