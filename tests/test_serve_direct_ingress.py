@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from conftest import free_port, read_until_serving
-from test_serve import make_bundles
+from tiny_models import make_bundles
 
 pytestmark = pytest.mark.slow
 
