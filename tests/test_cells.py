@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -172,36 +173,63 @@ def test_init_from_refuses_an_lm_of_another_cell_in_one_sentence():
     torch.testing.assert_close(same.layers[0][0].weight_hh_l0, lm.layers[0].weight_hh_l0)
 
 
+class HeldStep:
+    """A model whose ``step`` waits at a gate (the decoding thread's first step can be held there) and records the
+    batch size of every step, in order."""
+
+    def __init__(self, model) -> None:
+        self.model, self.forward, self.init_state = model, model.forward, model.init_state
+        self.gate, self.waiting = threading.Event(), threading.Event()
+        self.sizes: list[int] = []
+
+    def step(self, ids, state):
+        self.waiting.set()
+        assert self.gate.wait(120), "the test never opened the gate"
+        self.sizes.append(len(ids))
+        return self.model.step(ids, state)
+
+
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
 def test_scheduler_decodes_another_cell_as_the_single_sequence_generator_does(cell):
+    """Requests that arrive while a batch is decoding join it (iteration-level batching), and every sequence is
+    what the single-sequence generator gives for its seed, whichever batch it shared."""
     torch.manual_seed(0)
     model = build_model("charlm", {"vocab_size": len(CHARS), "embed_dim": 8, "hidden_size": 16, "num_layers": 2,
                                    "cell": cell})
     bundle = Bundle(path="memory", job="charlm", model=model.eval(), model_config=model.config.to_dict(),
                     config={"data": {"lowercase": True}}, assets={"vocab": Vocab(list(CHARS)).to_json()}, metrics={})
     generator = CharLMPredictor(bundle)
-    # prompts of several lengths (one character: the zero state) joining together and late
+    # prompts of several lengths (one character: the zero state), three joining together and three late
     requests = [(prompt, SamplingParams(max_new_tokens=20 + 9 * i, temperature=0.6 + 0.1 * i,
                                         top_k=[None, 5][i % 2], top_p=[None, 0.9][i // 2 % 2], seed=i))
                 for i, prompt in enumerate(["the ", "a", "the ", "war and ", "t", "peace"])]
+    early, late = requests[:3], requests[3:]
+    held = HeldStep(generator.model)  # held at its first step until every request has arrived
 
-    async def collect(scheduler, prompt, params, delay):
-        await asyncio.sleep(delay)
+    async def collect(scheduler, prompt, params):
         ids = []
         async for chunk in scheduler.generate(generator.encode_prompt(prompt), params):
             ids.extend(chunk.ids)
         return "".join(generator.vocab.itos[i] for i in ids)
 
     async def run():
-        scheduler = GenerationScheduler(generator.model, max_batch_size=4)
-        texts = await asyncio.gather(*(collect(scheduler, p, s, 0.01 * (i % 3)) for i, (p, s) in enumerate(requests)))
-        return texts, scheduler.stats()
+        scheduler = GenerationScheduler(held, max_batch_size=4)
+        first = [asyncio.create_task(collect(scheduler, *request)) for request in early]
+        assert await asyncio.to_thread(held.waiting.wait, 120)  # a batch is decoding: its first step is held
+        second = [asyncio.create_task(collect(scheduler, *request)) for request in late]
+        while sum(scheduler.stats()[queue] for queue in ("active", "waiting")) < len(requests):
+            await asyncio.sleep(0)  # let each task queue its request
+        held.gate.set()
+        return await asyncio.gather(*first, *second), scheduler.stats()
 
     texts, stats = asyncio.run(run())
     for text, (prompt, params) in zip(texts, requests):
         assert text == generator.generate(prompt, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                                           top_k=params.top_k, top_p=params.top_p, seed=params.seed)
-    assert stats["finished"] == len(requests) and stats["batch_size_max"] > 1
+    # the held first step's sequences have 19+ tokens to go after it: a later, larger step holds them and requests
+    # that joined the running batch
+    assert max(held.sizes[1:]) > held.sizes[0], held.sizes
+    assert stats["joined"] == stats["finished"] == len(requests) and stats["batch_size_max"] == 4
 
 
 def _weights(output: Path) -> dict[str, torch.Tensor]:
