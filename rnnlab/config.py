@@ -236,8 +236,8 @@ def preset_config(job: str, preset: str) -> dict:
         raise ConfigError(f"The preset file {path} must hold a mapping of preset name -> settings; give it the "
                           f"sections {', '.join(required)}.")
     if preset in required and preset not in presets:  # a preset rnnlab's tools load by name: say which needs it
-        raise ConfigError(f"The {job} job has no {preset!r} preset in {path}, which every job of its kind needs "
-                          f"({required[preset]}); add a {preset!r} section there.")
+        raise ConfigError(f"The {job} job has no {preset!r} preset in {path}; add a {preset!r} section there "
+                          f"({required[preset]}).")
     if preset not in presets:
         raise ConfigError(f"The {job} job has no {preset!r} preset ({path}); choose one of {', '.join(presets)}.")
     return presets[preset] or {}

@@ -238,16 +238,18 @@ def _specs_at(where: str, target: str) -> list[JobSpec]:
                           "package or put its folder on PYTHONPATH.") from None
     if not hasattr(module, attribute):
         if getattr(module.__spec__, "_initializing", False):  # it imported rnnlab.registry before defining it
-            raise ConfigError(f"{where} names {target!r}, whose module imports rnnlab before it defines "
-                              f"{attribute}; import rnnlab.registry first (or import the module through rnnlab).")
+            raise ConfigError(f"{where} names {target!r}, whose module is still being imported (it imports "
+                              f"rnnlab.registry, which loads the jobs, before it defines {attribute}); import "
+                              "rnnlab.registry before that module.")
         raise ConfigError(f"{where} names {target!r}, but module {module_name} has no {attribute!r}; fix the name "
                           "after the colon.")
     found = getattr(module, attribute)
     specs = list(found) if isinstance(found, (list, tuple)) else [found]
     wrong = next((spec for spec in specs if not isinstance(spec, JobSpec)), None)
     if wrong is not None or not specs:
-        raise ConfigError(f"{where} names {target!r}, which holds a {type(wrong).__name__}, not a "
-                          "rnnlab.registry.JobSpec (or a list of them); point it at the job's JobSpec.")
+        held = f"a {type(wrong).__name__}" if specs else "an empty list"
+        raise ConfigError(f"{where} names {target!r}, which holds {held}, not a rnnlab.registry.JobSpec (or a list "
+                          "of them); point it at the job's JobSpec.")
     return specs
 
 
