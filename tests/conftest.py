@@ -59,7 +59,8 @@ def read_until_serving(service) -> list[str]:
         lines.append(line)
         if "rnnlab: serving" in line:
             break
-    assert service.poll() is None, "".join(lines)
+    # the output can end before the process does: its last line, not poll(), says whether it is serving
+    assert lines and "rnnlab: serving" in lines[-1] and service.poll() is None, "".join(lines)
     return lines
 
 
