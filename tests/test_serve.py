@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-import torch
 
 from conftest import serving
 from rnnlab import registry
