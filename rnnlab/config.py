@@ -8,7 +8,8 @@ model's config (``rnnlab/models/JOB.py``) less the ones the data decides (vocabu
 A config is assembled in layers, each merged on top of the one before:
 
 1. the declared defaults;
-2. the preset (``configs/presets/{job}.yaml``, top-level keys ``chapter`` / ``default`` / ``smoke``);
+2. the preset (the job's preset file, ``configs/presets/{job}.yaml`` for rnnlab's jobs; top-level keys are preset
+   names: ``default``, ``smoke`` and, for a served job, ``demo`` are required, rnnlab/registry.py says why);
 3. the user's YAML file (``--config``), either a bare config or one keyed by preset name like a preset file;
 4. ``--set key.sub=value`` overrides, values parsed as YAML (``--set train.lr=1e-3``).
 
@@ -226,8 +227,17 @@ def validate(config: Mapping) -> JobConfig:
 
 
 def preset_config(job: str, preset: str) -> dict:
-    path = registry.job(job).presets_file
-    presets = read_yaml(path, what="config file")
+    spec = registry.job(job)
+    path, required = spec.presets_file, spec.required_presets()
+    presets = read_yaml(path, what=f"preset file of job {job}",
+                        missing_hint=f"; write one with the sections {', '.join(required)} (rnnlab/registry.py "
+                        "says what each is for)")
+    if not isinstance(presets, dict):
+        raise ConfigError(f"The preset file {path} must hold a mapping of preset name -> settings; give it the "
+                          f"sections {', '.join(required)}.")
+    if preset in required and preset not in presets:  # a preset rnnlab's tools load by name: say which needs it
+        raise ConfigError(f"The {job} job has no {preset!r} preset in {path}; add a {preset!r} section there "
+                          f"({required[preset]}).")
     if preset not in presets:
         raise ConfigError(f"The {job} job has no {preset!r} preset ({path}); choose one of {', '.join(presets)}.")
     return presets[preset] or {}

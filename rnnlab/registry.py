@@ -6,13 +6,23 @@ imported only when asked for (``spec.load("predictor")``). Everything job-specif
 the model lives in ONE module, ``rnnlab/jobs/<name>.py``; the shared layers (``serve/``, ``launch/``,
 ``scoring.py``, ``tuning/``, the tests) loop over this list and never name a job.
 
-A new served job is six files: a data module (``rnnlab/data/``), a model (``rnnlab/models/``), a job module
-(``rnnlab/jobs/<name>.py``: config keys, batches, loss, metrics, report, predictor, request and answer schemas,
-scorer, CLI verb), a preset file (``configs/presets/<name>.yaml``), a Tune space (``configs/tune/<name>.yaml``) and
-its entry here; plus a panel in the playground page (``rnnlab/serve/static/index.html``) if it should show there,
-and, for a data set rnnlab does not read yet, its download entry in ``rnnlab/data/sources.py`` (and for the smoke
-test a tiny stand-in in ``tests/tiny_datasets.py``, named in ``tests/test_trainer.py``'s ``TINY``; a job whose data
-set has none is skipped there).
+A new job is five files and one entry: a data module, a model, a job module (config keys, batches, loss,
+metrics, report, predictor, request and answer schemas, scorer, CLI verb), a preset file and a Tune space (both
+under the spec's ``configs_dir``: ``presets/<name>.yaml``, ``tune/<name>.yaml``). The preset file holds
+``default`` (what ``rnnlab train JOB`` trains), ``smoke`` (a run of seconds: the test suite's) and, for a served
+job, ``demo`` (what ``make demo`` trains before serving it): :meth:`JobSpec.required_presets`.
+
+Its entry is either here (rnnlab's own jobs) or in another package, which rnnlab finds in every process it
+starts -- the CLI, Ray Tune's trials, Serve's replicas -- because each of them imports this module afresh:
+
+* an installed package's entry point in the group ``rnnlab.jobs`` (``[project.entry-points."rnnlab.jobs"]``,
+  ``sentence_end = "mypackage.jobs:SPEC"``);
+* ``RNNLAB_JOBS=mypackage.jobs:SPEC,other.module:JOBS`` in the environment (Ray's local workers inherit it;
+  ``rnnlab tune`` forwards it to a cluster's, and on a cluster the package must be importable on every node).
+
+Each names a :class:`JobSpec` (or a list of them) in a module that imports nothing heavy: this module is
+imported by every ``rnnlab`` command. A job from outside may use ``data_set`` names of rnnlab's data sets or
+leave the default data to ``data.source``; playground panels and a data set's download entry stay rnnlab's.
 
 The job's name is the same in every layer: config ``job:``, bundle, HTTP route ``/v1/<name>``, Serve deployment,
 Prometheus ``kind`` label.
@@ -20,6 +30,8 @@ Prometheus ``kind`` label.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -30,6 +42,11 @@ import yaml
 from rnnlab.errors import ConfigError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+JOBS_ENV = "RNNLAB_JOBS"  # comma-separated "module:attribute" import paths of jobs from other packages
+ENTRY_POINT_GROUP = "rnnlab.jobs"  # installed packages' jobs: each entry point's value is "module:attribute"
+# a route /v1/<name>, a deployment, a CLI argument and a metric label: lowercase, no spaces or slashes
+JOB_NAME = re.compile(r"[a-z][a-z0-9_]*")
+SERVICE_ROUTES = ("models", "completions", "chat")  # /v1/<name> routes the service answers itself
 
 
 @dataclass(frozen=True)
@@ -56,10 +73,24 @@ class JobSpec:
     answer: str | None = None  # pydantic answer body
     aliases: tuple[str, ...] = ()  # older routes /v1/<alias> that answer the same (kept for one release)
     demo: str | None = None  # ``make demo``: ``demo(post)`` sends one request (``post(body)``) and prints the answer
+    configs_dir: Path = CONFIGS_DIR  # holds presets/<name>.yaml and tune/<name>.yaml (a package's own folder)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not JOB_NAME.fullmatch(self.name):
+            raise ConfigError(f"The job name {self.name!r} must be lowercase letters, digits and '_', starting with "
+                              "a letter (it is a route, a deployment and a CLI argument); rename the job.")
 
     @property
     def presets_file(self) -> Path:
-        return CONFIGS_DIR / "presets" / f"{self.name}.yaml"
+        return Path(self.configs_dir) / "presets" / f"{self.name}.yaml"
+
+    def required_presets(self) -> dict[str, str]:
+        """The presets rnnlab's tools load by name -> what loads it (the preset file must hold each)."""
+        required = {"default": "what `rnnlab train JOB` and `rnnlab tune JOB` start from",
+                    "smoke": "a run of seconds: what the test suite trains"}
+        if self.served_by:
+            required["demo"] = "what `make demo` trains before it serves every served job"
+        return required
 
     def presets(self) -> tuple[str, ...]:
         """The presets this job has: the top-level sections of its preset file, in file order (none without one)."""
@@ -73,7 +104,7 @@ class JobSpec:
 
     @property
     def tune_space_file(self) -> Path:
-        return CONFIGS_DIR / "tune" / f"{self.name}.yaml"
+        return Path(self.configs_dir) / "tune" / f"{self.name}.yaml"
 
     def mode(self, metric: str) -> str:
         """``min`` or ``max`` for one of this job's metrics."""
@@ -178,6 +209,69 @@ JOBS: dict[str, JobSpec] = {
         ),
     )
 }
+
+
+# --- jobs from other packages -----------------------------------------------------------------------------------
+
+
+def plugged_in(paths: str | None = None) -> list[JobSpec]:
+    """The jobs other packages add: every entry point of the group ``rnnlab.jobs``, then each import path of
+    ``paths`` (default: the ``RNNLAB_JOBS`` environment variable). A fault is a ConfigError of one sentence."""
+    from importlib.metadata import entry_points
+
+    paths = os.environ.get(JOBS_ENV, "") if paths is None else paths
+    targets = [(f"The entry point {point.name!r} of group {ENTRY_POINT_GROUP}", point.value)
+               for point in entry_points(group=ENTRY_POINT_GROUP)]
+    targets += [(JOBS_ENV, path.strip()) for path in paths.split(",") if path.strip()]
+    return [spec for where, target in targets for spec in _specs_at(where, target)]
+
+
+def _specs_at(where: str, target: str) -> list[JobSpec]:
+    module_name, colon, attribute = target.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ConfigError(f"{where} names {target!r}, which is not an import path; write it as module:attribute, "
+                          "such as mypackage.jobs:SPEC.")
+    try:
+        module = import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"{where} names module {module_name!r}, which cannot be imported ({error}); install its "
+                          "package or put its folder on PYTHONPATH.") from None
+    if not hasattr(module, attribute):
+        if getattr(module.__spec__, "_initializing", False):  # it imported rnnlab.registry before defining it
+            raise ConfigError(f"{where} names {target!r}, whose module is still being imported (it imports "
+                              f"rnnlab.registry, which loads the jobs, before it defines {attribute}); import "
+                              "rnnlab.registry before that module.")
+        raise ConfigError(f"{where} names {target!r}, but module {module_name} has no {attribute!r}; fix the name "
+                          "after the colon.")
+    found = getattr(module, attribute)
+    specs = list(found) if isinstance(found, (list, tuple)) else [found]
+    wrong = next((spec for spec in specs if not isinstance(spec, JobSpec)), None)
+    if wrong is not None or not specs:
+        held = f"a {type(wrong).__name__}" if specs else "an empty list"
+        raise ConfigError(f"{where} names {target!r}, which holds {held}, not a rnnlab.registry.JobSpec (or a list "
+                          "of them); point it at the job's JobSpec.")
+    return specs
+
+
+def add(specs: list[JobSpec], jobs: dict[str, JobSpec]) -> dict[str, JobSpec]:
+    """``jobs`` with ``specs`` added; a name or route that is taken already is refused (a job never replaces
+    another, nor answers another's route)."""
+    for spec in specs:
+        taken = {route: name for name, known in jobs.items() for route in (name, *known.aliases)}
+        clash = next((route for route in (spec.name, *spec.aliases) if route in taken or route in SERVICE_ROUTES),
+                     None)
+        if clash is not None:
+            owner = f"job {taken[clash]!r}" if clash in taken else "the service itself"
+            raise ConfigError(f"The job {spec.name!r} ({spec.job.partition(':')[0]}) would take the name {clash!r}, "
+                              f"which {owner} has already; give it another name.")
+        jobs = {**jobs, spec.name: spec}
+    return jobs
+
+
+JOBS.update(add(plugged_in(), JOBS))
+
+
+# --- reading the list --------------------------------------------------------------------------------------------
 
 
 def job(name: str) -> JobSpec:

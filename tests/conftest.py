@@ -64,8 +64,8 @@ def serving(options: dict, *, http_options: dict | None = None, from_config: boo
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> Path:
-    """Tiny bundles of every served job from random models (test_serve.make_bundles), for a module's service."""
-    from test_serve import make_bundles
+    """A tiny bundle of every served job (tiny_models.make_bundles), for a module's service."""
+    from tiny_models import make_bundles
 
     return make_bundles(tmp_path_factory.mktemp("bundles"))
 

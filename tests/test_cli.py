@@ -88,32 +88,22 @@ def test_stock_summary_on_mirror(mirror):
     assert (summary["features"], summary["train_period_rows"], summary["test_rows"]) == (37, 8061, 124)
 
 
-class _AnswersForecast:
-    """A stand-in CLI of a second job answering ``forecast``: says which job ran."""
-
-    @staticmethod
-    def add_arguments(parser) -> None:
-        parser.add_argument("--csv", required=True)
-
-    @staticmethod
-    def run(args, load_predictor) -> int:
-        print(f"ran the second job's verb on {args.csv}")
-        return 0
-
-
-def test_a_verb_two_jobs_answer_dispatches_on_the_bundle_job(tmp_path, monkeypatch, capsys):
-    """`forecast` is answered by every job whose registry entry names it (stock, and a multi-step forecaster next):
-    the bundle's job picks which job's CLI runs."""
-    import dataclasses
-    import json
-
-    from rnnlab import registry
+def test_forecast_answers_with_the_bundles_own_job(tmp_path, capsys):
+    """`forecast` is the verb of two jobs, stock (the next close) and horizon (the next days as quantiles): the
+    bundle given picks whose answer the same price file gets; a bundle of neither is one sentence."""
+    from tiny_datasets import make_stock_csv
+    from tiny_models import make_bundles
     from rnnlab.launch.cli import main
 
-    second = dataclasses.replace(registry.JOBS["stock"], name="second", cli=f"{__name__}:_AnswersForecast")
-    monkeypatch.setitem(registry.JOBS, "second", second)
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({"job": "second"}))
-    assert main(["forecast", str(bundle), "--csv", "prices.csv"]) == 0
-    assert capsys.readouterr().out.strip() == "ran the second job's verb on prices.csv"
+    bundles = make_bundles(tmp_path / "bundles")
+    csv = str(make_stock_csv(tmp_path))
+    assert main(["forecast", str(bundles / "djia-small"), "--csv", csv]) == 0
+    stock = json.loads(capsys.readouterr().out)
+    assert set(stock) == {"date", "close", "baseline_open", "actual_close"} and stock["close"] > 0
+    assert main(["forecast", str(bundles / "ndx-horizon"), "--csv", csv, "--json"]) == 0
+    horizon = json.loads(capsys.readouterr().out)
+    assert {"origin", "quantiles", "steps"} <= set(horizon) and [s["step"] for s in horizon["steps"]] == [1, 2, 3, 4, 5]
+    assert horizon["origin"] == stock["date"]  # the same last day, answered two ways
+    assert main(["forecast", str(bundles / "imdb-small"), "--csv", csv]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("rnnlab: ") and error.count("\n") == 1 and "imdb-small" in error, error

@@ -56,7 +56,7 @@ def test_an_address_where_no_cluster_answers_is_one_sentence_within_seconds(comm
 
 
 def _bundles(directory: Path) -> Path:
-    from test_serve import make_bundles
+    from tiny_models import make_bundles
 
     directory.mkdir(parents=True, exist_ok=True)
     return make_bundles(directory)

@@ -1,5 +1,6 @@
-"""The demo's own pieces: its presets load for every job, the word-share check it prints is right, and its service
-keeps Ray's token authentication without Ray's warning about it."""
+"""The demo's own pieces: the presets rnnlab's tools load by name exist for every job (the demo's for every served
+one), the word-share check it prints is right, and its service keeps Ray's token authentication without Ray's
+warning about it."""
 
 from __future__ import annotations
 
@@ -7,16 +8,25 @@ import os
 
 import pytest
 
-from rnnlab.jobs.charlm import share_of_known_words
-from rnnlab.launch.demo import JOBS, PRESET
 from rnnlab.config import load_config
+from rnnlab.jobs.charlm import share_of_known_words
+from rnnlab.launch.demo import PRESET
+from rnnlab.registry import JOBS, served
 
 
-@pytest.mark.parametrize("job", JOBS)
-def test_every_job_has_a_demo_preset(job):
-    config = load_config(job, PRESET)
-    assert config["job"] == job
-    assert config["train"]["progress"] is False  # the demo's output stays readable
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_every_job_has_the_presets_rnnlabs_tools_load(job):
+    """default (`rnnlab train` and `rnnlab tune`), smoke (the test suite) and, for a served job, demo (`make demo`
+    trains every served job with it): each is in the job's preset file and loads as a valid config."""
+    required = JOBS[job].required_presets()
+    assert ("demo" in required) == (job in served())
+    for preset in required:
+        load_config(job, preset)
+
+
+@pytest.mark.parametrize("job", served())
+def test_the_demo_trains_without_progress_bars(job):
+    assert load_config(job, PRESET)["train"]["progress"] is False  # the demo's output stays readable
 
 
 def test_share_of_known_words_counts_words_not_characters():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny_models import small_model_settings
 from rnnlab.errors import ConfigError
 from rnnlab.registry import JOBS
 from rnnlab.models import build_model
@@ -189,31 +190,23 @@ def test_charlm_window_equals_step_by_step_and_carries_state():
         torch.testing.assert_close(state[0], h)
 
 
-def small_model_settings(job: str) -> dict:
-    """The model keys of the job's smoke preset, two layers where the model has them, and the keys the data
-    decides (vocabulary size, feature count) set to 300."""
-    from rnnlab.config import load_config
-
-    config_class = JOBS[job].load("model_config")
-    preset = load_config(job, "smoke")["model"]
-    settings = {key: value for key, value in preset.items() if key in config_class.model_fields}
-    if "num_layers" in config_class.model_fields:
-        settings |= {"num_layers": 2, "dropout": 0.2}
-    return settings | {name: 300 for name, field in config_class.model_fields.items()
-                       if field.is_required() and name not in settings}
-
-
 @pytest.mark.parametrize("job", sorted(JOBS))
-def test_config_round_trip(job):
-    config_class, model_class = JOBS[job].load("model_config"), JOBS[job].load("model")
+def test_a_models_config_rebuilds_the_same_model_from_its_bundle(job, tmp_path):
+    """What every bundle relies on: the model's config keeps each setting it was built with, goes through
+    config.json and rebuilds a model of the same class and config that takes the saved weights exactly."""
+    from rnnlab.bundle import load_bundle, save_bundle
+
     settings = small_model_settings(job)
     model = build_model(job, settings)
-    assert isinstance(model, model_class)
-    d = model.config.to_dict()
-    assert d == {**config_class(**settings).to_dict()}
-    assert config_class.from_dict(d) == model.config
-    rebuilt = build_model(job, d)
-    assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in model.parameters()]
+    assert isinstance(model, JOBS[job].load("model"))
+    assert {key: model.config.to_dict()[key] for key in settings} == settings
+    loaded = load_bundle(save_bundle(tmp_path / "bundle", job=job, model=model, assets={}, metrics={},
+                                     config={"job": job})).model
+    assert type(loaded) is type(model) and loaded.config == model.config
+    weights = loaded.state_dict()
+    assert weights.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(weights[name], tensor), name
 
 
 def test_config_refuses_unknown_and_missing_keys_and_bad_values():

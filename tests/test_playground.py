@@ -17,7 +17,7 @@ import pytest
 from rnnlab import registry
 from tiny_datasets import make_stock_csv
 from conftest import require, serving, skip_or_fail
-from test_serve import make_bundles
+from tiny_models import make_bundles
 from test_serve_versions import _other_version
 
 pytestmark = pytest.mark.slow

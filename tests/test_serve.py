@@ -14,74 +14,18 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-import torch
 
 from conftest import serving
 from rnnlab import registry
 from tiny_datasets import make_stock_csv
+from tiny_models import CHARS, FAULT_CHAR
 
 pytestmark = pytest.mark.slow
 
-CHARS = "abcdefghijklmnopqrstuvwxyz .,'\n"
-# The charlm bundle's apostrophe has a NaN embedding: a request whose prompt holds one fails inside the decoding
-# step (the model's scores turn NaN), the way a broken model or a bug would, while every other request is fine.
-FAULT_CHAR = "'"
-FAULTY_PROMPT = "the emperor's "
-WORDS = ["<pad>", "<unk>", "the", "movie", "was", "great", "awful", "plot", "and", "a"]
+FAULTY_PROMPT = f"the emperor{FAULT_CHAR}s "  # reaches wp-small's faulty character: its decoding fails
 
 
 # --- fixtures --------------------------------------------------------------------------------------------------
-def make_bundles(directory: Path) -> Path:
-    """A tiny bundle of every served job from randomly initialised models (the service never needs a trained one).
-    The forecasters keep an example request (the last rows of a fixture price file), as training writes one; the
-    others have none."""
-    import tempfile
-
-    import numpy as np
-
-    from rnnlab.bundle import save_bundle
-    from rnnlab.data.stock import FEATURE_NAMES, Scaler, example_request
-    from rnnlab.data.vocab import Vocab
-    from rnnlab.models import build_model
-
-    with tempfile.TemporaryDirectory() as prices:
-        csv = make_stock_csv(Path(prices))
-        examples = {window: example_request(csv, window) for window in (5, 21)}
-    torch.manual_seed(0)
-    vocab = Vocab(WORDS, unk_index=1)
-    save_bundle(directory / "imdb-small", job="sentiment",
-                model=build_model("sentiment", {"vocab_size": len(vocab), "embed_dim": 8, "hidden_size": 8,
-                                                "fc_size": 8}),
-                assets={"vocab": vocab.to_json()}, metrics={"test": {"accuracy": 0.5}}, config={"job": "sentiment"})
-    rng = np.random.default_rng(0)
-    scaler = Scaler.fit(rng.normal(size=(32, len(FEATURE_NAMES))), columns=list(FEATURE_NAMES))
-    target_scaler = Scaler.fit(rng.normal(1000, 50, size=(32, 1)), columns=["close"])
-    save_bundle(directory / "djia-small", job="stock",
-                model=build_model("stock", {"num_features": len(FEATURE_NAMES), "hidden_size": 4, "num_layers": 1,
-                                            "fc_size": 4}),
-                assets={"scaler": scaler.to_json(), "target_scaler": target_scaler.to_json()},
-                metrics={"test": {"r2": 0.0}},
-                config={"job": "stock", "data": {"window": 5, "target": "close"}}, example=examples[5])
-    charlm = build_model("charlm", {"vocab_size": len(CHARS), "embed_dim": 8, "hidden_size": 32})
-    with torch.no_grad():  # a model fault only an apostrophe in a prompt reaches (see FAULTY_PROMPT)
-        charlm.embedding.weight[CHARS.index(FAULT_CHAR)] = float("nan")
-        charlm.output.bias[CHARS.index(FAULT_CHAR)] = float("-inf")  # never sampled, so no other text reaches it
-    save_bundle(directory / "wp-small", job="charlm", model=charlm,
-                assets={"vocab": Vocab(list(CHARS)).to_json()}, metrics={"val": {"nats_per_char": 3.4}},
-                config={"job": "charlm", "data": {"lowercase": True}})
-    from rnnlab.data.horizon import FEATURE_SETS
-
-    names = FEATURE_SETS["scale_free"]
-    save_bundle(directory / "ndx-horizon", job="horizon",
-                model=build_model("horizon", {"num_features": len(names), "hidden_size": 4, "fc_size": 4}),
-                assets={"scaler": Scaler.fit(rng.normal(size=(32, len(names))), columns=list(names)).to_json(),
-                        "target_scaler": Scaler.fit(rng.normal(size=(32, 5)), columns=[f"h{h}" for h in range(1, 6)]
-                                                    ).to_json()},
-                metrics={"test": {"crps": 0.0}}, config={"job": "horizon", "data": {"window": 21}},
-                example=examples[21])
-    return directory
-
-
 @pytest.fixture(scope="module")
 def price_rows(tmp_path_factory) -> list[dict]:
     frame = pd.read_csv(make_stock_csv(tmp_path_factory.mktemp("prices"))).tail(300)

@@ -235,12 +235,12 @@ def test_the_proxy_callback_reads_the_limits_rnnlab_serve_exports(monkeypatch):
     connections.export_for_proxy(2.5, 7, 4)
     import os
 
-    assert os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == connections.PROXY_CALLBACK
     from ray.serve._private.http_util import validate_http_proxy_callback_return
     from ray.serve._private.utils import call_function_from_import_path
 
-    try:  # as Ray's proxy calls it: no extra middlewares
-        assert validate_http_proxy_callback_return(call_function_from_import_path(connections.PROXY_CALLBACK)) == []  # as Ray calls it: no extra middlewares
+    try:  # as Ray's proxy calls it: the import path the environment names; no extra middlewares
+        assert validate_http_proxy_callback_return(call_function_from_import_path(
+            os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"])) == []
         assert (connections.Settings.header_timeout_s, connections.Settings.max_connections) == (2.5, 7)
         import uvicorn.protocols.http.auto as auto
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from rnnlab.serve.local import LocalService
-from test_serve import make_bundles
+from tiny_models import make_bundles
 
 pytestmark = pytest.mark.slow
 

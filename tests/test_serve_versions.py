@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_serve import make_bundles
+from tiny_models import make_bundles
 
 
 @pytest.fixture(scope="module")

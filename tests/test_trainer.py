@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from processes import Processes
 from rnnlab.serve.local import free_port
-from tiny_datasets import make_imdb_tar, make_stock_csv, make_text
+from tiny_datasets import MAKERS, smoke_config, tiny_sources
 from wandb_files import read_finished_wandb_run
 from rnnlab.errors import ConfigError
 from rnnlab.config import load_config
@@ -33,25 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-# data set (the registry's data_set) -> its tiny stand-in; a job whose data set has none here is skipped
-# (lm trains on the labelled and the unlabelled reviews)
-TINY = {"imdb": lambda folder: make_imdb_tar(folder, unsup=60), "stock": make_stock_csv, "text": make_text}
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("data")
-    made = {data_set: make(folder) for data_set, make in TINY.items()}
-    return {name: made[spec.data_set] for name, spec in JOBS.items() if spec.data_set in made}
-
-
-# the tiny archive holds 60 unlabelled reviews: the lm smoke preset's held-out blocks must fit in it
-FIXTURE_SIZES = {"lm": ["data.heldout_reviews=5", "data.limit_train=0"]}
+    return tiny_sources(tmp_path_factory.mktemp("data"))
 
 
 def smoke(job: str, data: dict, *overrides: str) -> dict:
-    return load_config(job, "smoke", overrides=[f"data.source={data[job]}", "tracking.wandb=false",
-                                                *FIXTURE_SIZES.get(job, []), *overrides])
+    return smoke_config(job, data[job], *overrides)
 
 
 def events(output: Path, kind: str) -> list[dict]:
@@ -65,7 +53,7 @@ def latest_weights(output: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("job", [
-    pytest.param(name, marks=pytest.mark.skipif(spec.data_set not in TINY, reason=f"no tiny {spec.data_set} data"))
+    pytest.param(name, marks=pytest.mark.skipif(spec.data_set not in MAKERS, reason=f"no tiny {spec.data_set} data"))
     for name, spec in JOBS.items()])
 def test_smoke_run_writes_metrics_checkpoints_and_bundle(job, data, tmp_path):
     result = train(smoke(job, data), tmp_path)

@@ -1,4 +1,5 @@
-"""Tiny stand-ins for the three data sets, built in a test's tmp_path (shared by the trainer tests)."""
+"""Tiny stand-ins for the three data sets, built in a test's tmp_path, and the smoke config of any registered job
+over them: what the tests that loop over every job (the registry's) train on."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from rnnlab.config import load_config
+from rnnlab.registry import JOBS
 
 _POSITIVE = ["great", "wonderful", "loved", "superb", "brilliant", "fun", "moving", "best"]
 _NEGATIVE = ["awful", "boring", "hated", "terrible", "dull", "worst", "waste", "bad"]
@@ -69,3 +73,19 @@ def make_text(directory: Path, characters: int = 30_000, seed: int = 0) -> Path:
     path = Path(directory) / "text.txt"
     path.write_text("".join(out)[:characters], encoding="utf-8")
     return path
+
+
+# data set (the registry's ``data_set``) -> its tiny stand-in; a job whose data set has none here is left out of the
+# loops over every job (lm trains on the labelled and the unlabelled reviews)
+MAKERS = {"imdb": lambda folder: make_imdb_tar(folder, unsup=60), "stock": make_stock_csv, "text": make_text}
+
+
+def tiny_sources(directory: Path) -> dict[str, Path]:
+    """Every registered job whose data set has a tiny stand-in -> that stand-in (one file per data set)."""
+    made = {data_set: make(directory) for data_set, make in MAKERS.items()}
+    return {name: made[spec.data_set] for name, spec in JOBS.items() if spec.data_set in made}
+
+
+def smoke_config(job: str, source: Path, *overrides: str) -> dict:
+    """The job's smoke preset over ``source``, W&B off, then ``overrides``."""
+    return load_config(job, "smoke", overrides=[f"data.source={source}", "tracking.wandb=false", *overrides])

@@ -56,7 +56,11 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except RnnlabError as error:  # a job from another package (RNNLAB_JOBS, an entry point) that does not load
+        print(f"rnnlab: {error}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", 0) else logging.INFO,

@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
     from rnnlab.launch.cli import add_common_flags
     from rnnlab.registry import JOBS, verbs
 
-    scored = "; ".join(f"{name}: see rnnlab/jobs/{name}.py's score" for name, spec in JOBS.items() if spec.scorer)
+    scored = "; ".join(f"{name}: see {spec.scorer.replace(':', '.')}" for name, spec in JOBS.items() if spec.scorer)
     p = subparsers.add_parser(
         "evaluate", help="score a bundle on its job's test split, or on any data in its job's format (--data)",
         description="Score a bundle. Without --data: the test split of the bundle's job, rebuilt from its training "

@@ -10,10 +10,7 @@ import json
 from pathlib import Path
 
 from rnnlab.errors import BundleError, ConfigError
-from rnnlab.registry import served
-
-# the jobs the service answers for (each job's name is its deployment's and its route's), from the registry
-SERVED_JOBS = served()
+from rnnlab.registry import served  # the jobs the service answers for (each job's name: its deployment and route)
 
 
 def _job_of(directory: Path) -> str:
@@ -24,9 +21,9 @@ def _job_of(directory: Path) -> str:
         raise BundleError(
             f"Bundle {directory} has an unreadable config.json ({error}); re-export the bundle."
         ) from None
-    if job not in SERVED_JOBS:
+    if job not in served():
         raise BundleError(
-            f"Bundle {directory} is for job {job!r}, which the service does not serve ({', '.join(SERVED_JOBS)})."
+            f"Bundle {directory} is for job {job!r}, which the service does not serve ({', '.join(served())})."
         )
     return job
 
@@ -80,8 +77,8 @@ def find_models(
                 continue
             add(_job_of(directory), directory)
     for job, path in (explicit or {}).items():
-        if job not in SERVED_JOBS:
-            raise ConfigError(f"Unknown job {job!r}; use one of {', '.join(SERVED_JOBS)}.")
+        if job not in served():
+            raise ConfigError(f"Unknown job {job!r}; use one of {', '.join(served())}.")
         if path is None:
             continue
         directory = Path(path).expanduser().resolve()
