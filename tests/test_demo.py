@@ -37,16 +37,14 @@ def test_share_of_known_words_counts_words_not_characters():
 
 
 @pytest.mark.parametrize("chosen, expected", [(None, "token"), ("disabled", "disabled")])
-def test_the_service_asks_ray_for_token_authentication_by_name(monkeypatch, tmp_path, chosen, expected):
+def test_the_service_asks_ray_for_token_authentication_by_name(monkeypatch, chosen, expected):
     """Ray warns when it turns token authentication on by default; named, it stays on and Ray says nothing. A
     mode the user chose is theirs."""
     from rnnlab.launch import demo
 
-    started = {}
-    monkeypatch.setattr(demo.subprocess, "Popen", lambda command, **options: started.update(options))
     if chosen is None:
         monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     else:
         monkeypatch.setenv("RAY_AUTH_MODE", chosen)
-    demo.start_service(tmp_path, 8765)
-    assert started["env"]["RAY_AUTH_MODE"] == expected and started["env"]["PATH"] == os.environ["PATH"]
+    env = demo.service_env()
+    assert env["RAY_AUTH_MODE"] == expected and env["PATH"] == os.environ["PATH"]

@@ -12,21 +12,19 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import free_port, read_until_serving
 from tiny_datasets import make_text
 from tiny_models import make_bundles
 from rnnlab import registry
 from rnnlab.config import load_config
 from rnnlab.errors import ConfigError, InputError
+from rnnlab.serve.local import LocalService
 
 pytestmark = pytest.mark.slow
 
@@ -117,32 +115,16 @@ def test_the_service_serves_it_beside_rnnlabs_jobs(env, trained, registered, tmp
 
     bundles = make_bundles(tmp_path / "bundles")
     shutil.copytree(trained, bundles / "wp-sentence-end")
-    port = free_port()
-    service = subprocess.Popen([sys.executable, "-m", "rnnlab.launch.cli", "serve", "--bundles", str(bundles),
-                                "--port", str(port)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    watchdog = threading.Timer(600, lambda: os.killpg(service.pid, signal.SIGKILL))  # a hang fails, not stalls
-    watchdog.start()
     texts = ["and prince andrew said to natasha", "natasha"]
-    try:
-        read_until_serving(service)
-        watchdog.cancel()
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
-            assert sorted(http.get("/healthz").json()["serving"]) == sorted(registry.served())
-            models = {m["id"]: m for m in http.get("/v1/models").json()["data"] if m["endpoint"] == f"/v1/{JOB}"}
-            assert set(models) == {JOB, "wp-sentence-end"}
-            answer = http.post(f"/v1/{JOB}", json={"texts": texts, "model": "wp-sentence-end"})
-            assert answer.status_code == 200, answer.text
-            refused = http.post(f"/v1/{JOB}", json={"texts": ["the emperor", "he said."]})
-            assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "texts", 1]
-            assert http.post("/v1/sentiment", json={"texts": ["a fine film"]}).status_code == 200
-    finally:
-        watchdog.cancel()
-        os.killpg(service.pid, signal.SIGINT)
-        try:
-            service.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.pid, signal.SIGKILL)
+    with LocalService(bundles, env=env) as service, httpx.Client(base_url=service.url, timeout=120) as http:
+        assert sorted(http.get("/healthz").json()["serving"]) == sorted(registry.served())
+        models = {m["id"]: m for m in http.get("/v1/models").json()["data"] if m["endpoint"] == f"/v1/{JOB}"}
+        assert set(models) == {JOB, "wp-sentence-end"}
+        answer = http.post(f"/v1/{JOB}", json={"texts": texts, "model": "wp-sentence-end"})
+        assert answer.status_code == 200, answer.text
+        refused = http.post(f"/v1/{JOB}", json={"texts": ["the emperor", "he said."]})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "texts", 1]
+        assert http.post("/v1/sentiment", json={"texts": ["a fine film"]}).status_code == 200
     assert answer.json()["model"].startswith("wp-sentence-end@")
     expected = load_predictor(trained).predict(texts)
     for served, local in zip(answer.json()["results"], expected, strict=True):

@@ -45,6 +45,12 @@ def train_all(output: Path) -> dict[str, dict]:
     return results
 
 
+def service_env() -> dict:
+    """The service's environment: its own Ray instance keeps Ray's token authentication (its ports listen on the
+    machine's address, not only loopback); asked for by name, Ray does not warn that it turned it on by default."""
+    return os.environ | {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+
+
 def post(base: str, path: str, payload: dict) -> dict:
     request = urllib.request.Request(
         f"{base}{path}", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
@@ -71,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     started = time.monotonic()
     train_all(output)
-    # The service's own Ray instance keeps Ray's token authentication (its ports listen on the machine's address,
-    # not only loopback); asked for by name, Ray does not warn that it turned it on by default.
-    env = os.environ | {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    service = LocalService(output, port=args.port, env=env, echo=True)
+    service = LocalService(output, port=args.port, env=service_env(), echo=True)
     print(f"\n== starting the service: {' '.join(service.command[2:])} ==", flush=True)
     try:
         service.start(timeout_s=180)
