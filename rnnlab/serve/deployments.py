@@ -21,7 +21,7 @@ import math
 from ray import serve
 
 from rnnlab.errors import BundleError, ConfigError, InputError, RnnlabError
-from rnnlab.serve import metrics
+from rnnlab.serve import memory, metrics
 from rnnlab.serve.completions import CompletionsMixin
 from rnnlab.serve.schemas import error_item
 
@@ -132,6 +132,7 @@ class BatchedDeployment:
                  default: str | None = None) -> None:
         from rnnlab.serve.versions import ModelSet
 
+        memory.trace_from_env(job)
         self.job = job
         self.models = ModelSet(job, models, default, lambda path: load_served(path, job, torch_threads))
         self.stats = BatchStats()
@@ -192,6 +193,7 @@ class GenerationDeployment(CompletionsMixin):  # complete / complete_stream: Ope
                  default: str | None = None) -> None:
         from rnnlab.serve.versions import ModelSet
 
+        memory.trace_from_env(job)
         self.job = job
         self.max_batch_size = DEFAULT_GENERATION["max_batch_size"]
         self.torch_threads = torch_threads
