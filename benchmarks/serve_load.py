@@ -206,6 +206,19 @@ def random_bundles(directory: Path, reviews: list[str], preset: str = "chapter",
     chars = build_vocab([text], specials=())
     save_bundle(directory / "charlm", job="charlm", model=build_model("charlm", {"vocab_size": len(chars)}),
                 assets={"vocab": chars.to_json()}, metrics={}, config={"job": "charlm", "data": {"lowercase": True}})
+    from rnnlab.data.horizon import FEATURE_SETS
+    from rnnlab.models.horizon import HorizonConfig
+
+    recipe = load_config("horizon", preset)
+    data = {key: recipe["data"][key] for key in ("window", "features", "vol", "vol_days")}
+    names = FEATURE_SETS[data["features"]]
+    architecture = {key: value for key, value in recipe["model"].items() if key in HorizonConfig.model_fields}
+    horizon = build_model("horizon", {**architecture, "num_features": len(names)})
+    steps = [f"h{h}" for h in range(1, horizon.config.horizon + 1)]
+    save_bundle(directory / "horizon", job="horizon", model=horizon,
+                assets={"scaler": Scaler.fit(rng.normal(size=(64, len(names))), columns=list(names)).to_json(),
+                        "target_scaler": Scaler.fit(rng.normal(size=(64, len(steps))), columns=steps).to_json()},
+                metrics={}, config={"job": "horizon", "data": data})
     return directory
 
 
