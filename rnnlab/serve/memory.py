@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import gc
+import itertools
 import os
 import sys
 import threading
@@ -53,18 +54,24 @@ def _rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def write_dump(directory: Path, name: str, n: int, seconds: float) -> None:
+    """One dump of a traced process: its line appended to ``<name>-<pid>.txt`` (``seconds`` since tracing began)
+    and snapshot ``n``."""
+    snapshot = tracemalloc.take_snapshot()
+    snapshot.dump(str(directory / f"{name}-{os.getpid()}-{n:04d}.snapshot"))
+    traced, _ = tracemalloc.get_traced_memory()
+    types = collections.Counter(type(thing).__qualname__ for thing in gc.get_objects())
+    line = (f"t={seconds:.0f}s rss={_rss_mb():.1f}MiB traced={traced / 2**20:.1f}MiB malloc={malloc_counters()} "
+            f"threads={threading.active_count()} objects={dict(types.most_common(12))}")
+    with (directory / f"{name}-{os.getpid()}.txt").open("a") as handle:
+        handle.write(line + "\n")
+
+
 def _watch(directory: Path, name: str, interval_s: float) -> None:
     began = time.monotonic()
-    for n in range(1_000_000):
+    for n in itertools.count():
         time.sleep(interval_s)
-        snapshot = tracemalloc.take_snapshot()
-        snapshot.dump(str(directory / f"{name}-{os.getpid()}-{n:04d}.snapshot"))
-        traced, _ = tracemalloc.get_traced_memory()
-        types = collections.Counter(type(thing).__qualname__ for thing in gc.get_objects())
-        line = (f"t={time.monotonic() - began:.0f}s rss={_rss_mb():.1f}MiB traced={traced / 2**20:.1f}MiB "
-                f"malloc={malloc_counters()} threads={threading.active_count()} objects={dict(types.most_common(12))}")
-        with (directory / f"{name}-{os.getpid()}.txt").open("a") as handle:
-            handle.write(line + "\n")
+        write_dump(directory, name, n, time.monotonic() - began)
 
 
 def trace_from_env(name: str) -> None:
