@@ -1,27 +1,35 @@
-"""Soak run for `rnnlab serve`: mixed traffic from 16 clients for 20 minutes, watching errors, p99 latency and each
-replica's resident memory minute by minute.
+"""Soak run for `rnnlab serve`: mixed traffic over every served job from 16 clients for 20 minutes (an hour with
+`--minutes 60`), watching errors, p99 latency and each replica's resident memory minute by minute.
 
     python -m benchmarks.soak                                   # 16 clients, 20 min, its own service
-    python -m benchmarks.soak --minutes 3 --json /tmp/soak.json --png /tmp/soak.png   # a short shake-out
+    python -m benchmarks.soak --minutes 60                      # the hour the README's table reports
+    python -m benchmarks.soak --minutes 3 --fit-after 1 --json /tmp/soak.json --png /tmp/soak.png   # a shake-out
+    python -m benchmarks.soak --minutes 12 --trace-memory /tmp/trace   # where each replica's memory goes
     python -m benchmarks.soak --bundles runs/bundles            # over trained bundles instead of random ones
     python -m benchmarks.soak --url http://127.0.0.1:8000       # a service already running on this machine
 
 It starts the service as users do (`rnnlab serve`, a subprocess: direct ingress, default limits) over
 chapter-sized bundles of randomly initialised models (_harness.py's: the compute of trained ones), unless
-`--url` names a running one. Each client sends one request after another, each a random pick of: a review to
-classify (`/v1/sentiment`), a 100-character generation stream (`/v1/generate`, `stream: true`, read to its `done`
-event) or a 300-day forecast (`/v1/forecast`). An error is anything but a 200 with a whole answer: another status,
-a stream without `done`, a connection error, no answer within `--timeout` s.
+`--url` names a running one. Each client sends one request after another, each to a served job (the registry's,
+`POST /v1/<job>`) picked at random: a review to classify (sentiment), a next-close forecast from 300 days (stock), a
+100-character generation stream (charlm, `stream: true`, read to its `done` event), the next days' quantiles from
+300 days (horizon). A served job with no request in `REQUESTS` stops the soak before it starts, so a new job cannot
+be left out unnoticed. An error is anything but a 200 with a whole answer: another status, a stream without `done`,
+a connection error, no answer within `--timeout` s.
 
 Every `--sample-s` seconds it reads the resident memory (RSS) of each Serve replica process on this machine
 (`ray::ServeReplica:<app>:<deployment>` in /proc, via psutil; a restarted replica shows as a new pid), and the
 one-minute load average (the box may be shared: a noisy neighbour shows there). Per minute: requests, errors,
-p50/p99 latency by kind and overall, each replica's RSS at the minute's end. Verdict: zero errors, and no replica's
-RSS above its value at the end of minute 2 by more than `--rss-tolerance` (5 %) at any later minute (the first two
-minutes are warm-up: imports, allocator pools, first batches).
+p50/p99 latency by job and overall, each replica's RSS at the minute's end. Verdict: zero errors, and every
+replica's memory slope at most `--max-slope` (0.05 MiB/min): the least-squares slope of its RSS samples against time
+after minute `--fit-after` (10; the minutes before are warm-up: imports, allocator pools, caches of batch shapes
+filling). A restarted replica is listed; its slope is fitted over the samples of the process alive at the end.
+
+`--trace-memory DIR` has each replica trace its own allocations (rnnlab/serve/memory.py: tracemalloc, glibc's malloc
+counters, object counts) and write what grew to DIR every `--trace-every-s` seconds; the service is slower then.
 
 Writes the JSON report (`--json`, default benchmarks/results/soak.json) and the curve (`--png`, default
-docs/soak.png): p99 latency per minute by kind, and RSS per replica per minute.
+docs/soak.png): p99 latency per minute by job, and RSS per replica with its fitted slope.
 """
 
 from __future__ import annotations
@@ -31,18 +39,35 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks._harness import REPO, imdb_reviews, post_outcome, price_rows, random_bundles, repo_env
+from rnnlab import registry
 from rnnlab.serve.local import LocalService
+from rnnlab.serve.memory import ENV_DIR, ENV_INTERVAL
+# what each served job is asked: (rng, reviews, price rows) -> body of POST /v1/<job>; a generation job streams
+REQUESTS = {
+    "sentiment": lambda rng, reviews, rows: {"texts": [rng.choice(reviews)]},
+    "stock": lambda rng, reviews, rows: {"rows": rows},
+    "charlm": lambda rng, reviews, rows: {"prompt": "the emperor", "max_new_tokens": 100,
+                                         "seed": rng.randrange(2**31), "stream": True},
+    "horizon": lambda rng, reviews, rows: {"rows": rows},
+}
 
-KINDS = ("sentiment", "stream", "forecast")
+
+def served_jobs() -> tuple[str, ...]:
+    """The registry's served jobs, each of which the mix asks; one without a request in REQUESTS stops the soak."""
+    missing = [job for job in registry.served() if job not in REQUESTS]
+    if missing:
+        raise SystemExit(f"soak: no request for the served job(s) {', '.join(missing)}; add one to REQUESTS in "
+                         "benchmarks/soak.py.")
+    return registry.served()
 
 
-# --- the service's replicas ------------------------------------------------------------------------------------
 def replica_memory(root: int | None) -> dict[str, dict]:
     """{deployment: {"pid", "rss_mb"}} of the Serve replica processes under process ``root`` (the service this
     script started: Ray's processes are its descendants), or on the whole machine (``root`` None: --url).
@@ -75,23 +100,18 @@ def replica_memory(root: int | None) -> dict[str, dict]:
 
 
 # --- the traffic -------------------------------------------------------------------------------------------------
-async def one_request(http, base: str, kind: str, rng: random.Random, reviews, rows, timeout: float,
+async def one_request(http, base: str, job: str, rng: random.Random, reviews, rows, timeout: float,
                       headers: dict) -> str:
-    if kind == "sentiment":
-        path, body = "/v1/sentiment", {"texts": [rng.choice(reviews)]}
-    elif kind == "forecast":
-        path, body = "/v1/forecast", {"rows": rows}
-    else:
-        path, body = "/v1/generate", {"prompt": "the emperor", "max_new_tokens": 100,
-                                      "seed": rng.randrange(2**31), "stream": True}
-    return await post_outcome(http, base + path, body, stream=kind == "stream", timeout=timeout, headers=headers,
+    body = REQUESTS[job](rng, reviews, rows)
+    return await post_outcome(http, f"{base}/v1/{job}", body, stream=bool(body.get("stream")), timeout=timeout,
+                              headers=headers,
                               answered=lambda payload: bool(payload.get("results") or payload.get("forecast")))
 
 
-async def soak(base: str, args, reviews, rows, root: int | None) -> tuple[list, list]:
+async def soak(base: str, args, jobs: tuple[str, ...], reviews, rows, root: int | None) -> tuple[list, list]:
     import aiohttp
 
-    records: list[tuple[float, float, str, str]] = []  # (sent, answered, kind, outcome) in s from the start
+    records: list[tuple[float, float, str, str]] = []  # (sent, answered, job, outcome) in s from the start
     samples: list[dict] = []
     began = time.monotonic()
     deadline = began + args.minutes * 60
@@ -100,10 +120,10 @@ async def soak(base: str, args, reviews, rows, root: int | None) -> tuple[list, 
     async def client(index: int, http) -> None:
         rng = random.Random(index)
         while time.monotonic() < deadline:
-            kind = rng.choice(KINDS)
+            job = rng.choice(jobs)
             sent = time.monotonic() - began
-            outcome = await one_request(http, base, kind, rng, reviews, rows, args.timeout, headers)
-            records.append((sent, time.monotonic() - began, kind, outcome))
+            outcome = await one_request(http, base, job, rng, reviews, rows, args.timeout, headers)
+            records.append((sent, time.monotonic() - began, job, outcome))
             if outcome != "ok":
                 await asyncio.sleep(0.5)  # backs off a little, as Retry-After asks
 
@@ -130,44 +150,55 @@ def _percentile(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
 
 
-def summarize(records: list, samples: list, minutes: float, tolerance: float) -> dict:
+def memory_slopes(samples: list, fit_after_s: float) -> dict:
+    """{replica: {"pid", "samples", "from_mb", "to_mb", "slope_mb_per_min"}}: the least-squares slope of each
+    replica's RSS against time over the samples from ``fit_after_s`` on, for the process alive at the end."""
+    later = [sample for sample in samples if sample["t"] >= fit_after_s]
+    slopes = {}
+    for name, info in (later[-1]["replicas"].items() if later else ()):
+        points = [(sample["t"] / 60, sample["replicas"][name]["rss_mb"]) for sample in later
+                  if sample["replicas"].get(name, {}).get("pid") == info["pid"]]
+        if len(points) < 3:  # two points always fit: no slope worth a verdict
+            continue
+        slope = statistics.linear_regression(*zip(*points)).slope
+        slopes[name] = {"pid": info["pid"], "samples": len(points), "from_minute": round(points[0][0], 2),
+                        "from_mb": round(points[0][1], 1), "to_mb": round(points[-1][1], 1),
+                        "slope_mb_per_min": round(slope, 4)}
+    return slopes
+
+
+def summarize(records: list, samples: list, jobs: tuple[str, ...], minutes: float, fit_after: float,
+              max_slope: float) -> dict:
     per_minute = []
     for minute in range(int(round(minutes))):
         mine = [r for r in records if minute * 60 <= r[1] < (minute + 1) * 60]  # by when it was answered
         row = {"minute": minute + 1, "requests": len(mine), "errors": sum(o != "ok" for *_, o in mine),
                "p50_ms": _percentile([a - s for s, a, _, o in mine if o == "ok"], 0.50),
                "p99_ms": _percentile([a - s for s, a, _, o in mine if o == "ok"], 0.99)}
-        for kind in KINDS:
-            row[f"p99_ms_{kind}"] = _percentile([a - s for s, a, k, o in mine if k == kind and o == "ok"], 0.99)
+        for job in jobs:
+            row[f"p99_ms_{job}"] = _percentile([a - s for s, a, k, o in mine if k == job and o == "ok"], 0.99)
         at_end = [s for s in samples if s["t"] <= (minute + 1) * 60 + 1]
         last = at_end[-1] if at_end else {"replicas": {}, "load_1min": None}
         row["rss_mb"] = {name: round(info["rss_mb"], 1) for name, info in last["replicas"].items()}
         row["pids"] = {name: info["pid"] for name, info in last["replicas"].items()}
         row["load_1min"] = last["load_1min"]
         per_minute.append(row)
-    growth = {}
-    if len(per_minute) > 2:
-        base = per_minute[1]["rss_mb"]
-        for name, start in base.items():
-            later = [row["rss_mb"].get(name) for row in per_minute[2:] if row["pids"].get(name) == per_minute[1]["pids"][name]]
-            later = [value for value in later if value is not None]
-            if later and start:
-                growth[name] = {"after_minute_2_mb": start, "max_later_mb": max(later), "last_mb": later[-1],
-                                "max_growth": round(max(later) / start - 1, 4)}
+    slopes = memory_slopes(samples, fit_after * 60)
     restarted = sorted({name for row in per_minute for name, pid in row["pids"].items()
                         if per_minute[0]["pids"].get(name) not in (None, pid)})
     outcomes: dict[str, int] = {}
     for *_, outcome in records:
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     errors = sum(v for k, v in outcomes.items() if k != "ok")
-    worst = max((g["max_growth"] for g in growth.values()), default=None)
+    worst = max((fit["slope_mb_per_min"] for fit in slopes.values()), default=None)
     return {
         "requests": len(records), "errors": errors, "outcomes": outcomes,
-        "by_kind": {kind: sum(k == kind for _, _, k, _ in records) for kind in KINDS},
-        "per_minute": per_minute, "rss_growth_after_minute_2": growth, "restarted_replicas": restarted,
+        "by_job": {job: sum(k == job for _, _, k, _ in records) for job in jobs},
+        "per_minute": per_minute, "memory_slopes": slopes, "restarted_replicas": restarted,
         "verdict": {"zero_errors": errors == 0,
-                    "rss_within_tolerance": None if worst is None else worst <= tolerance,
-                    "worst_rss_growth": worst, "tolerance": tolerance},
+                    "memory_flat": None if worst is None else worst <= max_slope,
+                    "worst_slope_mb_per_min": worst, "max_slope_mb_per_min": max_slope,
+                    "fit_after_minutes": fit_after},
         "samples": samples,
     }
 
@@ -177,30 +208,49 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    rows = report["per_minute"]
-    minutes = [row["minute"] for row in rows]
-    figure, (latency, memory) = plt.subplots(1, 2, figsize=(11, 4))
-    for kind in KINDS:
-        values = [row[f"p99_ms_{kind}"] for row in rows]
-        latency.plot(minutes, [v if v is not None else float("nan") for v in values], marker="o", label=kind)
     from matplotlib.ticker import MaxNLocator
 
-    for axis in (latency, memory):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    latency.set(xlabel="minute", ylabel="p99 latency (ms)", title="p99 latency per minute")
+    rows, samples, slopes = report["per_minute"], report["samples"], report["memory_slopes"]
+    fit_after = report["verdict"]["fit_after_minutes"]
+    minutes = [row["minute"] for row in rows]
+    figure, (latency, memory, drift) = plt.subplots(1, 3, figsize=(16, 4.2))
+    for job in report["by_job"]:
+        values = [row[f"p99_ms_{job}"] for row in rows]
+        latency.plot(minutes, [v if v is not None else float("nan") for v in values], marker=".", label=job)
+    latency.set(xlabel="minute", ylabel="p99 latency (ms)", title="p99 latency per minute, by job")
     latency.set_ylim(bottom=0)
-    latency.legend()
-    names = sorted({name for row in rows for name in row["rss_mb"]})
+    latency.legend(fontsize=8)
+    names = sorted({name for sample in samples for name in sample["replicas"]})
     for name in names:
-        memory.plot(minutes, [row["rss_mb"].get(name, float("nan")) for row in rows], marker="o", label=name)
-    if len(rows) > 2:
-        memory.axvline(2, color="grey", linestyle=":", linewidth=1)
-    memory.set(xlabel="minute", ylabel="resident memory (MiB)", title="RSS per replica (end of each minute)")
+        points = [(s["t"] / 60, s["replicas"][name]["rss_mb"]) for s in samples if name in s["replicas"]]
+        line, = memory.plot(*zip(*points), linewidth=1, label=name)
+        fit = slopes.get(name)
+        if fit is None:
+            continue
+        # RSS change since the fit's first sample (the process alive at the end), and the fitted line through it
+        later = [(t, mb - fit["from_mb"]) for t, mb in
+                 ((s["t"] / 60, s["replicas"][name]["rss_mb"]) for s in samples
+                  if s["t"] / 60 >= fit["from_minute"] and s["replicas"].get(name, {}).get("pid") == fit["pid"])]
+        times, change = zip(*later)
+        mean_t, mean_change = sum(times) / len(times), sum(change) / len(change)
+        slope = fit["slope_mb_per_min"]
+        drift.plot(times, change, linewidth=1, color=line.get_color(), alpha=0.6)
+        drift.plot([times[0], times[-1]], [mean_change + slope * (t - mean_t) for t in (times[0], times[-1])],
+                   linestyle="--", color=line.get_color(), label=f"{name} {slope:+.3f} MiB/min")
+    memory.axvline(fit_after, color="grey", linestyle=":", linewidth=1)
+    memory.set(xlabel="minute", ylabel="resident memory (MiB)", title="RSS per replica")
     memory.legend(fontsize=8)
-    setup = report["setup"]
+    drift.axhline(0, color="grey", linewidth=0.5)
+    drift.set(xlabel="minute", ylabel="RSS change (MiB)",
+              title=f"after minute {fit_after:g}: change and least-squares slope")
+    drift.legend(fontsize=8)
+    for axis in (latency, memory, drift):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    setup, verdict = report["setup"], report["verdict"]
     figure.suptitle(f"rnnlab serve soak: {setup['clients']} clients, {setup['minutes']:g} min, "
-                    f"{report['requests']} requests, {report['errors']} errors", fontsize=10)
+                    f"{report['requests']} requests, {report['errors']} errors; worst memory slope "
+                    f"{verdict['worst_slope_mb_per_min']} MiB/min (limit {verdict['max_slope_mb_per_min']:g})",
+                    fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -213,7 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between memory samples")
     parser.add_argument("--timeout", type=float, default=60.0, help="a request unanswered this long is an error")
-    parser.add_argument("--rss-tolerance", type=float, default=0.05)
+    parser.add_argument("--fit-after", type=float, default=10.0,
+                        help="minutes of warm-up before the memory slopes are fitted")
+    parser.add_argument("--max-slope", type=float, default=0.05,
+                        help="the most MiB/min a replica's fitted RSS slope may be")
+    parser.add_argument("--trace-memory", metavar="DIR",
+                        help="each replica writes what its memory holds here (rnnlab/serve/memory.py); slower")
+    parser.add_argument("--trace-every-s", type=float, default=120.0, help="seconds between --trace-memory dumps")
     parser.add_argument("--bundles", help="serve these bundles (default: chapter-sized random ones)")
     parser.add_argument("--url", help="a running service on this machine (its replicas' memory is read from /proc)")
     parser.add_argument("--api-key", default=os.environ.get("RNNLAB_API_KEY"))
@@ -221,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "soak.json"))
     parser.add_argument("--png", default=str(REPO / "docs" / "soak.png"))
     args = parser.parse_args(argv)
+    if args.trace_memory and args.url:
+        parser.error("--trace-memory needs the service this script starts, not --url")
 
+    jobs = served_jobs()
     reviews, rows = imdb_reviews(), price_rows()
     service, scratch = None, tempfile.TemporaryDirectory(prefix="soak-")
     try:
@@ -230,21 +289,26 @@ def main(argv: list[str] | None = None) -> int:
         else:
             bundles = Path(args.bundles) if args.bundles else random_bundles(Path(scratch.name))
             started = time.monotonic()
-            service = LocalService(bundles, args.serve_arg, env=repo_env())
+            trace = {ENV_DIR: str(Path(args.trace_memory).resolve()), ENV_INTERVAL: str(args.trace_every_s)} \
+                if args.trace_memory else {}
+            service = LocalService(bundles, args.serve_arg, env=repo_env() | trace,
+                                   log=Path(scratch.name) / "serve.log")
             service.start()
             print(f"service up in {time.monotonic() - started:.0f} s on port {service.port}; soaking "
                   f"{args.minutes:g} min with {args.clients} clients", flush=True)
             base = service.url
         load_before = os.getloadavg()
-        records, samples = asyncio.run(soak(base, args, reviews, rows, service.process.pid if service else None))
+        records, samples = asyncio.run(soak(base, args, jobs, reviews, rows,
+                                            service.process.pid if service else None))
     finally:
         if service is not None:
             service.stop()
         scratch.cleanup()
-    report = summarize(records, samples, args.minutes, args.rss_tolerance)
+    report = summarize(records, samples, jobs, args.minutes, args.fit_after, args.max_slope)
     report["setup"] = {"clients": args.clients, "minutes": args.minutes, "timeout_s": args.timeout,
-                       "mix": "each request a random pick of sentiment (1 review), stream (100 chars), forecast "
-                              "(300 days)", "service": args.url or "rnnlab serve (direct ingress, default limits)",
+                       "mix": f"each request to one of {', '.join(jobs)} picked at random (soak.py's REQUESTS)",
+                       "trace_memory": bool(args.trace_memory),
+                       "service": args.url or "rnnlab serve (direct ingress, default limits)",
                        "bundles": "given" if args.bundles else "chapter-sized, randomly initialised",
                        "load_average_before": load_before, "cpus": os.cpu_count()}
     for row in report["per_minute"]:
@@ -252,15 +316,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"min {row['minute']:3d}: {row['requests']:5d} req, {row['errors']} err, p99 {row['p99_ms']} ms "
               f"(load {row['load_1min']:.1f}) | RSS MiB: {rss}", flush=True)
     verdict = report["verdict"]
-    print(f"{report['requests']} requests, {report['errors']} errors {report['outcomes']}; worst RSS growth after "
-          f"minute 2: {verdict['worst_rss_growth']} (tolerance {verdict['tolerance']}); restarted: "
+    slopes = ", ".join(f"{name} {fit['slope_mb_per_min']:+.3f}" for name, fit in report["memory_slopes"].items())
+    print(f"{report['requests']} requests, {report['errors']} errors {report['outcomes']}; RSS slope after minute "
+          f"{args.fit_after:g} (MiB/min): {slopes or 'not enough samples'} (limit {args.max_slope:g}); restarted: "
           f"{report['restarted_replicas'] or 'none'}")
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {json_path}")
     plot(report, Path(args.png))
-    return 0 if verdict["zero_errors"] and verdict["rss_within_tolerance"] is not False else 1
+    return 0 if verdict["zero_errors"] and verdict["memory_flat"] is not False else 1
 
 
 if __name__ == "__main__":

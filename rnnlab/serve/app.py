@@ -33,7 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
 from rnnlab import registry
-from rnnlab.serve import completions, connections, http, limits, metrics, openai, replicas
+from rnnlab.serve import completions, connections, http, limits, memory, metrics, openai, replicas
 from rnnlab.serve.deployments import DEFAULT_BATCH, DEPLOYMENTS, checked_batching
 from rnnlab.serve.http import api
 from rnnlab.serve.schemas import ErrorResponse, error_item, with_model_field
@@ -43,6 +43,7 @@ class Gateway:
     """The HTTP ingress. ``handles``: served job -> its model deployment's handle (None: no bundle for it)."""
 
     def __init__(self, handles: dict | None = None, guard: dict | None = None) -> None:
+        memory.trace_from_env("Gateway")
         self.handles = {job: (handles or {}).get(job) for job in registry.served()}
         self.batch_wait_timeout_s = DEFAULT_BATCH["batch_wait_timeout_s"]
         # Items from concurrent requests go to the model deployment in ONE handle call per batch: the hop to

@@ -21,7 +21,7 @@ import math
 from ray import serve
 
 from rnnlab.errors import BundleError, ConfigError, InputError, RnnlabError
-from rnnlab.serve import metrics
+from rnnlab.serve import memory, metrics
 from rnnlab.serve.completions import CompletionsMixin
 from rnnlab.serve.replicas import HEALTH_CHECKS, StartupClock
 from rnnlab.serve.schemas import error_item
@@ -147,6 +147,7 @@ class BatchedDeployment(ServesExamples):
         from rnnlab.serve.versions import ModelSet
 
         self.startup = StartupClock()
+        memory.trace_from_env(job)
         self.job = job
         self.models = ModelSet(job, models, default, lambda path: load_served(path, job, torch_threads))
         self.stats = BatchStats()
@@ -209,6 +210,7 @@ class GenerationDeployment(CompletionsMixin, ServesExamples):  # complete / comp
         from rnnlab.serve.versions import ModelSet
 
         self.startup = StartupClock()
+        memory.trace_from_env(job)
         self.job = job
         self.max_batch_size = DEFAULT_GENERATION["max_batch_size"]
         self.torch_threads = torch_threads

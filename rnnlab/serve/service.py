@@ -26,6 +26,14 @@ logger = logging.getLogger(__name__)
 
 READY = "rnnlab: serving"  # how the line printed once every deployment is up begins (rnnlab/serve/local.py)
 APP_NAME = "rnnlab"
+# glibc gives each thread that allocates an arena of its own (up to 8 per core) and keeps what is freed inside each
+# one; a replica has many such threads (Ray's core worker, its event loops, uvicorn's under direct ingress, torch's),
+# each arena holding its own high-water mark, so in a soak every replica's RSS crept for as long as it ran: the
+# Gateway ~0.25 MiB/min after minute 5 while its Python objects (tracemalloc) and glibc's bytes in use stayed flat
+# and only the free bytes inside the arenas grew (benchmarks/soak.py --trace-memory). With two arenas its RSS
+# levelled off 20 MiB lower within 5 minutes; malloc_trim once a minute did not help (pages freed between live
+# allocations are reused at once). The runs: benchmarks/results/soak_allocator.json.
+MALLOC_ARENAS = "2"
 
 
 def run(app_args: dict, *, host: str, port: int, address: str | None = None, proxy: bool = False,
@@ -48,6 +56,8 @@ def run(app_args: dict, *, host: str, port: int, address: str | None = None, pro
     # existing cluster, --address, the proxy was started without them: export them where `ray start --head` runs.)
     limits = checked.limits
     export_for_proxy(limits["header_timeout_s"], int(limits["max_connections"]), limits["retry_after_s"])
+    # read by glibc when each process Ray starts begins (an exported value wins; on --address, where `ray start` runs)
+    os.environ.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENAS)
     ray_address = start_ray(address, metrics_port=metrics_port, verbose=verbose)
     try:
         # the replicas' CPU shares need the cluster's nodes: replicas that do not fit are one sentence here, not a
