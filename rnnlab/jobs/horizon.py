@@ -24,11 +24,12 @@ from pydantic import BaseModel, Field
 from rnnlab.bundle import Bundle
 from rnnlab.config import Count, Date, DataSettings, JobConfig, PositiveInt, TrainSettings, model_section
 from rnnlab.data.horizon import PROTOCOLS, random_walk_quantiles
-from rnnlab.data.stock import TRUST_PRICES_MEANS, TrustedHistory
 from rnnlab.errors import InputError
 from rnnlab.forecasting import forecast_metrics, plot_fan
 from rnnlab.inference import PREDICT_BATCH_SIZE, SCORE_BATCH_SIZE, Predictor
-from rnnlab.jobs.price_history import MAX_HISTORY_ROWS, CompletePriceRow, PriceHistoryRequest, bounded_history
+from rnnlab.jobs.price_history import (
+    MAX_HISTORY_ROWS, CompletePriceRow, PriceHistoryRequest, add_history_arguments, bounded_history, history_from_args,
+)  # fmt: skip
 from rnnlab.models.horizon import HorizonConfig
 from rnnlab.trainers.job import Batch, EvalResult, Job
 
@@ -359,21 +360,14 @@ class CLI:
 
     @staticmethod
     def add_arguments(parser) -> None:
-        parser.add_argument("--csv", required=True, metavar="FILE",
-                            help="Yahoo-layout daily prices (Date,Open,High,Low,Close,Volume)")
+        add_history_arguments(parser)
         parser.add_argument("--json", action="store_true", help="horizon bundles: print the answer as JSON")
-        parser.add_argument("--trust-prices", action="store_true",  # argparse reads % as a format: %%
-                            help=f"{TRUST_PRICES_MEANS}: forecast from them rather than refuse them".replace("%", "%%"))
 
     @staticmethod
     def run(args, load_predictor) -> int:
         import json
 
-        from rnnlab.data.stock import read_prices
-
-        predictor = load_predictor()
-        history = read_prices(args.csv).iloc[-1000:]
-        answer = predictor.predict([TrustedHistory(history) if args.trust_prices else history])[0]
+        answer = load_predictor().predict([history_from_args(args)])[0]
         print(json.dumps(answer) if args.json else forecast_table(answer))
         return 0
 

@@ -80,3 +80,21 @@ def bounded_history(history: Any, min_rows: int) -> tuple[Any, bool]:
         raise InputError(f"The price history has {rows:,} rows, more than the limit of {MAX_HISTORY_ROWS:,}; "
                          f"send the last {min_rows} or more, up to {MAX_HISTORY_ROWS:,}.")
     return history, trusted
+
+
+def add_history_arguments(parser) -> None:
+    """The ``rnnlab forecast`` arguments every price-history job takes."""
+    parser.add_argument("--csv", required=True, metavar="FILE",
+                        help="Yahoo-layout daily prices (Date,Open,High,Low,Close,Volume)")
+    parser.add_argument("--trust-prices", action="store_true",  # argparse reads % as a format: %%
+                        help=f"{TRUST_PRICES_MEANS}: forecast from them rather than refuse them".replace("%", "%%"))
+
+
+def history_from_args(args) -> Any:
+    """The history ``rnnlab forecast`` sends its predictor: the file's last rows (a forecast reads a few hundred
+    days, the 252-day features and a window; a whole file is longer than the service's limit), vouched for under
+    ``--trust-prices``."""
+    from rnnlab.data.stock import read_prices
+
+    history = read_prices(args.csv).iloc[-1000:]
+    return TrustedHistory(history) if args.trust_prices else history

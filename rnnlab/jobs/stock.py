@@ -20,11 +20,13 @@ from pydantic import BaseModel, Field
 from rnnlab.config import (
     Count, DataSettings, Date, JobConfig, PositiveInt, PositiveNumber, TrainSettings, model_section,
 )  # fmt: skip
-from rnnlab.data.stock import TEST_END, TEST_START, TRAIN_END, TRUST_PRICES_MEANS, VAL_DAYS, TrustedHistory
+from rnnlab.data.stock import TEST_END, TEST_START, TRAIN_END, VAL_DAYS
 from rnnlab.bundle import Bundle
 from rnnlab.errors import ConfigError
 from rnnlab.inference import PREDICT_BATCH_SIZE, SCORE_BATCH_SIZE, Predictor
-from rnnlab.jobs.price_history import MAX_HISTORY_ROWS, PriceHistoryRequest, PriceRow, bounded_history
+from rnnlab.jobs.price_history import (
+    MAX_HISTORY_ROWS, PriceHistoryRequest, PriceRow, add_history_arguments, bounded_history, history_from_args,
+)  # fmt: skip
 from rnnlab.models.stock import StockConfig
 from rnnlab.trainers.job import Batch, EvalResult, Job
 
@@ -316,25 +318,13 @@ def score(bundle: Bundle, path: str | Path, *, start=None, end=None) -> dict[str
 class CLI:
     """``rnnlab forecast BUNDLE --csv FILE``: the forecast of the file's last day, one JSON line."""
 
-    @staticmethod
-    def add_arguments(parser) -> None:
-        parser.add_argument("--csv", required=True, metavar="FILE",
-                            help="Yahoo-layout daily prices (Date,Open,High,Low,Close,Volume)")
-        parser.add_argument("--trust-prices", action="store_true",  # argparse reads % as a format: %%
-                            help=f"{TRUST_PRICES_MEANS}: forecast from them rather than refuse them".replace("%", "%%"))
+    add_arguments = staticmethod(add_history_arguments)
 
     @staticmethod
     def run(args, load_predictor) -> int:
         import json
 
-        from rnnlab.data.stock import read_prices
-
-        predictor = load_predictor()
-        # The forecast needs the last few hundred days only (252-day features + a window); a full file is longer
-        # than the service limit, so keep its tail.
-        history = read_prices(args.csv).iloc[-1000:]
-        print(json.dumps(predictor.predict([TrustedHistory(history) if args.trust_prices else history])[0],
-                         default=str))
+        print(json.dumps(load_predictor().predict([history_from_args(args)])[0], default=str))
         return 0
 
 
