@@ -17,6 +17,7 @@ Limits are constants of each job's module (its service schemas use the same numb
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,14 @@ def load_predictor(bundle_dir: str | Path, *, device: str | torch.device = "cpu"
     if registry.job(bundle.job).predictor is None:
         raise BundleError(f"Bundle {bundle_dir} is a {bundle.job} bundle, which answers no requests; it is a starting "
                           "point for training (model.init_from).")
-    return registry.job(bundle.job).load("predictor")(bundle)
+    return registry.job(bundle.job).load("predictor")(for_inference(bundle))
+
+
+def for_inference(bundle: Bundle) -> Bundle:
+    """The bundle with its model as the runtime runs it (rnnlab/runtime.py): what predictors and scorers are given."""
+    from rnnlab.runtime import load_model
+
+    return dataclasses.replace(bundle, model=load_model(bundle))
 
 
 def expect_job(bundle: Bundle, job: str) -> None:
@@ -43,8 +51,9 @@ def expect_job(bundle: Bundle, job: str) -> None:
         raise BundleError(f"Bundle {bundle.path} is a {bundle.job} bundle, not a {job} one; pass a {job} bundle.")
 
 
-def device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def device_of(model) -> torch.device:
+    """Where a model's inputs go: a runtime's model says (``device``), a plain ``nn.Module`` by its weights."""
+    return model.device if not isinstance(model, torch.nn.Module) else next(model.parameters()).device
 
 
 def at_position(check, item, noun: str, position: int):

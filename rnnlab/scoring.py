@@ -20,6 +20,7 @@ from typing import Any
 from rnnlab import registry
 from rnnlab.bundle import load_bundle
 from rnnlab.errors import InputError
+from rnnlab.inference import for_inference
 
 
 def score_data(
@@ -41,6 +42,7 @@ def score_data(
                          "all of its data: leave out --from/--to.")
     if start is not None and end is not None and str(start) > str(end):
         raise InputError(f"The start date {start} comes after the end date {end}; swap them.")
+    bundle = for_inference(bundle)
     result = scorer(bundle, data, start=start, end=end) if dated else scorer(bundle, data)
     return _finite({"job": bundle.job, "bundle": str(bundle_dir), "data": str(data), **result})
 

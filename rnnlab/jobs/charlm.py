@@ -355,14 +355,14 @@ def score(bundle: Bundle, path: str | Path) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def mean_nats(model: torch.nn.Module, ids: np.ndarray, seq_len: int, rows: int = SCORE_ROWS) -> tuple[float, int]:
+def mean_nats(model, ids: np.ndarray, seq_len: int, rows: int = SCORE_ROWS) -> tuple[float, int]:
     """Mean next-character cross-entropy over ``ids``, read as up to ``rows`` contiguous rows with the state
     carried from window to window (as the training evaluation reads a split); returns (nats, characters scored).
     The < ``rows`` characters that do not fill the last column are left out."""
     from rnnlab.data.text import TBPTTBatcher
 
     rows = max(1, min(rows, (len(ids) - 1) // seq_len))
-    device = next(model.parameters()).device
+    device = device_of(model)
     state, total, count = None, 0.0, 0
     for x, y in TBPTTBatcher(ids, rows, seq_len, drop_last=False):
         logits, state = model(x.to(device), state)

@@ -96,6 +96,7 @@ def load_served(bundle_dir: str, job: str, torch_threads: int | None):
 
     from rnnlab import registry
     from rnnlab.bundle import load_bundle
+    from rnnlab.inference import for_inference
     from rnnlab.serve.bundles import bundle_info
 
     if torch_threads:
@@ -106,11 +107,12 @@ def load_served(bundle_dir: str, job: str, torch_threads: int | None):
         bundle = load_bundle(bundle_dir, device=device)
         if bundle.job != job:
             raise BundleError(f"Bundle {bundle_dir} is a {bundle.job} bundle, not a {job} one; fix the path.")
-        predictor = registry.job(job).load("predictor")(bundle)
+        runnable = for_inference(bundle)
+        predictor = registry.job(job).load("predictor")(runnable)
     except RnnlabError as error:
         logger.error("rnnlab serve: cannot load the %s bundle: %s", job, error)
         raise
-    return predictor, bundle_info(bundle) | {"device": device}
+    return predictor, bundle_info(bundle) | runnable.model.describe()
 
 
 def model_id(info: dict) -> str:
