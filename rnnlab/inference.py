@@ -30,20 +30,23 @@ from rnnlab.errors import BundleError, InputError
 PREDICT_BATCH_SIZE = 64  # rows per forward pass inside predict
 
 
-def load_predictor(bundle_dir: str | Path, *, device: str | torch.device = "cpu") -> Any:
-    """The predictor for whatever job the bundle at ``bundle_dir`` was trained for."""
+def load_predictor(bundle_dir: str | Path, *, device: str | torch.device = "cpu", runtime: str | None = None,
+                   threads: int | None = None) -> Any:
+    """The predictor for whatever job the bundle at ``bundle_dir`` was trained for, its model run by ``runtime``
+    (``auto``, ``torch`` or ``onnx``; None: the bundle's default; see rnnlab/runtime.py)."""
     bundle = load_bundle(bundle_dir, device=device)
     if registry.job(bundle.job).predictor is None:
         raise BundleError(f"Bundle {bundle_dir} is a {bundle.job} bundle, which answers no requests; it is a starting "
                           "point for training (model.init_from).")
-    return registry.job(bundle.job).load("predictor")(for_inference(bundle))
+    return registry.job(bundle.job).load("predictor")(for_inference(bundle, runtime, threads))
 
 
-def for_inference(bundle: Bundle) -> Bundle:
-    """The bundle with its model as the runtime runs it (rnnlab/runtime.py): what predictors and scorers are given."""
+def for_inference(bundle: Bundle, runtime: str | None = None, threads: int | None = None) -> Bundle:
+    """The bundle with its model as ``runtime`` runs it (rnnlab/runtime.py's ``load_model``): what predictors and
+    scorers are given."""
     from rnnlab.runtime import load_model
 
-    return dataclasses.replace(bundle, model=load_model(bundle))
+    return dataclasses.replace(bundle, model=load_model(bundle, runtime, threads=threads))
 
 
 def expect_job(bundle: Bundle, job: str) -> None:

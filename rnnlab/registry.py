@@ -56,6 +56,9 @@ class JobSpec:
     answer: str | None = None  # pydantic answer body
     aliases: tuple[str, ...] = ()  # older routes /v1/<alias> that answer the same (kept for one release)
     demo: str | None = None  # ``make demo``: ``demo(post)`` sends one request (``post(body)``) and prints the answer
+    # rnnlab.runtime.GraphSpec: the model as one ONNX graph (what it takes and returns, the parity examples, the
+    # int8 gate); None: the job's bundles run on torch only
+    graph: str | None = None
 
     @property
     def presets_file(self) -> Path:
@@ -106,6 +109,7 @@ JOBS: dict[str, JobSpec] = {
             request="rnnlab.jobs.sentiment:SentimentRequest",
             answer="rnnlab.jobs.sentiment:SentimentResponse",
             demo="rnnlab.jobs.sentiment:demo",
+            graph="rnnlab.jobs.sentiment:GRAPH",
         ),
         JobSpec(
             name="stock",
@@ -126,6 +130,7 @@ JOBS: dict[str, JobSpec] = {
             answer="rnnlab.jobs.stock:StockResponse",
             aliases=("forecast",),
             demo="rnnlab.jobs.stock:demo",
+            graph="rnnlab.jobs.stock:GRAPH",
         ),
         JobSpec(
             name="charlm",
@@ -146,6 +151,7 @@ JOBS: dict[str, JobSpec] = {
             answer="rnnlab.jobs.charlm:CharLMResponse",
             aliases=("generate",),
             demo="rnnlab.jobs.charlm:demo",
+            graph="rnnlab.jobs.charlm:GRAPH",
         ),
         JobSpec(
             name="lm",
@@ -175,6 +181,7 @@ JOBS: dict[str, JobSpec] = {
             request="rnnlab.jobs.horizon:HorizonRequest",
             answer="rnnlab.jobs.horizon:HorizonResponse",
             demo="rnnlab.jobs.horizon:demo",
+            graph="rnnlab.jobs.horizon:GRAPH",
         ),
     )
 }

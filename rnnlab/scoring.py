@@ -29,8 +29,10 @@ def score_data(
     *,
     start: datetime.date | str | None = None,
     end: datetime.date | str | None = None,
+    runtime: str | None = None,
 ) -> dict[str, Any]:
-    """The scores of the bundle at ``bundle_dir`` on ``data`` (a path in the bundle's job's format)."""
+    """The scores of the bundle at ``bundle_dir`` on ``data`` (a path in the bundle's job's format), its model run
+    by ``runtime`` (rnnlab/runtime.py; None: the bundle's default)."""
     bundle = load_bundle(bundle_dir)
     spec = registry.job(bundle.job)
     if spec.scorer is None:  # a job this module does not know yet
@@ -42,7 +44,7 @@ def score_data(
                          "all of its data: leave out --from/--to.")
     if start is not None and end is not None and str(start) > str(end):
         raise InputError(f"The start date {start} comes after the end date {end}; swap them.")
-    bundle = for_inference(bundle)
+    bundle = for_inference(bundle, runtime)
     result = scorer(bundle, data, start=start, end=end) if dated else scorer(bundle, data)
     return _finite({"job": bundle.job, "bundle": str(bundle_dir), "data": str(data), **result})
 

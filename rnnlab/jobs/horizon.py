@@ -29,6 +29,7 @@ from rnnlab.errors import InputError
 from rnnlab.forecasting import forecast_metrics, plot_fan
 from rnnlab.inference import PREDICT_BATCH_SIZE, at_position, device_of, expect_job
 from rnnlab.models.horizon import HorizonConfig
+from rnnlab.runtime import GraphSpec
 from rnnlab.serve.schemas import StrictBody
 from rnnlab.trainers.job import Batch, EvalResult, Job
 
@@ -294,6 +295,21 @@ class HorizonPredictor:
         return {"origin": str(pd.Timestamp(origin).date()), "close": float(close), "quantiles": self.taus,
                 "steps": steps}
 
+
+# ------------------------------------------------------------------------------------------------ ONNX graph
+
+
+def graph_examples(bundle: Bundle) -> list[tuple]:
+    """Windows of standardised features (what the scaler hands the model), batch 1 and 16."""
+    generator = torch.Generator().manual_seed(0)
+    window = HorizonDataSettings.from_dict(bundle.config.get("data", {}), prefix="data").window
+    shape = (window, bundle.model_config["num_features"])
+    return [(torch.randn(1, *shape, generator=generator),), (torch.randn(16, *shape, generator=generator),)]
+
+
+# windows [B, window, features] in (the window fixed at the bundle's), quantiles [B, H, Q] out
+GRAPH = GraphSpec(inputs=("windows",), outputs=("quantiles",), examples=graph_examples,
+                  dynamic_axes={"windows": {0: "batch"}, "quantiles": {0: "batch"}})
 
 # ------------------------------------------------------------------------------------------------ service
 

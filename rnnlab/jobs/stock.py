@@ -26,6 +26,7 @@ from rnnlab.bundle import Bundle
 from rnnlab.errors import ConfigError, InputError
 from rnnlab.inference import PREDICT_BATCH_SIZE, at_position, device_of, expect_job
 from rnnlab.models.stock import StockConfig
+from rnnlab.runtime import GraphSpec
 from rnnlab.serve.schemas import StrictBody
 from rnnlab.trainers.job import Batch, EvalResult, Job
 
@@ -187,6 +188,12 @@ def plot_predictions(details: dict, path) -> Any:
 # ------------------------------------------------------------------------------------------------ predictor
 
 
+def window_of(bundle: Bundle) -> int:
+    """Days of features per forecast of the bundle's model."""
+    return int(bundle.config.get("data", {}).get("window", 5))
+
+
+
 class StockPredictor:
     """Forecast one day's close from the price history before it and that day's open.
 
@@ -208,7 +215,7 @@ class StockPredictor:
         expect_job(bundle, "stock")
         self.model = bundle.model.eval()
         data = bundle.config.get("data", {})
-        self.window = int(data.get("window", 5))
+        self.window = window_of(bundle)
         self.target = str(data.get("target", "close"))
         self.scaler = Scaler.from_json(bundle.assets["scaler"])
         self.target_scaler = Scaler.from_json(bundle.assets["target_scaler"])
@@ -278,6 +285,20 @@ class StockPredictor:
             })  # fmt: skip
         return results
 
+
+# ------------------------------------------------------------------------------------------------ ONNX graph
+
+
+def graph_examples(bundle: Bundle) -> list[tuple]:
+    """Windows of standardised features (what the scaler hands the model), batch 1 and 16."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (window_of(bundle), bundle.model_config["num_features"])
+    return [(torch.randn(1, *shape, generator=generator),), (torch.randn(16, *shape, generator=generator),)]
+
+
+# windows [B, window, features] in (the window fixed at the bundle's), the scaled target [B] out
+GRAPH = GraphSpec(inputs=("windows",), outputs=("target",), examples=graph_examples,
+                  dynamic_axes={"windows": {0: "batch"}, "target": {0: "batch"}})
 
 # ------------------------------------------------------------------------------------------------ service
 

@@ -56,7 +56,12 @@ def add_parser(subparsers) -> None:
                         "job); default: the job's first model id in name order (ids: the bundles' folder names)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="batch size for every model deployment (generation: sequences decoded together)")
-    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per replica")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="threads per replica (torch's, or ONNX Runtime's intra-op threads)")
+    parser.add_argument("--runtime", metavar="auto|torch|onnx", default=None,
+                        help="what runs every model: onnx (ONNX Runtime on the CPU, from the bundle's graph), torch, "
+                        "or auto (onnx on a CPU where the bundle holds a graph, torch on a GPU or without one); "
+                        "default: each bundle's own default, else auto")
     parser.add_argument("--proxy", action="store_true",
                         help="take HTTP through Ray Serve's proxy actor, as on a cluster (--address implies it). "
                         "By default the Gateway replica listens on --port itself (Ray Serve's direct ingress): "
@@ -145,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     # BundleError (one sentence, exit 2) before Ray starts.
     app_args = {"bundles": str(Path(args.bundles).expanduser().resolve()), "torch_threads": args.torch_threads,
                 "max_batch_size": args.max_batch_size, "default_models": args.default_model or None,
+                "runtime": args.runtime,
                 "api_key_file": str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None}
     app_args = {key: value for key, value in app_args.items() if value is not None} | limits
     build_app(app_args)
