@@ -253,12 +253,11 @@ def load_model(bundle: Bundle, runtime: str | None = None, *, threads: int | Non
         return TorchModel(bundle.model)
     int8 = bundle.graph.get("int8") or {}
     name = INT8_FILE if int8.get("passed") else GRAPH_FILE
-    model = open_graph(bundle, bundle.path / name, threads or torch.get_num_threads())
-    model.info = {"precision": "int8" if name == INT8_FILE else "fp32", "graph": bundle.graph}
-    return model
+    return open_graph(bundle, bundle.path / name, threads or torch.get_num_threads(),
+                      info={"precision": "int8" if name == INT8_FILE else "fp32", "graph": bundle.graph})
 
 
-def open_graph(bundle: Bundle, path: Path, threads: int = 1) -> OnnxModel:
+def open_graph(bundle: Bundle, path: Path, threads: int = 1, info: dict | None = None) -> OnnxModel:
     """An OnnxModel over the graph file at ``path`` of ``bundle``, refused (one sentence) when ONNX Runtime cannot
     load it or it was exported from other weights than the bundle's (a graph copied from another bundle)."""
     onnxruntime()  # installed, or one sentence saying so
@@ -271,7 +270,7 @@ def open_graph(bundle: Bundle, path: Path, threads: int = 1) -> OnnxModel:
     if exported_from != bundle.files.get(WEIGHTS_FILE):
         raise BundleError(f"Bundle {bundle.path} {path.name} was exported from other weights than its "
                           f"{WEIGHTS_FILE} (another bundle's graph); re-export it with 'rnnlab export {bundle.path}'.")
-    return OnnxModel(opened, graph_spec(bundle.job), {})
+    return OnnxModel(opened, graph_spec(bundle.job), info or {})
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -381,33 +380,41 @@ def quantize_graph(bundle: Bundle, *, source: str | Path | None = None) -> dict:
     """``model.int8.onnx`` from the bundle's fp32 graph by ONNX Runtime's dynamic quantization -- the LSTM and the
     linear layers of at least INT8_MIN_WEIGHTS weights, never an embedding or the n-gram table (Gathers stay fp32),
     weights in 7 bits (reduce_range) on a CPU without VNNI, whose 8-bit products could saturate -- kept only when
-    the job's gate passes on its validation split. Returns the manifest entry: the gate's figures, ``passed``, and
-    for a refusal ``failed`` (the sentence saying which figure failed; the file is not kept)."""
+    the job's gate passes on its validation split: one scale per tensor first, and where that fails one per output
+    channel (finer, for layers whose rows differ in range). Returns the manifest entry: the gate's figures,
+    ``passed``, and for a refusal ``failed`` (the sentence saying which figure failed; the file is not kept)."""
     spec = graph_spec(bundle.job)
     cell = bundle.model_config.get("cell", "lstm")
     if spec.int8_gate is None:
         return _refused(bundle, f"the {bundle.job} job has no int8 quality gate, so its graph stays fp32")
     if cell != "lstm":
         return _refused(bundle, f"ONNX Runtime has no int8 {cell.upper()}, so a {cell} bundle's graph stays fp32")
+    score = validation_scorer(bundle, source)
+    fp32 = score(GRAPH_FILE)
+    for per_channel in (False, True):
+        settings = quantize(bundle.path / GRAPH_FILE, bundle.path / INT8_FILE, per_channel=per_channel)
+        if "DynamicQuantizeLSTM" not in settings["quantized"]:
+            return _refused(bundle, "quantize_dynamic left the LSTM in fp32 (no DynamicQuantizeLSTM in the graph)",
+                            settings)
+        figures, failed = spec.int8_gate(fp32, score(INT8_FILE))
+        if not failed:
+            return {"file": INT8_FILE, "passed": True, **settings, **figures}
+    return _refused(bundle, failed, settings | figures)
+
+
+def quantize(source: Path, target: Path, *, per_channel: bool = False) -> dict:
+    """Write the int8 version of the fp32 graph at ``source`` to ``target`` (see :func:`quantize_graph`); returns
+    its settings and the quantized op types it holds."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     reduce_range = not cpu_has_vnni()
-    chosen = int8_nodes(bundle.path / GRAPH_FILE)
     with warnings.catch_warnings(), _quiet_logging():
         warnings.simplefilter("ignore")
-        quantize_dynamic(bundle.path / GRAPH_FILE, bundle.path / INT8_FILE, op_types_to_quantize=["LSTM", "MatMul"],
-                         nodes_to_quantize=chosen, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+        quantize_dynamic(source, target, op_types_to_quantize=["LSTM", "MatMul"], nodes_to_quantize=int8_nodes(source),
+                         per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
                          extra_options={"MatMulConstBOnly": True})
-    ops = op_types(bundle.path / INT8_FILE)
-    settings = {"reduce_range": reduce_range, "quantized": sorted(ops & {"DynamicQuantizeLSTM", "MatMulInteger",
-                                                                        "DynamicQuantizeMatMul"})}
-    if "DynamicQuantizeLSTM" not in ops:
-        return _refused(bundle, "quantize_dynamic left the LSTM in fp32 (no DynamicQuantizeLSTM in the graph)",
-                        settings)
-    figures, failed = spec.int8_gate(*validation_results(bundle, source))
-    if failed:
-        return _refused(bundle, failed, settings | figures)
-    return {"file": INT8_FILE, "passed": True, **settings, **figures}
+    quantized = op_types(target) & {"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul"}
+    return {"reduce_range": reduce_range, "per_channel": per_channel, "quantized": sorted(quantized)}
 
 
 def _refused(bundle: Bundle, reason: str, figures: dict | None = None) -> dict:
@@ -455,9 +462,9 @@ def _quiet_logging():
         root.setLevel(level)
 
 
-def validation_results(bundle: Bundle, source: str | Path | None = None) -> tuple[Any, Any]:
-    """The job's validation results (``Job.evaluate`` on the val split, rebuilt from the bundle's training config)
-    of the fp32 graph and of the int8 one."""
+def validation_scorer(bundle: Bundle, source: str | Path | None = None) -> Callable[[str], Any]:
+    """``score(file)``: the job's validation results (``Job.evaluate`` on the val split, rebuilt from the bundle's
+    training config, ``source`` replacing its data file) of the bundle's graph in ``file``."""
     from accelerate import Accelerator
 
     from rnnlab.trainers.evaluate import rebuild_job
@@ -467,5 +474,5 @@ def validation_results(bundle: Bundle, source: str | Path | None = None) -> tupl
         raise BundleError(f"The data of bundle {bundle.path} has no validation split to check int8 on; export it "
                           "without --int8.")
     accelerator = Accelerator(cpu=True)
-    return tuple(job.evaluate(open_graph(bundle, bundle.path / name, torch.get_num_threads()), "val", accelerator)
-                 for name in (GRAPH_FILE, INT8_FILE))
+    return lambda name: job.evaluate(open_graph(bundle, bundle.path / name, torch.get_num_threads()), "val",
+                                     accelerator)
