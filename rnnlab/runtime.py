@@ -8,8 +8,9 @@ else ``auto``):
 
 * ``torch``: the bundle's ``nn.Module`` (any device), at its fastest on a CPU: oneDNN (torch's CPU LSTM kernels)
   pays a fixed cost per call that dwarfs a one-step call and wins back over long sequences, so a call with ONE
-  time step (a decoding step) runs with oneDNN off and any longer one with it on. Measured (AMD EPYC, AVX2, one
-  thread, charlm hidden 512 x 2 layers; oneDNN on / off): step batch 1 1.97 / 0.74 ms, batch 32 5.33 / 2.67 ms,
+  time step (a decoding step) runs with oneDNN off and any longer one with it on. Measured (an Intel Xeon with
+  AVX-512, one thread of a shared 2-core machine at load ~4, best of 5; charlm hidden 512 x 2 layers; oneDNN on /
+  off): step batch 1 1.97 / 0.74 ms, batch 32 5.33 / 2.67 ms,
   batch 128 10.4 / 7.6 ms; a prompt of 200 characters 74 / 94 ms; sentiment 32 reviews x 256 tokens 64 / 80 ms, one
   review of 30 tokens 1.0 / 1.5 ms; horizon 32 windows of 60 days 0.88 / 2.07 ms; stock's 5-day windows the same
   either way. The switch is global to the process: two threads switching it at once at worst run one call on the
@@ -23,8 +24,8 @@ else ``auto``):
 **The graph** (:func:`write_graph`, called by ``save_bundle``): the model traced by torch.onnx's TorchScript
 exporter (``dynamo=False``), which maps ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` to ONNX's LSTM / GRU / RNN ops that
 ONNX Runtime runs natively (and ``quantize_dynamic`` turns an LSTM into DynamicQuantizeLSTM), with the state as
-plain inputs and outputs; it exports in ~1 s (the torch.export-based exporter: ~10 s, and it fixed the time axis
-to the example's length). What a job's graph takes and returns is its :class:`GraphSpec` (the registry's
+plain inputs and outputs; it exports in ~1 s (the torch.export-based exporter, torch 2.13's default: ~10 s, and
+its graph declared the outputs' time axis fixed at the example's length). What a job's graph takes and returns is its :class:`GraphSpec` (the registry's
 ``graph``, in ``rnnlab/jobs/<name>.py``). Written only when it answers as the torch model does on the job's
 examples (:func:`check_parity`); ``--int8`` adds ``model.int8.onnx`` only when it passes the job's quality gate on
 the validation split (:func:`quantize_graph`).
