@@ -16,6 +16,7 @@ import torch
 
 from rnnlab import registry
 from rnnlab.bundle import GRAPH_FILE, INT8_FILE, WEIGHTS_FILE, load_bundle, save_bundle
+from rnnlab.data.horizon import FEATURE_SETS
 from rnnlab.data.stock import FEATURE_NAMES, Scaler
 from rnnlab.data.vocab import Vocab
 from rnnlab.errors import BundleError, ConfigError, RnnlabError
@@ -37,6 +38,10 @@ def tiny_bundle(directory, job: str, cell: str = "lstm", *, graph: bool = True):
     rng = np.random.default_rng(0)
     scaler = {"scaler": Scaler.fit(rng.normal(size=(32, len(FEATURE_NAMES))), columns=list(FEATURE_NAMES)).to_json(),
               "target_scaler": Scaler.fit(rng.normal(1000, 50, size=(32, 1)), columns=["close"]).to_json()}
+    horizon_features = FEATURE_SETS["scale_free"]
+    horizon_scaler = {
+        "scaler": Scaler.fit(rng.normal(size=(32, len(horizon_features))), columns=list(horizon_features)).to_json(),
+        "target_scaler": Scaler.fit(rng.normal(size=(32, 5)), columns=[f"h{h}" for h in range(1, 6)]).to_json()}
     settings = {
         "sentiment": ({"vocab_size": len(WORDS), "embed_dim": 6, "hidden_size": 5, "bidirectional": True,
                        "num_layers": 2, "fc_size": 4, "pooling": "max_mean", "ngram_buckets": 64},
@@ -45,8 +50,8 @@ def tiny_bundle(directory, job: str, cell: str = "lstm", *, graph: bool = True):
                    {"vocab": Vocab(list(CHARS)).to_json()}, {"job": "charlm", "data": {"lowercase": True}}),
         "stock": ({"num_features": len(FEATURE_NAMES), "hidden_size": 4, "num_layers": 2, "fc_size": 4}, scaler,
                   {"job": "stock", "data": {"window": 5, "target": "close"}}),
-        "horizon": ({"num_features": 6, "hidden_size": 4, "fc_size": 4, "num_layers": 2}, scaler,
-                    {"job": "horizon", "data": {"window": 9}}),
+        "horizon": ({"num_features": len(horizon_features), "hidden_size": 4, "fc_size": 4, "num_layers": 2},
+                    horizon_scaler, {"job": "horizon", "data": {"window": 9}}),
     }
     model_config, assets, config = settings[job]
     model = build_model(job, {**model_config, "cell": cell})
@@ -139,6 +144,22 @@ def test_predictors_answer_the_same_under_both_runtimes(tmp_path):
     assert [a["label"] for a in answers["onnx"]] == [a["label"] for a in answers["torch"]]
     np.testing.assert_allclose([a["probability"] for a in answers["onnx"]],
                                [a["probability"] for a in answers["torch"]], atol=1e-6)
+
+
+def test_forecasts_are_the_same_under_both_runtimes(tmp_path):
+    from rnnlab.data.stock import read_prices
+    from tiny_datasets import make_stock_csv
+
+    prices = read_prices(make_stock_csv(tmp_path)).iloc[-400:]
+    for job in ("stock", "horizon"):
+        path = tiny_bundle(tmp_path, job)
+        onnx, torch_answer = (load_predictor(path, runtime=runtime).predict([prices])[0]
+                              for runtime in ("onnx", "torch"))
+        if job == "stock":
+            assert onnx["close"] == pytest.approx(torch_answer["close"], rel=1e-6)
+        else:
+            np.testing.assert_allclose([s["values"] for s in onnx["steps"]],
+                                       [s["values"] for s in torch_answer["steps"]], rtol=1e-5)
 
 
 def test_seeded_generation_is_the_same_text_from_the_cli_predictor_and_the_scheduler(tmp_path):
