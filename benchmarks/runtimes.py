@@ -6,8 +6,9 @@ on them).
 
 Each figure is the best of ``--repeats`` rounds of a few calls (ms per call), timed in the CPU time of the calling
 thread: with one thread (the default) torch and ONNX Runtime compute there, so time spent waiting for a core on a
-shared machine does not count (with ``--threads`` > 1 it would miss the other threads: use wall time then). int8 is timed without its quality gate (that needs a trained model and the data: ``rnnlab export
-BUNDLE --int8``); GRU/RNN bundles have no int8 (ONNX Runtime has no int8 GRU).
+shared machine does not count (with more threads that clock would miss theirs, so wall time is used). int8 is
+timed without its quality gate (that needs a trained model and the data: ``rnnlab export BUNDLE --int8``);
+GRU/RNN bundles have no int8 (ONNX Runtime has no int8 GRU).
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def main() -> None:
                 print(f"{job:9s} {case:28s} " + "  ".join(f"{k} {v:8.3f}" for k, v in row.items()
                                                           if isinstance(v, float)), flush=True)
             print(f"          int8 settings: {settings}")
-    result = {"threads": args.threads, "clock": clock.__name__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-              "load_average": os.getloadavg(), "ms_per_call": rows}
+    result = {"threads": args.threads, "clock": clock.__name__, "torch": torch.__version__,
+              "cpu": platform.processor() or platform.machine(), "load_average": os.getloadavg(), "ms_per_call": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

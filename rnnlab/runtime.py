@@ -25,10 +25,10 @@ else ``auto``):
 exporter (``dynamo=False``), which maps ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` to ONNX's LSTM / GRU / RNN ops that
 ONNX Runtime runs natively (and ``quantize_dynamic`` turns an LSTM into DynamicQuantizeLSTM), with the state as
 plain inputs and outputs; it exports in ~1 s (the torch.export-based exporter, torch 2.13's default: ~10 s, and
-its graph declared the outputs' time axis fixed at the example's length). What a job's graph takes and returns is its :class:`GraphSpec` (the registry's
-``graph``, in ``rnnlab/jobs/<name>.py``). Written only when it answers as the torch model does on the job's
-examples (:func:`check_parity`); ``--int8`` adds ``model.int8.onnx`` only when it passes the job's quality gate on
-the validation split (:func:`quantize_graph`).
+its graph declared the outputs' time axis fixed at the example's length). What a job's graph takes and returns is
+its :class:`GraphSpec` (the registry's ``graph``, in ``rnnlab/jobs/<name>.py``). Written only when it answers as
+the torch model does on the job's examples (:func:`check_parity`); ``--int8`` adds ``model.int8.onnx`` only when
+it passes the job's quality gate on the validation split (:func:`quantize_graph`).
 """
 
 from __future__ import annotations
@@ -315,13 +315,13 @@ def export(bundle: Bundle, path: Path) -> None:
     spec = graph_spec(bundle.job)
     states = spec.state_names(bundle)
     example = _flat(bundle, spec, spec.examples(bundle)[0])
+    state_axes = {name: {1: "batch"} for name in (*states, *_outs(states))}  # [layers, batch, hidden]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's notes on traced Python values and its own deprecation
         try:
             torch.onnx.export(_Flat(bundle.model, len(states)), tuple(example), str(path), dynamo=False,
                               input_names=[*spec.inputs, *states], output_names=[*spec.outputs, *_outs(states)],
-                              dynamic_axes={**spec.dynamic_axes, **{n: {1: "batch"} for n in (*states, *_outs(states))}},
-                              opset_version=OPSET)
+                              dynamic_axes={**spec.dynamic_axes, **state_axes}, opset_version=OPSET)
         except Exception as error:  # the exporter raises many kinds; its message names the op
             raise GraphRefused(f"The {bundle.job} model does not export to ONNX ({first_line(error)}).") from None
     graph = onnx.load(str(path))

@@ -179,8 +179,8 @@ def test_seeded_generation_is_the_same_text_from_the_cli_predictor_and_the_sched
 
     texts = asyncio.run(served())
     assert texts == [generator.generate(p, **s.model_dump()) for p, s in requests]
-    torch_text = load_predictor(tmp_path / "charlm-lstm", runtime="torch").generate("the ", **requests[0][1].model_dump())
-    assert texts[0] == torch_text  # a tiny model: float rounding flips no token
+    on_torch = load_predictor(tmp_path / "charlm-lstm", runtime="torch")
+    assert texts[0] == on_torch.generate("the ", **requests[0][1].model_dump())  # float rounding flips no token
 
 
 def test_one_step_calls_run_with_onednn_off_and_sequences_with_it_on(tmp_path):

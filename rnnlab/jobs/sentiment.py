@@ -371,7 +371,8 @@ def int8_gate(fp32: EvalResult, int8: EvalResult) -> tuple[dict, str | None]:
         return figures, (f"validation accuracy {after:.2%} int8 vs {before:.2%} fp32 differs by more than "
                          f"{INT8_MAX_ACCURACY_CHANGE * 100:.1f} points")
     if agreement < INT8_MIN_AGREEMENT:
-        return figures, f"int8 and fp32 agree on {agreement:.2%} of the validation labels, fewer than {INT8_MIN_AGREEMENT:.0%}"
+        return figures, (f"int8 and fp32 agree on {agreement:.2%} of the validation labels, fewer than "
+                         f"{INT8_MIN_AGREEMENT:.0%}")
     return figures, None
 
 
