@@ -491,7 +491,7 @@ def test_the_playground_draws_the_quantiles_and_a_fan(horizon_service, prices_cs
     try:
         driver.get(f"{horizon_service}/")
         WebDriverWait(driver, 60).until(lambda d: "horizon" in d.find_element(By.ID, "serving").text)
-        driver.execute_script("document.getElementById('csv').value = arguments[0]", Path(prices_csv).read_text())
+        driver.execute_script("document.getElementById('horizon-csv').value = arguments[0]", Path(prices_csv).read_text())
         driver.find_element(By.ID, "run-horizon").click()
         table = WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.ID, "horizon-table"))[0]
         medians = [float(cell.text.replace(",", "")) for cell in table.find_elements(By.CSS_SELECTOR, "td.median")]
