@@ -227,11 +227,11 @@ def plot(report: dict, path: Path) -> None:
         fit = slopes.get(name)
         if fit is None:
             continue
-        # RSS change since the fit's first sample (the process alive at the end), and the fitted line through it
-        later = [(t, mb - fit["from_mb"]) for t, mb in
-                 ((s["t"] / 60, s["replicas"][name]["rss_mb"]) for s in samples
-                  if s["t"] / 60 >= fit["from_minute"] and s["replicas"].get(name, {}).get("pid") == fit["pid"])]
-        times, change = zip(*later)
+        # the fitted samples (the process alive at the end) about their median, so a spike at the start does not
+        # shift a whole curve, and the fitted line through them
+        times, rss = zip(*((s["t"] / 60, s["replicas"][name]["rss_mb"]) for s in samples
+                           if s["t"] >= fit_after * 60 and s["replicas"].get(name, {}).get("pid") == fit["pid"]))
+        change = [mb - statistics.median(rss) for mb in rss]
         mean_t, mean_change = sum(times) / len(times), sum(change) / len(change)
         slope = fit["slope_mb_per_min"]
         drift.plot(times, change, linewidth=1, color=line.get_color(), alpha=0.6)
@@ -241,16 +241,18 @@ def plot(report: dict, path: Path) -> None:
     memory.set(xlabel="minute", ylabel="resident memory (MiB)", title="RSS per replica")
     memory.legend(fontsize=8)
     drift.axhline(0, color="grey", linewidth=0.5)
-    drift.set(xlabel="minute", ylabel="RSS change (MiB)",
-              title=f"after minute {fit_after:g}: change and least-squares slope")
-    drift.legend(fontsize=8)
+    drift.set(xlabel="minute", ylabel="RSS - its median (MiB)",
+              title=f"after minute {fit_after:g}: RSS and its least-squares slope")
+    if slopes:
+        drift.legend(fontsize=8)
     for axis in (latency, memory, drift):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     setup, verdict = report["setup"], report["verdict"]
+    worst = verdict["worst_slope_mb_per_min"]
     figure.suptitle(f"rnnlab serve soak: {setup['clients']} clients, {setup['minutes']:g} min, "
                     f"{report['requests']} requests, {report['errors']} errors; worst memory slope "
-                    f"{verdict['worst_slope_mb_per_min']} MiB/min (limit {verdict['max_slope_mb_per_min']:g})",
-                    fontsize=10)
+                    f"{'(too few samples)' if worst is None else f'{worst:+.3f} MiB/min'} "
+                    f"(limit {verdict['max_slope_mb_per_min']:g})", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
