@@ -94,13 +94,7 @@ def _read_until_closed(client: socket.socket, timeout_s: float = 10) -> bytes:
 
 def _response(client: socket.socket, timeout_s: float = 10) -> bytes:
     """One whole response on a kept-alive connection (headers + content-length bytes)."""
-    client.settimeout(timeout_s)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = client.recv(65536)
-        assert chunk, f"closed before a response: {data!r}"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
+    head, body = _response_head(client, timeout_s).split(b"\r\n\r\n", 1)
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
     while len(body) < length:
         body += client.recv(65536)
