@@ -300,36 +300,23 @@ def gru_charlm_bundle(data, tmp_path_factory) -> Path:
 def test_a_gru_charlm_bundle_streams_through_the_service_as_rnnlab_generate_samples(gru_charlm_bundle, tmp_path):
     """The real service (Ray Serve, HTTP, the generation scheduler) on a GRU bundle: the plain answer, the streamed
     one and ``rnnlab generate`` agree for a seed."""
-    import socket
     import subprocess
     import sys
 
-    httpx = pytest.importorskip("httpx")
-    ray = pytest.importorskip("ray")
-    from ray import serve
+    import httpx
 
-    from rnnlab.serve.app import build_app
+    from conftest import serving
 
     folder = tmp_path / "bundles"
     folder.mkdir()
     (folder / "wp-gru").symlink_to(gru_charlm_bundle)
     request = {"prompt": "the ", "max_new_tokens": 60, "temperature": 0.9, "top_k": 10, "seed": 5}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"bundles": str(folder)}), name="rnnlab", route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            plain = http.post("/v1/charlm", json=request).json()["text"]
-            with http.stream("POST", "/v1/charlm", json=request | {"stream": True}) as response:
-                assert response.status_code == 200
-                chunks = [json.loads(line[len("data:"):]).get("text", "") for line in response.iter_lines()
-                          if line.startswith("data:")]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serving({"bundles": str(folder)}) as url, httpx.Client(base_url=url, timeout=60) as http:
+        plain = http.post("/v1/charlm", json=request).json()["text"]
+        with http.stream("POST", "/v1/charlm", json=request | {"stream": True}) as response:
+            assert response.status_code == 200
+            chunks = [json.loads(line[len("data:"):]).get("text", "") for line in response.iter_lines()
+                      if line.startswith("data:")]
     assert len(plain) == 60 and "".join(chunks) == plain
     cli = subprocess.run([sys.executable, "-m", "rnnlab.launch.cli", "generate", str(gru_charlm_bundle), "--prompt",
                           "the ", "--length", "60", "--temperature", "0.9", "--top-k", "10", "--seed", "5"],

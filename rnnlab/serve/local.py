@@ -167,10 +167,11 @@ def in_process(port: int | None = None, *, direct: bool = False, http_options: d
     import ray
     from ray import serve
 
-    from rnnlab.serve.service import choose_ingress
+    from rnnlab.serve.service import choose_ingress, set_ray_environment
 
     port = port or free_port()
     proxy_port = choose_ingress(direct, "127.0.0.1", port)
+    set_ray_environment()
     # address="local": always a new instance, never a cluster some `ray start` on this machine left running
     ray.init(address="local", **({"num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
                                   "logging_level": "ERROR"} | ray_init))

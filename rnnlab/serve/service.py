@@ -34,6 +34,7 @@ APP_NAME = "rnnlab"
 # levelled off 20 MiB lower within 5 minutes; malloc_trim once a minute did not help (pages freed between live
 # allocations are reused at once). The runs: benchmarks/results/soak_allocator.json.
 MALLOC_ARENAS = "2"
+PROXY_READY_TIMEOUT_S = "30"  # Ray's per-try readiness deadline for its HTTP proxy (tries 2 and 3: 2x, 3x)
 
 
 def run(app_args: dict, *, host: str, port: int, address: str | None = None, proxy: bool = False,
@@ -56,8 +57,7 @@ def run(app_args: dict, *, host: str, port: int, address: str | None = None, pro
     # existing cluster, --address, the proxy was started without them: export them where `ray start --head` runs.)
     limits = checked.limits
     export_for_proxy(limits["header_timeout_s"], int(limits["max_connections"]), limits["retry_after_s"])
-    # read by glibc when each process Ray starts begins (an exported value wins; on --address, where `ray start` runs)
-    os.environ.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENAS)
+    set_ray_environment()
     ray_address = start_ray(address, metrics_port=metrics_port, verbose=verbose)
     try:
         # the replicas' CPU shares need the cluster's nodes: replicas that do not fit are one sentence here, not a
@@ -76,6 +76,17 @@ def run(app_args: dict, *, host: str, port: int, address: str | None = None, pro
         return 0
     finally:
         stop(address)
+
+
+def set_ray_environment() -> None:
+    """Settings the processes Ray starts read from the environment they inherit: call before ray.init (an exported
+    value wins; on --address they are read where `ray start` runs)."""
+    # glibc's malloc arenas, read when each process begins (the soak's replica memory: benchmarks/README.md)
+    os.environ.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENAS)
+    # Serve's controller gives its HTTP proxy 5 s to answer its first readiness check, three tries, then kills it
+    # and serve.start fails (ActorDiedError): on the 2-core box at load ~6 a proxy took 33 s from its actor's
+    # creation to its first log line, so a loaded CI machine could not start a service
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_TIMEOUT_S)
 
 
 def check_port(host: str, port: int) -> None:
