@@ -11,6 +11,9 @@ A bundle is a folder::
     example.json        optional: a request body for the job's route (POST /v1/<job>) to try the model with, e.g.
                         the last price rows a forecast reads (GET /v1/<job>/example serves it; the playground's
                         "load example")
+    model.onnx          (optional) the model as one ONNX graph, written only when it answers as the weights do;
+                        config.json's "graph" says how it was checked (rnnlab/runtime.py)
+    model.int8.onnx     (optional) its int8 version, written only when it passed the job's quality gate
 
 ``files`` holds the sha256 of every other file and ``config_sha256`` that of config.json's own content (minus
 that field), so any edit after export -- weights, assets, metrics or config -- is refused at load time.
@@ -25,7 +28,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 EXAMPLE_FILE = "example.json"
+GRAPH_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 
 
 @dataclass
@@ -57,6 +63,9 @@ class Bundle:
     assets: dict[str, dict]  # {"vocab": {...}} or {"scaler": {...}, "target_scaler": {...}}
     metrics: dict[str, Any]
     example: dict | None = None  # example.json: a request body for the job's route (None: the bundle has none)
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, as config.json lists them
+    graph: dict | None = None  # config.json's "graph": the ONNX graph's file, parity figures and int8 gate
+    runtime: str = "auto"  # the runtime loaders use when none is asked for (rnnlab/runtime.py)
 
 
 # ------------------------------------------------------------------------------------------------- saving
@@ -71,12 +80,17 @@ def save_bundle(
     metrics: dict,
     config: dict,
     example: dict | None = None,
+    graph: Callable[[Bundle], dict] | None = None,
+    runtime: str | None = None,
 ) -> Path:
     """Write ``model`` (with ``model.config``), its assets, metrics and training config as a bundle folder, and
     ``example`` (a request body for the job's route) as example.json when given.
 
     ``directory`` may exist already if it is empty or a bundle (it is then replaced); anything else is refused,
-    so a mistyped path never deletes a user's folder.
+    so a mistyped path never deletes a user's folder. ``graph`` (``rnnlab.runtime.write_graph``) is given the
+    bundle as a loader reads it back, its ``path`` the folder being written, writes the ONNX graph there and returns
+    config.json's ``graph`` entry; whatever it raises leaves no bundle behind. ``runtime`` is the bundle's default
+    runtime (None: ``auto``).
     """
     directory = Path(directory)
     if job not in JOBS:
@@ -94,24 +108,38 @@ def save_bundle(
         _write_json(staging / METRICS_FILE, metrics)
         if example is not None:
             _write_json(staging / EXAMPLE_FILE, example)
-        files = {p.name: sha256_of(p) for p in sorted(staging.iterdir())}
         manifest = {
             "format_version": FORMAT_VERSION,
             "job": job,
             "model": model.config.to_dict(),
             "config": config,
             "assets": sorted(assets),
-            "files": files,
             "rnnlab_version": __version__,
         }
-        manifest["config_sha256"] = _manifest_digest(manifest)
-        _write_json(staging / CONFIG_FILE, manifest)
+        if runtime is not None:
+            from rnnlab.runtime import check_runtime_name
+
+            check_runtime_name(runtime)
+            if runtime == "onnx" and graph is None:
+                raise BundleError("A bundle whose default runtime is onnx needs its ONNX graph; export one with it.")
+            manifest["runtime"] = runtime
+        _write_manifest(staging, manifest)
+        if graph is not None:
+            manifest["graph"] = graph(load_bundle(staging))
+            _write_manifest(staging, manifest)
         _fsync_dir(staging)
         _move_into_place(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _write_manifest(staging: Path, manifest: dict) -> None:
+    """config.json: ``manifest`` with the sha256 of every other file in ``staging`` and its own digest."""
+    manifest["files"] = {p.name: sha256_of(p) for p in sorted(staging.iterdir()) if p.name != CONFIG_FILE}
+    manifest["config_sha256"] = _manifest_digest(manifest)
+    _write_json(staging / CONFIG_FILE, manifest)
 
 
 def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -239,6 +267,9 @@ def load_bundle(directory: str | os.PathLike, *, device: str | torch.device = "c
         metrics=metrics,
         # listed in ``files`` (so checked above) when the bundle has one; older bundles have none
         example=_read_json(directory, EXAMPLE_FILE) if EXAMPLE_FILE in files else None,
+        files=dict(files),
+        graph=manifest.get("graph"),
+        runtime=manifest.get("runtime", "auto"),
     )
 
 
@@ -269,7 +300,21 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     if manifest["job"] not in JOBS:
         raise BundleError(f"Bundle {directory} is for unknown job {manifest['job']!r}; expected one of {', '.join(JOBS)}.")
     _check_file_names(directory, manifest)
+    _check_graph(directory, manifest)
     return manifest
+
+
+def _check_graph(directory: Path, manifest: dict) -> None:
+    """A graph config.json names must be one whose checksum it lists (and so is checked at load)."""
+    graph = manifest.get("graph")
+    if graph is None:
+        return
+    int8 = graph.get("int8") if isinstance(graph, dict) else None
+    named = [graph.get("file") if isinstance(graph, dict) else None,
+             *([int8.get("file")] if isinstance(int8, dict) and int8.get("passed") else [])]
+    if not all(name in (GRAPH_FILE, INT8_FILE) and name in manifest["files"] for name in named):
+        raise BundleError(f"Bundle {directory} {CONFIG_FILE} 'graph' names a file it lists no checksum for; "
+                          "re-export the bundle.")
 
 
 def _check_file_names(directory: Path, manifest: dict) -> None:

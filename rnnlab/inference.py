@@ -20,6 +20,7 @@ Limits are constants of each job's module (its service schemas use the same numb
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,13 +36,23 @@ PREDICT_BATCH_SIZE = 64  # rows per forward pass inside predict
 SCORE_BATCH_SIZE = 1024  # windows per forward pass when scoring a whole file: nobody waits on one answer
 
 
-def load_predictor(bundle_dir: str | Path, *, device: str | torch.device = "cpu") -> Any:
-    """The predictor for whatever job the bundle at ``bundle_dir`` was trained for."""
+def load_predictor(bundle_dir: str | Path, *, device: str | torch.device = "cpu", runtime: str | None = None,
+                   threads: int | None = None) -> Any:
+    """The predictor for whatever job the bundle at ``bundle_dir`` was trained for, its model run by ``runtime``
+    (``auto``, ``torch`` or ``onnx``; None: the bundle's default; see rnnlab/runtime.py)."""
     bundle = load_bundle(bundle_dir, device=device)
     if registry.job(bundle.job).predictor is None:
         raise BundleError(f"Bundle {bundle_dir} is a {bundle.job} bundle, which answers no requests; it is a starting "
                           "point for training (model.init_from).")
-    return registry.job(bundle.job).load("predictor")(bundle)
+    return registry.job(bundle.job).load("predictor")(for_inference(bundle, runtime, threads))
+
+
+def for_inference(bundle: Bundle, runtime: str | None = None, threads: int | None = None) -> Bundle:
+    """The bundle with its model as ``runtime`` runs it (rnnlab/runtime.py's ``load_model``): what predictors and
+    scorers are given."""
+    from rnnlab.runtime import load_model
+
+    return dataclasses.replace(bundle, model=load_model(bundle, runtime, threads=threads))
 
 
 def expect_job(bundle: Bundle, job: str) -> None:
@@ -49,8 +60,9 @@ def expect_job(bundle: Bundle, job: str) -> None:
         raise BundleError(f"Bundle {bundle.path} is a {bundle.job} bundle, not a {job} one; pass a {job} bundle.")
 
 
-def device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def device_of(model) -> torch.device:
+    """Where a model's inputs go: a runtime's model says (``device``), a plain ``nn.Module`` by its weights."""
+    return model.device if not isinstance(model, torch.nn.Module) else next(model.parameters()).device
 
 
 def at_position(check, item, noun: str, position: int):

@@ -73,6 +73,9 @@ class JobSpec:
     answer: str | None = None  # pydantic answer body
     aliases: tuple[str, ...] = ()  # older routes /v1/<alias> that answer the same (kept for one release)
     demo: str | None = None  # ``make demo``: ``demo(post)`` sends one request (``post(body)``) and prints the answer
+    # rnnlab.runtime.GraphSpec: the model as one ONNX graph (what it takes and returns, the parity examples, the
+    # int8 gate); None: the job's bundles run on torch only
+    graph: str | None = None
     configs_dir: Path = CONFIGS_DIR  # holds presets/<name>.yaml and tune/<name>.yaml (a package's own folder)
 
     def __post_init__(self) -> None:
@@ -137,6 +140,7 @@ JOBS: dict[str, JobSpec] = {
             request="rnnlab.jobs.sentiment:SentimentRequest",
             answer="rnnlab.jobs.sentiment:SentimentResponse",
             demo="rnnlab.jobs.sentiment:demo",
+            graph="rnnlab.jobs.sentiment:GRAPH",
         ),
         JobSpec(
             name="stock",
@@ -157,6 +161,7 @@ JOBS: dict[str, JobSpec] = {
             answer="rnnlab.jobs.stock:StockResponse",
             aliases=("forecast",),
             demo="rnnlab.jobs.stock:demo",
+            graph="rnnlab.jobs.stock:GRAPH",
         ),
         JobSpec(
             name="charlm",
@@ -177,6 +182,7 @@ JOBS: dict[str, JobSpec] = {
             answer="rnnlab.jobs.charlm:CharLMResponse",
             aliases=("generate",),
             demo="rnnlab.jobs.charlm:demo",
+            graph="rnnlab.jobs.charlm:GRAPH",
         ),
         JobSpec(
             name="lm",
@@ -206,6 +212,7 @@ JOBS: dict[str, JobSpec] = {
             request="rnnlab.jobs.horizon:HorizonRequest",
             answer="rnnlab.jobs.horizon:HorizonResponse",
             demo="rnnlab.jobs.horizon:demo",
+            graph="rnnlab.jobs.horizon:GRAPH",
         ),
     )
 }

@@ -20,6 +20,7 @@ from typing import Any
 from rnnlab import registry
 from rnnlab.bundle import load_bundle
 from rnnlab.errors import InputError
+from rnnlab.inference import for_inference
 
 
 def score_data(
@@ -28,8 +29,10 @@ def score_data(
     *,
     start: datetime.date | str | None = None,
     end: datetime.date | str | None = None,
+    runtime: str | None = None,
 ) -> dict[str, Any]:
-    """The scores of the bundle at ``bundle_dir`` on ``data`` (a path in the bundle's job's format)."""
+    """The scores of the bundle at ``bundle_dir`` on ``data`` (a path in the bundle's job's format), its model run
+    by ``runtime`` (rnnlab/runtime.py; None: the bundle's default)."""
     bundle = load_bundle(bundle_dir)
     spec = registry.job(bundle.job)
     if spec.scorer is None:  # a job this module does not know yet
@@ -41,6 +44,7 @@ def score_data(
                          "all of its data: leave out --from/--to.")
     if start is not None and end is not None and str(start) > str(end):
         raise InputError(f"The start date {start} comes after the end date {end}; swap them.")
+    bundle = for_inference(bundle, runtime)
     result = scorer(bundle, data, start=start, end=end) if dated else scorer(bundle, data)
     return _finite({"job": bundle.job, "bundle": str(bundle_dir), "data": str(data), **result})
 

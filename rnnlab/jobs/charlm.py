@@ -24,6 +24,7 @@ from rnnlab.errors import ConfigError, DataError, InputError, RnnlabError
 from rnnlab.inference import device_of, expect_job
 from rnnlab.models.cells import detach_state
 from rnnlab.models.charlm import CharConfig
+from rnnlab.runtime import GraphSpec
 from rnnlab.sampling import NonFiniteScores, SamplingParams, sample_next, sampling_params
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
 
@@ -299,6 +300,44 @@ class CharLMPredictor:
             yield self.vocab.itos[next_id]
 
 
+# ------------------------------------------------------------------------------------------------ ONNX graph
+
+# text the parity check reads (the characters the bundle's vocabulary knows)
+GRAPH_TEXT = "the emperor spoke to the prince. the prince said nothing, and the army marched on."
+INT8_MAX_RELATIVE = 0.01  # int8's validation nats/char may differ from fp32's by 1 % (relative)
+
+
+def graph_examples(bundle: Bundle) -> list[tuple]:
+    """Prompts of real text (batch 1 and 3, from the zero state), then decoding steps (batch 3 and 1) from the
+    state they left: what ``rnnlab generate`` and the scheduler run."""
+    from rnnlab.data.text import encode_known
+    from rnnlab.data.vocab import Vocab
+
+    vocab = Vocab.from_json(bundle.assets["vocab"])
+    ids = torch.from_numpy(encode_known(GRAPH_TEXT, vocab)[0])
+    ids = ids if len(ids) >= 12 else torch.arange(12) % len(vocab)
+    prompts = torch.stack([ids[:12].roll(shift) for shift in range(3)])
+    with torch.no_grad():
+        _, state = bundle.model(prompts)
+    return [(prompts[:1], None), (prompts, None), (prompts[:, -1:], state),
+            (prompts[:1, -1:], tuple(t[:, :1] for t in state))]
+
+
+def int8_gate(fp32: EvalResult, int8: EvalResult) -> tuple[dict, str | None]:
+    """int8 is kept when its validation nats/char are within 1 % (relative) of the fp32 graph's."""
+    before, after = fp32.metrics["loss"], int8.metrics["loss"]
+    change = (after - before) / before
+    figures = {"val_nats_per_char_fp32": before, "val_nats_per_char_int8": after, "relative_change": change}
+    if abs(change) > INT8_MAX_RELATIVE:
+        return figures, (f"validation nats/char {after:.4f} int8 vs {before:.4f} fp32 differ by {change:+.2%}, more "
+                         f"than {INT8_MAX_RELATIVE:.0%}")
+    return figures, None
+
+
+# ids [B, T] and the state in, logits [B, T, V] and the new state out: T = 1 is a decoding step, T > 1 a prompt
+GRAPH = GraphSpec(inputs=("ids",), outputs=("logits",), stateful=True, examples=graph_examples, int8_gate=int8_gate,
+                  dynamic_axes={"ids": {0: "batch", 1: "steps"}, "logits": {0: "batch", 1: "steps"}})
+
 # ------------------------------------------------------------------------------------------------ service
 
 
@@ -356,14 +395,14 @@ def score(bundle: Bundle, path: str | Path) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def mean_nats(model: torch.nn.Module, ids: np.ndarray, seq_len: int, rows: int = SCORE_ROWS) -> tuple[float, int]:
+def mean_nats(model, ids: np.ndarray, seq_len: int, rows: int = SCORE_ROWS) -> tuple[float, int]:
     """Mean next-character cross-entropy over ``ids``, read as up to ``rows`` contiguous rows with the state
     carried from window to window (as the training evaluation reads a split); returns (nats, characters scored).
     The < ``rows`` characters that do not fill the last column are left out."""
     from rnnlab.data.text import TBPTTBatcher
 
     rows = max(1, min(rows, (len(ids) - 1) // seq_len))
-    device = next(model.parameters()).device
+    device = device_of(model)
     state, total, count = None, 0.0, 0
     for x, y in TBPTTBatcher(ids, rows, seq_len, drop_last=False):
         logits, state = model(x.to(device), state)

@@ -31,6 +31,7 @@ from rnnlab.jobs.price_history import (
     MAX_HISTORY_ROWS, CompletePriceRow, PriceHistoryRequest, add_history_arguments, bounded_history, history_from_args,
 )  # fmt: skip
 from rnnlab.models.horizon import HorizonConfig
+from rnnlab.runtime import GraphSpec
 from rnnlab.trainers.job import Batch, EvalResult, Job
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,21 @@ class HorizonPredictor(Predictor):
         return {"origin": str(pd.Timestamp(origin).date()), "close": float(close), "quantiles": self.taus,
                 "steps": steps}
 
+
+# ------------------------------------------------------------------------------------------------ ONNX graph
+
+
+def graph_examples(bundle: Bundle) -> list[tuple]:
+    """Windows of standardised features (what the scaler hands the model), batch 1 and 16."""
+    generator = torch.Generator().manual_seed(0)
+    window = HorizonDataSettings.from_dict(bundle.config.get("data", {}), prefix="data").window
+    shape = (window, bundle.model_config["num_features"])
+    return [(torch.randn(1, *shape, generator=generator),), (torch.randn(16, *shape, generator=generator),)]
+
+
+# windows [B, window, features] in (the window fixed at the bundle's), quantiles [B, H, Q] out
+GRAPH = GraphSpec(inputs=("windows",), outputs=("quantiles",), examples=graph_examples,
+                  dynamic_axes={"windows": {0: "batch"}, "quantiles": {0: "batch"}})
 
 # ------------------------------------------------------------------------------------------------ service
 

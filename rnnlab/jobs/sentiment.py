@@ -21,6 +21,7 @@ from rnnlab.config import Count, DataSettings, JobConfig, PositiveInt, Probabili
 from rnnlab.errors import ConfigError, DataError, InputError
 from rnnlab.inference import PREDICT_BATCH_SIZE, Predictor
 from rnnlab.models.sentiment import SentimentConfig
+from rnnlab.runtime import GraphSpec
 from rnnlab.serve.schemas import StrictBody
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
 
@@ -218,7 +219,9 @@ class SentimentJob(Job):
             chunk = mine[start : start + self.eval_batch_size]
             x, lengths, _ = self._collate(split, chunk)
             with accelerator.autocast():
-                out = model(x.to(self.device), lengths.to(self.device), branches=branches)
+                inputs = (x.to(self.device), lengths.to(self.device))
+                # a runtime's model (rnnlab/runtime.py: the int8 gate scores graphs) answers the sum only
+                out = model(*inputs, branches=True) if branches else model(*inputs)
             parts.append(torch.stack(out if branches else (out,)).float().cpu().numpy())
         rows = 2 if branches and accelerator.unwrap_model(model).config.ngram_buckets else 1
         local = np.concatenate(parts, axis=1) if parts else np.zeros((rows, 0), np.float32)
@@ -328,6 +331,48 @@ class SentimentPredictor(Predictor):
             {"label": "positive" if p >= 0.5 else "negative", "probability": float(p)} for p in probabilities
         ]
 
+
+# ------------------------------------------------------------------------------------------------ ONNX graph
+
+# reviews the parity check reads: lengths from one token to the longest the bundle keeps, padded together and alone
+GRAPH_REVIEWS = ("A moving, beautifully acted film; I loved every minute of it.",
+                 "Dull, predictable and far too long. I want my two hours back.",
+                 "bad",
+                 "The plot was awful, awful, awful and the film bad :( " * 12)
+INT8_MAX_ACCURACY_CHANGE = 0.003  # int8's validation accuracy within 0.3 points of fp32's
+INT8_MIN_AGREEMENT = 0.99  # and the same label for at least 99 % of the validation reviews
+
+
+def graph_examples(bundle: Bundle) -> list[tuple]:
+    from rnnlab.data.imdb import collate_reviews
+
+    classifier = SentimentPredictor(bundle)
+    encoded = [classifier.prepare(text) for text in GRAPH_REVIEWS]
+    batch = collate_reviews([(ids, 0.0) for ids in encoded])[:2]
+    alone = [collate_reviews([(ids, 0.0)])[:2] for ids in (encoded[0], encoded[2])]
+    longest_and_one = collate_reviews([(encoded[3], 0.0), (encoded[2], 0.0)])[:2]
+    return [batch, *alone, longest_and_one]
+
+
+def int8_gate(fp32: EvalResult, int8: EvalResult) -> tuple[dict, str | None]:
+    """int8 is kept when its validation accuracy is within 0.3 points of the fp32 graph's and at least 99 % of the
+    validation reviews get the same label from both."""
+    before, after = fp32.metrics["accuracy"], int8.metrics["accuracy"]
+    agreement = float(np.mean((fp32.details["logits"] > 0) == (int8.details["logits"] > 0)))
+    figures = {"val_accuracy_fp32": before, "val_accuracy_int8": after, "val_label_agreement": agreement}
+    if abs(after - before) > INT8_MAX_ACCURACY_CHANGE:
+        return figures, (f"validation accuracy {after:.2%} int8 vs {before:.2%} fp32 differs by more than "
+                         f"{INT8_MAX_ACCURACY_CHANGE * 100:.1f} points")
+    if agreement < INT8_MIN_AGREEMENT:
+        return figures, (f"int8 and fp32 agree on {agreement:.2%} of the validation labels, fewer than "
+                         f"{INT8_MIN_AGREEMENT:.0%}")
+    return figures, None
+
+
+# ids [B, T] right-padded with 0 and lengths [B] in, logits [B] out (the padded path: packed sequences do not export)
+GRAPH = GraphSpec(inputs=("ids", "lengths"), outputs=("logits",), examples=graph_examples, int8_gate=int8_gate,
+                  labels=lambda logits: logits > 0,
+                  dynamic_axes={"ids": {0: "batch", 1: "steps"}, "lengths": {0: "batch"}, "logits": {0: "batch"}})
 
 # ------------------------------------------------------------------------------------------------ service
 

@@ -28,6 +28,7 @@ from rnnlab.jobs.price_history import (
     MAX_HISTORY_ROWS, PriceHistoryRequest, PriceRow, add_history_arguments, bounded_history, history_from_args,
 )  # fmt: skip
 from rnnlab.models.stock import StockConfig
+from rnnlab.runtime import GraphSpec
 from rnnlab.trainers.job import Batch, EvalResult, Job
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,11 @@ def plot_predictions(details: dict, path) -> Any:
 # ------------------------------------------------------------------------------------------------ predictor
 
 
+def window_of(bundle: Bundle) -> int:
+    """Days of features per forecast of the bundle's model."""
+    return int(bundle.config.get("data", {}).get("window", 5))
+
+
 class StockPredictor(Predictor):
     """Forecast one day's close from the price history before it and that day's open.
 
@@ -212,7 +218,7 @@ class StockPredictor(Predictor):
 
         super().__init__(bundle)
         data = bundle.config.get("data", {})
-        self.window = int(data.get("window", 5))
+        self.window = window_of(bundle)
         self.target = str(data.get("target", "close"))
         self.scaler = Scaler.from_json(bundle.assets["scaler"])
         self.target_scaler = Scaler.from_json(bundle.assets["target_scaler"])
@@ -257,6 +263,20 @@ class StockPredictor(Predictor):
             })  # fmt: skip
         return results
 
+
+# ------------------------------------------------------------------------------------------------ ONNX graph
+
+
+def graph_examples(bundle: Bundle) -> list[tuple]:
+    """Windows of standardised features (what the scaler hands the model), batch 1 and 16."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (window_of(bundle), bundle.model_config["num_features"])
+    return [(torch.randn(1, *shape, generator=generator),), (torch.randn(16, *shape, generator=generator),)]
+
+
+# windows [B, window, features] in (the window fixed at the bundle's), the scaled target [B] out
+GRAPH = GraphSpec(inputs=("windows",), outputs=("target",), examples=graph_examples,
+                  dynamic_axes={"windows": {0: "batch"}, "target": {0: "batch"}})
 
 # ------------------------------------------------------------------------------------------------ service
 

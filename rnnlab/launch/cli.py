@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = (
     "rnnlab.launch.data_cmd",
     "rnnlab.launch.train",
     "rnnlab.launch.predict_cmd",
+    "rnnlab.launch.export_cmd",
     "rnnlab.launch.tune",
     "rnnlab.launch.serve_cmd",
     "rnnlab.launch.swap_cmd",

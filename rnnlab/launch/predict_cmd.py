@@ -31,6 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--from", dest="start", type=_date, metavar="YYYY-MM-DD", help="dated data: first day to score")
     p.add_argument("--to", dest="end", type=_date, metavar="YYYY-MM-DD", help="dated data: last day to score")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    add_runtime_flag(p)
     add_common_flags(p)
     p.set_defaults(func=run_evaluate)
 
@@ -41,8 +42,16 @@ def add_parser(subparsers) -> None:
         p.__class__ = _VerbParser  # its jobs' arguments are added when it parses (``rnnlab --help`` imports none)
         p.specs = specs
         p.add_argument("bundle", metavar="BUNDLE")
+        add_runtime_flag(p)
         add_common_flags(p)
         p.set_defaults(func=run_verb, verb=verb)
+
+
+def add_runtime_flag(parser) -> None:
+    parser.add_argument("--runtime", metavar="auto|torch|onnx", default=None,
+                        help="what runs the model: onnx (ONNX Runtime on the CPU, from the bundle's graph), torch, or "
+                        "auto (onnx where the bundle holds a graph, else torch); default: the bundle's own default, "
+                        "else auto")
 
 
 class _VerbParser(argparse.ArgumentParser):
@@ -65,7 +74,7 @@ def run_verb(args: argparse.Namespace) -> int:
 
     specs = verbs()[args.verb]
     spec = next((s for s in specs if s.name == _job_of(args.bundle)), specs[0])
-    return spec.load("cli").run(args, lambda: _predictor(args.bundle, specs))
+    return spec.load("cli").run(args, lambda: _predictor(args.bundle, specs, args.runtime))
 
 
 def _job_of(path: str) -> str | None:
@@ -76,11 +85,11 @@ def _job_of(path: str) -> str | None:
         return None
 
 
-def _predictor(path: str, specs):
+def _predictor(path: str, specs, runtime: str | None):
     from rnnlab.errors import InputError
     from rnnlab.inference import load_predictor
 
-    predictor = load_predictor(path)
+    predictor = load_predictor(path, runtime=runtime)
     if not any(type(predictor).__name__ == spec.predictor.rpartition(":")[2] for spec in specs):
         raise InputError(f"The bundle {path} is not for this command (it loads as a {type(predictor).__name__}).")
     return predictor
@@ -99,13 +108,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.data is None:
         if args.start is not None or args.end is not None:
             raise InputError("--from/--to select days of the data given with --data; add --data PRICES.csv.")
+        if args.runtime is not None:
+            raise InputError("--runtime picks what runs the model on --data; the test split is scored by the "
+                             "training code on torch: add --data or leave --runtime out.")
         from rnnlab.trainers.evaluate import evaluate_bundle
 
         scores = evaluate_bundle(args.bundle, source=args.source)
     else:
         from rnnlab.scoring import score_data
 
-        scores = score_data(args.bundle, args.data, start=args.start, end=args.end)
+        scores = score_data(args.bundle, args.data, start=args.start, end=args.end, runtime=args.runtime)
     print(json.dumps(scores, indent=1, ensure_ascii=False) if args.json else _lines(scores))
     return 0
 

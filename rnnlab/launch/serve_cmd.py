@@ -56,7 +56,12 @@ def add_parser(subparsers) -> None:
                         f"equal share of the Ray cluster's CPUs, at least {MIN_CPU_SHARE} CPU: when they do not "
                         "fit, serve refuses to start and names how many replicas would")
     parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch threads per replica (also the most CPUs a replica reserves)")
+                        help="threads per replica, torch's or ONNX Runtime's intra-op ones (also the most CPUs a "
+                        "replica reserves)")
+    parser.add_argument("--runtime", metavar="auto|torch|onnx", default=None,
+                        help="what runs every model: onnx (ONNX Runtime on the CPU, from the bundle's graph), torch, "
+                        "or auto (onnx on a CPU where the bundle holds a graph, torch on a GPU or without one); "
+                        "default: each bundle's own default, else auto")
     parser.add_argument("--proxy", action="store_true",
                         help="take HTTP through Ray Serve's proxy actor, as on a cluster (--address implies it). "
                         "By default the Gateway replica listens on --port itself (Ray Serve's direct ingress): "
@@ -83,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     app_args = {"bundles": str(Path(args.bundles).expanduser().resolve()), "replicas": args.replicas,
                 "torch_threads": args.torch_threads,
                 "max_batch_size": args.max_batch_size, "default_models": args.default_model or None,
+                "runtime": args.runtime,
                 "api_key_file": str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None}
     app_args = {key: value for key, value in app_args.items() if value is not None} | limits
     return service.run(app_args, host=args.host, port=args.port, address=args.address, proxy=args.proxy,

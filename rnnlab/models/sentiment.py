@@ -32,7 +32,12 @@ reviews). Each distinct unigram and bigram of a review adds one learned weight, 
 distinct n-grams), to a second logit: unigrams by their id, bigrams hashed into the remaining buckets. The
 model's logit is the sum of the two, the LSTM's weighted by ``lstm_weight`` (1 while training; with
 ``model.fit_lstm_weight`` the job then picks it on the validation split); ``forward(..., branches=True)``
-returns them apart so that training can make each a classifier of its own.
+returns them apart so that training can make each a classifier of its own. The n-gram table is read with a gather
+and a weighted sum (what ``nn.EmbeddingBag(mode="sum")`` with per-sample weights computes; its ONNX export is a
+loop over the bags, several times slower than the whole model under ONNX Runtime).
+
+Everything in ``forward`` (padded path) exports to one ONNX graph (rnnlab/runtime.py): no Python branches on
+values, no in-place writes into slices.
 """
 
 from __future__ import annotations
@@ -88,8 +93,7 @@ def distinct_ngrams(ids: torch.Tensor, lengths: torch.Tensor, vocab_size: int, b
     valid = torch.cat([steps < lengths, steps[:, 1:] < lengths], dim=1)  # bigram t ends at token t + 1
     grams = grams.masked_fill(~valid, -1)  # sorts first; weighted 0
     grams, _ = grams.sort(dim=1)
-    first = torch.ones_like(grams, dtype=torch.bool)
-    first[:, 1:] = grams[:, 1:] != grams[:, :-1]
+    first = torch.cat([torch.ones_like(grams[:, :1], dtype=torch.bool), grams[:, 1:] != grams[:, :-1]], dim=1)
     keep = (first & (grams >= 0)).float()
     weights = keep / keep.sum(dim=1, keepdim=True).clamp(min=1).sqrt()
     return grams.clamp(min=0), weights
@@ -145,7 +149,7 @@ class SentimentLSTM(nn.Module):
             nn.Linear(config.fc_size, 1),
         )
         if config.ngram_buckets:
-            self.ngrams = nn.EmbeddingBag(config.ngram_buckets, 1, mode="sum")
+            self.ngrams = nn.Embedding(config.ngram_buckets, 1)  # one weight per bucket, read as a weighted bag
             nn.init.zeros_(self.ngrams.weight)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor, branches: bool = False):
@@ -181,7 +185,7 @@ class SentimentLSTM(nn.Module):
         if not self.config.ngram_buckets:
             return (logits,) if branches else logits
         indices, weights = distinct_ngrams(ids, lengths, self.config.vocab_size, self.config.ngram_buckets)
-        ngram_logits = self.ngrams(indices, per_sample_weights=weights.to(self.ngrams.weight.dtype)).squeeze(-1)
+        ngram_logits = (self.ngrams(indices).squeeze(-1) * weights.to(self.ngrams.weight.dtype)).sum(dim=1)
         return (logits, ngram_logits) if branches else self.config.lstm_weight * logits + ngram_logits
 
     @staticmethod

@@ -295,9 +295,10 @@ def build_app(args: dict | None = None) -> serve.Application:
     ``RNNLAB_API_KEY``) and the limits of ``rnnlab.serve.limits.LIMITS`` (``max_queued_requests`` applies to every
     deployment, a deployment's own setting in the YAML wins). Each model deployment is named after its job and
     serves every bundle of that job found, each under its model id (rnnlab/serve/versions.py);
-    ``default_models`` (a list of ids) picks the model a job's route answers with when a request names none.
-    Every replica reserves an equal share of the Ray cluster's CPUs (rnnlab/serve/replicas.py); before Ray is
-    started (``rnnlab serve`` checking its arguments) the cluster is not known and no share is set.
+    ``default_models`` (a list of ids) picks the model a job's route answers with when a request names none;
+    ``runtime`` (``auto``, ``torch`` or ``onnx``; rnnlab/runtime.py) what runs every model (default: each bundle's
+    own default). Every replica reserves an equal share of the Ray cluster's CPUs (rnnlab/serve/replicas.py); before
+    Ray is started (``rnnlab serve`` checking its arguments) the cluster is not known and no share is set.
     """
     import ray
     from ray.serve.config import BackpressureConfig
@@ -308,6 +309,7 @@ def build_app(args: dict | None = None) -> serve.Application:
     found, defaults, checked, batching, key = check_args(args)
     served = registry.served()
     threads = (args or {}).get("torch_threads", 1)
+    runtime = (args or {}).get("runtime")
     count = replicas.checked_replicas((args or {}).get("replicas", 1))
     share = (replicas.cpu_share(len(found), count, replicas.node_cpus(), threads or 1) if ray.is_initialized()
              else None)
@@ -327,7 +329,7 @@ def build_app(args: dict | None = None) -> serve.Application:
             options = shedding | cpus | ({"user_config": user_config[kind]} if user_config[kind] else {})
             models = {model_id: str(path) for model_id, path in found[job].items()}
             handles[job] = DEPLOYMENTS[kind].options(name=job, num_replicas=count, **options).bind(
-                models, job, threads, default_model(job, found[job], defaults))
+                models, job, threads, default_model(job, found[job], defaults), runtime)
     gateway = Gateway.options(max_ongoing_requests=int(checked["max_ongoing_requests"]), **shedding, **cpus,
                               **({"user_config": batching} if batching else {}))
     guard = {name: checked[name] for name in limits.LIMITS} | {"key_sha256": auth.digest(key) if key else None}
@@ -353,14 +355,15 @@ def check_args(args: dict | None) -> CheckedArgs:
     args = dict(args or {})
     served = registry.served()
     known = {"bundles", *served, "replicas", "torch_threads", "max_batch_size", "batch_wait_timeout_s",
-             "api_key_file", "default_models", *limits.LIMITS}
+             "api_key_file", "default_models", "runtime", *limits.LIMITS}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"Unknown serve argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}.")
     checked = limits.check_limits({name: args.get(name) for name in limits.LIMITS})
     batching = {key: args[key] for key in ("max_batch_size", "batch_wait_timeout_s") if args.get(key) is not None}
     key = auth.load_key(args.get("api_key_file"))
-    found = find_models(args.get("bundles"), explicit={job: args.get(job) for job in served})
+    found = find_models(args.get("bundles"), explicit={job: args.get(job) for job in served},
+                        runtime=args.get("runtime"))
     defaults = args.get("default_models") or []
     if isinstance(defaults, str):
         defaults = [defaults]

@@ -42,14 +42,16 @@ def find_bundles(
 
 
 def find_models(
-    bundles: str | Path | None = None, *, explicit: dict[str, str | Path | None] | None = None, check: bool = True
+    bundles: str | Path | None = None, *, explicit: dict[str, str | Path | None] | None = None, check: bool = True,
+    runtime: str | None = None,
 ) -> dict[str, dict[str, Path]]:
     """Map job -> {model id: bundle folder}, ids in name order (rnnlab/serve/versions.py: what ids are).
 
     ``bundles`` is a folder holding bundles as sub-folders (any names; each bundle's config.json says its job)
     or training runs' / searches' output folders (each with its ``bundle/`` or ``best_bundle/``), or one bundle
     itself. ``explicit`` names one bundle per job ({"sentiment": path, ...}), served beside the folder's.
-    With ``check``, each bundle is loaded once (checksums, format version, weights) so a bad one is refused here.
+    With ``check``, each bundle is loaded once (checksums, format version, weights) so a bad one is refused here,
+    as is one that ``runtime`` (rnnlab/runtime.py; None: the bundle's default) cannot run.
     """
     from rnnlab.serve.versions import model_id_of
 
@@ -96,10 +98,11 @@ def find_models(
         )
     if check:
         from rnnlab.bundle import load_bundle
+        from rnnlab.runtime import choose_runtime
 
         for models in found.values():
             for directory in models.values():
-                load_bundle(directory)  # raises BundleError naming the fault
+                choose_runtime(load_bundle(directory), runtime)  # raises BundleError naming the fault
     return {job: dict(sorted(models.items())) for job, models in found.items()}
 
 

@@ -88,14 +88,16 @@ def bound_onednn_cache() -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
 
 
-def load_served(bundle_dir: str, job: str, torch_threads: int | None):
-    """Load a bundle and its job's predictor inside a replica; on failure log ONE line and raise, so the
-    deployment fails at start. Returns (predictor, what /v1/models shows about it)."""
+def load_served(bundle_dir: str, job: str, torch_threads: int | None, runtime: str | None = None):
+    """Load a bundle and its job's predictor inside a replica, its model run by ``runtime`` (rnnlab/runtime.py) on
+    ``torch_threads`` threads; on failure log ONE line and raise, so the deployment fails at start (or a swap keeps
+    the model it had). Returns (predictor, what /v1/models shows about it, its runtime included)."""
     import ray
     import torch
 
     from rnnlab import registry
     from rnnlab.bundle import load_bundle
+    from rnnlab.inference import for_inference
     from rnnlab.serve.bundles import bundle_info
 
     if torch_threads:
@@ -106,11 +108,12 @@ def load_served(bundle_dir: str, job: str, torch_threads: int | None):
         bundle = load_bundle(bundle_dir, device=device)
         if bundle.job != job:
             raise BundleError(f"Bundle {bundle_dir} is a {bundle.job} bundle, not a {job} one; fix the path.")
-        predictor = registry.job(job).load("predictor")(bundle)
+        runnable = for_inference(bundle, runtime, torch_threads)
+        predictor = registry.job(job).load("predictor")(runnable)
     except RnnlabError as error:
         logger.error("rnnlab serve: cannot load the %s bundle: %s", job, error)
         raise
-    return predictor, bundle_info(bundle) | {"device": device}
+    return predictor, bundle_info(bundle) | runnable.model.describe()
 
 
 def model_id(info: dict) -> str:
@@ -143,13 +146,13 @@ class BatchedDeployment(ServesExamples):
     bundles in place (``rnnlab swap``)."""
 
     def __init__(self, models: dict[str, str] | str, job: str, torch_threads: int | None = 1,
-                 default: str | None = None) -> None:
+                 default: str | None = None, runtime: str | None = None) -> None:
         from rnnlab.serve.versions import ModelSet
 
         self.startup = StartupClock()
         memory.trace_from_env(job)
         self.job = job
-        self.models = ModelSet(job, models, default, lambda path: load_served(path, job, torch_threads))
+        self.models = ModelSet(job, models, default, lambda path: load_served(path, job, torch_threads, runtime))
         self.stats = BatchStats()
         self.max_batch_size = DEFAULT_BATCH["max_batch_size"]
         self.startup.models_loaded(job)
@@ -206,7 +209,7 @@ class GenerationDeployment(CompletionsMixin, ServesExamples):  # complete / comp
     sequence. The predictor gives ``encode_prompt`` (a checked prompt -> ids), ``vocab`` and ``model``."""
 
     def __init__(self, models: dict[str, str] | str, job: str, torch_threads: int | None = 1,
-                 default: str | None = None) -> None:
+                 default: str | None = None, runtime: str | None = None) -> None:
         from rnnlab.serve.versions import ModelSet
 
         self.startup = StartupClock()
@@ -214,6 +217,7 @@ class GenerationDeployment(CompletionsMixin, ServesExamples):  # complete / comp
         self.job = job
         self.max_batch_size = DEFAULT_GENERATION["max_batch_size"]
         self.torch_threads = torch_threads
+        self.runtime = runtime
         # each model decodes with its own scheduler (its own step); a swapped-out one finishes the sequences it
         # holds, and its thread ends once idle
         self.models = ModelSet(job, models, default, self._load)
@@ -222,7 +226,7 @@ class GenerationDeployment(CompletionsMixin, ServesExamples):  # complete / comp
     def _load(self, path: str):
         from rnnlab.serve.scheduler import GenerationScheduler
 
-        generator, info = load_served(path, self.job, self.torch_threads)
+        generator, info = load_served(path, self.job, self.torch_threads, self.runtime)
         generator.scheduler = GenerationScheduler(generator.model, max_batch_size=self.max_batch_size,
                                                   device=info["device"], log=logger)
         return generator, info

@@ -99,7 +99,8 @@ class _Sequence:
 class GenerationScheduler:
     """Decodes all active sequences together; see the module docstring.
 
-    ``model`` is a CharLSTM of any cell: ``forward(ids[B, T], state) -> (logits[B, T, V], state)``,
+    ``model`` is a CharLSTM of any cell, as a runtime runs it (rnnlab/runtime.py: torch or ONNX Runtime):
+    ``forward(ids[B, T], state) -> (logits[B, T, V], state)``,
     ``step(ids[B], state) -> (logits[B, V], state)`` and ``init_state(B, device)``, the state a tuple of
     ``[layers, B, hidden]`` tensors. ``max_batch_size`` bounds the sequences decoded together;
     further requests wait (FIFO) for a free slot. ``max_batch_size=1`` is "one request at a time".

@@ -17,6 +17,7 @@ GPU with ``train.deterministic=true``, since some CUDA kernels differ run to run
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from rnnlab.config import JobConfig, TrainSettings, validate
-from rnnlab.errors import ConfigError, TrainingError
+from rnnlab.errors import ConfigError, RnnlabError, TrainingError
 from rnnlab.trainers import durable
 from rnnlab.trainers.checkpoints import Checkpoints, register_hooks
 from rnnlab.trainers.elastic import join_restarted_group
@@ -309,6 +310,7 @@ def finish(accelerator, model, job: Job, checkpoints: Checkpoints, state: TrainS
     """Best weights back in, what the job picks on validation, the test split scored once, the job's report, the
     bundle exported."""
     from rnnlab.bundle import save_bundle
+    from rnnlab.runtime import write_graph
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -330,9 +332,17 @@ def finish(accelerator, model, job: Job, checkpoints: Checkpoints, state: TrainS
                 # the bundle's own folder stays out of it: a bundle is copied between machines, and a service
                 # shows its metrics (the path told strangers this machine's layout)
                 kept = {key: value for key, value in result.items() if key != "bundle"}
-                save_bundle(output_dir / "bundle", job=job.config.job, model=unwrapped, assets=job.assets(),
-                            metrics={**kept, **({"extra": extra} if extra else {})}, config=job.config.to_dict(),
-                            example=example)
+                save = functools.partial(save_bundle, output_dir / "bundle", job=job.config.job, model=unwrapped,
+                                         assets=job.assets(), metrics={**kept, **({"extra": extra} if extra else {})},
+                                         config=job.config.to_dict(), example=example)
+                if job.spec.graph is None:
+                    save()
+                    return
+                try:  # with its ONNX graph (rnnlab/runtime.py), which CPUs serve faster
+                    save(graph=write_graph)
+                except RnnlabError as error:  # a graph that does not answer as the weights do: torch serves it
+                    log.warning("The bundle holds no ONNX graph: %s", error)
+                    save()
 
         example = job.example()
         export({})  # the model first: plots, tables and W&B come after and can never cost it
