@@ -305,6 +305,24 @@ def write_graph(bundle: Bundle, *, int8: bool = False, source: str | Path | None
     return entry
 
 
+def export_bundle(directory: str | Path, *, int8: bool = False, source: str | Path | None = None,
+                  runtime: str | None = None) -> Bundle:
+    """Rewrite the bundle at ``directory`` with its ONNX graph (and with ``int8`` an int8 one behind the job's gate,
+    ``source`` replacing the data file the gate reads) as training writes one: a new folder renamed into place,
+    the same weights, so its version does not change. ``runtime``: its new default (None: keep the bundle's).
+    Returns the bundle as written."""
+    import functools
+
+    from rnnlab.bundle import load_bundle, save_bundle
+
+    bundle = load_bundle(directory)
+    runtime = runtime or (bundle.runtime if bundle.runtime != "auto" else None)
+    save_bundle(bundle.path, job=bundle.job, model=bundle.model, assets=bundle.assets, metrics=bundle.metrics,
+                config=bundle.config, example=bundle.example, runtime=runtime,
+                graph=functools.partial(write_graph, int8=int8, source=source))
+    return load_bundle(directory)
+
+
 def export(bundle: Bundle, path: Path) -> None:
     """Trace the bundle's (CPU, eval) model into one graph at ``path``, stamped with its weights' sha256."""
     try:
@@ -319,7 +337,9 @@ def export(bundle: Bundle, path: Path) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's notes on traced Python values and its own deprecation
         try:
-            torch.onnx.export(_Flat(bundle.model, len(states)), tuple(example), str(path), dynamo=False,
+            # eval() on the wrapper: the exporter restores the mode of the module it is given, recursively, and a
+            # new wrapper is in training mode -- the model's dropout would be live for every call after export
+            torch.onnx.export(_Flat(bundle.model, len(states)).eval(), tuple(example), str(path), dynamo=False,
                               input_names=[*spec.inputs, *states], output_names=[*spec.outputs, *_outs(states)],
                               dynamic_axes={**spec.dynamic_axes, **state_axes}, opset_version=OPSET)
         except Exception as error:  # the exporter raises many kinds; its message names the op

@@ -33,7 +33,8 @@ CELLS = ("lstm", "gru", "rnn")
 
 
 def tiny_bundle(directory, job: str, cell: str = "lstm", *, graph: bool = True):
-    """A bundle of ``job`` from a small random model of ``cell`` (with its ONNX graph unless ``graph`` is False)."""
+    """A bundle of ``job`` from a small random model of ``cell`` (with its ONNX graph unless ``graph`` is False), with
+    dropout where the model has it: the graph must be the eval-mode model's (the exporter once left it training)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     scaler = {"scaler": Scaler.fit(rng.normal(size=(32, len(FEATURE_NAMES))), columns=list(FEATURE_NAMES)).to_json(),
@@ -44,9 +45,9 @@ def tiny_bundle(directory, job: str, cell: str = "lstm", *, graph: bool = True):
         "target_scaler": Scaler.fit(rng.normal(size=(32, 5)), columns=[f"h{h}" for h in range(1, 6)]).to_json()}
     settings = {
         "sentiment": ({"vocab_size": len(WORDS), "embed_dim": 6, "hidden_size": 5, "bidirectional": True,
-                       "num_layers": 2, "fc_size": 4, "pooling": "max_mean", "ngram_buckets": 64},
+                       "num_layers": 2, "fc_size": 4, "pooling": "max_mean", "ngram_buckets": 64, "dropout": 0.3},
                       {"vocab": Vocab(WORDS, unk_index=1).to_json()}, {"job": "sentiment", "data": {"max_length": 40}}),
-        "charlm": ({"vocab_size": len(CHARS), "embed_dim": 8, "hidden_size": 16, "num_layers": 2},
+        "charlm": ({"vocab_size": len(CHARS), "embed_dim": 8, "hidden_size": 16, "num_layers": 2, "dropout": 0.3},
                    {"vocab": Vocab(list(CHARS)).to_json()}, {"job": "charlm", "data": {"lowercase": True}}),
         "stock": ({"num_features": len(FEATURE_NAMES), "hidden_size": 4, "num_layers": 2, "fc_size": 4}, scaler,
                   {"job": "stock", "data": {"window": 5, "target": "close"}}),

@@ -30,20 +30,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import functools
-
-    from rnnlab.bundle import load_bundle, save_bundle
     from rnnlab.errors import InputError
-    from rnnlab.runtime import write_graph
+    from rnnlab.runtime import export_bundle
 
     if args.source is not None and not args.int8:
         raise InputError("--source gives the data the int8 gate scores; add --int8 or leave it out.")
-    bundle = load_bundle(args.bundle)
-    runtime = args.default_runtime or (bundle.runtime if bundle.runtime != "auto" else None)
-    save_bundle(bundle.path, job=bundle.job, model=bundle.model, assets=bundle.assets, metrics=bundle.metrics,
-                config=bundle.config, runtime=runtime,
-                graph=functools.partial(write_graph, int8=args.int8, source=args.source))
-    graph = load_bundle(args.bundle).graph
+    graph = export_bundle(args.bundle, int8=args.int8, source=args.source, runtime=args.default_runtime).graph
     parity = graph["parity"]
     print(f"rnnlab: {args.bundle} holds {graph['file']}: it answers as the weights do on {parity['examples']} "
           f"examples (largest difference {parity['max_abs_diff']:.2g}).")
