@@ -85,12 +85,13 @@ def random_bundles(directory: Path, preset: str = "chapter", seed: int = 0, jobs
 
 
 def deploy(bundles: Path, max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
-           **limits: int) -> None:
-    """The service over ``bundles`` into the in-process Serve (rnnlab.serve.local.in_process): batching and limits
-    where given, else the service's defaults. Deploying again restarts every replica."""
+           **options) -> None:
+    """The service over ``bundles`` into the in-process Serve (rnnlab.serve.local.in_process): batching, limits
+    and other ``build_app`` arguments (replicas, runtime) where given, else the service's defaults. Deploying again
+    restarts every replica."""
     from rnnlab.serve.local import deploy as deploy_app
 
-    args = {"bundles": str(bundles), **limits}
+    args = {"bundles": str(bundles), **options}
     if max_batch_size is not None:
         args["max_batch_size"] = max_batch_size
     if batch_wait_timeout_s is not None:

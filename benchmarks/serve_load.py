@@ -172,18 +172,20 @@ def phase_stats(before: dict, after: dict) -> dict:
 
 
 # --- generation near the ceiling ----------------------------------------------------------------------------------
-def decode_ceiling(bundles: Path, batch: int, seconds: float) -> dict:
-    """The model's own speed: ``CharLSTM.step`` for ``batch`` sequences in a plain loop with one torch thread (as a
-    replica has), each step sampled with softmax + torch.multinomial -- no HTTP, Ray, scheduler or per-request
-    sampling. Characters/s = batch * steps/s."""
+def decode_ceiling(bundles: Path, batch: int, seconds: float, runtime: str | None = "torch") -> dict:
+    """The model's own speed: the charlm bundle's model under ``runtime`` (rnnlab/runtime.py; torch: oneDNN off for
+    the one-step call, as served) stepping ``batch`` sequences in a plain loop on one thread (as a replica has),
+    each step sampled with softmax + torch.multinomial -- no HTTP, Ray, scheduler or per-request sampling.
+    Characters/s = batch * steps/s."""
     import torch
 
     from rnnlab.bundle import load_bundle
+    from rnnlab.runtime import load_model
     from rnnlab.serve.bundles import find_bundles
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model = load_bundle(find_bundles(bundles, check=False)["charlm"]).model
+    model = load_model(load_bundle(find_bundles(bundles, check=False)["charlm"]), runtime, threads=1)
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         state = model.init_state(batch)
