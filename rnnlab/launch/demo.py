@@ -1,8 +1,10 @@
 """``make demo``: the whole product in a few minutes on a CPU, with answers that are right.
 
 1. trains every served job (the registry's) with its ``demo`` preset (configs/presets/*.yaml: small models sized
-   for a CPU in about a minute and a half together) on the real data and prints their test metrics;
-2. starts the HTTP service over their bundles (``rnnlab serve``, a real Ray Serve instance);
+   for a CPU in about a minute and a half together) on the real data and prints their test metrics, and adds the
+   int8 graph where the job has a quality gate for it and the gate passes (``rnnlab export --int8``);
+2. starts the HTTP service over their bundles (``rnnlab serve``, a real Ray Serve instance; on a CPU ONNX Runtime
+   runs each model that has a graph) and prints the runtime each model runs on;
 3. sends one request to each job's route and prints the answer beside what a right answer is (each job's
    ``demo``, in its module: the label expected for each example review, the forecast beside the naive
    ``close = open`` and the actual close, the share of the generated words that are words of War and Peace);
@@ -42,7 +44,22 @@ def train_all(output: Path) -> dict[str, dict]:
         result = train(config, output / job)
         results[job] = {"val": result["val"], "test": result["test"], "bundle": result["bundle"]}
         print(result_table(job, result), flush=True)
+        add_int8(job, result["bundle"])
     return results
+
+
+def add_int8(job: str, bundle: str) -> None:
+    """The bundle's int8 graph, kept only if the job's quality gate passes (a job without a gate keeps fp32)."""
+    from rnnlab.errors import RnnlabError
+    from rnnlab.launch.export_cmd import report
+    from rnnlab.runtime import export_bundle, graph_spec
+
+    if graph_spec(job).int8_gate is None:
+        return
+    try:
+        print(report(bundle, export_bundle(bundle, int8=True).graph), flush=True)
+    except RnnlabError as error:  # no graph, or one that does not export: the service runs it on torch
+        print(f"rnnlab: {bundle} stays without an int8 graph ({error})", flush=True)
 
 
 def service_env() -> dict:
@@ -59,8 +76,16 @@ def post(base: str, path: str, payload: dict) -> dict:
         return json.loads(response.read())
 
 
+def get(base: str, path: str) -> dict:
+    with urllib.request.urlopen(f"{base}{path}", timeout=60) as response:
+        return json.loads(response.read())
+
+
 def query_all(base: str) -> None:
     """One request to each served job's route, its answer printed beside what a right one is (the job's ``demo``)."""
+    print("\n== GET /v1/models: what runs each model ==")
+    for model in get(base, "/v1/models")["data"]:
+        print(f"{model['id']} ({model['job']}): {model['runtime']} {model.get('precision', '')} on {model['device']}")
     for job in JOBS:
         if spec_of(job).demo:
             print(f"\n== POST /v1/{job} ==")

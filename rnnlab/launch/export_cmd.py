@@ -36,12 +36,18 @@ def run(args: argparse.Namespace) -> int:
     if args.source is not None and not args.int8:
         raise InputError("--source gives the data the int8 gate scores; add --int8 or leave it out.")
     graph = export_bundle(args.bundle, int8=args.int8, source=args.source, runtime=args.default_runtime).graph
+    print(report(args.bundle, graph))
+    return 0
+
+
+def report(bundle: str, graph: dict) -> str:
+    """What a bundle's graph entry says: its parity check and, when tried, the int8 gate's verdict and figures."""
     parity = graph["parity"]
-    print(f"rnnlab: {args.bundle} holds {graph['file']}: it answers as the weights do on {parity['examples']} "
-          f"examples (largest difference {parity['max_abs_diff']:.2g}).")
+    lines = [f"rnnlab: {bundle} holds {graph['file']}: it answers as the weights do on {parity['examples']} examples "
+             f"(largest difference {parity['max_abs_diff']:.2g})."]
     int8 = graph.get("int8")
     if int8 is not None:
         figures = ", ".join(f"{key} {value:.4g}" for key, value in int8.items() if isinstance(value, float))
         verdict = f"kept as {int8['file']}" if int8["passed"] else f"refused: {int8['failed']}; the graph stays fp32"
-        print(f"rnnlab: int8 {verdict}" + (f" ({figures})." if figures else "."))
-    return 0
+        lines.append(f"rnnlab: int8 {verdict}" + (f" ({figures})." if figures else "."))
+    return "\n".join(lines)
