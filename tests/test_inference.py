@@ -70,6 +70,19 @@ def test_sentiment_predictions_do_not_depend_on_the_batch(sentiment_bundle):
                                [r["probability"] for r in batched], atol=1e-6)
 
 
+def test_reviews_are_cut_into_passes_of_similar_length_each_review_once():
+    from rnnlab.jobs.sentiment import MAX_PADDING, similar_lengths
+
+    lengths = [400, 45, 84, 120, 400, 123, 3, 351, 241, 133, 2, 205] * 6
+    passes = list(similar_lengths(lengths, batch_size=8))
+    assert sorted(i for chunk in passes for i in chunk) == list(range(len(lengths)))
+    for chunk in passes:
+        sizes = [lengths[i] for i in chunk]
+        assert len(chunk) <= 8 and sizes == sorted(sizes)
+        assert max(sizes) * len(sizes) <= (1 + MAX_PADDING) * sum(sizes)
+    assert len(passes) < len(lengths)  # reviews of one length still share a pass
+
+
 @pytest.mark.parametrize("text, match", [
     ("", "empty"), ("   \n", "empty"), ("<br /><br />...", "no words"), (123, "string"),
     ("x" * (MAX_TEXT_CHARS + 1), "limit"),
