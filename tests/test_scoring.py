@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from rnnlab import registry
 from rnnlab.bundle import save_bundle
 from rnnlab.data.stock import naive_same_day_open, regression_metrics, to_price
 from rnnlab.data.vocab import build_vocab
@@ -198,6 +199,52 @@ def test_evaluate_data_prints_json_or_lines_and_refuses_bad_data_in_one_line(sto
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", str(bundle), "--data", str(csv), "--from", "2023-02-30"])
     assert exit_info.value.code == 2 and "is not a date" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- one pipeline
+
+
+def split_as_data(job: str, config: dict, tmp_path) -> list[str]:
+    """The ``--data`` arguments that give the job's test split as data in its format: the price file with the test
+    dates, the test reviews in pos/ and neg/ folders, the test part of the text in a file."""
+    from rnnlab.data.imdb import read_imdb
+    from rnnlab.data.text import read_text, split_contiguous
+
+    source, data = config["data"]["source"], config["data"]
+    if job in ("stock", "horizon"):
+        return ["--data", source, "--from", data["test_start"], "--to", data["test_end"]]
+    if job == "sentiment":
+        test = read_imdb(source, splits=("test",))["test"]
+        return ["--data", str(write_folder(tmp_path / "test", [(review.text, review.label) for review in test]))]
+    text = read_text(source, lowercase=data["lowercase"])
+    part = split_contiguous(np.arange(len(text)), data["fractions"])["test"]
+    (tmp_path / "test.txt").write_text(text[part[0] : part[-1] + 1], encoding="utf-8")
+    return ["--data", str(tmp_path / "test.txt")]
+
+
+@pytest.mark.parametrize("job", ["stock", "horizon", "sentiment", "charlm"])
+def test_evaluate_gives_training_test_figures_from_the_split_and_from_the_same_data(job, tmp_path, capsys):
+    """``rnnlab evaluate BUNDLE`` prints the test figures training kept in the bundle, and ``--data`` with the test
+    split's own data prints them again, figure for figure: one pipeline, whichever way the data comes."""
+    from rnnlab.trainers.loop import train
+    from tiny_datasets import MAKERS, smoke_config
+
+    source = MAKERS[registry.job(job).data_set](tmp_path)
+    config = smoke_config(job, source, "data.limit_test=0")  # the whole test split, which --data gets
+    train(config, tmp_path / "run")
+    capsys.readouterr()  # the run's own table
+    bundle = str(tmp_path / "run" / "bundle")
+    kept = json.loads((tmp_path / "run" / "bundle" / "metrics.json").read_text(encoding="utf-8"))["test"]
+
+    def evaluate(*args: str) -> dict:
+        assert main(["evaluate", bundle, "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    split = evaluate()  # the bundle's default runtime (ONNX Runtime: it holds a graph)
+    assert split == pytest.approx(kept, rel=1e-5)
+    assert evaluate("--runtime", "torch") == pytest.approx(kept, rel=1e-5)
+    scored = evaluate(*split_as_data(job, config, tmp_path))
+    assert {name: scored[name] for name in split} == pytest.approx(split, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- real data
