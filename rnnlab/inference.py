@@ -33,7 +33,6 @@ from rnnlab.bundle import Bundle, load_bundle
 from rnnlab.errors import BundleError, InputError
 
 PREDICT_BATCH_SIZE = 64  # rows per forward pass inside predict
-SCORE_BATCH_SIZE = 1024  # windows per forward pass when scoring a whole file: nobody waits on one answer
 
 
 def load_predictor(bundle_dir: str | Path, *, device: str | torch.device = "cpu", runtime: str | None = None,

@@ -1,9 +1,9 @@
 """Score a bundle on any data in its job's format, read with the bundle's OWN vocabulary or scaler.
 
-``rnnlab evaluate BUNDLE --data PATH`` comes here (``rnnlab evaluate BUNDLE`` alone scores the job's test
-split through the training code instead: ``rnnlab.trainers.evaluate``). Each job's scorer lives in its module
-(the registry's ``scorer``, ``score(bundle, path)``; one that also takes ``start``/``end`` can cut its data to a
-span of days) and says what it accepts and reports.
+``rnnlab evaluate BUNDLE --data PATH`` comes here. Each job's scorer lives in its module (the registry's
+``scorer``, ``score(bundle, path)``; one that also takes ``start``/``end`` can cut its data to a span of days) and
+says what it accepts and reports. rnnlab's jobs score the data with their own ``Job.evaluate``, as training and
+``rnnlab evaluate BUNDLE`` score the test split (``rnnlab.trainers.evaluate``): the same figures, the same names.
 
 Each scorer returns a plain JSON-able dict (non-finite figures become None). Malformed data is a DataError,
 a bundle of another job an InputError: one sentence each.

@@ -299,7 +299,6 @@ def test_export_gives_an_old_bundle_its_graph_with_the_same_weights(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "{bundle}", "--runtime", "tensorflow"], "Unknown runtime 'tensorflow'; choose one of auto"),
-    (["evaluate", "{bundle}", "--runtime", "onnx"], "--runtime picks what runs the model on --data"),
     (["export", "{bundle}", "--source", "x.txt"], "--source gives the data the int8 gate scores"),
 ])  # fmt: skip
 def test_cli_runtime_errors_are_one_sentence(tmp_path, argv, message):

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from rnnlab import registry
 from rnnlab.bundle import save_bundle
 from rnnlab.data.stock import naive_same_day_open, regression_metrics, to_price
 from rnnlab.data.vocab import build_vocab
 from rnnlab.errors import DataError, InputError
 from rnnlab.launch.cli import main
 from rnnlab.models import build_model
-from rnnlab.jobs.charlm import mean_nats
 from rnnlab.scoring import score_data
 
 CORPUS = "the emperor spoke to the prince. the prince said nothing, and the army marched on.\n"
@@ -122,11 +122,11 @@ def test_text_characters_outside_the_vocabulary_are_skipped_counted_and_named(ch
     oov = scores["out_of_vocabulary"]
     assert oov["characters"] == 3 and oov["distinct"] == 3  # ':' and the two curly quotes
     assert set(oov["most_frequent"]) == {":", "“", "”"} and oov["policy"].startswith("skipped")
-    assert scores["nats_per_char"] == pytest.approx(score_data(charlm_bundle, clean)["nats_per_char"])
-    assert scores["bits_per_char"] == pytest.approx(scores["nats_per_char"] / math.log(2))
+    assert scores["loss"] == pytest.approx(score_data(charlm_bundle, clean)["loss"])  # nats per character
+    assert scores["bpc"] == pytest.approx(scores["loss"] / math.log(2))
 
 
-def test_text_nats_are_the_mean_cross_entropy_of_next_characters(charlm_bundle):
+def test_text_nats_are_the_mean_cross_entropy_of_next_characters(charlm_bundle, tmp_path):
     from rnnlab.bundle import load_bundle
     from rnnlab.data.text import encode_text
     from rnnlab.data.vocab import Vocab
@@ -136,8 +136,11 @@ def test_text_nats_are_the_mean_cross_entropy_of_next_characters(charlm_bundle):
     with torch.no_grad():
         logits, _ = bundle.model(torch.from_numpy(ids[:-1]).unsqueeze(0))
         expected = torch.nn.functional.cross_entropy(logits[0], torch.from_numpy(ids[1:])).item()
-    nats, scored = mean_nats(bundle.model, ids, seq_len=7, rows=1)  # one row, state carried across windows
-    assert scored == len(ids) - 1 and nats == pytest.approx(expected, rel=1e-5)
+    # one row (eval batches of one), state carried across windows of 7
+    one_row = save_bundle(tmp_path / "bundle", job="charlm", model=bundle.model, assets=bundle.assets, metrics={},
+                          config={"job": "charlm", "data": {"seq_len": 7}, "train": {"eval_batch_size": 1}})
+    (tmp_path / "book.txt").write_text(CORPUS * 3, encoding="utf-8")
+    assert score_data(one_row, tmp_path / "book.txt", runtime="torch")["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_text_with_no_known_character_is_refused(charlm_bundle, tmp_path):
@@ -159,10 +162,11 @@ def test_prices_between_dates_score_like_the_training_pipeline(stock_setup):
     predicted = to_price(data.target_scaler.inverse_transform(scaled), rows, "log_return")
     actual = rows["close"].to_numpy()
     assert scores["days"] == len(rows) and scores["first_day"] == rows.index[0].date().isoformat()
-    assert scores["model"] == pytest.approx(regression_metrics(actual, predicted))
-    assert scores["same_day_open"] == pytest.approx(regression_metrics(actual, naive_same_day_open(rows)))
+    assert {k: scores[k] for k in ("r2", "mae", "mape")} == pytest.approx(regression_metrics(actual, predicted))
+    baseline = {k: scores[f"baseline_same_day_open_{k}"] for k in ("r2", "mae", "mape")}
+    assert baseline == pytest.approx(regression_metrics(actual, naive_same_day_open(rows)))
     one_day = score_data(bundle, csv, start="2023-06-30", end="2023-06-30")
-    assert one_day["days"] == 1 and one_day["model"]["r2"] is None  # R^2 of one day is undefined, not NaN
+    assert one_day["days"] == 1 and one_day["r2"] is None  # R^2 of one day is undefined, not NaN
 
 
 def test_dates_outside_the_data_or_on_another_job_are_refused(stock_setup, sentiment_bundle, tmp_path):
@@ -184,7 +188,7 @@ def test_evaluate_data_prints_json_or_lines_and_refuses_bad_data_in_one_line(sto
     assert main(["evaluate", str(bundle), "--data", str(csv), "--from", "2023-01-01", "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert scores["job"] == "stock" and scores["first_day"] >= "2023-01-01"
-    assert set(scores["model"]) == {"mae", "r2", "mape"}
+    assert {"loss", "mae", "r2", "mape", "baseline_previous_close_mae"} <= set(scores)
 
     assert main(["evaluate", str(sentiment_bundle), "--data", str(write_csv(tmp_path / "r.csv", REVIEWS))]) == 0
     assert "accuracy: " in capsys.readouterr().out
@@ -195,6 +199,52 @@ def test_evaluate_data_prints_json_or_lines_and_refuses_bad_data_in_one_line(sto
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", str(bundle), "--data", str(csv), "--from", "2023-02-30"])
     assert exit_info.value.code == 2 and "is not a date" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- one pipeline
+
+
+def split_as_data(job: str, config: dict, tmp_path) -> list[str]:
+    """The ``--data`` arguments that give the job's test split as data in its format: the price file with the test
+    dates, the test reviews in pos/ and neg/ folders, the test part of the text in a file."""
+    from rnnlab.data.imdb import read_imdb
+    from rnnlab.data.text import read_text, split_contiguous
+
+    source, data = config["data"]["source"], config["data"]
+    if job in ("stock", "horizon"):
+        return ["--data", source, "--from", data["test_start"], "--to", data["test_end"]]
+    if job == "sentiment":
+        test = read_imdb(source, splits=("test",))["test"]
+        return ["--data", str(write_folder(tmp_path / "test", [(review.text, review.label) for review in test]))]
+    text = read_text(source, lowercase=data["lowercase"])
+    part = split_contiguous(np.arange(len(text)), data["fractions"])["test"]
+    (tmp_path / "test.txt").write_text(text[part[0] : part[-1] + 1], encoding="utf-8")
+    return ["--data", str(tmp_path / "test.txt")]
+
+
+@pytest.mark.parametrize("job", ["stock", "horizon", "sentiment", "charlm"])
+def test_evaluate_gives_training_test_figures_from_the_split_and_from_the_same_data(job, tmp_path, capsys):
+    """``rnnlab evaluate BUNDLE`` prints the test figures training kept in the bundle, and ``--data`` with the test
+    split's own data prints them again, figure for figure: one pipeline, whichever way the data comes."""
+    from rnnlab.trainers.loop import train
+    from tiny_datasets import MAKERS, smoke_config
+
+    source = MAKERS[registry.job(job).data_set](tmp_path)
+    config = smoke_config(job, source, "data.limit_test=0")  # the whole test split, which --data gets
+    train(config, tmp_path / "run")
+    capsys.readouterr()  # the run's own table
+    bundle = str(tmp_path / "run" / "bundle")
+    kept = json.loads((tmp_path / "run" / "bundle" / "metrics.json").read_text(encoding="utf-8"))["test"]
+
+    def evaluate(*args: str) -> dict:
+        assert main(["evaluate", bundle, "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    split = evaluate()  # the bundle's default runtime (ONNX Runtime: it holds a graph)
+    assert split == pytest.approx(kept, rel=1e-5)
+    assert evaluate("--runtime", "torch") == pytest.approx(kept, rel=1e-5)
+    scored = evaluate(*split_as_data(job, config, tmp_path))
+    assert {name: scored[name] for name in split} == pytest.approx(split, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- real data
@@ -212,10 +262,7 @@ def test_mirror_stock_bundle_scores_its_test_half_year_as_training_did(mirror, t
     scores = score_data(result["bundle"], prices, start=config["data"]["test_start"], end=config["data"]["test_end"])
     test = result["test"]
     assert scores["days"] == 124  # the trading days of 2023-H1
-    assert scores["model"]["mae"] == pytest.approx(test["mae"], rel=1e-5)
-    assert scores["model"]["r2"] == pytest.approx(test["r2"], rel=1e-5)
-    assert scores["same_day_open"]["mae"] == pytest.approx(test["baseline_same_day_open_mae"])
-    assert scores["previous_close"]["mae"] == pytest.approx(test["baseline_previous_close_mae"])
+    assert {k: scores[k] for k in test} == pytest.approx(test, rel=1e-5)
 
 
 @pytest.mark.slow
@@ -234,8 +281,7 @@ def test_mirror_book_scores_with_no_unknown_character(mirror, tmp_path):
                          metrics={}, config={"job": "charlm", "data": {"lowercase": True, "seq_len": 100}})
     scores = score_data(bundle, path)
     assert scores["out_of_vocabulary"]["characters"] == 0
-    assert len(text) - 64 <= scores["characters_scored"] <= len(text) - 1
-    assert abs(scores["nats_per_char"] - math.log(len(vocab))) < 0.5  # an untrained model: about uniform
+    assert abs(scores["loss"] - math.log(len(vocab))) < 0.5  # an untrained model: about uniform
 
 
 @pytest.mark.slow

@@ -156,11 +156,7 @@ def load_horizon_data(
                         f"than a window of {window} days and a horizon of {horizon}.")
     scaler = Scaler.fit(features[in_train], names)
     scaled = scaler.transform(features).astype(np.float32)
-    train_rows = features[in_train]
-    train_close = close_all[close_all.index <= train_end_].to_numpy()
-    naive_scale = float(np.mean(np.abs(np.diff(train_close))))
-    naive_scale_log = float(np.mean(np.abs(np.diff(np.log(train_close)))))
-    del train_rows
+    naive_scale, naive_scale_log = naive_scales(close_all, train_end_)
 
     has_future = ~np.isnat(last_target)
     parts = {
@@ -190,6 +186,14 @@ def load_horizon_data(
     return HorizonData(scaler=scaler, target_scaler=target_scaler, window=window, horizon=horizon,
                        feature_set=feature_set, feature_names=list(names), splits=splits, naive_scale=naive_scale,
                        naive_scale_log=naive_scale_log, closes=close_all)
+
+
+def naive_scales(close: pd.Series, until: pd.Timestamp) -> tuple[float, float]:
+    """MASE's denominators: the mean absolute one-day change of the closes up to ``until`` (the whole series when
+    fewer than two come by then), in prices and in log prices."""
+    before = close[close.index <= until]
+    values = (before if len(before) > 1 else close).to_numpy(dtype=np.float64)
+    return float(np.mean(np.abs(np.diff(values)))), float(np.mean(np.abs(np.diff(np.log(values)))))
 
 
 def recent_volatility(close: np.ndarray, days: int, kind: str = "ewma") -> np.ndarray:

@@ -26,13 +26,13 @@ from rnnlab.models.cells import detach_state
 from rnnlab.models.charlm import CharConfig
 from rnnlab.runtime import GraphSpec
 from rnnlab.sampling import NonFiniteScores, SamplingParams, sample_next, sampling_params
+from rnnlab.trainers.evaluate import score_with_job
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2_000
 SHOWN_UNKNOWN = 10  # characters outside the vocabulary listed by name by the scorer, most frequent first
-SCORE_ROWS = 64  # parallel rows a text is split into for scoring (each row starts from a zero state)
 
 
 class CharLMDataSettings(DataSettings):  # the limits count characters
@@ -111,6 +111,25 @@ class CharLMJob(Job):
         self.batcher = text.TBPTTBatcher(self.streams["train"], self.batch_size, self.seq_len,
                                          rank=self.rank, world_size=self.world_size)
         self.carry: tuple[torch.Tensor, ...] | None = None
+
+    def load_data_to_score(self, path, assets: dict) -> dict:
+        from rnnlab.data import text
+        from rnnlab.data.vocab import Vocab
+
+        self.vocab, self._text, self.seq_len = Vocab.from_json(assets["vocab"]), text, self.config.data.seq_len
+        content = text.read_text(path, lowercase=self.config.data.lowercase)
+        ids, skipped = text.encode_known(content, self.vocab)
+        if len(ids) < 2:
+            raise DataError(
+                f"{path} has {len(ids)} character(s) the model knows; scoring needs at least 2 (one to predict from)."
+            )
+        self.streams = {"test": ids}
+        return {"characters": len(content), "out_of_vocabulary": {
+            "policy": "skipped: left out of the text before scoring",
+            "characters": sum(skipped.values()),
+            "most_frequent": {char: count for char, count in skipped.most_common(SHOWN_UNKNOWN)},
+            "distinct": len(skipped),
+        }}
 
     def steps_per_epoch(self) -> int:
         # random_chunks: an "epoch" is as many random batches as one contiguous pass has windows
@@ -365,51 +384,10 @@ class CharLMResponse(BaseModel):
 
 
 def score(bundle: Bundle, path: str | Path) -> dict[str, Any]:
-    """Any UTF-8 text file -> nats and bits per character. Characters outside the bundle's vocabulary are
-    SKIPPED (left out of the text before scoring), counted and named in the result; the text is lowercased first
-    when the model was trained lowercased."""
-    from rnnlab.data.text import encode_known, read_text
-
-    generator = CharLMPredictor(bundle)
-    text = read_text(path, lowercase=generator.lowercase)
-    ids, skipped = encode_known(text, generator.vocab)
-    if len(ids) < 2:
-        raise DataError(
-            f"{path} has {len(ids)} character(s) the model knows; scoring needs at least 2 (one to predict from)."
-        )
-    seq_len = int(bundle.config.get("data", {}).get("seq_len", 100))
-    nats, scored = mean_nats(generator.model, ids, seq_len)
-    return {
-        "characters": len(text),
-        "characters_scored": scored,
-        "nats_per_char": nats,
-        "bits_per_char": nats / math.log(2),
-        "perplexity": math.exp(nats),
-        "out_of_vocabulary": {
-            "policy": "skipped: left out of the text before scoring",
-            "characters": sum(skipped.values()),
-            "most_frequent": {char: count for char, count in skipped.most_common(SHOWN_UNKNOWN)},
-            "distinct": len(skipped),
-        },
-    }
-
-
-@torch.inference_mode()
-def mean_nats(model, ids: np.ndarray, seq_len: int, rows: int = SCORE_ROWS) -> tuple[float, int]:
-    """Mean next-character cross-entropy over ``ids``, read as up to ``rows`` contiguous rows with the state
-    carried from window to window (as the training evaluation reads a split); returns (nats, characters scored).
-    The < ``rows`` characters that do not fill the last column are left out."""
-    from rnnlab.data.text import TBPTTBatcher
-
-    rows = max(1, min(rows, (len(ids) - 1) // seq_len))
-    device = device_of(model)
-    state, total, count = None, 0.0, 0
-    for x, y in TBPTTBatcher(ids, rows, seq_len, drop_last=False):
-        logits, state = model(x.to(device), state)
-        total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.to(device).reshape(-1),
-                                       reduction="sum"))
-        count += y.numel()
-    return total / count, count
+    """Any UTF-8 text file -> the test figures of training on it: nats (``loss``) and bits per character,
+    perplexity. Characters outside the bundle's vocabulary are SKIPPED (left out of the text before scoring),
+    counted and named in the result; the text is lowercased first when the model was trained lowercased."""
+    return score_with_job(bundle, path)
 
 
 # ------------------------------------------------------------------------------------------------ CLI verb and demo

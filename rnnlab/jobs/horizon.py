@@ -10,6 +10,7 @@ answer for horizon bundles and the demo request.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -26,12 +27,13 @@ from rnnlab.config import Count, Date, DataSettings, JobConfig, PositiveInt, Tra
 from rnnlab.data.horizon import PROTOCOLS, random_walk_quantiles
 from rnnlab.errors import InputError
 from rnnlab.forecasting import forecast_metrics, plot_fan
-from rnnlab.inference import PREDICT_BATCH_SIZE, SCORE_BATCH_SIZE, Predictor
+from rnnlab.inference import PREDICT_BATCH_SIZE, Predictor
 from rnnlab.jobs.price_history import (
     MAX_HISTORY_ROWS, CompletePriceRow, PriceHistoryRequest, add_history_arguments, bounded_history, history_from_args,
 )  # fmt: skip
 from rnnlab.models.horizon import HorizonConfig
 from rnnlab.runtime import GraphSpec
+from rnnlab.trainers.evaluate import score_with_job
 from rnnlab.trainers.job import Batch, EvalResult, Job
 
 log = logging.getLogger(__name__)
@@ -79,22 +81,44 @@ class HorizonJob(Job):
         from rnnlab.data.horizon import load_horizon_data
 
         d, m = self.config.data, self.config.model
-        self.data = load_horizon_data(self.source_path(), window=d.window, horizon=m.horizon, feature_set=d.features,
-                                      vol_days=d.vol_days, vol=d.vol,
-                                      train_end=d.train_end, val_end=d.val_end, test_start=d.test_start,
-                                      test_end=d.test_end)
-        self.taus = list(m.quantiles)
-        train = self.data.splits["train"]
-        keep = np.arange(len(train.y))
-        if d.limit_train and d.limit_train < len(keep):  # the most recent windows: the test period follows
+        data = load_horizon_data(self.source_path(), window=d.window, horizon=m.horizon, feature_set=d.features,
+                                 vol_days=d.vol_days, vol=d.vol, train_end=d.train_end, val_end=d.val_end,
+                                 test_start=d.test_start, test_end=d.test_end)
+        train = data.splits["train"]
+        if d.limit_train and d.limit_train < len(train.y):  # the most recent windows: the test period follows
             log.info("data.limit_train=%d: using the last %d of %d training windows", d.limit_train, d.limit_train,
-                     len(keep))
-            keep = keep[-d.limit_train :]
-        self.X = {s: torch.from_numpy(self.data.splits[s].X) for s in ("val", "test")}
-        self.X["train"] = torch.from_numpy(np.ascontiguousarray(train.X[keep]))
-        self.y_scaled = {s: torch.from_numpy(self.scale_targets(self.data.splits[s].y, self.data.splits[s].origin_scale))
-                         for s in ("val", "test")}
-        self.y_scaled["train"] = torch.from_numpy(self.scale_targets(train.y[keep], train.origin_scale[keep]))
+                     len(train.y))
+            keep = slice(-d.limit_train, None)
+            data.splits["train"] = type(train)(**{f.name: getattr(train, f.name)[keep]
+                                                  for f in dataclasses.fields(train)})
+        self._hold(data)
+
+    def load_data_to_score(self, path, assets: dict, start=None, end=None) -> dict:
+        from rnnlab.data.horizon import HorizonData, naive_scales, rolling_origins
+        from rnnlab.data.stock import Scaler, read_prices
+
+        d, m = self.config.data, self.config.model
+        prices = read_prices(path)
+        scaler = Scaler.from_json(assets["scaler"])
+        part = rolling_origins(prices, scaler, window=d.window, horizon=m.horizon, feature_set=d.features,
+                               vol_days=d.vol_days, vol=d.vol, start=start, end=end)
+        # MASE's scale as training's: the one-day changes up to the training end, or before the first origin in a
+        # file that starts later
+        scale, scale_log = naive_scales(prices["Close"], min(pd.Timestamp(d.train_end), part.origins[0]))
+        self._hold(HorizonData(scaler=scaler, target_scaler=Scaler.from_json(assets["target_scaler"]),
+                               window=d.window, horizon=m.horizon, feature_set=d.features,
+                               feature_names=list(scaler.columns), splits={"test": part}, naive_scale=scale,
+                               naive_scale_log=scale_log, closes=prices["Close"]))
+        return {"origins": len(part.origins), "first_origin": str(part.origins[0].date()),
+                "last_origin": str(part.origins[-1].date()), "naive_scale": scale}
+
+    def _hold(self, data) -> None:
+        """``data``'s splits as what batches and ``evaluate`` read: windows and the scaled targets."""
+        self.data = data
+        self.taus = list(self.config.model.quantiles)
+        self.X = {s: torch.from_numpy(np.ascontiguousarray(part.X)) for s, part in data.splits.items()}
+        self.y_scaled = {s: torch.from_numpy(self.scale_targets(part.y, part.origin_scale))
+                         for s, part in data.splits.items()}
         self.tau_tensor = torch.tensor(self.taus, dtype=torch.float32)
         self._baselines: dict[str, dict] = {}
 
@@ -147,6 +171,10 @@ class HorizonJob(Job):
         return EvalResult(metrics, {"origins": part.origins, "close": part.close, "actual": part.future_close,
                                     "quantiles": quantiles, "taus": self.taus, "scores": scores})
 
+    def figures(self, result: EvalResult) -> dict:
+        """Every score the metrics leave out: coverage, per horizon, scaled."""
+        return {k: v for k, v in result.details["scores"].items() if k not in result.metrics}
+
     def assets(self) -> dict[str, dict]:
         return {"scaler": self.data.scaler.to_json(), "target_scaler": self.data.target_scaler.to_json()}
 
@@ -156,11 +184,11 @@ class HorizonJob(Job):
         return example_request(self.source_path(), self.config.data.window)
 
     def report(self, model, val: dict, test: EvalResult, output_dir, tracker) -> dict:
-        scores = {**test.metrics, **test.details["scores"]}
+        extra = self.figures(test)
+        scores = {**test.metrics, **extra}
         table = coverage_table(scores, self.config.model.horizon)
         print(horizon_table(val, scores), flush=True)
         path = plot_fan(self.data.closes, test.details, Path(output_dir) / "fan_chart.png")
-        extra = {k: v for k, v in test.details["scores"].items() if k not in test.metrics}
         if tracker is not None:
             import wandb
 
@@ -340,31 +368,12 @@ class HorizonResponse(BaseModel):
 
 
 def score(bundle: Bundle, path, *, start=None, end=None) -> dict[str, Any]:
-    """Any Yahoo-layout daily CSV: every day from ``start`` to ``end`` with H days after it in the file is an origin;
-    CRPS, pinball, MASE, sMAPE and 80/90 % coverage per horizon and overall, beside the historical-simulation random
-    walk on the same origins. MASE's scale is the file's mean absolute one-day change before the first origin (over
-    the whole file when nothing precedes it)."""
-    from rnnlab.data.horizon import random_walk_quantiles, rolling_origins
-    from rnnlab.data.stock import read_prices
-
-    predictor = HorizonPredictor(bundle)
-    prices = read_prices(path)
-    part = rolling_origins(prices, predictor.scaler, window=predictor.window, horizon=predictor.horizon,
-                           feature_set=predictor.feature_set, vol_days=predictor.vol_days, vol=predictor.vol,
-                           start=start, end=end)
-    scaled = predictor.forward(part.X, SCORE_BATCH_SIZE).astype(np.float64)
-    q = to_prices(scaled, part.close, part.origin_scale, predictor.horizon_scale)
-    close = prices["Close"]
-    before = close[close.index <= part.origins[0]]
-    scale = float(np.mean(np.abs(np.diff((before if len(before) > 1 else close).to_numpy()))))
-    rw = random_walk_quantiles(close, part.origins, predictor.horizon, predictor.taus, lookback=RW_LOOKBACK)
-    keep = ("crps", "pinball", "mase", "smape", "coverage_80", "coverage_90")
-    model = forecast_metrics(part.future_close, q, predictor.taus, scale)
-    baseline = forecast_metrics(part.future_close, rw, predictor.taus, scale, per_horizon=False)
-    return {"origins": len(part.origins), "first_origin": str(part.origins[0].date()),
-            "last_origin": str(part.origins[-1].date()), "naive_scale": scale,
-            "model": {k: v for k, v in model.items() if k.split("_h")[0] in keep},
-            "random_walk": {k: baseline[k] for k in keep if k in baseline}}
+    """Any Yahoo-layout daily CSV: every day from ``start`` to ``end`` with H days after it in the file is an origin
+    -> the test figures of training on those origins: CRPS, pinball, MASE, sMAPE and 80/90 % coverage, overall and
+    per horizon, beside the historical-simulation random walk (``baseline_rw_*``). MASE's scale is the file's mean
+    absolute one-day change up to the bundle's training end (``data.train_end``), as in training, or before the
+    first origin when that comes earlier."""
+    return score_with_job(bundle, path, start=start, end=end)
 
 
 # ------------------------------------------------------------------------------------------------ CLI verb and demo

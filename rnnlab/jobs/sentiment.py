@@ -22,6 +22,7 @@ from rnnlab.inference import PREDICT_BATCH_SIZE, Predictor
 from rnnlab.models.sentiment import SentimentConfig
 from rnnlab.runtime import GraphSpec
 from rnnlab.serve.schemas import StrictBody
+from rnnlab.trainers.evaluate import score_with_job
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,32 @@ class SentimentJob(Job):
             self.splits[split] = (ids, labels)
         self._imdb = imdb
         self._global_batches: list[list[int]] = []
+
+    def load_data_to_score(self, path, assets: dict) -> dict:
+        from rnnlab.data import imdb
+        from rnnlab.data.vocab import Vocab
+
+        reviews = imdb.read_labelled_reviews(path)
+        self.vocab, self._imdb = Vocab.from_json(assets["vocab"]), imdb
+        max_length = self.config.data.max_length
+        encoded, labels, unknown, skipped = [], [], Counter(), Counter(reviews.skipped)
+        tokens_total = 0
+        for text, label in zip(reviews.texts, reviews.labels):
+            tokens = imdb.tokenize(text)
+            if not tokens:
+                skipped["reviews with no words (left out)"] += 1
+                continue
+            ids = np.asarray(self.vocab.encode(tokens), dtype=np.int64)
+            unknown.update(token for token, id_ in zip(tokens, ids) if id_ == self.vocab.unk_index)
+            tokens_total += len(tokens)
+            encoded.append(ids[-max_length:] if max_length is not None else ids)  # the last tokens, as training
+            labels.append(label)
+        if not encoded:
+            raise DataError(f"None of the {len(reviews.texts)} reviews in {path} has a word to read; pass review text.")
+        self.splits = {"test": (encoded, np.asarray(labels, dtype=np.float32))}
+        return {"reviews": len(labels), "positive": int(sum(labels)), "tokens": tokens_total,
+                "unknown_tokens": sum(unknown.values()), "unknown_share": sum(unknown.values()) / tokens_total,
+                "most_frequent_unknown": dict(unknown.most_common(SHOWN_UNKNOWN)), "skipped": dict(skipped)}
 
     def add_training_data(self) -> None:
         """With data.pseudo_labels_from: append the unlabelled reviews to train, each labelled with the teachers'
@@ -431,46 +458,10 @@ class SentimentResponse(BaseModel):
 
 
 def score(bundle: Bundle, path: str | Path) -> dict[str, Any]:
-    """A folder with ``pos/`` and ``neg/`` text files, or a CSV with ``text,label`` columns -> accuracy, ROC AUC,
-    log loss, and how many tokens the bundle's vocabulary does not know (they read as ``<unk>``, as in serving)."""
-    from sklearn.metrics import roc_auc_score
-
-    from rnnlab.data.imdb import read_labelled_reviews, tokenize
-
-    reviews = read_labelled_reviews(path)
-    classifier = SentimentPredictor(bundle)
-    unk = classifier.vocab.unk_index
-    encoded, labels, unknown = [], [], Counter()
-    tokens_total = 0
-    skipped = Counter(reviews.skipped)
-    for text, label in zip(reviews.texts, reviews.labels):
-        tokens = tokenize(text)
-        if not tokens:
-            skipped["reviews with no words (left out)"] += 1
-            continue
-        ids = np.asarray(classifier.vocab.encode(tokens), dtype=np.int64)
-        unknown.update(token for token, id_ in zip(tokens, ids) if id_ == unk)
-        tokens_total += len(tokens)
-        encoded.append(ids[-classifier.max_length :] if classifier.max_length is not None else ids)
-        labels.append(int(label))
-    if not encoded:
-        raise DataError(f"None of the {len(reviews.texts)} reviews in {path} has a word to read; pass review text.")
-    probabilities = np.array([p["probability"] for p in classifier.predict_prepared(encoded)])
-    labels = np.asarray(labels)
-    clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
-    both_classes = 0 < labels.sum() < len(labels)
-    return {
-        "reviews": len(labels),
-        "positive": int(labels.sum()),
-        "accuracy": float(np.mean((probabilities >= 0.5) == (labels == 1))),
-        "roc_auc": float(roc_auc_score(labels, probabilities)) if both_classes else None,
-        "loss": float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))),
-        "tokens": tokens_total,
-        "unknown_tokens": sum(unknown.values()),
-        "unknown_share": sum(unknown.values()) / tokens_total,
-        "most_frequent_unknown": dict(unknown.most_common(SHOWN_UNKNOWN)),
-        "skipped": dict(skipped),
-    }
+    """A folder with ``pos/`` and ``neg/`` text files, or a CSV with ``text,label`` columns -> the test figures of
+    training on those reviews (loss, accuracy, ROC AUC), and how many tokens the bundle's vocabulary does not know
+    (they read as ``<unk>``, as in serving)."""
+    return score_with_job(bundle, path)
 
 
 # ------------------------------------------------------------------------------------------------ CLI verb and demo

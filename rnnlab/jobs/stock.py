@@ -23,12 +23,13 @@ from rnnlab.config import (
 from rnnlab.data.stock import TEST_END, TEST_START, TRAIN_END, VAL_DAYS
 from rnnlab.bundle import Bundle
 from rnnlab.errors import ConfigError
-from rnnlab.inference import PREDICT_BATCH_SIZE, SCORE_BATCH_SIZE, Predictor
+from rnnlab.inference import PREDICT_BATCH_SIZE, Predictor
 from rnnlab.jobs.price_history import (
     MAX_HISTORY_ROWS, PriceHistoryRequest, PriceRow, add_history_arguments, bounded_history, history_from_args,
 )  # fmt: skip
 from rnnlab.models.stock import StockConfig
 from rnnlab.runtime import GraphSpec
+from rnnlab.trainers.evaluate import score_with_job
 from rnnlab.trainers.job import Batch, EvalResult, Job
 
 log = logging.getLogger(__name__)
@@ -76,23 +77,39 @@ class StockJob(Job):
         from rnnlab.data import stock
 
         d = self.config.data
-        self.data = stock.load_stock_data(
+        data = stock.load_stock_data(
             self.source_path(), window=d.window, target=d.target, train_end=d.train_end, test_start=d.test_start,
             test_end=d.test_end, val_days=d.val_days, scale_target=d.scale_target,
         )  # fmt: skip
-        self._stock = stock
-        X, y, rows = self.data.splits["train"]
+        X, y, rows = data.splits["train"]
         if d.limit_train and d.limit_train < len(y):  # keep the most recent windows: the test period follows
             log.info("data.limit_train=%d: using the last %d of %d training windows", d.limit_train,
                      d.limit_train, len(y))
-            X, y, rows = X[-d.limit_train :], y[-d.limit_train :], rows.iloc[-d.limit_train :]
-        self.X = {s: torch.from_numpy(np.ascontiguousarray(self.data.splits[s][0])) for s in ("val", "test")}
-        self.X["train"] = torch.from_numpy(np.ascontiguousarray(X))
-        scale = self.data.target_scaler
-        self.y_scaled = {
-            "train": torch.from_numpy(scale.transform(y).astype(np.float32)),
-            **{s: torch.from_numpy(scale.transform(self.data.splits[s][1]).astype(np.float32)) for s in ("val", "test")},
-        }
+            data.splits["train"] = X[-d.limit_train :], y[-d.limit_train :], rows.iloc[-d.limit_train :]
+        self._hold(data)
+
+    def load_data_to_score(self, path, assets: dict, start=None, end=None) -> dict:
+        from rnnlab.data import stock
+
+        d = self.config.data
+        scaler, target_scaler = (stock.Scaler.from_json(assets[name]) for name in ("scaler", "target_scaler"))
+        features = stock.make_features(stock.read_prices(path))
+        X, rows = stock.windows_between(features, scaler, d.window, start, end)
+        y = stock.target_values(rows, d.target).astype(np.float32)  # as make_windows gives training's
+        self._hold(stock.StockData(scaler=scaler, target_scaler=target_scaler, target=d.target, window=d.window,
+                                   splits={"test": (X, y, rows)}, feature_names=list(stock.FEATURE_NAMES)))
+        return {"days": len(rows), "first_day": rows.index[0].date().isoformat(),
+                "last_day": rows.index[-1].date().isoformat()}
+
+    def _hold(self, data) -> None:
+        """``data``'s splits as what batches and ``evaluate`` read: windows and the scaled target."""
+        from rnnlab.data import stock
+
+        self.data, self._stock = data, stock
+        scale = data.target_scaler
+        self.X = {s: torch.from_numpy(np.ascontiguousarray(X)) for s, (X, _, _) in data.splits.items()}
+        self.y_scaled = {s: torch.from_numpy(scale.transform(y).astype(np.float32))
+                         for s, (_, y, _) in data.splits.items()}
         self.loss_name = self.config.train.loss
         self.huber_delta = self.config.train.huber_delta
 
@@ -310,26 +327,10 @@ class StockResponse(BaseModel):
 
 
 def score(bundle: Bundle, path: str | Path, *, start=None, end=None) -> dict[str, Any]:
-    """Any Yahoo-layout daily CSV, optionally cut to the days ``start``..``end`` -> MAE, R^2 and MAPE of the
-    forecast close, beside the naive forecasts close = same-day open and close = previous close on the same days."""
-    from rnnlab.data.stock import (
-        TARGET_COLUMN, make_features, naive_previous_close, naive_same_day_open, read_prices, regression_metrics,
-        to_price, windows_between,
-    )  # fmt: skip
-
-    forecaster = StockPredictor(bundle)
-    features = make_features(read_prices(path))
-    X, rows = windows_between(features, forecaster.scaler, forecaster.window, start, end)
-    scaled = forecaster.forward(X, SCORE_BATCH_SIZE)
-    predicted = to_price(forecaster.target_scaler.inverse_transform(scaled.astype(np.float64)), rows,
-                         forecaster.target)
-    actual = rows[TARGET_COLUMN].to_numpy(dtype=np.float64)
-    result: dict[str, Any] = {"days": len(rows), "first_day": rows.index[0].date().isoformat(),
-                              "last_day": rows.index[-1].date().isoformat()}
-    for name, forecast in (("model", predicted), ("same_day_open", naive_same_day_open(rows)),
-                           ("previous_close", naive_previous_close(rows))):
-        result[name] = regression_metrics(actual, forecast)
-    return result
+    """Any Yahoo-layout daily CSV, optionally cut to the days ``start``..``end`` -> the test figures of training on
+    those days: the loss, R^2, MAE and MAPE of the forecast close, beside the naive forecasts close = same-day open
+    and close = previous close (``baseline_*``)."""
+    return score_with_job(bundle, path, start=start, end=end)
 
 
 # ------------------------------------------------------------------------------------------------ CLI verb and demo

@@ -21,9 +21,10 @@ def add_parser(subparsers) -> None:
     scored = "; ".join(f"{name}: see {spec.scorer.replace(':', '.')}" for name, spec in JOBS.items() if spec.scorer)
     p = subparsers.add_parser(
         "evaluate", help="score a bundle on its job's test split, or on any data in its job's format (--data)",
-        description="Score a bundle. Without --data: the test split of the bundle's job, rebuilt from its training "
-        "config. With --data PATH: any data in the job's format, read with the bundle's own vocabulary or scaler -- "
-        f"{scored}. --from/--to cut dated data (prices) to a span of days.")
+        description="Score a bundle with its job's own test scoring (the figures training reports for its test "
+        "split). Without --data: the test split of the bundle's job, rebuilt from its training config. With --data "
+        f"PATH: any data in the job's format, read with the bundle's own vocabulary or scaler -- {scored}. "
+        "--from/--to cut dated data (prices) to a span of days.")
     p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder (e.g. runs/sentiment-default/bundle)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--source", metavar="PATH", help="data file to rebuild the job's test split from")
@@ -108,12 +109,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.data is None:
         if args.start is not None or args.end is not None:
             raise InputError("--from/--to select days of the data given with --data; add --data PRICES.csv.")
-        if args.runtime is not None:
-            raise InputError("--runtime picks what runs the model on --data; the test split is scored by the "
-                             "training code on torch: add --data or leave --runtime out.")
         from rnnlab.trainers.evaluate import evaluate_bundle
 
-        scores = evaluate_bundle(args.bundle, source=args.source)
+        scores = evaluate_bundle(args.bundle, source=args.source, runtime=args.runtime)
     else:
         from rnnlab.scoring import score_data
 

@@ -1,4 +1,7 @@
-"""Score a bundle on the test split of its job, with the same Job code the training loop used."""
+"""Score a bundle with its job's own ``evaluate``, the code training scores its test split with: on that test split
+rebuilt from the bundle's training config (``rnnlab evaluate BUNDLE``), or on any data in the job's format read
+with the bundle's vocabulary or scaler (``rnnlab evaluate BUNDLE --data PATH``: each job's scorer calls
+:func:`score_with_job`). One pipeline, so the two cannot give different figures for the same days."""
 
 from __future__ import annotations
 
@@ -8,17 +11,34 @@ from pathlib import Path
 from rnnlab.errors import BundleError
 
 
-def evaluate_bundle(bundle_dir: str | Path, *, source: str | Path | None = None) -> dict:
-    """Test metrics of a bundle: the data is rebuilt from the bundle's training config (``source`` replaces the
-    data file) and must give the same vocabulary / scaler the bundle holds."""
-    from accelerate import Accelerator
-
+def evaluate_bundle(bundle_dir: str | Path, *, source: str | Path | None = None, runtime: str | None = None) -> dict:
+    """Test figures of a bundle, its model run by ``runtime`` (rnnlab/runtime.py; None: the bundle's default): the
+    data is rebuilt from the bundle's training config (``source`` replaces the data file) and must give the same
+    vocabulary / scaler the bundle holds."""
     from rnnlab.bundle import load_bundle
+    from rnnlab.inference import for_inference
 
     bundle = load_bundle(bundle_dir)
-    job = rebuild_job(bundle, source)
-    result = job.evaluate(bundle.model, "test", Accelerator(cpu=True))
-    return dict(result.metrics)
+    return test_figures(rebuild_job(bundle, source), for_inference(bundle, runtime).model)
+
+
+def score_with_job(bundle, path: str | Path, **span) -> dict:
+    """What a job's scorer returns for the data at ``path`` (``span``: the ``start``/``end`` days of dated data):
+    what the data holds (``Job.load_data_to_score``), then the test figures of the bundle's model on it."""
+    from rnnlab.trainers.job import make_job
+
+    job = make_job(bundle.config)
+    read = job.load_data_to_score(path, bundle.assets, **span)
+    return {**read, **test_figures(job, bundle.model)}
+
+
+def test_figures(job, model) -> dict:
+    """``job.evaluate`` of its test split on the CPU, with the job's further figures: what training's bundle keeps
+    as its test figures."""
+    from accelerate import Accelerator
+
+    result = job.evaluate(model, "test", Accelerator(cpu=True))
+    return {**result.metrics, **job.figures(result)}
 
 
 def rebuild_job(bundle, source: str | Path | None = None):

@@ -68,6 +68,13 @@ class Job:
     def load_data(self) -> None:
         raise NotImplementedError
 
+    def load_data_to_score(self, path, assets: dict, **span) -> dict:
+        """Instead of ``load_data``, for the job's scorer (``rnnlab evaluate --data``): the data at ``path``, any in
+        the job's format (``span``: ``start``/``end`` days of dated data), as the test split, read with a bundle's
+        ``assets`` (vocabulary, scaler: never refit), so ``evaluate`` scores it as it scores training's test split.
+        Returns what the data holds beside the figures (rows read, words the vocabulary lacks)."""
+        raise NotImplementedError
+
     def add_training_data(self) -> None:
         """After ``load_data``, what only training reads (scoring a bundle skips it): more training examples."""
 
@@ -102,6 +109,11 @@ class Job:
 
     def evaluate(self, model: nn.Module, split: str, accelerator) -> EvalResult:
         raise NotImplementedError
+
+    def figures(self, result: EvalResult) -> dict:
+        """The figures of a scored split beyond ``result.metrics`` (which the loop logs at every validation): the
+        bundle's test figures and ``rnnlab evaluate`` hold both; {} for none."""
+        return {}
 
     def fit_on_validation(self, model: nn.Module, accelerator) -> dict:
         """After training, with the best weights in: settle what the job picks on the validation split (its
