@@ -17,7 +17,8 @@ sentiment bundles of ``--preset``'s sizes with random weights, each served as to
 (the int8 graph written by ``rnnlab export --int8``'s code, its quality gate on the job's validation split
 included: a refused one is reported, not served); per runtime, generation characters/s with 32 clients asking
 400 characters, beside that runtime's own one-thread decode loop at batch 32 (served/own-loop), and sentiment
-requests/s with 32 clients sending one real review each.
+requests/s with 32 clients sending one real review each; the runtimes take turns ``--rounds`` times and each
+round's ratios to torch are reported.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--served", action="store_true", help="through the service instead (see above)")
     parser.add_argument("--preset", default="default", help="--served: the preset whose model sizes the bundles have")
     parser.add_argument("--seconds", type=float, default=20.0, help="--served: seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="--served: the runtimes take turns this many times")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=400)
     parser.add_argument("--port", type=int, default=8013)
@@ -210,39 +212,51 @@ def served(args) -> dict:
     generate = lambda rng: {"prompt": "the emperor", "max_new_tokens": args.max_new_tokens,  # noqa: E731
                             "temperature": 0.8, "seed": rng.randrange(2**31)}
     classify = lambda rng: {"texts": [rng.choice(reviews)]}  # noqa: E731
-    out = {"preset": args.preset, "clients": args.clients, "max_new_tokens": args.max_new_tokens, "runtimes": {}}
+    out = {"preset": args.preset, "clients": args.clients, "max_new_tokens": args.max_new_tokens, "rounds": []}
     with tempfile.TemporaryDirectory() as scratch:
         folders = variant_folders(Path(scratch), args.preset)
         out["int8_gate"] = folders["int8"]["gate"]
         with in_process(args.port, direct=True) as base:
             # the ceiling runs in a Ray worker, as the replica does (Ray starts its workers at nice 15)
             ceiling = ray.remote(num_cpus=0)(decode_ceiling)
-            for name, (graphs, runtime) in VARIANTS.items():
-                folder = folders[graphs]["folder"]
-                usable = {job: folders[graphs]["gate"] is None or folders[graphs]["gate"][job]["passed"]
-                          for job in SERVED_JOBS}
-                deploy(folder, args.clients, runtime=runtime, max_streams=args.clients,
-                       max_ongoing_requests=2 * args.clients, max_queued_requests=2 * args.clients)
-                row = {}
-                if usable["charlm"]:
-                    own = ray.get(ceiling.remote(folder, args.clients, args.seconds / 2, runtime))
-                    row["generate"] = asyncio.run(run_clients(f"{base}/v1/charlm", generate, clients=args.clients,
-                                                              seconds=args.seconds, count_chars=True))
-                    row["own_loop_chars_per_s"] = own["chars_per_s"]
-                    row["served_over_own_loop"] = row["generate"]["chars_per_s"] / own["chars_per_s"]
-                if usable["sentiment"]:
-                    row["sentiment"] = asyncio.run(run_clients(f"{base}/v1/sentiment", classify, clients=args.clients,
-                                                               seconds=args.seconds))
-                out["runtimes"][name] = row
-                print(f"[{name:9s}] " + "; ".join(_served_line(part, row) for part in ("generate", "sentiment")
-                                                  if part in row), flush=True)
-    baseline = out["runtimes"]["torch"]
-    for row in out["runtimes"].values():
+            # the runtimes take turns, --rounds times: load from other work comes and goes, and ratios are taken
+            # within each round
+            for number in range(1, args.rounds + 1):
+                rows = {}
+                for name, (graphs, runtime) in VARIANTS.items():
+                    folder = folders[graphs]["folder"]
+                    usable = {job: folders[graphs]["gate"] is None or folders[graphs]["gate"][job]["passed"]
+                              for job in SERVED_JOBS}
+                    deploy(folder, args.clients, runtime=runtime, max_streams=args.clients,
+                           max_ongoing_requests=2 * args.clients, max_queued_requests=2 * args.clients)
+                    row = rows[name] = {"load_average": os.getloadavg()[0]}
+                    if usable["charlm"]:
+                        own = ray.get(ceiling.remote(folder, args.clients, args.seconds / 2, runtime))
+                        row["generate"] = asyncio.run(run_clients(f"{base}/v1/charlm", generate, clients=args.clients,
+                                                                  seconds=args.seconds, count_chars=True))
+                        row["own_loop_chars_per_s"] = own["chars_per_s"]
+                        row["served_over_own_loop"] = row["generate"]["chars_per_s"] / own["chars_per_s"]
+                    if usable["sentiment"]:
+                        row["sentiment"] = asyncio.run(run_clients(f"{base}/v1/sentiment", classify,
+                                                                   clients=args.clients, seconds=args.seconds))
+                    print(f"[round {number}, {name:9s}] " + "; ".join(
+                        _served_line(part, row) for part in ("generate", "sentiment") if part in row), flush=True)
+                out["rounds"].append(against_torch(rows))
+    return out
+
+
+def against_torch(rows: dict) -> dict:
+    """Each runtime's served rates as a ratio to torch's of the same round."""
+    baseline = rows["torch"]
+    for row in rows.values():
         if "generate" in row and "generate" in baseline:
             row["generate_vs_torch"] = row["generate"]["chars_per_s"] / baseline["generate"]["chars_per_s"]
         if "sentiment" in row and "sentiment" in baseline:
             row["sentiment_vs_torch"] = row["sentiment"]["requests_per_s"] / baseline["sentiment"]["requests_per_s"]
-    return out
+    print("  vs torch: " + "; ".join(f"{name} generation {row.get('generate_vs_torch', float('nan')):.2f}x, "
+                                     f"sentiment {row.get('sentiment_vs_torch', float('nan')):.2f}x"
+                                     for name, row in rows.items() if name != "torch"), flush=True)
+    return rows
 
 
 def _served_line(part: str, row: dict) -> str:
