@@ -66,8 +66,10 @@ class LocalService:
 
     @property
     def ray_address(self) -> str:
-        """The Ray address the ready line gives for ``rnnlab swap``."""
-        return re.search(r"rnnlab swap --address (\S+)", self.ready_line or "").group(1)
+        """The Ray address the ready line gives for ``rnnlab swap``, read from the whole output: Ray's processes
+        write to the same pipe, and a line of theirs landing inside the ready line (a test once saw it cut short)
+        moves the rest of it to a line of its own."""
+        return re.search(r"rnnlab swap --address (\S+)", self.output).group(1)
 
     def start(self, timeout_s: float = 600) -> str:
         """Start it and wait until it serves; returns its ready line. ServiceFailed (the process stopped) when it
