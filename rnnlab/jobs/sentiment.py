@@ -411,9 +411,11 @@ class SentimentResponse(BaseModel):
 # ------------------------------------------------------------------------------------------------ scorer
 
 
-def score(bundle: Bundle, path: str | Path) -> dict[str, Any]:
+def score(bundle: Bundle, path: str | Path, *, predictions: bool = False) -> dict[str, Any]:
     """A folder with ``pos/`` and ``neg/`` text files, or a CSV with ``text,label`` columns -> accuracy, ROC AUC,
-    log loss, and how many tokens the bundle's vocabulary does not know (they read as ``<unk>``, as in serving)."""
+    log loss, and how many tokens the bundle's vocabulary does not know (they read as ``<unk>``, as in serving).
+    With ``predictions``, also ``probabilities``: P(positive) of each review in the order read (a CSV's rows), None
+    for one with no words."""
     from sklearn.metrics import roc_auc_score
 
     from rnnlab.data.imdb import read_labelled_reviews, tokenize
@@ -421,14 +423,15 @@ def score(bundle: Bundle, path: str | Path) -> dict[str, Any]:
     reviews = read_labelled_reviews(path)
     classifier = SentimentPredictor(bundle)
     unk = classifier.vocab.unk_index
-    encoded, labels, unknown = [], [], Counter()
+    encoded, labels, scored, unknown = [], [], [], Counter()
     tokens_total = 0
     skipped = Counter(reviews.skipped)
-    for text, label in zip(reviews.texts, reviews.labels):
+    for row, (text, label) in enumerate(zip(reviews.texts, reviews.labels)):
         tokens = tokenize(text)
         if not tokens:
             skipped["reviews with no words (left out)"] += 1
             continue
+        scored.append(row)
         ids = np.asarray(classifier.vocab.encode(tokens), dtype=np.int64)
         unknown.update(token for token, id_ in zip(tokens, ids) if id_ == unk)
         tokens_total += len(tokens)
@@ -440,6 +443,10 @@ def score(bundle: Bundle, path: str | Path) -> dict[str, Any]:
     labels = np.asarray(labels)
     clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
     both_classes = 0 < labels.sum() < len(labels)
+    if predictions:
+        per_review: list[float | None] = [None] * len(reviews.texts)
+        for row, probability in zip(scored, probabilities):
+            per_review[row] = float(probability)
     return {
         "reviews": len(labels),
         "positive": int(labels.sum()),
@@ -451,6 +458,7 @@ def score(bundle: Bundle, path: str | Path) -> dict[str, Any]:
         "unknown_share": sum(unknown.values()) / tokens_total,
         "most_frequent_unknown": dict(unknown.most_common(SHOWN_UNKNOWN)),
         "skipped": dict(skipped),
+        **({"probabilities": per_review} if predictions else {}),
     }
 
 
