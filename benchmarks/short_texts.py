@@ -116,7 +116,7 @@ def bootstrap_accuracies(per_slice: dict[str, dict], resamples: int, seed: int) 
     weighs every slice's texts by how often their review was drawn, so slices and models are paired."""
     names = sorted({review for scored in per_slice.values() for review in scored["reviews"]})
     index = {name: i for i, name in enumerate(names)}
-    positions = {slice_name: np.array([index[r] for r in scored["reviews"]]) for slice_name, scored in per_slice.items()}
+    positions = {name: np.array([index[r] for r in scored["reviews"]]) for name, scored in per_slice.items()}
     rng = np.random.default_rng(seed)
     parts: dict[str, dict[str, list]] = {s: {m: [] for m in scored["correct"]} for s, scored in per_slice.items()}
     for start in range(0, resamples, CHUNK):

@@ -59,9 +59,11 @@ def test_each_slice_holds_texts_of_its_own_review_with_its_label():
                 tokens, window = tokenize(review.text), text.text.split()
                 assert any(tokens[i : i + len(window)] == window for i in range(len(tokens)))
     first, last = REVIEWS[0], REVIEWS[1]
-    assert [t.text for t in slices["first_sentence"]] == ["The cast is superb and the plot moves!", "I want my two hours back."]
+    assert [t.text for t in slices["first_sentence"]] == ["The cast is superb and the plot moves!",
+                                                          "I want my two hours back."]
     assert slices["last_sentence"][0].text == "Mr. Smith steals every scene..."
-    assert slices["last_sentence"][1].text.startswith("It was boring") and last.text.endswith(slices["last_sentence"][1].text)
+    assert slices["last_sentence"][1].text.startswith("It was boring")
+    assert last.text.endswith(slices["last_sentence"][1].text)
     assert [t.text for t in slices["whole"]] == [r.text for r in REVIEWS]
     for name in SENTENCE_SLICES:  # the review with no three-word sentence has none in the sentence slices
         assert [t.review for t in slices[name]] == ["test/pos/3_9", "test/neg/7_2"]

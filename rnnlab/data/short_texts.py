@@ -61,7 +61,8 @@ class ShortText:
 def split_sentences(text: str) -> list[str]:
     """The sentences of a raw review, in order, whitespace collapsed: it breaks at ``<br />`` and new lines, and
     after ``.`` ``!`` ``?`` (and closing quotes) followed by a space or a capital letter, but not after an
-    ellipsis, an initial, an acronym (``E.T.``) or a title such as ``Mr.``. Fragments of any length are kept; :func:`sentences` drops the short ones."""
+    ellipsis, an initial, an acronym (``E.T.``) or a title such as ``Mr.``. Fragments of any length are kept;
+    :func:`sentences` drops the short ones."""
     pieces = []
     for line in _BREAK.split(text):
         start = 0
