@@ -98,6 +98,7 @@ def score_slice(csv: Path, baselines: dict, bundles: list[str]) -> dict[str, Any
         "left_out": int((~scored).sum()),  # texts some bundle could not read (no words): out of every comparison
         "reviews": reviews[scored],
         "correct": {name: (value == (labels == 1))[scored] for name, value in predicted.items()},
+        "positive": {name: value[scored] for name, value in predicted.items()},
         "tfidf_lr_scores": scores["tfidf_lr"][scored],
     }
 
@@ -192,6 +193,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "left_out": scored["left_out"],
                 "median_tokens": manifest["slices"][name]["median_tokens"],
                 "accuracy": {model: float(correct.mean()) for model, correct in scored["correct"].items()},
+                # half the texts are positive: far from 0.5, a model leans to one label on this slice
+                "labelled_positive": {model: float(value.mean()) for model, value in scored["positive"].items()},
                 "label_noise": label_noise(scored["tfidf_lr_scores"], scored["reviews"], whole_label),
             }
             for name, scored in per_slice.items()
@@ -215,6 +218,10 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"  {name:<16} {row['texts']:>6} {row['median_tokens']:>6.0f} "
               + " ".join(f"{100 * row['accuracy'][m]:>16.2f}" for m in models)
               + f" {100 * noise['unsure_share']:>6.1f}% {100 * noise['agrees_with_whole']:>6.1f}%")
+    print("share of texts each model labels positive (half of them are), %")
+    for name, row in results["slices"].items():
+        print(f"  {name:<16} {'':>6} {'':>6} "
+              + " ".join(f"{100 * row['labelled_positive'][m]:>16.1f}" for m in models))
     for pair, rows in results["pairs"].items():
         print(f"\n{pair}: accuracy difference, points [95 % paired bootstrap interval, {results['resamples']:,} "
               "resamples]")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +151,28 @@ def test_bad_output_or_split_is_one_sentence_and_nonzero(archive, tmp_path, caps
     with pytest.raises(DataError, match="Unknown split 'train'"):
         write_short_texts(tmp_path / "out", archive, split="train")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_benchmarks_paired_bootstrap_pairs_models_on_the_same_reviews():
+    from benchmarks.short_texts import bootstrap_accuracies, compare
+
+    rng = np.random.default_rng(0)
+    reviews = np.array([f"test/pos/{i}_9" for i in range(400)])
+    right = rng.random(400) < 0.8
+    better = right | (rng.random(400) < 0.5)  # right wherever the baselines are, and on about half of the rest
+    cuts = {"whole": slice(None), "window_10": slice(0, 300), "window_20": slice(100, None)}  # overlapping reviews
+    per_slice = {name: {"reviews": reviews[keep],
+                        "correct": {"tfidf_lr": right[keep], "nbsvm_bi": right[keep], "better": better[keep]}}
+                 for name, keep in cuts.items()}
+    resampled = bootstrap_accuracies(per_slice, 300, seed=1)
+    again = bootstrap_accuracies(per_slice, 300, seed=1)
+    assert np.array_equal(resampled["window_10"]["better"], again["window_10"]["better"])
+    pairs = compare(per_slice, resampled, ["runs/better/bundle"])
+    assert pairs["better - tfidf_lr"] == pairs["better - nbsvm_bi"]
+    rows = pairs["better - tfidf_lr"]
+    assert rows["whole"]["difference"] == pytest.approx(better.mean() - right.mean())
+    assert rows["mean_over_short_slices"]["difference"] == pytest.approx(
+        (rows["window_10"]["difference"] + rows["window_20"]["difference"]) / 2)
+    for row in rows.values():  # never worse on any review: every resample gains, within the interval
+        low, high = row["ci95"]
+        assert 0 < low <= row["difference"] <= high
