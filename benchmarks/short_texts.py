@@ -76,6 +76,16 @@ def bundle_name(path: str) -> str:
     return path.parent.name if path.name == "bundle" else path.name
 
 
+def describe_bundle(path: str) -> dict[str, Any]:
+    """Where a bundle is, what it reads, and the test figures its training run recorded."""
+    from rnnlab.bundle import load_bundle
+
+    bundle = load_bundle(path)
+    data = bundle.config.get("data", {})
+    return {"bundle": str(path), "recorded_test": bundle.metrics.get("test"),
+            **{key: data.get(key) for key in ("max_vocab", "max_length", "limit_train", "limit_test")}}
+
+
 def score_slice(csv: Path, baselines: dict, bundles: list[str]) -> dict[str, Any]:
     """Each model's right/wrong per text of one slice CSV, on the texts every model scored, plus the texts'
     reviews and the TF-IDF + LR decision values (for the label-noise estimate)."""
@@ -182,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "manifest": {key: value for key, value in manifest.items() if key != "slices"},
         "models": {
             **{name: {"model": baseline.model, "features": baseline.features} for name, baseline in baselines.items()},
-            **{bundle_name(path): {"bundle": str(path)} for path in args.bundles},
+            **{bundle_name(path): describe_bundle(path) for path in args.bundles},
         },
         "baselines_fit_s": fit_s,
         "resamples": args.resamples,
