@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,6 @@ from benchmarks._common import machine_description, write_json
 from benchmarks.ngram import WittenBellNgram
 
 BASELINES = ("sentiment", "charlm", "stock")  # the jobs with a simple baseline here
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -50,19 +51,30 @@ def sentiment_baseline(mirror: str | None, *, C: float = 4.0) -> dict[str, Any]:
         "train_reviews": len(train),
         "test_reviews": len(test),
         "read_s": read_s,
-        "tfidf_lr": _timed(_tfidf_lr, texts, labels, C=C),
-        "nbsvm_bi": _timed(_nbsvm_bi, texts, labels),
+        "tfidf_lr": _timed(fit_tfidf_lr, texts, labels, C=C),
+        "nbsvm_bi": _timed(fit_nbsvm_bi, texts, labels),
     }
 
 
-def _timed(fit_and_score, texts, labels, **options) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LinearBaseline:
+    """A linear model fitted on reviews, over rnnlab's tokens: ``scores(texts)`` are its decision values (> 0:
+    positive; for logistic regression the logit of P(positive))."""
+
+    model: str  # what it is, in words
+    features: int
+    scores: Callable[[list[str]], np.ndarray]
+
+
+def _timed(fit, texts, labels, **options) -> dict[str, Any]:
     from sklearn.metrics import accuracy_score, roc_auc_score
 
     start, cpu_start = time.perf_counter(), time.process_time()
-    description, features, scores = fit_and_score(texts, labels, **options)
+    baseline = fit(texts["train"], labels["train"], **options)
+    scores = baseline.scores(texts["test"])
     return {
-        "model": description,
-        "features": features,
+        "model": baseline.model,
+        "features": baseline.features,
         "test_accuracy": float(accuracy_score(labels["test"], scores > 0)),
         "test_roc_auc": float(roc_auc_score(labels["test"], scores)),
         "fit_predict_s": time.perf_counter() - start,
@@ -70,7 +82,7 @@ def _timed(fit_and_score, texts, labels, **options) -> dict[str, Any]:
     }
 
 
-def _tfidf_lr(texts, labels, *, C: float):
+def fit_tfidf_lr(texts: list[str], labels: np.ndarray, *, C: float = 4.0) -> LinearBaseline:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -80,13 +92,13 @@ def _tfidf_lr(texts, labels, *, C: float):
         tokenizer=imdb.tokenize, lowercase=False, token_pattern=None, ngram_range=(1, 2), min_df=2,
         sublinear_tf=True,
     )
-    model = LogisticRegression(C=C, max_iter=1000).fit(vectorizer.fit_transform(texts["train"]), labels["train"])
-    scores = model.decision_function(vectorizer.transform(texts["test"]))
-    description = f"TF-IDF (1-2 grams, min_df 2, sublinear tf) + LogisticRegression(C={C})"
-    return description, len(vectorizer.vocabulary_), scores
+    model = LogisticRegression(C=C, max_iter=1000).fit(vectorizer.fit_transform(texts), labels)
+    return LinearBaseline(f"TF-IDF (1-2 grams, min_df 2, sublinear tf) + LogisticRegression(C={C})",
+                          len(vectorizer.vocabulary_), lambda new: model.decision_function(vectorizer.transform(new)))
 
 
-def _nbsvm_bi(texts, labels, *, C: float = 1.0, beta: float = 0.25, alpha: float = 1.0):
+def fit_nbsvm_bi(texts: list[str], labels: np.ndarray, *, C: float = 1.0, beta: float = 0.25,
+                 alpha: float = 1.0) -> LinearBaseline:
     """NBSVM-bi as Wang & Manning (2012) define it: binarized uni+bigrams scaled by the naive-Bayes log-count
     ratio r, an L2-regularised squared-hinge linear SVM on them, its weights interpolated toward their mean
     magnitude, w' = (1 - beta) mean|w| + beta w (their C = 1, beta = 0.25, alpha = 1)."""
@@ -97,17 +109,20 @@ def _nbsvm_bi(texts, labels, *, C: float = 1.0, beta: float = 0.25, alpha: float
 
     vectorizer = CountVectorizer(tokenizer=imdb.tokenize, lowercase=False, token_pattern=None, ngram_range=(1, 2),
                                  binary=True)
-    x_train = vectorizer.fit_transform(texts["train"])
-    y = labels["train"]
+    x_train = vectorizer.fit_transform(texts)
+    y = np.asarray(labels)
     p = alpha + np.asarray(x_train[y == 1].sum(axis=0)).ravel()
     q = alpha + np.asarray(x_train[y == 0].sum(axis=0)).ravel()
     r = np.log((p / p.sum()) / (q / q.sum()))
     svm = LinearSVC(C=C, max_iter=5000).fit(x_train.multiply(r).tocsr(), y)
     w = svm.coef_.ravel()
     w = (1 - beta) * np.abs(w).mean() + beta * w
-    scores = vectorizer.transform(texts["test"]).multiply(r).tocsr() @ w + svm.intercept_[0]
-    description = f"NBSVM-bi (binary 1-2 grams x NB log-count ratio, LinearSVC C={C}, beta {beta})"
-    return description, len(vectorizer.vocabulary_), np.asarray(scores).ravel()
+
+    def scores(new: list[str]) -> np.ndarray:
+        return np.asarray(vectorizer.transform(new).multiply(r).tocsr() @ w + svm.intercept_[0]).ravel()
+
+    return LinearBaseline(f"NBSVM-bi (binary 1-2 grams x NB log-count ratio, LinearSVC C={C}, beta {beta})",
+                          len(vectorizer.vocabulary_), scores)
 
 
 # ---------------------------------------------------------------------------------------------------------

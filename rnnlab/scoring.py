@@ -30,22 +30,28 @@ def score_data(
     start: datetime.date | str | None = None,
     end: datetime.date | str | None = None,
     runtime: str | None = None,
+    predictions: bool = False,
 ) -> dict[str, Any]:
     """The scores of the bundle at ``bundle_dir`` on ``data`` (a path in the bundle's job's format), its model run
-    by ``runtime`` (rnnlab/runtime.py; None: the bundle's default)."""
+    by ``runtime`` (rnnlab/runtime.py; None: the bundle's default). With ``predictions``, also each item's answer
+    (for paired comparisons of models on the same items), from the scorers that give them."""
     bundle = load_bundle(bundle_dir)
     spec = registry.job(bundle.job)
     if spec.scorer is None:  # a job this module does not know yet
         raise InputError(f"Scoring data for {bundle.job} bundles is not supported.")
     scorer = spec.load("scorer")
-    dated = "start" in inspect.signature(scorer).parameters  # the scorer can cut its data to a span of days
+    options = inspect.signature(scorer).parameters
+    dated = "start" in options  # the scorer can cut its data to a span of days
+    if predictions and "predictions" not in options:
+        raise InputError(f"Scoring {bundle.job} bundles gives no answer per item; score them without predictions.")
     if (start is not None or end is not None) and not dated:
         raise InputError(f"Dates select days of a price file; {bundle_dir} is a {bundle.job} bundle, which scores "
                          "all of its data: leave out --from/--to.")
     if start is not None and end is not None and str(start) > str(end):
         raise InputError(f"The start date {start} comes after the end date {end}; swap them.")
     bundle = for_inference(bundle, runtime)
-    result = scorer(bundle, data, start=start, end=end) if dated else scorer(bundle, data)
+    extra = {"predictions": True} if predictions else {}
+    result = scorer(bundle, data, start=start, end=end, **extra) if dated else scorer(bundle, data, **extra)
     return _finite({"job": bundle.job, "bundle": str(bundle_dir), "data": str(data), **result})
 
 

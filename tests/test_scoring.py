@@ -66,6 +66,22 @@ def write_csv(path, reviews, labels=("negative", "positive")):
 # --------------------------------------------------------------------------------------------- sentiment
 
 
+def test_predictions_give_each_rows_probability_in_order_and_none_for_a_row_without_words(sentiment_bundle, tmp_path,
+                                                                                       charlm_bundle):
+    from rnnlab.inference import load_predictor
+
+    reviews = [*REVIEWS[:2], ("!!! ...", 1), *REVIEWS[2:]]
+    scores = score_data(sentiment_bundle, write_csv(tmp_path / "reviews.csv", reviews), predictions=True)
+    expected = [answer["probability"] for answer in load_predictor(sentiment_bundle).predict([t for t, _ in REVIEWS])]
+    assert scores["probabilities"][2] is None
+    assert [p for p in scores["probabilities"] if p is not None] == pytest.approx(expected)
+    right = [(p >= 0.5) == bool(label) for p, (_, label) in zip(scores["probabilities"], reviews) if p is not None]
+    assert scores["accuracy"] == pytest.approx(np.mean(right))
+    assert "probabilities" not in score_data(sentiment_bundle, write_csv(tmp_path / "reviews.csv", reviews))
+    with pytest.raises(InputError, match="no answer per item"):
+        score_data(charlm_bundle, tmp_path / "reviews.csv", predictions=True)
+
+
 def test_reviews_score_the_same_from_a_folder_and_from_a_csv(sentiment_bundle, tmp_path):
     from rnnlab.inference import load_predictor
 

@@ -162,7 +162,7 @@ def load_sentiment_data(
         raise ConfigError(f"data.max_length must be a positive number of tokens or null, got {max_length}.")
     corpus = _load_corpus(Path(path), cache=cache)
     train = corpus.splits["train"]
-    in_val = _validation_mask(train.labels, val_fraction, seed)
+    in_val = validation_mask(train.labels, val_fraction, seed)
 
     # Count tokens of train-minus-val straight from the cached ids (bincount), then sort like build_vocab.
     counts = np.bincount(train.ids[np.repeat(~in_val, train.lengths)], minlength=len(corpus.tokens))
@@ -191,7 +191,7 @@ def load_sentiment_data(
     return data
 
 
-def _validation_mask(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+def validation_mask(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
     """A seeded, label-stratified hold-out of train (the same reviews for the same seed on every machine)."""
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(labels), dtype=bool)
@@ -199,6 +199,23 @@ def _validation_mask(labels: np.ndarray, val_fraction: float, seed: int) -> np.n
         members = np.flatnonzero(labels == label)
         mask[rng.permutation(members)[: round(len(members) * val_fraction)]] = True
     return mask
+
+
+def review_splits(path: str | os.PathLike, *, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[Review]]:
+    """The reviews behind :func:`load_sentiment_data`'s train, val and test as raw text, in the same order and with
+    the same hold-out (``val_fraction``, ``seed``): for what needs the text itself, such as cutting short texts
+    at their sentences or fitting a baseline on exactly the reviews a run trained on."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}.")
+    records, _ = read_splits(Path(path), ("train", "test"))
+    # the token cache leaves out reviews with no tokens: so must the raw splits, or the hold-out would shift
+    kept = {name: [review for review in reviews if tokenize(review.text)] for name, reviews in records.items()}
+    in_val = validation_mask(np.array([review.label for review in kept["train"]], dtype=np.int8), val_fraction, seed)
+    return {
+        "train": [review for review, held in zip(kept["train"], in_val) if not held],
+        "val": [review for review, held in zip(kept["train"], in_val) if held],
+        "test": kept["test"],
+    }
 
 
 def _encode_split(split: _Split, lookup: np.ndarray, select: np.ndarray, max_length: int | None) -> EncodedReviews:
@@ -443,7 +460,9 @@ __all__ = [
     "load_sentiment_data",
     "read_imdb",
     "read_labelled_reviews",
+    "review_splits",
     "summarize_imdb",
     "tokenize",
+    "validation_mask",
 ]
 

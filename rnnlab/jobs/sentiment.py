@@ -93,11 +93,13 @@ class SentimentJob(Job):
         max_length = self.config.data.max_length
         encoded, labels, unknown, skipped = [], [], Counter(), Counter(reviews.skipped)
         tokens_total = 0
-        for text, label in zip(reviews.texts, reviews.labels):
+        self._scored_rows, self._rows_read = [], len(reviews.texts)  # which rows ``predictions`` answers for
+        for row, (text, label) in enumerate(zip(reviews.texts, reviews.labels)):
             tokens = imdb.tokenize(text)
             if not tokens:
                 skipped["reviews with no words (left out)"] += 1
                 continue
+            self._scored_rows.append(row)
             ids = np.asarray(self.vocab.encode(tokens), dtype=np.int64)
             unknown.update(token for token, id_ in zip(tokens, ids) if id_ == self.vocab.unk_index)
             tokens_total += len(tokens)
@@ -256,6 +258,13 @@ class SentimentJob(Job):
         logits = np.empty((rows, len(labels)), dtype=np.float64)
         logits[:, index] = np.concatenate([p[1] for p in pieces], axis=1)
         return logits
+
+    def predictions(self, result: EvalResult) -> dict:
+        probabilities: list[float | None] = [None] * self._rows_read
+        scored = torch.sigmoid(torch.from_numpy(np.asarray(result.details["logits"]))).tolist()
+        for row, probability in zip(self._scored_rows, scored):
+            probabilities[row] = probability
+        return {"probabilities": probabilities}
 
     def fit_on_validation(self, model, accelerator) -> dict:
         if not (self.config.model.fit_lstm_weight and self.has_validation()):
@@ -457,11 +466,12 @@ class SentimentResponse(BaseModel):
 # ------------------------------------------------------------------------------------------------ scorer
 
 
-def score(bundle: Bundle, path: str | Path) -> dict[str, Any]:
+def score(bundle: Bundle, path: str | Path, *, predictions: bool = False) -> dict[str, Any]:
     """A folder with ``pos/`` and ``neg/`` text files, or a CSV with ``text,label`` columns -> the test figures of
     training on those reviews (loss, accuracy, ROC AUC), and how many tokens the bundle's vocabulary does not know
-    (they read as ``<unk>``, as in serving)."""
-    return score_with_job(bundle, path)
+    (they read as ``<unk>``, as in serving). With ``predictions``, also ``probabilities``: P(positive) of each
+    review in the order read (a CSV's rows), None for one with no words."""
+    return score_with_job(bundle, path, predictions=predictions)
 
 
 # ------------------------------------------------------------------------------------------------ CLI verb and demo

@@ -22,23 +22,24 @@ def evaluate_bundle(bundle_dir: str | Path, *, source: str | Path | None = None,
     return test_figures(rebuild_job(bundle, source), for_inference(bundle, runtime).model)
 
 
-def score_with_job(bundle, path: str | Path, **span) -> dict:
+def score_with_job(bundle, path: str | Path, *, predictions: bool = False, **span) -> dict:
     """What a job's scorer returns for the data at ``path`` (``span``: the ``start``/``end`` days of dated data):
-    what the data holds (``Job.load_data_to_score``), then the test figures of the bundle's model on it."""
+    what the data holds (``Job.load_data_to_score``), then the test figures of the bundle's model on it, and with
+    ``predictions`` each item's answer (``Job.predictions``)."""
     from rnnlab.trainers.job import make_job
 
     job = make_job(bundle.config)
     read = job.load_data_to_score(path, bundle.assets, **span)
-    return {**read, **test_figures(job, bundle.model)}
+    return {**read, **test_figures(job, bundle.model, predictions=predictions)}
 
 
-def test_figures(job, model) -> dict:
+def test_figures(job, model, *, predictions: bool = False) -> dict:
     """``job.evaluate`` of its test split on the CPU, with the job's further figures: what training's bundle keeps
-    as its test figures."""
+    as its test figures (and with ``predictions``, ``job.predictions``)."""
     from accelerate import Accelerator
 
     result = job.evaluate(model, "test", Accelerator(cpu=True))
-    return {**result.metrics, **job.figures(result)}
+    return {**result.metrics, **job.figures(result), **(job.predictions(result) if predictions else {})}
 
 
 def rebuild_job(bundle, source: str | Path | None = None):

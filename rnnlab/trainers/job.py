@@ -115,6 +115,11 @@ class Job:
         bundle's test figures and ``rnnlab evaluate`` hold both; {} for none."""
         return {}
 
+    def predictions(self, result: EvalResult) -> dict:
+        """After ``load_data_to_score`` and ``evaluate``: each item's answer in the order the data was read (for
+        comparing models item by item); a job whose scorer offers none leaves it out."""
+        raise NotImplementedError
+
     def fit_on_validation(self, model: nn.Module, accelerator) -> dict:
         """After training, with the best weights in: settle what the job picks on the validation split (its
         model config may change; the bundle keeps it). Returns the choices for the run's summary; {} for none."""
