@@ -21,6 +21,7 @@ Two things ``ray.init(address=...)`` alone gets wrong for a user:
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 
@@ -39,6 +40,17 @@ class Node:
     is_head: bool
 
 
+# Ray starts its worker processes at nice 15 (for batch work, so a driver stays responsive), but every worker rnnlab
+# starts is the work itself: a Serve replica, a Tune trial. At nice 15 beside one busy process per core at normal
+# priority (a loaded CI machine) a replica's process got 3.6 % of a core, and services did not start in minutes.
+WORKER_NICENESS = "0"
+
+
+def set_worker_priority() -> None:
+    """Workers of a Ray instance started from this process run at normal priority (an exported value wins)."""
+    os.environ.setdefault("RAY_worker_niceness", WORKER_NICENESS)
+
+
 def connect(address: str | None, **init_kwargs) -> list[Node] | None:
     """``ray.init`` for a new local instance (``address=None``) or an existing cluster; returns the cluster's live
     nodes (None for Ray Client or a local instance). Raises ConfigError, one sentence, when no cluster answers.
@@ -48,6 +60,7 @@ def connect(address: str | None, **init_kwargs) -> list[Node] | None:
     import ray
 
     if address is None:
+        set_worker_priority()
         ray.init(address="local", **init_kwargs)
         return None
     address = address.strip()

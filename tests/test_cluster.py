@@ -220,3 +220,20 @@ def test_a_trial_of_two_cpu_workers_trains_over_gloo_and_reports_with_checkpoint
     assert len(reports) == 2 and all("val/mae" in r for r in reports)
     assert len(list(trial.glob("checkpoint_*"))) >= 1  # Tune took the checkpoints
     assert (trial / "bundle" / "config.json").is_file()
+
+
+def test_workers_of_a_ray_instance_rnnlab_starts_run_at_normal_priority(monkeypatch):
+    """Ray's default (nice 15) starves Serve replicas and Tune trials beside any other work on the machine."""
+    import ray
+
+    from rnnlab.cluster import connect
+
+    def niceness() -> int:  # defined here: Ray ships it by value (workers cannot import this test module)
+        return os.nice(0)
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    connect(None, num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        assert ray.get(ray.remote(niceness).remote()) == os.nice(0)
+    finally:
+        ray.shutdown()
