@@ -71,6 +71,9 @@ def cluster():
     rewriting got wrong). Yields the Cluster; ``cluster.address`` is ``127.0.0.1:PORT``."""
     from ray.cluster_utils import Cluster
 
+    from rnnlab.cluster import set_worker_priority
+
+    set_worker_priority()  # as docs/cluster.md tells operators: replicas and trials not at Ray's nice 15
     cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "include_dashboard": False})
     cluster.add_node(**WORKER)
     cluster.wait_for_nodes()
