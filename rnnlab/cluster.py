@@ -83,7 +83,6 @@ def bring_token() -> None:
     instance); a driver joining it sends the token (~/.ray/auth_token, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)
     only with RAY_AUTH_MODE=token, and fails with "Failed to connect" otherwise. Set it when a token is there and
     the mode is not chosen already. Call it before Ray is imported: Ray reads the mode then."""
-    import os
     from pathlib import Path
 
     if "RAY_AUTH_MODE" in os.environ:

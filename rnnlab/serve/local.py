@@ -169,14 +169,15 @@ def in_process(port: int | None = None, *, direct: bool = False, http_options: d
     import ray
     from ray import serve
 
+    from rnnlab.cluster import connect
     from rnnlab.serve.service import choose_ingress, set_ray_environment
 
     port = port or free_port()
     proxy_port = choose_ingress(direct, "127.0.0.1", port)
     set_ray_environment()
-    # address="local": always a new instance, never a cluster some `ray start` on this machine left running
-    ray.init(address="local", **({"num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
-                                  "logging_level": "ERROR"} | ray_init))
+    # always a new instance, never a cluster some `ray start` on this machine left running (rnnlab/cluster.py)
+    connect(None, **({"num_cpus": 2, "include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+                     | ray_init))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": proxy_port, **(http_options or {})})
         yield f"http://127.0.0.1:{port}"

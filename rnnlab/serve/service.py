@@ -18,7 +18,6 @@ import signal
 import socket
 import time
 
-from rnnlab.cluster import set_worker_priority
 from rnnlab.errors import ConfigError, RnnlabError, first_line
 from rnnlab.serve.limits import proxy_timeout_s
 from rnnlab.serve.replicas import cpu_share, node_cpus
@@ -88,7 +87,6 @@ def set_ray_environment() -> None:
     # and serve.start fails (ActorDiedError): on the 2-core box at load ~6 a proxy took 33 s from its actor's
     # creation to its first log line, so a loaded CI machine could not start a service
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_TIMEOUT_S)
-    set_worker_priority()
 
 
 def check_port(host: str, port: int) -> None:
