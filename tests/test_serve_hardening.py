@@ -432,6 +432,7 @@ def test_a_replica_killed_during_load_fails_its_requests_with_503_and_is_restart
     import ray
 
     outcomes: list[tuple[str, str]] = []  # (endpoint, outcome)
+    streaming = asyncio.Event()  # a stream is under way: the kill lands while it is in flight, not at a guessed time
 
     async def client(index: int, client: httpx.AsyncClient, stop_at: float) -> None:
         endpoint = "sentiment" if index % 2 else "generate"
@@ -441,13 +442,17 @@ def test_a_replica_killed_during_load_fails_its_requests_with_503_and_is_restart
                     response = await client.post("/v1/sentiment", json={"texts": [f"a fine film {index}"]})
                     outcomes.append((endpoint, "200" if response.status_code == 200 else _refusal(response)))
                     continue
-                async with client.stream("POST", "/v1/generate", json={"prompt": "the ", "max_new_tokens": 300,
+                async with client.stream("POST", "/v1/generate", json={"prompt": "the ", "max_new_tokens": 1000,
                                                                      "seed": index, "stream": True}) as response:
                     if response.status_code != 200:
                         await response.aread()
                         outcomes.append((endpoint, _refusal(response)))
                         continue
-                    lines = [line async for line in response.aiter_lines() if line]
+                    lines = []
+                    async for line in response.aiter_lines():
+                        if line:
+                            lines.append(line)
+                            streaming.set()
                     outcomes.append((endpoint, "200 " + _stream_end(lines)))
             except httpx.TimeoutException:
                 outcomes.append((endpoint, "hang"))
@@ -460,7 +465,7 @@ def test_a_replica_killed_during_load_fails_its_requests_with_503_and_is_restart
                                      headers={"Authorization": f"Bearer {KEY}"}) as http:
             stop_at = time.monotonic() + 12
             clients = asyncio.gather(*(client(i, http, stop_at) for i in range(6)))
-            await asyncio.sleep(3)
+            await asyncio.wait_for(streaming.wait(), timeout=60)
             ray.kill(_replica("sentiment"), no_restart=True)
             ray.kill(_replica("charlm"), no_restart=True)
             await clients
@@ -469,7 +474,7 @@ def test_a_replica_killed_during_load_fails_its_requests_with_503_and_is_restart
     kinds = {outcome for _, outcome in outcomes}
     # a request queued while no replica runs may reach the service's request_timeout_s on a crowded machine: 504
     assert kinds <= {"200", "200 done", "503 replica_failed", "200 error replica_failed retry", "504 timeout"}, kinds
-    # the streams in flight at the kill (300 characters each, back to back) were ended that way, not cut or hung
+    # the streams in flight at the kill (1,000 characters each, back to back) were ended that way, not cut or hung
     assert kinds & {"503 replica_failed", "200 error replica_failed retry"}, kinds
     # back to 200 after the kill, for both deployments (the bound only keeps a broken restart from hanging the test)
     with httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as http:
