@@ -10,7 +10,10 @@ score every slice; each bundle passed with --bundles scores the same CSVs throug
 For each bundle and baseline: the accuracy difference per slice and its mean over the short slices, with a 95 %
 paired bootstrap interval (reviews resampled with replacement, the same draws for every model and slice). And per
 slice, how noisy the inherited label may be, from TF-IDF + LR fitted on whole reviews: the share of texts it is
-unsure of (P(positive) within 0.4-0.6) and the share it labels as it labels their whole review.
+unsure of (P(positive) within 0.4-0.6) and the share it labels as it labels their whole review. And how far each
+model's P(positive) can be taken at its word (every model but NBSVM, which gives no probability): the expected
+calibration error (10 bins of confidence from 0.5 to 1: the gap between confidence and accuracy, weighed by the
+bin's texts) and the log loss.
 
     python -m benchmarks.short_texts --slices /tmp/short-texts --bundles runs/sentiment-wide/bundle \\
         --json benchmarks/results/short_texts.json
@@ -33,6 +36,7 @@ from benchmarks.baselines import fit_nbsvm_bi, fit_tfidf_lr
 BASELINES = {"tfidf_lr": fit_tfidf_lr, "nbsvm_bi": fit_nbsvm_bi}
 UNSURE = 0.1  # |P(positive) - 0.5| below this: the whole-review model cannot tell the label from the text
 CHUNK = 100  # bootstrap resamples drawn at a time (a chunk's review weights: CHUNK x reviews floats)
+CALIBRATION_BINS = 10
 
 
 def prepare_slices(folder: Path, *, split: str, seed: int, mirror: str | None) -> dict:
@@ -99,18 +103,33 @@ def score_slice(csv: Path, baselines: dict, bundles: list[str]) -> dict[str, Any
     reviews = pd.read_csv(csv, usecols=["review"], dtype=str, keep_default_na=False)["review"].to_numpy()
     scores = {name: baseline.scores(read.texts) for name, baseline in baselines.items()}
     predicted = {name: value > 0 for name, value in scores.items()}
+    probability = {"tfidf_lr": 1 / (1 + np.exp(-scores["tfidf_lr"]))}  # LR's decision value is a logit
     scored = np.ones(len(labels), dtype=bool)
     for path in bundles:
-        probabilities = score_data(path, csv, predictions=True)["probabilities"]
-        scored &= np.array([p is not None for p in probabilities])
-        predicted[bundle_name(path)] = np.array([p is not None and p >= 0.5 for p in probabilities])
+        answers = score_data(path, csv, predictions=True)["probabilities"]
+        scored &= np.array([p is not None for p in answers])
+        probability[bundle_name(path)] = np.array([0.5 if p is None else p for p in answers])
+        predicted[bundle_name(path)] = probability[bundle_name(path)] >= 0.5
     return {
+        "calibration": {name: calibration(value[scored], labels[scored]) for name, value in probability.items()},
         "left_out": int((~scored).sum()),  # texts some bundle could not read (no words): out of every comparison
         "reviews": reviews[scored],
         "correct": {name: (value == (labels == 1))[scored] for name, value in predicted.items()},
         "positive": {name: value[scored] for name, value in predicted.items()},
         "tfidf_lr_scores": scores["tfidf_lr"][scored],
     }
+
+
+def calibration(probability: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Expected calibration error over CALIBRATION_BINS bins of confidence (0.5 to 1) and the log loss."""
+    confidence = np.maximum(probability, 1 - probability)
+    correct = (probability >= 0.5) == (labels == 1)
+    bins = np.minimum(((confidence - 0.5) * 2 * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+    gaps = [abs(confidence[bins == b].mean() - correct[bins == b].mean()) * np.mean(bins == b)
+            for b in range(CALIBRATION_BINS) if np.any(bins == b)]
+    clipped = np.clip(probability, 1e-7, 1 - 1e-7)
+    log_loss = -np.mean(np.where(labels == 1, np.log(clipped), np.log(1 - clipped)))
+    return {"ece": float(np.sum(gaps)), "log_loss": float(log_loss)}
 
 
 def label_noise(scores: np.ndarray, reviews: np.ndarray, whole: dict[str, bool]) -> dict[str, float]:
@@ -206,6 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # half the texts are positive: far from 0.5, a model leans to one label on this slice
                 "labelled_positive": {model: float(value.mean()) for model, value in scored["positive"].items()},
                 "label_noise": label_noise(scored["tfidf_lr_scores"], scored["reviews"], whole_label),
+                "calibration": scored["calibration"],
             }
             for name, scored in per_slice.items()
         },
@@ -232,6 +252,11 @@ def print_table(results: dict[str, Any]) -> None:
     for name, row in results["slices"].items():
         print(f"  {name:<16} {'':>6} {'':>6} "
               + " ".join(f"{100 * row['labelled_positive'][m]:>16.1f}" for m in models))
+    calibrated = list(next(iter(results["slices"].values()))["calibration"])
+    print("expected calibration error, % (and log loss)")
+    for name, row in results["slices"].items():
+        print(f"  {name:<16} {'':>6} {'':>6} " + " ".join(
+            f"{100 * row['calibration'][m]['ece']:>8.1f} ({row['calibration'][m]['log_loss']:.3f})" for m in calibrated))
     for pair, rows in results["pairs"].items():
         print(f"\n{pair}: accuracy difference, points [95 % paired bootstrap interval, {results['resamples']:,} "
               "resamples]")

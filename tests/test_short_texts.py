@@ -176,3 +176,15 @@ def test_the_benchmarks_paired_bootstrap_pairs_models_on_the_same_reviews():
     for row in rows.values():  # never worse on any review: every resample gains, within the interval
         low, high = row["ci95"]
         assert 0 < low <= row["difference"] <= high
+
+
+def test_calibration_error_is_small_for_honest_probabilities_and_large_for_overconfident_ones():
+    from benchmarks.short_texts import calibration
+
+    rng = np.random.default_rng(0)
+    honest = rng.uniform(0, 1, 20_000)
+    labels = (rng.random(20_000) < honest).astype(int)  # each text positive with the probability said
+    overconfident = np.where(honest >= 0.5, 0.99, 0.01)  # the same labels said with 99 % every time
+    assert calibration(honest, labels)["ece"] < 0.02
+    assert calibration(overconfident, labels)["ece"] > 0.2
+    assert calibration(overconfident, labels)["log_loss"] > calibration(honest, labels)["log_loss"]

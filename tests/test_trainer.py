@@ -447,31 +447,60 @@ def test_ngram_branch_trains_beside_the_lstm_at_its_own_learning_rate(data, tmp_
     assert {"accuracy", "roc_auc"} <= set(result["test"])
 
 
-def test_fit_lstm_weight_picks_the_validation_loss_minimum_and_the_bundle_answers_with_it(data, tmp_path):
+def test_fit_on_validation_picks_the_weight_and_temperature_of_least_loss_and_the_bundle_answers_with_them(
+        data, tmp_path):
     from rnnlab.bundle import load_bundle
-    from rnnlab.jobs.sentiment import LSTM_WEIGHTS, sentiment_metrics
+    from rnnlab.jobs.sentiment import LSTM_WEIGHTS, TEMPERATURES, sentiment_metrics
 
     config = smoke("sentiment", data, "model.ngram_buckets=5000", "train.lr_multipliers={ngrams: 20}",
                    "model.fit_lstm_weight=true", "train.epochs=3")
     result = train(config, tmp_path)
     bundle = load_bundle(tmp_path / "bundle")
-    weight = bundle.model_config["lstm_weight"]
-    assert weight == result["val"]["lstm_weight"] and weight in LSTM_WEIGHTS
+    weight, temperature = bundle.model_config["lstm_weight"], bundle.model_config["temperature"]
+    assert (weight, temperature) == (result["val"]["lstm_weight"], result["val"]["temperature"])
+    assert weight in LSTM_WEIGHTS and temperature in TEMPERATURES
 
-    # the same choice made here from the bundle's two branches on the validation reviews
+    # the same choice made here from the bundle's two branches on the validation reviews and their windows
     job = make_job(bundle.config, rank=0, world_size=1)
     job.load_data()
-    ids, labels = job.splits["val"]
-    x, lengths, _ = job._collate("val", range(len(ids)))
-    with torch.no_grad():
-        lstm, ngrams = (branch.double().numpy() for branch in bundle.model(x, lengths, branches=True))
-        answered = bundle.model(x, lengths).double().numpy()
-    losses = {w: sentiment_metrics(labels, w * lstm + ngrams)["loss"] for w in LSTM_WEIGHTS}
-    assert losses[weight] == pytest.approx(min(losses.values()), abs=1e-9)
-    np.testing.assert_allclose(answered, weight * lstm + ngrams, rtol=1e-5, atol=1e-5)  # what it serves
-    assert result["val"]["loss"] == pytest.approx(losses[weight], rel=1e-4)
-    assert result["val"]["loss"] <= result["val"]["before_fit"]["loss"] + 1e-9  # 1 was among the choices
-    assert [e["lstm_weight"] for e in events(tmp_path, "val_fitted")] == [weight]
+    branches, labels = {}, {}
+    for split in ("val", "val_short"):
+        ids, labels[split] = job.splits[split]
+        x, lengths, _ = job._collate(split, range(len(ids)))
+        with torch.no_grad():
+            branches[split] = [branch.double().numpy() for branch in bundle.model(x, lengths, branches=True)]
+            if split == "val":
+                answered = bundle.model(x, lengths).double().numpy()
+
+    def loss(w, t):
+        return np.mean([sentiment_metrics(labels[s], (w * lstm + ngrams) / t)["loss"]
+                        for s, (lstm, ngrams) in branches.items()])
+
+    losses = {(w, t): loss(w, t) for w in LSTM_WEIGHTS for t in TEMPERATURES}
+    assert losses[weight, temperature] == pytest.approx(min(losses.values()), abs=1e-9)
+    lstm, ngrams = branches["val"]
+    np.testing.assert_allclose(answered, (weight * lstm + ngrams) / temperature, rtol=1e-5, atol=1e-5)  # served
+    assert result["val"]["loss"] == pytest.approx(sentiment_metrics(labels["val"], answered)["loss"], rel=1e-4)
+    assert losses[weight, temperature] <= loss(1.0, 1.0)  # untouched was among the choices
+    assert [(e["lstm_weight"], e["temperature"]) for e in events(tmp_path, "val_fitted")] == [(weight, temperature)]
+
+
+def test_training_reviews_gain_random_windows_drawn_anew_each_epoch_and_the_same_after_a_resume(data):
+    config = smoke("sentiment", data, "data.crops_per_review=2", "data.crop_tokens=[3, 9]")
+    job = make_job(config, rank=0, world_size=1)
+    job.load_data()
+    reviews, labels = job.splits["train"]
+    texts, text_labels = job._with_crops(epoch=0)
+    assert len(texts) == 3 * len(reviews) and job.steps_per_epoch() == -(-len(texts) // job.batch_size)
+    for index, window in enumerate(texts[len(reviews):]):
+        review = index % len(reviews)
+        assert 1 <= len(window) <= min(9, len(reviews[review]))
+        assert text_labels[len(reviews) + index] == labels[review]
+        assert any(np.array_equal(window, reviews[review][s : s + len(window)]) for s in range(len(reviews[review])))
+    again = make_job(config, rank=0, world_size=1)
+    again.load_data()
+    assert all(np.array_equal(a, b) for a, b in zip(texts, again._with_crops(epoch=0)[0]))  # a resumed epoch
+    assert not all(np.array_equal(a, b) for a, b in zip(texts, job._with_crops(epoch=1)[0]))  # a new epoch
 
 
 def test_fit_lstm_weight_needs_an_ngram_branch(data, tmp_path):

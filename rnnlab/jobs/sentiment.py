@@ -5,6 +5,7 @@ reviews (``rnnlab evaluate --data``) and the ``rnnlab classify`` verb."""
 from __future__ import annotations
 
 import logging
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, BeforeValidator, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, model_validator
 
 from rnnlab.bundle import Bundle
 from rnnlab.config import Count, DataSettings, JobConfig, PositiveInt, Probability, model_section
@@ -31,6 +32,10 @@ MAX_TEXTS = 64  # reviews per request (predict itself takes any number and works
 MAX_TEXT_CHARS = 20_000  # the longest IMDb review has ~14k characters
 SHOWN_UNKNOWN = 10  # unknown tokens listed by name by the scorer, most frequent first
 LSTM_WEIGHTS = tuple(i / 20 for i in range(21))  # model.fit_lstm_weight's choices: 0, 0.05, ..., 1
+TEMPERATURES = tuple(round(0.25 * 2 ** (i / 20), 4) for i in range(81))  # model.fit_temperature's: 0.25 to 4
+# the short texts every validation and test review is also scored on (seeded windows of that many tokens, one of
+# each per review): what a sentiment service is mostly sent is a line, not a whole review
+SHORT_WINDOWS = (10, 20, 40)
 
 
 class SentimentDataSettings(DataSettings):
@@ -44,6 +49,16 @@ class SentimentDataSettings(DataSettings):
     # run's validation reviews
     pseudo_labels_from: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = []
     limit_unlabelled: Count = 0
+    # each epoch, this many random windows of every training review join the whole reviews, with their review's
+    # label; each window's length is drawn log-uniformly from crop_tokens (a sentence is 5-40 tokens)
+    crops_per_review: Count = 0
+    crop_tokens: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] = [5, 60]
+
+    @model_validator(mode="after")
+    def _crop_range(self):
+        if self.crop_tokens[0] > self.crop_tokens[1]:
+            raise ValueError(f"data.crop_tokens {self.crop_tokens} must be [shortest, longest]; swap them")
+        return self
 
 
 class SentimentModelSettings(model_section(SentimentConfig)):
@@ -54,6 +69,9 @@ class SentimentModelSettings(model_section(SentimentConfig)):
     # lowest validation loss (the bundle keeps it as lstm_weight); trained together, the LSTM fits the training
     # reviews sooner and the plain sum leans on it more than unseen reviews bear out
     fit_lstm_weight: bool = False
+    # after training, divide the answer's logit by the temperature in 0.25 ... 4 with the lowest validation loss
+    # (whole reviews and short windows weighed alike), so that P(positive) means what it says on both
+    fit_temperature: bool = True
 
 
 class SentimentJobConfig(JobConfig):
@@ -81,6 +99,8 @@ class SentimentJob(Job):
             ids = [np.asarray(encoded.ids[i], dtype=np.int64) for i in keep]
             labels = np.asarray(encoded.labels, dtype=np.float32)[keep]
             self.splits[split] = (ids, labels)
+            if split != "train" and len(ids):
+                self.splits[f"{split}_short"] = short_windows(ids, labels)
         self._imdb = imdb
         self._global_batches: list[list[int]] = []
 
@@ -108,6 +128,7 @@ class SentimentJob(Job):
         if not encoded:
             raise DataError(f"None of the {len(reviews.texts)} reviews in {path} has a word to read; pass review text.")
         self.splits = {"test": (encoded, np.asarray(labels, dtype=np.float32))}
+        self.splits["test_short"] = short_windows(*self.splits["test"])  # as the test split's figures
         return {"reviews": len(labels), "positive": int(sum(labels)), "tokens": tokens_total,
                 "unknown_tokens": sum(unknown.values()), "unknown_share": sum(unknown.values()) / tokens_total,
                 "most_frequent_unknown": dict(unknown.most_common(SHOWN_UNKNOWN)), "skipped": dict(skipped)}
@@ -157,20 +178,38 @@ class SentimentJob(Job):
     def _lengths(self, split: str) -> np.ndarray:
         return np.array([len(x) for x in self.splits[split][0]], dtype=np.int64)
 
-    def _sampler(self):
+    def _sampler(self, lengths: np.ndarray):
         return self._imdb.BucketBatchSampler(
-            self._lengths("train"), self.batch_size, shuffle=True, seed=self.seed,
+            lengths, self.batch_size, shuffle=True, seed=self.seed,
             bucket_size_multiplier=self.config.data.bucket_size_multiplier, drop_last=False,
         )  # fmt: skip
 
     def steps_per_epoch(self) -> int:
-        return len(self._sampler())
+        texts = len(self.splits["train"][0]) * (1 + self.config.data.crops_per_review)
+        return len(self._sampler(np.zeros(texts, dtype=np.int64)))  # the count decides, not the lengths
 
     def start_epoch(self, epoch: int, start: int) -> None:
-        sampler = self._sampler()
+        self.splits["epoch"] = self._with_crops(epoch)
+        sampler = self._sampler(self._lengths("epoch"))
         sampler.set_epoch(epoch)
         # Same global batches on every process; a final batch smaller than the world cannot be split.
         self._global_batches = [list(b) for b in sampler if len(b) >= self.world_size]
+
+    def _with_crops(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The training reviews, then data.crops_per_review random windows of each with its label, drawn anew each
+        epoch from (train.seed, epoch): the same on every process and after a resume."""
+        ids, labels = self.splits["train"]
+        crops = self.config.data.crops_per_review
+        if not crops:
+            return ids, labels
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        lengths = np.tile(self._lengths("train"), crops)
+        low, high = self.config.data.crop_tokens
+        sizes = np.minimum(lengths, np.exp(rng.uniform(np.log(low), np.log(high + 1), len(lengths))).astype(np.int64))
+        starts = (rng.random(len(lengths)) * (lengths - sizes + 1)).astype(np.int64)
+        reviews = np.tile(np.arange(len(ids)), crops)
+        cut = [ids[r][start : start + size] for r, start, size in zip(reviews, starts, sizes)]
+        return ids + cut, np.concatenate([labels, labels[reviews]])
 
     def _collate(self, split: str, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, labels = self.splits[split]
@@ -179,7 +218,7 @@ class SentimentJob(Job):
     def batches(self, epoch: int, start: int) -> Iterator[Batch]:
         for global_batch in self._global_batches[start:]:
             mine = self._share(np.asarray(global_batch))
-            x, lengths, y = self._collate("train", mine)
+            x, lengths, y = self._collate("epoch", mine)
             yield Batch(
                 inputs=(x.to(self.device), lengths.to(self.device)), targets=y.to(self.device).float(),
                 global_units=len(global_batch), samples=len(mine), tokens=int(lengths.sum()),
@@ -193,6 +232,7 @@ class SentimentJob(Job):
 
         settings = self.config.model.to_dict()
         init_from = settings.pop("init_from")
+        settings.pop("fit_temperature")
         if settings.pop("fit_lstm_weight") and not settings["ngram_buckets"]:
             raise ConfigError("model.fit_lstm_weight weighs the LSTM against the n-gram branch; set "
                               "model.ngram_buckets too, or drop it.")
@@ -234,7 +274,12 @@ class SentimentJob(Job):
     def evaluate(self, model, split: str, accelerator) -> EvalResult:
         labels = self.splits[split][1]
         logits = self._logits(model, split, accelerator)[0]
-        return EvalResult(sentiment_metrics(labels, logits), {"labels": labels, "logits": logits})
+        metrics = sentiment_metrics(labels, logits)
+        if f"{split}_short" in self.splits:  # the same reviews' windows of 10, 20 and 40 tokens
+            short_labels = self.splits[f"{split}_short"][1]
+            short = sentiment_metrics(short_labels, self._logits(model, f"{split}_short", accelerator)[0])
+            metrics |= {f"short_{name}": value for name, value in short.items()}
+        return EvalResult(metrics, {"labels": labels, "logits": logits})
 
     @torch.no_grad()
     def _logits(self, model, split: str, accelerator, branches: bool = False) -> np.ndarray:
@@ -267,15 +312,27 @@ class SentimentJob(Job):
         return {"probabilities": probabilities}
 
     def fit_on_validation(self, model, accelerator) -> dict:
-        if not (self.config.model.fit_lstm_weight and self.has_validation()):
+        """model.fit_lstm_weight and model.fit_temperature: the pair with the lowest validation loss, the mean of
+        the whole reviews' and their short windows' (the service is sent both)."""
+        settings = self.config.model
+        if not ((settings.fit_lstm_weight or settings.fit_temperature) and self.has_validation()):
             return {}
-        lstm, ngrams = self._logits(model, "val", accelerator, branches=True)
-        labels = self.splits["val"][1]
-        losses = {weight: sentiment_metrics(labels, weight * lstm + ngrams)["loss"] for weight in LSTM_WEIGHTS}
-        model.config.lstm_weight = min(losses, key=losses.get)
-        log.info("model.fit_lstm_weight: LSTM logit weighed %.2f (validation loss %.4f; %.4f at 1)",
-                 model.config.lstm_weight, losses[model.config.lstm_weight], losses[1.0])
-        return {"lstm_weight": model.config.lstm_weight}
+        texts = [(self.splits[split][1], self._logits(model, split, accelerator, branches=True))
+                 for split in ("val", "val_short")]
+
+        def loss(weight: float, temperature: float) -> float:
+            return float(np.mean([bce(labels, np.dot((weight, 1.0)[-len(branches):], branches) / temperature)
+                                  for labels, branches in texts]))
+
+        weights = LSTM_WEIGHTS if settings.fit_lstm_weight else (model.config.lstm_weight,)
+        temperatures = TEMPERATURES if settings.fit_temperature else (model.config.temperature,)
+        losses = {(w, t): loss(w, t) for w in weights for t in temperatures}
+        weight, temperature = min(losses, key=losses.get)
+        log.info("validation loss (whole and short texts) %.4f -> %.4f: LSTM logit weighed %.2f, temperature %.3f",
+                 loss(model.config.lstm_weight, model.config.temperature), losses[weight, temperature], weight,
+                 temperature)
+        model.config.lstm_weight, model.config.temperature = weight, temperature
+        return {"lstm_weight": weight, "temperature": temperature}
 
     def assets(self) -> dict[str, dict]:
         return {"vocab": self.vocab.to_json()}
@@ -300,12 +357,28 @@ def sentiment_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float
 
     labels = np.asarray(labels, dtype=np.float64)
     logits = np.asarray(logits, dtype=np.float64)
-    # BCE from logits, stable for large ones (sklearn's log_loss takes probabilities and clips them)
-    loss = np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits))))
-    metrics = {"loss": float(loss), "accuracy": float(accuracy_score(labels > 0.5, logits > 0))}
+    metrics = {"loss": bce(labels, logits), "accuracy": float(accuracy_score(labels > 0.5, logits > 0))}
     if 0 < labels.sum() < len(labels):
         metrics["roc_auc"] = float(roc_auc_score(labels, logits))
     return metrics
+
+
+def bce(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Binary cross-entropy from logits, stable for large ones (sklearn's log_loss takes probabilities and clips
+    them)."""
+    return float(np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))))
+
+
+def short_windows(ids: list[np.ndarray], labels: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """One window of each of SHORT_WINDOWS tokens from every review (a shorter review whole), with its label. Where
+    a window starts follows from the review's own tokens, so a review has the same windows in any run, split or
+    order (``rnnlab evaluate --data`` on the test reviews gives the test split's figures)."""
+    windows = []
+    for size in SHORT_WINDOWS:
+        for review in ids:
+            start = zlib.crc32(review.tobytes(), size) % (len(review) - size + 1) if len(review) > size else 0
+            windows.append(review[start : start + size])
+    return windows, np.tile(np.asarray(labels), len(SHORT_WINDOWS))
 
 
 # ------------------------------------------------------------------------------------------------ predictor

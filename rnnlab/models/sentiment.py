@@ -32,7 +32,9 @@ reviews). Each distinct unigram and bigram of a review adds one learned weight, 
 distinct n-grams), to a second logit: unigrams by their id, bigrams hashed into the remaining buckets. The
 model's logit is the sum of the two, the LSTM's weighted by ``lstm_weight`` (1 while training; with
 ``model.fit_lstm_weight`` the job then picks it on the validation split); ``forward(..., branches=True)``
-returns them apart so that training can make each a classifier of its own. The n-gram table is read with a gather
+returns them apart so that training can make each a classifier of its own. The answer's logit is divided by
+``temperature`` (1 while training; ``model.fit_temperature`` fits it on validation so that its probabilities
+are calibrated); the branches never are. The n-gram table is read with a gather
 and a weighted sum (what ``nn.EmbeddingBag(mode="sum")`` with per-sample weights computes; its ONNX export is a
 loop over the bags, several times slower than the whole model under ONNX Runtime).
 
@@ -56,8 +58,9 @@ LENGTH_STRATEGIES = ("padded", "packed")
 
 
 class SentimentConfig(CellSettings):
-    # lstm_weight is the job's to set, from the validation split after training (model.fit_lstm_weight)
-    FROM_DATA: ClassVar[tuple[str, ...]] = ("vocab_size", "lstm_weight")
+    # lstm_weight and temperature are the job's to set, from the validation split after training
+    # (model.fit_lstm_weight, model.fit_temperature)
+    FROM_DATA: ClassVar[tuple[str, ...]] = ("vocab_size", "lstm_weight", "temperature")
 
     vocab_size: PositiveInt
     embed_dim: PositiveInt = 32
@@ -70,6 +73,7 @@ class SentimentConfig(CellSettings):
     embed_dropout: Probability = 0.0  # on the embeddings, before the first LSTM layer
     ngram_buckets: Count = 0  # > vocab_size: a linear bag-of-n-grams logit beside the LSTM's; 0 = none
     lstm_weight: Annotated[Number, Field(ge=0, le=1)] = 1.0  # the LSTM logit's weight in its sum with the n-grams'
+    temperature: Annotated[Number, Field(gt=0)] = 1.0  # the answer's logit is divided by it (calibration)
 
     @model_validator(mode="after")
     def _room_for_bigrams(self):
@@ -183,10 +187,12 @@ class SentimentLSTM(nn.Module):
             features = torch.cat([last_valid(out, lengths) for out in outputs], dim=-1)
         logits = self.head(features).squeeze(-1)
         if not self.config.ngram_buckets:
-            return (logits,) if branches else logits
+            return (logits,) if branches else logits / self.config.temperature
         indices, weights = distinct_ngrams(ids, lengths, self.config.vocab_size, self.config.ngram_buckets)
         ngram_logits = (self.ngrams(indices).squeeze(-1) * weights.to(self.ngrams.weight.dtype)).sum(dim=1)
-        return (logits, ngram_logits) if branches else self.config.lstm_weight * logits + ngram_logits
+        if branches:
+            return logits, ngram_logits
+        return (self.config.lstm_weight * logits + ngram_logits) / self.config.temperature
 
     @staticmethod
     def _run_padded(lstm: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
