@@ -60,7 +60,8 @@ def test_sentiment_predictions_do_not_depend_on_the_batch(sentiment_bundle):
     assert [r["label"] for r in batched] == [r["label"] for r in alone]
     np.testing.assert_allclose([r["probability"] for r in batched], [r["probability"] for r in alone], atol=1e-6)
     for result in batched:
-        assert result["label"] == ("positive" if result["probability"] >= 0.5 else "negative")
+        sign = "positive" if result["probability"] >= 0.5 else "negative"
+        assert result["label"] == (sign if result["known_tokens"] else "unknown")
         assert 0.0 <= result["probability"] <= 1.0
 
     # a server encodes each text once as it arrives and runs the batch later: same answers, any chunk size
@@ -68,6 +69,21 @@ def test_sentiment_predictions_do_not_depend_on_the_batch(sentiment_bundle):
     assert classifier.predict_prepared(encoded, batch_size=1) == classifier.predict_prepared(encoded)
     np.testing.assert_allclose([r["probability"] for r in classifier.predict_prepared(encoded)],
                                [r["probability"] for r in batched], atol=1e-6)
+
+
+def test_sentiment_answers_say_how_many_tokens_the_model_knows_and_give_no_guess_when_none(sentiment_bundle):
+    classifier = load_predictor(sentiment_bundle)
+    texts = ["The film was great", "qwxz blorfle zzyzx", "bad plot", "zzyzx " * 8 + "great", "great " + "zzyzx " * 8]
+    batched = classifier.predict(texts)
+    assert batched[1] == {"label": "unknown", "probability": 0.5, "tokens": 3, "known_tokens": 0}
+    assert batched[0]["label"] != "unknown" and (batched[0]["tokens"], batched[0]["known_tokens"]) == (4, 3)  # "was"
+    # a long review is counted as the model reads it: its last 6 tokens (the bundle's max_length)
+    assert [(a["tokens"], a["known_tokens"], a["label"] == "unknown") for a in batched[3:]] == [(6, 1, False),
+                                                                                             (6, 0, True)]
+    # the review of unknown words leaves its neighbours' answers as they are alone
+    for text, answer in zip(texts, batched):
+        alone = classifier.predict([text])[0]
+        assert answer == {**alone, "probability": pytest.approx(alone["probability"], abs=1e-6)}
 
 
 def test_reviews_are_cut_into_passes_of_similar_length_each_review_once():

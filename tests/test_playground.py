@@ -144,6 +144,17 @@ def test_each_panel_in_a_real_browser(service, browser, tmp_path):
     expected = httpx.post(f"{service}/v1/sentiment", json={"texts": [
         "The movie was great, a great plot and a great cast."]}, headers=AUTH, timeout=30).json()["results"][0]
     assert label == expected["label"] and probability == pytest.approx(expected["probability"], abs=1e-3)
+    # P(positive) as a needle on a meter from negative to positive, "(unsure)" beside the label strictly inside
+    # 0.35-0.65, and how many of the words the model knows
+    meter = browser.find_element(By.ID, "sentiment-meter")
+    assert float(meter.get_attribute("aria-valuenow")) == pytest.approx(expected["probability"], abs=1e-6)
+    needle = browser.find_element(By.ID, "sentiment-needle")
+    centre = needle.location["x"] + needle.size["width"] / 2 - meter.location["x"]
+    assert centre / meter.size["width"] == pytest.approx(expected["probability"], abs=0.01)
+    unsure = 0.35 < expected["probability"] < 0.65
+    assert browser.find_element(By.ID, "sentiment-unsure").text == ("(unsure)" if unsure else "")
+    assert browser.find_element(By.ID, "sentiment-known").text == (
+        f"{expected['known_tokens']} of {expected['tokens']} words known")
 
     # streamed text, reassembled from the events, equals the same seeded request answered in one piece
     fill(browser, "prompt", "the war")
@@ -201,6 +212,20 @@ def test_each_panel_in_a_real_browser(service, browser, tmp_path):
     screenshot = tmp_path / "playground.png"
     browser.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
+
+
+def test_the_sentiment_panel_says_so_when_the_model_knows_none_of_the_words(service, browser):
+    from selenium.webdriver.common.by import By
+
+    open_with_key(browser, service)
+    fill(browser, "review", "qwxz blorfle zzyzx")
+    click(browser, "classify")
+    assert wait_for_text(browser, "sentiment-label") == "unknown"
+    assert "knows none of these words" in browser.find_element(By.ID, "sentiment-unknown").text
+    assert browser.find_element(By.ID, "sentiment-known").text == "0 of 3 words known"
+    # no meter and no probability: the 0.5 in the answer is not the model's estimate
+    assert not browser.find_elements(By.ID, "sentiment-meter")
+    assert browser.find_element(By.ID, "sentiment-probability").text == ""
 
 
 def test_bad_input_shows_the_services_sentence(service, browser):

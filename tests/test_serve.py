@@ -108,15 +108,18 @@ def test_sentiment_matches_the_inference_layer(http, bundles):
     from rnnlab.bundle import load_bundle
     from rnnlab.jobs.sentiment import SentimentPredictor
 
-    texts = ["The movie was great.", "An awful plot and a worse cast."]
+    texts = ["The movie was great.", "An awful plot and a worse cast.", "qwxz blorfle zzyzx"]
     response = http.post("/v1/sentiment", json={"texts": texts})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"].startswith("imdb-small@")
     expected = SentimentPredictor(load_bundle(bundles / "imdb-small")).predict(texts)
     for got, want in zip(body["results"], expected):
-        assert got["label"] == want["label"]
-        assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)
+        assert got == {**want, "probability": pytest.approx(want["probability"], abs=1e-6)}
+    # how much of each text the model knows ("an", "worse", "cast" are not in its vocabulary), and no guess at all
+    # for a text of words it has never seen
+    assert [(r["tokens"], r["known_tokens"]) for r in body["results"]] == [(4, 4), (7, 4), (3, 0)]
+    assert body["results"][2] == {"label": "unknown", "probability": 0.5, "tokens": 3, "known_tokens": 0}
 
 
 def test_forecast_gives_next_close_beside_the_naive_baseline(http, bundles, price_rows):

@@ -385,7 +385,8 @@ def short_windows(ids: list[np.ndarray], labels: np.ndarray) -> tuple[list[np.nd
 
 
 class SentimentPredictor(Predictor):
-    """Reviews in, ``{"label": "positive" | "negative", "probability": P(positive)}`` out.
+    """Reviews in, ``{"label": "positive" | "negative" | "unknown", "probability": P(positive), "tokens": n,
+    "known_tokens": k}`` out.
 
     Texts are tokenized exactly as in training (``rnnlab.data.imdb.tokenize``), unknown words map to ``<unk>``,
     and reviews longer than the training ``data.max_length`` keep their LAST tokens, as training did.
@@ -423,18 +424,26 @@ class SentimentPredictor(Predictor):
 
     @torch.inference_mode()
     def predict_prepared(self, encoded: Sequence[np.ndarray], batch_size: int = PREDICT_BATCH_SIZE) -> list[dict]:
-        """Predictions for reviews already through :meth:`prepare`, ``batch_size`` reviews per forward pass."""
-        probabilities = np.empty(len(encoded))
-        for chunk in similar_lengths([len(ids) for ids in encoded], batch_size):
+        """Predictions for reviews already through :meth:`prepare`, ``batch_size`` reviews per forward pass, each
+        with how many tokens the model read and how many of them its vocabulary knows. A review of unknown words
+        only is all ``<unk>`` to the model, whose answer would be a guess: it gets label "unknown" and 0.5."""
+        known = [int(np.count_nonzero(ids != self.vocab.unk_index)) for ids in encoded]
+        readable = [i for i, count in enumerate(known) if count]
+        probabilities = np.full(len(encoded), 0.5)
+        for passed in similar_lengths([len(encoded[i]) for i in readable], batch_size):
+            chunk = [readable[j] for j in passed]
             lengths = torch.tensor([len(encoded[i]) for i in chunk])
             ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
             for row, i in enumerate(chunk):
                 ids[row, : lengths[row]] = torch.from_numpy(encoded[i])
             logits = self.model(ids.to(self.device), lengths.to(self.device))
             probabilities[chunk] = torch.sigmoid(logits.float()).cpu().numpy()
-        return [
-            {"label": "positive" if p >= 0.5 else "negative", "probability": float(p)} for p in probabilities
-        ]
+        answers = []
+        for probability, review, count in zip(probabilities, encoded, known):
+            label = ("positive" if probability >= 0.5 else "negative") if count else "unknown"
+            answers.append({"label": label, "probability": float(probability), "tokens": len(review),
+                            "known_tokens": count})
+        return answers
 
 
 # A forward pass pads its reviews by at most this share of their tokens: both runtimes compute every padded
@@ -523,8 +532,14 @@ class SentimentRequest(StrictBody):
 
 
 class SentimentResult(BaseModel):
-    label: Literal["positive", "negative"]
-    probability: float = Field(description="Probability that the text is positive.")
+    label: Literal["positive", "negative", "unknown"] = Field(
+        description="positive when the probability is at least 0.5, else negative; unknown when the model knows "
+                    "none of the text's words (known_tokens 0): it has nothing to read, so it does not guess.")
+    probability: float = Field(description="Probability that the text is positive; 0.5 when the label is unknown.")
+    tokens: int = Field(description="Tokens (words and emoticons) the model read: the text's last ones, up to the "
+                                    "bundle's data.max_length.")
+    known_tokens: int = Field(description="How many of those tokens the model's vocabulary knows; it reads each "
+                                          "of the others as the one token <unk>.")
 
 
 class SentimentResponse(BaseModel):
