@@ -583,10 +583,15 @@ class CLI:
 
 
 def demo(post) -> None:
-    """``make demo``: two example reviews through ``post(body)`` (POST /v1/sentiment), each beside its right label."""
+    """``make demo``: example reviews, whole and one-line, and a text of made-up words through ``post(body)`` (POST
+    /v1/sentiment), each beside its right label."""
     reviews = [("A moving, beautifully acted film; I loved every minute of it.", "positive"),
-               ("Dull, predictable and far too long. I want my two hours back.", "negative")]
+               ("Dull, predictable and far too long. I want my two hours back.", "negative"),
+               ("Loved it!", "positive"), ("What a waste of time.", "negative"), ("qwxz blorfle zzyzx", "unknown")]
     for (text, expected), answer in zip(reviews, post({"texts": [text for text, _ in reviews]})["results"]):
-        confidence = answer["probability"] if answer["label"] == "positive" else 1 - answer["probability"]
         verdict = "right" if answer["label"] == expected else f"WRONG (expected {expected})"
+        if answer["label"] == "unknown":
+            print(f"  unknown: none of its {answer['tokens']} words is known ({verdict})  <- {text!r}")
+            continue
+        confidence = answer["probability"] if answer["label"] == "positive" else 1 - answer["probability"]
         print(f"  {answer['label']} with probability {confidence:.3f} ({verdict})  <- {text!r}")
