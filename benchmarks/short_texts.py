@@ -100,7 +100,10 @@ def score_slice(csv: Path, baselines: dict, bundles: list[str]) -> dict[str, Any
 
     read = read_labelled_reviews(csv)
     labels = read.labels.astype(int)
-    reviews = pd.read_csv(csv, usecols=["review"], dtype=str, keep_default_na=False)["review"].to_numpy()
+    if "review" in pd.read_csv(csv, nrows=0).columns:
+        reviews = pd.read_csv(csv, usecols=["review"], dtype=str, keep_default_na=False)["review"].to_numpy()
+    else:  # a CSV of the user's: each text is its own review for the bootstrap
+        reviews = np.array([f"{csv.name}:{row}" for row in range(len(labels))])
     scores = {name: baseline.scores(read.texts) for name, baseline in baselines.items()}
     predicted = {name: value > 0 for name, value in scores.items()}
     probability = {"tfidf_lr": 1 / (1 + np.exp(-scores["tfidf_lr"]))}  # LR's decision value is a logit
@@ -114,6 +117,7 @@ def score_slice(csv: Path, baselines: dict, bundles: list[str]) -> dict[str, Any
         "calibration": {name: calibration(value[scored], labels[scored]) for name, value in probability.items()},
         "left_out": int((~scored).sum()),  # texts some bundle could not read (no words): out of every comparison
         "reviews": reviews[scored],
+        "texts": [text for text, keep in zip(read.texts, scored) if keep],
         "correct": {name: (value == (labels == 1))[scored] for name, value in predicted.items()},
         "positive": {name: value[scored] for name, value in predicted.items()},
         "tfidf_lr_scores": scores["tfidf_lr"][scored],
@@ -132,13 +136,20 @@ def calibration(probability: np.ndarray, labels: np.ndarray) -> dict[str, float]
     return {"ece": float(np.sum(gaps)), "log_loss": float(log_loss)}
 
 
+def median_tokens(texts: list[str]) -> float:
+    from rnnlab.data.imdb import tokenize
+
+    return float(np.median([len(tokenize(text)) for text in texts]))
+
+
 def label_noise(scores: np.ndarray, reviews: np.ndarray, whole: dict[str, bool]) -> dict[str, float]:
     """How far a slice's texts carry their review's label, as TF-IDF + LR (fitted on whole reviews) reads them:
-    the share it is unsure of, and the share it labels as it labels the whole review."""
+    the share it is unsure of, and the share it labels as it labels the whole review (None for a CSV of the
+    user's, whose texts come from no review here)."""
     probability = 1 / (1 + np.exp(-scores))
-    agrees = np.array([(score > 0) == whole[review] for score, review in zip(scores, reviews)])
+    agrees = [(score > 0) == whole[review] for score, review in zip(scores, reviews) if review in whole]
     return {"unsure_share": float(np.mean(np.abs(probability - 0.5) < UNSURE)),
-            "agrees_with_whole": float(np.mean(agrees))}
+            "agrees_with_whole": float(np.mean(agrees)) if agrees else None}
 
 
 def bootstrap_accuracies(per_slice: dict[str, dict], resamples: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
@@ -164,7 +175,9 @@ def bootstrap_accuracies(per_slice: dict[str, dict], resamples: int, seed: int) 
 def compare(per_slice: dict, resampled: dict, bundles: list[str]) -> dict[str, Any]:
     """Each bundle minus each baseline: the accuracy difference per slice and its mean over the short slices,
     each with its 95 % paired bootstrap interval."""
-    short = [name for name in per_slice if name != "whole"]
+    from rnnlab.data.short_texts import SLICES
+
+    short = [name for name in SLICES[1:] if name in per_slice]  # a user's CSV is reported, not averaged in
     pairs = {}
     for bundle in map(bundle_name, bundles):
         for baseline in BASELINES:
@@ -199,6 +212,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in SLICES:
         print(f"scoring {name} ...", file=sys.stderr, flush=True)
         per_slice[name] = score_slice(args.slices / f"{name}.csv", baselines, args.bundles)
+    for path in args.csv:
+        print(f"scoring {path} ...", file=sys.stderr, flush=True)
+        per_slice[path.name] = score_slice(path, baselines, args.bundles)
     whole = per_slice["whole"]
     whole_label = dict(zip(whole["reviews"], whole["tfidf_lr_scores"] > 0))
     resampled = bootstrap_accuracies(per_slice, args.resamples, args.bootstrap_seed)
@@ -220,7 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             name: {
                 "texts": int(len(scored["reviews"])),
                 "left_out": scored["left_out"],
-                "median_tokens": manifest["slices"][name]["median_tokens"],
+                "median_tokens": median_tokens(scored["texts"]),
                 "accuracy": {model: float(correct.mean()) for model, correct in scored["correct"].items()},
                 # half the texts are positive: far from 0.5, a model leans to one label on this slice
                 "labelled_positive": {model: float(value.mean()) for model, value in scored["positive"].items()},
@@ -232,6 +248,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "pairs": compare(per_slice, resampled, args.bundles),
         "wall_s": time.perf_counter() - started,
     }
+
+
+def percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -247,7 +267,7 @@ def print_table(results: dict[str, Any]) -> None:
         noise = row["label_noise"]
         print(f"  {name:<16} {row['texts']:>6} {row['median_tokens']:>6.0f} "
               + " ".join(f"{100 * row['accuracy'][m]:>16.2f}" for m in models)
-              + f" {100 * noise['unsure_share']:>6.1f}% {100 * noise['agrees_with_whole']:>6.1f}%")
+              + f" {100 * noise['unsure_share']:>6.1f}% {percent(noise['agrees_with_whole']):>7}")
     print("share of texts each model labels positive (half of them are), %")
     for name, row in results["slices"].items():
         print(f"  {name:<16} {'':>6} {'':>6} "
@@ -274,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="when --slices holds none: cut them from these reviews")
     parser.add_argument("--seed", type=int, default=0, help="when --slices holds none: the slices' seed")
     parser.add_argument("--bundles", nargs="*", default=[], metavar="BUNDLE", help="sentiment bundles to score")
+    parser.add_argument("--csv", type=Path, action="append", default=[], metavar="CSV",
+                        help="a labelled short-text CSV of your own (text,label columns), scored as one more slice "
+                             "beside the others (repeatable; not in the mean over the short slices)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1,000)")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
     parser.add_argument("--data-mirror", default=None, help="folder with the data files (else RNNLAB_DATA_MIRROR)")

@@ -105,6 +105,11 @@ def test_reviews_score_the_same_from_a_folder_and_from_a_csv(sentiment_bundle, t
     assert 0.0 <= table["roc_auc"] <= 1.0
 
 
+def test_counts_of_more_than_127_reviews_are_right(sentiment_bundle, tmp_path):
+    table = score_data(sentiment_bundle, write_csv(tmp_path / "many.csv", REVIEWS * 100))
+    assert (table["reviews"], table["positive"]) == (400, 200)  # labels are read as int8: a sum of them wraps
+
+
 @pytest.mark.parametrize(
     "content, match",
     [

@@ -124,7 +124,7 @@ class SentimentJob(Job):
             unknown.update(token for token, id_ in zip(tokens, ids) if id_ == self.vocab.unk_index)
             tokens_total += len(tokens)
             encoded.append(ids[-max_length:] if max_length is not None else ids)  # the last tokens, as training
-            labels.append(label)
+            labels.append(int(label))  # int8 from the reader: their sum would wrap at 127
         if not encoded:
             raise DataError(f"None of the {len(reviews.texts)} reviews in {path} has a word to read; pass review text.")
         self.splits = {"test": (encoded, np.asarray(labels, dtype=np.float32))}
