@@ -128,7 +128,7 @@ JOBS: dict[str, JobSpec] = {
             data_set="imdb",
             # short_*: the same reviews' windows of 10, 20 and 40 tokens (what a service is mostly sent)
             metrics={"loss": "min", "accuracy": "max", "roc_auc": "max", "short_accuracy": "max",
-                     "short_loss": "min"},
+                     "short_loss": "min", "short_roc_auc": "max"},
             model="rnnlab.models.sentiment:SentimentLSTM",
             model_config="rnnlab.models.sentiment:SentimentConfig",
             job="rnnlab.jobs.sentiment:SentimentJob",
