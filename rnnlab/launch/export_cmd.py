@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
         "(refused, in one sentence, when it does not answer as they do), and rewrite the bundle with it. With "
         "--int8, also an int8 graph (ONNX Runtime's dynamic quantization of the LSTM and the large linear layers), "
         "kept only when the job's quality gate passes on the validation split rebuilt from the bundle's training "
-        "config (sentiment: accuracy within 0.3 points, >= 99 %% same labels; charlm: nats/char within 1 %%).")
+        "config (sentiment: accuracy within 0.3 points, >= 99 % same labels; charlm: nats/char within 1 %).")
     p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder (e.g. runs/charlm-default/bundle)")
     p.add_argument("--int8", action="store_true", help="also try an int8 graph behind the job's quality gate")
     p.add_argument("--source", metavar="PATH", help="--int8: data file to rebuild the validation split from")
