@@ -487,6 +487,16 @@ def test_fit_on_validation_picks_the_weight_and_temperature_of_least_loss_and_th
     assert [(e["lstm_weight"], e["temperature"]) for e in events(tmp_path, "val_fitted")] == [(weight, temperature)]
 
 
+def test_sentiment_without_a_validation_split_trains_on_every_review_and_scores_test(data, tmp_path):
+    from rnnlab.errors import ConfigError
+
+    result = train(smoke("sentiment", data, "data.val_fraction=0", "model.ngram_buckets=5000"), tmp_path)
+    assert result["best_step"] is None and not result["val"]  # nothing selected or fitted on
+    assert {"accuracy", "short_accuracy"} <= set(result["test"])
+    with pytest.raises(ConfigError, match="early_stopping_patience needs a validation split"):
+        smoke("sentiment", data, "data.val_fraction=0", "train.early_stopping_patience=2")
+
+
 def test_training_reviews_gain_random_windows_drawn_anew_each_epoch_and_the_same_after_a_resume(data):
     config = smoke("sentiment", data, "data.crops_per_review=2", "data.crop_tokens=[3, 9]")
     job = make_job(config, rank=0, world_size=1)

@@ -79,9 +79,17 @@ class SentimentJobConfig(JobConfig):
     data: SentimentDataSettings = Field(default_factory=SentimentDataSettings)
     model: SentimentModelSettings = Field(default_factory=SentimentModelSettings)
 
+    @property
+    def has_validation_split(self) -> bool:
+        # val_fraction=0 trains on all 25,000 reviews: no selection, no fitting, the final weights are the bundle's
+        return self.data.val_fraction > 0
+
 
 class SentimentJob(Job):
     Config = SentimentJobConfig
+
+    def has_validation(self) -> bool:
+        return len(self.splits["val"][1]) > 0
 
     def load_data(self) -> None:
         from rnnlab.data import imdb
