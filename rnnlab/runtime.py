@@ -191,7 +191,7 @@ class OnnxModel:
         if self.stateful:
             state = inputs[self.arity] if len(inputs) > self.arity else None
             tensors += state if state is not None else self.init_state(tensors[0].shape[0])
-        feeds = {name: t.detach().to("cpu").contiguous().numpy() for name, t in zip(self.inputs, tensors)}
+        feeds = {name: _array(t) for name, t in zip(self.inputs, tensors)}
         outputs = [torch.from_numpy(array) for array in self.session.run(None, feeds)]
         if self.stateful:
             return outputs[0], tuple(outputs[1:])
@@ -212,6 +212,14 @@ class OnnxModel:
 
     def describe(self) -> dict:
         return {"runtime": "onnx", "device": "cpu", **self.info}
+
+
+def _array(tensor: torch.Tensor):
+    """A tensor as the array ONNX Runtime reads, sharing its memory where it can: a decoding step's state comes
+    back from the previous step as such an array, and at a fraction of a millisecond a step, copies count."""
+    if tensor.device.type == "cpu" and tensor.is_contiguous() and not tensor.requires_grad:
+        return tensor.numpy()
+    return tensor.detach().to("cpu").contiguous().numpy()
 
 
 # ------------------------------------------------------------------------------------------------ the seam

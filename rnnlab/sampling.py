@@ -9,7 +9,7 @@ words. ``sample_next`` is the one sampler all of them call, so the same seed giv
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
@@ -81,6 +81,36 @@ class NonFiniteScores(RuntimeError):
         self.rows = rows
 
 
+class RowSampling(NamedTuple):
+    """Per-row sampling settings of a batch as tensors, with what every step would otherwise recompute from them
+    (the divisor, whether any row is greedy or filtered): built once per batch change (``per_row_params``), not once
+    per step -- at a fraction of a millisecond per step on a CPU, each small tensor operation counts."""
+
+    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    top_k: torch.Tensor  # [B] long, 0 = off
+    top_p: torch.Tensor  # [B] float32, 1 = off
+    divisor: torch.Tensor  # [B, 1] the scores' divisor: the temperature, 1 for greedy rows
+    greedy: torch.Tensor | None  # [B] bool, None when no row is greedy
+    smallest_top_k: int  # the smallest top-k any row asks (0: none asks)
+    nucleus: bool  # some row has top-p below 1
+
+    @classmethod
+    def of(cls, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> RowSampling:
+        greedy = temperature <= 0
+        asked = top_k[top_k > 0]
+        return cls(temperature, top_k, top_p, torch.where(greedy, 1.0, temperature).unsqueeze(1),
+                   greedy if bool(greedy.any()) else None, int(asked.min()) if asked.numel() else 0,
+                   bool((top_p < 1).any()))
+
+    def filters(self, vocab: int) -> bool:
+        """Whether some row drops tokens (top-k below the vocabulary, or top-p): only then is sorting needed."""
+        return self.nucleus or 0 < self.smallest_top_k < vocab
+
+    def rows(self, index: torch.Tensor) -> RowSampling:
+        """The settings of the rows at ``index``, in that order."""
+        return RowSampling.of(*(t.index_select(0, index) for t in (self.temperature, self.top_k, self.top_p)))
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: PerRow = 1.0,
@@ -112,31 +142,33 @@ def sample_next(
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     rows, vocab = logits.shape
     device = logits.device
-    scores = logits.float()
-    temperature_t = _per_row(temperature, rows, default=1.0, dtype=torch.float32, device=device)
-    top_k_t = _per_row(top_k, rows, default=0, dtype=torch.long, device=device)
-    top_p_t = _per_row(top_p, rows, default=1.0, dtype=torch.float32, device=device)
+    settings = RowSampling.of(_per_row(temperature, rows, default=1.0, dtype=torch.float32, device=device),
+                              _per_row(top_k, rows, default=0, dtype=torch.long, device=device),
+                              _per_row(top_p, rows, default=1.0, dtype=torch.float32, device=device))
     if uniforms is None:
         uniforms = _uniforms(rows, generator)
-    uniforms = uniforms.to(device=device, dtype=torch.float32)
+    return sample_rows(logits, settings, uniforms.to(device=device, dtype=torch.float32))
 
-    greedy = temperature_t <= 0
-    probs = (scores / torch.where(greedy, 1.0, temperature_t).unsqueeze(1)).softmax(dim=-1)
-    filtered = (top_k_t > 0) & (top_k_t < vocab) | (top_p_t < 1)
-    if bool(filtered.any()):
+
+def sample_rows(logits: torch.Tensor, settings: RowSampling, uniforms: torch.Tensor) -> torch.Tensor:
+    """``sample_next`` for settings already in tensors (``per_row_params``) and draws ``uniforms[B]`` (float32, on
+    the logits' device): what the generation scheduler calls at every step, and what ``sample_next`` calls."""
+    vocab = logits.shape[1]
+    scores = logits.float()
+    probs = (scores / settings.divisor).softmax(dim=-1)
+    if settings.filters(vocab):
         sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-        ranks = torch.arange(vocab, device=device).unsqueeze(0)
-        drop = ranks >= torch.where(top_k_t > 0, top_k_t, vocab).unsqueeze(1)
-        drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p_t.unsqueeze(1)  # mass before reaches top_p
+        ranks = torch.arange(vocab, device=probs.device).unsqueeze(0)
+        drop = ranks >= torch.where(settings.top_k > 0, settings.top_k, vocab).unsqueeze(1)
+        drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= settings.top_p.unsqueeze(1)  # mass before: top_p
         drop[:, 0] = False  # the most likely token always stays
         probs = probs.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), 0.0)
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1]
-    broken = ~torch.isfinite(total)  # NaN or +inf anywhere in a row's scores makes its softmax NaN
-    if bool(broken.any()):
-        raise NonFiniteScores(broken.nonzero().flatten().tolist())
+    if not bool(torch.isfinite(total).all()):  # NaN or +inf anywhere in a row's scores makes its softmax NaN
+        raise NonFiniteScores((~torch.isfinite(total)).nonzero().flatten().tolist())
     choice = torch.searchsorted(cdf, (uniforms * total).unsqueeze(1), right=True).squeeze(1).clamp_(max=vocab - 1)
-    return torch.where(greedy, scores.argmax(dim=-1), choice)
+    return choice if settings.greedy is None else torch.where(settings.greedy, scores.argmax(dim=-1), choice)
 
 
 MAX_LOGPROBS = 5  # alternatives per character a request may ask for (OpenAI's limit for completions)
@@ -155,13 +187,13 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top_n: int) -> tu
     return chosen_lp, values, ids
 
 
-def per_row_params(params: Sequence[SamplingParams], device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-    """(temperature, top_k, top_p) tensors for a batch of sequences, built once per batch change rather than
-    once per step."""
+def per_row_params(params: Sequence[SamplingParams], device: torch.device | str = "cpu") -> RowSampling:
+    """A batch of sequences' settings for ``sample_rows``, built once per batch change rather than once per
+    step."""
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
     top_k = torch.tensor([p.top_k or 0 for p in params], dtype=torch.long, device=device)
     top_p = torch.tensor([1.0 if p.top_p is None else p.top_p for p in params], dtype=torch.float32, device=device)
-    return temperature, top_k, top_p
+    return RowSampling.of(temperature, top_k, top_p)
 
 
 def _per_row(value: PerRow, rows: int, *, default: float, dtype: torch.dtype, device) -> torch.Tensor:
