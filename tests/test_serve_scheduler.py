@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -183,3 +184,76 @@ def test_same_seed_same_text_whatever_the_batch_neighbours(generator):
     alone = asyncio.run(run(0))
     assert asyncio.run(run(7)) == asyncio.run(run(12, max_batch_size=4)) == alone
     assert alone == generator.generate("the war", **params.model_dump())
+
+
+class HeldModel(torch.nn.Module):
+    """The generator's model, except that the step for which ``hold(sizes)`` first says so waits until the test
+    releases it (``sizes``: the batch size of every step so far, this one's last): the decoding thread stands still
+    in the middle of a block, so a test can see what happens before that block ends."""
+
+    def __init__(self, model: torch.nn.Module, hold) -> None:
+        super().__init__()
+        self.model, self.hold = model, hold
+        self.held, self.release = threading.Event(), threading.Event()
+        self.sizes: list[int] = []
+
+    def init_state(self, *args):
+        return self.model.init_state(*args)
+
+    def forward(self, ids, state=None):
+        return self.model.forward(ids, state)
+
+    def step(self, ids, state):
+        self.sizes.append(len(ids))
+        if not self.held.is_set() and self.hold(self.sizes):
+            self.held.set()
+            self.release.wait(timeout=60)  # a safety net only: every test releases it
+        return self.model.step(ids, state)
+
+
+async def _wait_for(event: threading.Event) -> None:
+    while not event.is_set():
+        await asyncio.sleep(0.001)
+
+
+def test_a_finished_sequence_is_answered_before_its_block_ends(generator):
+    # blocks of 64 steps; the decoding thread stands still two steps after the short request's last one: the short
+    # answer must arrive meanwhile (its client's next request can take the slot), not at the block's end
+    model = HeldModel(generator.model, hold=lambda sizes: 2 in sizes and len(sizes) == sizes.index(2) + 7)
+
+    async def run():
+        scheduler = GenerationScheduler(model, max_batch_size=4, block_s=60.0)
+        long = asyncio.create_task(_collect(scheduler, generator, "long", SamplingParams(max_new_tokens=100, seed=1)))
+        try:
+            short = await asyncio.wait_for(
+                _collect(scheduler, generator, "short", SamplingParams(max_new_tokens=5, seed=2)), timeout=30)
+            steps_when_answered = len(model.sizes)  # the thread cannot pass the held step before the release
+        finally:
+            model.release.set()
+        await long
+        return short, steps_when_answered
+
+    short, steps_when_answered = asyncio.run(run())
+    joined = model.sizes.index(2)
+    assert len(short) == 5 and model.sizes[joined : joined + 5] == [2] * 5
+    assert steps_when_answered <= joined + 7
+
+
+def test_a_request_joins_at_the_next_step_not_at_the_block_end(generator):
+    model = HeldModel(generator.model, hold=lambda sizes: len(sizes) == 10)
+
+    async def run():
+        scheduler = GenerationScheduler(model, max_batch_size=4, block_s=60.0)
+        long = asyncio.create_task(_collect(scheduler, generator, "long", SamplingParams(max_new_tokens=200, seed=1)))
+        try:
+            await _wait_for(model.held)  # the long one is in the middle of a 64-step block
+            short = asyncio.create_task(_collect(scheduler, generator, "late", SamplingParams(max_new_tokens=5, seed=2)))
+            while scheduler.stats()["waiting"] == 0:
+                await asyncio.sleep(0)
+        finally:
+            model.release.set()
+        await asyncio.gather(long, short)
+
+    asyncio.run(run())
+    assert model.sizes[:10] == [1] * 10
+    assert model.sizes[10:15] == [2] * 5  # joined at the step right after the one it arrived during

@@ -2,11 +2,11 @@
 
 One thread decodes every active sequence together, one ``CharLSTM.step`` call per step for all of them.
 Each sequence keeps its own temperature / top-k / top-p, length and seeded draws; a sequence that is done leaves
-after the step that finished it, and a request that arrives joins at the next block boundary: its prompt is run
-through ``forward`` (the prefill) and its state is concatenated onto the slot tensors. A recurrent model's state
-is a fixed-size tuple of tensors per sequence -- an LSTM's (h, c), a GRU's or plain RNN's (h,), each
-``[layers, B, hidden]`` -- so a slot costs ``len(state) * layers * hidden`` floats and joining or leaving is one
-``torch.cat`` / index per member. The scheduler only ever handles the tuple as a whole (``_cat_rows``,
+after the step that finished it, and a request that arrives while a slot is free ends the running block, so it
+joins at the next step: its prompt is run through ``forward`` (the prefill) and its state is concatenated onto the
+slot tensors. A recurrent model's state is a fixed-size tuple of tensors per sequence -- an LSTM's (h, c), a GRU's
+or plain RNN's (h,), each ``[layers, B, hidden]`` -- so a slot costs ``len(state) * layers * hidden`` floats and
+joining or leaving is one ``torch.cat`` / index per member. The scheduler only ever handles the tuple as a whole (``_cat_rows``,
 ``_split_rows``, ``_rows``), never which cell made it.
 
 Speed: one thread decodes in a tight loop -- admit, a block of steps (about ``block_s`` of compute), hand the new
@@ -18,7 +18,8 @@ joins, and the steps at which rows finish are known from their lengths. Prompts 
 one forward per prompt length. Consumers are woken with one ``call_soon_threadsafe`` per block: a streaming one at
 most every ``stream_interval_s``, stretched so that all streams together make about ``stream_events_per_s``
 chunks (each is an event through Ray and HTTP; one per character cost more than the decoding), a plain one once,
-at the end.
+at the end -- at the step that finished it, not at the block's end, so that its client's next request finds the
+slot free (with 32 clients on 2 cores, up to a block's 20 ms per request left slots empty).
 
 Determinism: a sequence's tokens depend only on its prompt, its parameters and its seed (one uniform draw per
 step from its own generator, drawn ahead in one call, which gives the same numbers), never on which other
@@ -48,7 +49,7 @@ from typing import NamedTuple
 
 import torch
 
-from rnnlab.sampling import NonFiniteScores, SamplingParams, per_row_params, sample_next, token_logprobs
+from rnnlab.sampling import NonFiniteScores, RowSampling, SamplingParams, per_row_params, sample_rows, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class _Sequence:
     error: str | None = None
     cancelled: bool = False
     last_wake: float = 0.0
+    told_done: bool = False  # its consumer was woken after it finished (once is enough)
     logprobs: int | None = None  # alternatives asked per token; None: no log-probabilities at all
     logprob_out: list = field(default_factory=list)  # per token: (log-probability, [(id, log-probability)])
 
@@ -121,7 +123,7 @@ class GenerationScheduler:
         # the batch, row i = self._active[i]
         self._state: tuple[torch.Tensor, ...] | None = None  # (h, c) or (h,), each [layers, B, hidden]
         self._ids: torch.Tensor | None = None  # [B] the tokens fed at the next step
-        self._sampling: tuple[torch.Tensor, ...] = ()  # per-row temperature, top_k, top_p
+        self._sampling: RowSampling | None = None  # per-row temperature, top_k, top_p
         self._step_s = 0.0  # running estimate of one step's time, to size blocks
         self._unexplained = 0  # step failures in a row that no single row reproduced
         self._wakeup = threading.Event()  # set when a request arrives or leaves
@@ -211,7 +213,7 @@ class GenerationScheduler:
                 for sequence in [*self._active, *list(self._waiting)]:
                     self._fail(sequence, _reason(error))
                     touched.append(sequence)
-                self._active, self._state, self._ids, self._sampling = [], None, None, ()
+                self._active, self._state, self._ids, self._sampling = [], None, None, None
                 self._waiting.clear()
             self._notify(touched)
             if not self._active:
@@ -233,9 +235,14 @@ class GenerationScheduler:
         interval = max(self.stream_interval_s, streams / self.stream_events_per_s)
         due: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
         for sequence in dict.fromkeys(sequences):  # unique, in order
-            if sequence.done or (sequence.streaming and now - sequence.last_wake >= interval):
-                sequence.last_wake = now
-                due.setdefault(sequence.loop, []).append(sequence.wake)
+            if sequence.done:
+                if sequence.told_done:
+                    continue
+                sequence.told_done = True
+            elif not (sequence.streaming and now - sequence.last_wake >= interval):
+                continue
+            sequence.last_wake = now
+            due.setdefault(sequence.loop, []).append(sequence.wake)
         for loop, events in due.items():
             try:
                 loop.call_soon_threadsafe(_set_all, events)
@@ -319,9 +326,11 @@ class GenerationScheduler:
         step = 0
         started = time.perf_counter()
         while step < steps and self._active:
+            if self._waiting and len(self._active) < self.max_batch_size:
+                break  # a request waits for a free slot: end the block so that it joins at the next step
             try:
                 logits, state = self.model.step(self._ids, self._state)
-                ids = sample_next(logits, *self._sampling, uniforms=uniforms[:, step])
+                ids = sample_rows(logits, self._sampling, uniforms[:, step])
             except Exception as error:  # noqa: BLE001 -- isolate the rows at fault, retry without them
                 self._flush(segment, scored, asking)
                 keep = self._rows_not_at_fault(error, uniforms[:, step])
@@ -341,14 +350,16 @@ class GenerationScheduler:
             step += 1
             if len(segment) == until_finish:
                 self._flush(segment, scored, asking)
-                keep = []
+                keep, finished = [], []
                 for row, sequence in enumerate(self._active):
                     if sequence.remaining:
                         keep.append(row)
                     else:
                         sequence.done = True
-                        self.counts["finished"] += 1
+                        finished.append(sequence)
+                self.counts["finished"] += len(finished)
                 self._retain(keep)
+                self._notify(finished)  # now, not at the block's end: its client's next request can take the slot
                 uniforms = uniforms[keep]
                 asking = self._asking_logprobs()
                 until_finish = min((s.remaining for s in self._active), default=0)
@@ -402,7 +413,7 @@ class GenerationScheduler:
             for row in range(len(self._active)):
                 try:
                     logits, _ = self.model.step(self._ids[row : row + 1], _rows(self._state, [row]))
-                    sample_next(logits, *(t[row : row + 1] for t in self._sampling), uniforms=uniforms[row : row + 1])
+                    sample_rows(logits, self._sampling.rows(torch.tensor([row])), uniforms[row : row + 1])
                 except Exception:  # noqa: BLE001
                     at_fault.add(row)
             if not at_fault:  # no single row reproduces it: retry the whole step once, then give up on all
@@ -431,12 +442,12 @@ class GenerationScheduler:
             return
         self._active = [self._active[i] for i in keep]
         if not keep:
-            self._state, self._ids, self._sampling = None, None, ()
+            self._state, self._ids, self._sampling = None, None, None
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self._state = _rows(self._state, index)
         self._ids = self._ids.index_select(0, index)
-        self._sampling = tuple(t.index_select(0, index) for t in self._sampling)
+        self._sampling = self._sampling.rows(index)
 
 
 def _set_all(events: list[asyncio.Event]) -> None:
