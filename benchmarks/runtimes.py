@@ -227,7 +227,8 @@ def served(args) -> dict:
                     folder = folders[graphs]["folder"]
                     usable = {job: folders[graphs]["gate"] is None or folders[graphs]["gate"][job]["passed"]
                               for job in SERVED_JOBS}
-                    deploy(folder, args.clients, runtime=runtime, max_streams=args.clients,
+                    # the service's own batching (generation admits up to 128 sequences: all the clients)
+                    deploy(folder, runtime=runtime, max_streams=args.clients,
                            max_ongoing_requests=2 * args.clients, max_queued_requests=2 * args.clients)
                     row = rows[name] = {"load_average": os.getloadavg()[0]}
                     if usable["charlm"]:

@@ -10,7 +10,8 @@ stock, ``/v1/generate`` for charlm) answer the same, for one release.
 
 Batched jobs are batched in the Gateway: a ``@serve.batch`` per job gathers the items of concurrent requests and
 makes ONE handle call per batch, so the Gateway -> model hop (which costs about as much as an LSTM pass over a
-review) is paid per batch, not per request.
+review) is paid per batch, not per request; two batches are in flight at once, so the model computes one while the
+other travels.
 
 Batch sizes and timeouts are ``user_config`` (live-updatable by ``serve deploy``/``serve run``): the Gateway's
 says how many items it gathers and how long it waits; a model deployment's says how many items go through one
@@ -34,7 +35,7 @@ from ray import serve
 
 from rnnlab import registry
 from rnnlab.serve import completions, connections, http, limits, memory, metrics, openai, replicas
-from rnnlab.serve.deployments import DEFAULT_BATCH, DEPLOYMENTS, checked_batching
+from rnnlab.serve.deployments import BATCHES_IN_FLIGHT, DEFAULT_BATCH, DEPLOYMENTS, checked_batching
 from rnnlab.serve.http import api
 from rnnlab.serve.schemas import ErrorResponse, error_item, with_model_field
 
@@ -50,7 +51,7 @@ class Gateway:
         # another replica costs about as much as an LSTM pass over a review, so paying it per request capped the
         # batches. The model deployment answers per item ({"error": ...} for a bad one), so one bad item fails
         # nothing else.
-        self.gather = {job: serve.batch(**DEFAULT_BATCH)(self._gatherer(job))
+        self.gather = {job: serve.batch(**DEFAULT_BATCH, max_concurrent_batches=BATCHES_IN_FLIGHT)(self._gatherer(job))
                        for job in registry.served() if registry.job(job).served_by == "batched"}
         guard = dict(guard or {})
         self.limits = limits.check_limits({k: v for k, v in guard.items() if k in limits.LIMITS})
