@@ -25,7 +25,7 @@ from rnnlab.inference import device_of, expect_job
 from rnnlab.models.cells import detach_state
 from rnnlab.models.charlm import CharConfig
 from rnnlab.runtime import GraphSpec
-from rnnlab.sampling import NonFiniteScores, SamplingParams, sample_next, sampling_params
+from rnnlab.sampling import NonFiniteScores, SamplingParams, per_row_params, sample_rows, sampling_params
 from rnnlab.trainers.evaluate import score_with_job
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
 
@@ -196,14 +196,14 @@ class CharLMJob(Job):
         known = "".join(ch for ch in prompt if ch in self.vocab.stoi) or self.vocab.itos[0]
         device = next(model.parameters()).device
         ids = torch.tensor([self.vocab.stoi[ch] for ch in known], device=device).unsqueeze(0)
-        uniforms = torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(params.seed))
+        uniforms = torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(params.seed)).to(device)
+        settings = per_row_params([params], device)
         with torch.no_grad():
             logits, state = model(ids, None)
             logits = logits[:, -1]
             out = []
             for step in range(params.max_new_tokens):
-                nxt = sample_next(logits, params.temperature, params.top_k, params.top_p,
-                                  uniforms=uniforms[step : step + 1])
+                nxt = sample_rows(logits, settings, uniforms[step : step + 1])
                 out.append(int(nxt))
                 logits, state = model.step(nxt, state)
         return known + "".join(self.vocab.decode(out))
@@ -297,8 +297,9 @@ class CharLMPredictor:
 
     def _decode(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
         # the whole request's draws up front: the same numbers as one draw per step (see sample_next), and the
-        # same as the service draws them
+        # same as the service draws them; the settings as tensors once, not once per character
         uniforms = torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(params.seed))
+        uniforms, settings = uniforms.to(self.device), per_row_params([params], self.device)
         *context, next_id = ids
         with torch.inference_mode():
             if context:
@@ -309,8 +310,7 @@ class CharLMPredictor:
             with torch.inference_mode():
                 logits, state = self.model.step(torch.tensor([next_id], device=self.device), state)
                 try:
-                    next_id = int(sample_next(logits, params.temperature, params.top_k, params.top_p,
-                                              uniforms=uniforms[step : step + 1])[0])
+                    next_id = int(sample_rows(logits, settings, uniforms[step : step + 1])[0])
                 except NonFiniteScores:
                     raise RnnlabError(
                         f"The model produced NaN or infinite scores after {step} characters; the bundle's weights "
