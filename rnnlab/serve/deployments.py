@@ -35,8 +35,8 @@ logger = logging.getLogger("ray.serve")
 DEFAULT_BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.02}
 # ... and keeps two batches in flight, so that one batch's answers travel back and the next requests arrive while
 # the model computes the other (a replica computes one batch at a time). With one batch of 32 in flight the model
-# sat idle during every round trip: 32 clients sent 362-371 req/s (torch) / 447-465 (ONNX Runtime int8) to a
-# sentiment replica, 398-445 / 603-621 with two batches of 16 (benchmarks.runtimes --served, 2 cores).
+# sat idle during every round trip: 32 clients sent 507 / 495 req/s to a sentiment replica, 559 / 544 with two
+# batches of 16 (benchmarks.serve_load, the same session, 2 cores; ONNX Runtime int8 gains more, benchmarks/README.md).
 BATCHES_IN_FLIGHT = 2
 # 128 sequences per decoding step: on a CPU a step for 128 costs ~2.5x one for 32, so 1.7x the characters/s
 DEFAULT_GENERATION = {"max_batch_size": 128}

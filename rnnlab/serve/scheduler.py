@@ -6,8 +6,8 @@ after the step that finished it, and a request that arrives while a slot is free
 joins at the next step: its prompt is run through ``forward`` (the prefill) and its state is concatenated onto the
 slot tensors. A recurrent model's state is a fixed-size tuple of tensors per sequence -- an LSTM's (h, c), a GRU's
 or plain RNN's (h,), each ``[layers, B, hidden]`` -- so a slot costs ``len(state) * layers * hidden`` floats and
-joining or leaving is one ``torch.cat`` / index per member. The scheduler only ever handles the tuple as a whole (``_cat_rows``,
-``_split_rows``, ``_rows``), never which cell made it.
+joining or leaving is one ``torch.cat`` / index per member. The scheduler only ever handles the tuple as a whole
+(``_cat_rows``, ``_split_rows``, ``_rows``), never which cell made it.
 
 Speed: one thread decodes in a tight loop -- admit, a block of steps (about ``block_s`` of compute), hand the new
 tokens to their consumers, again -- and never waits for an event loop, so the model is busy whenever there is
