@@ -3,8 +3,9 @@
 ``SamplingParams`` is the single place where the sampling settings and their ranges are defined. The HTTP schema
 (``GenerateRequest`` extends it), the generation scheduler, ``rnnlab generate`` / ``CharLMPredictor`` and the
 training loop's sample table all take it, so a value refused in one place is refused everywhere, with the same
-words. ``sample_rows`` is the one sampler all of them call (the scheduler with its batch's settings prepared once
-per batch change, the others through ``sample_next``), so the same seed gives the same text everywhere.
+words. ``sample_rows`` is the one sampler all of them call, with the settings as tensors (``per_row_params``:
+once per request, or per batch change in the scheduler), so the same seed gives the same text everywhere;
+``sample_next`` is the same sampler for settings given as plain values.
 """
 
 from __future__ import annotations
