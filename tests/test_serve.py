@@ -187,14 +187,16 @@ def test_seeded_generation_is_deterministic_alone_and_in_a_crowd(http, service):
 
 
 def test_streaming_sends_characters_as_produced_and_matches_the_plain_answer(http):
-    request = {"prompt": "the ", "max_new_tokens": 80, "seed": 7}
+    # long enough to outlast a block (at most 64 steps) and a stream interval by far, so that more than one chunk
+    # must come however loaded the machine is (80 characters fit in one block and could arrive as one chunk)
+    request = {"prompt": "the ", "max_new_tokens": 2000, "seed": 7}
     plain = http.post("/v1/generate", json=request).json()["text"]
     with http.stream("POST", "/v1/generate", json=request | {"stream": True}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = sse_events(response)
     assert events[0][0] == "start" and events[0][1]["seed"] == 7
-    assert events[-1] == ("done", {"tokens": 80})
+    assert events[-1] == ("done", {"tokens": 2000})
     chunks = [data["text"] for name, data in events if name == "message"]
     assert "".join(chunks) == plain
     assert len(chunks) > 1
