@@ -257,3 +257,25 @@ def test_a_request_joins_at_the_next_step_not_at_the_block_end(generator):
     asyncio.run(run())
     assert model.sizes[:10] == [1] * 10
     assert model.sizes[10:15] == [2] * 5  # joined at the step right after the one it arrived during
+
+
+def test_a_stream_gets_characters_while_its_sequence_is_still_decoding(generator):
+    """Streaming hands over what is decoded as it goes: the first chunk reaches its consumer while the decoding
+    thread stands still at the sequence's 100th step, whatever the machine's load (test_serve checks over HTTP that
+    the chunks add up to the plain answer)."""
+    model = HeldModel(generator.model, hold=lambda sizes: len(sizes) == 100)
+    params = SamplingParams(max_new_tokens=300, seed=1)
+
+    async def run():
+        scheduler = GenerationScheduler(model, max_batch_size=4)
+        stream = scheduler.generate(generator.encode_prompt("the "), params)
+        try:
+            first = await asyncio.wait_for(stream.__anext__(), timeout=30)
+        finally:
+            model.release.set()
+        return first, [chunk async for chunk in stream]
+
+    first, rest = asyncio.run(run())
+    assert first.ids and not first.last and len(first.ids) < 100
+    text = "".join(generator.vocab.itos[i] for chunk in (first, *rest) for i in chunk.ids)
+    assert text == generator.generate("the ", max_new_tokens=300, seed=1)
