@@ -189,6 +189,14 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top_n: int) -> tu
     return chosen_lp, values, ids
 
 
+def draws(params: SamplingParams) -> torch.Tensor:
+    """A sequence's uniform draws from its seed, one per character to generate (float32, on the CPU): what
+    ``sample_rows`` takes at each step. Every decoder -- the scheduler, ``rnnlab generate``, training's samples --
+    draws them here, so a seed gives the same text everywhere (one call gives the same numbers as one draw per
+    step)."""
+    return torch.rand(params.max_new_tokens, generator=torch.Generator(device="cpu").manual_seed(params.seed))
+
+
 def per_row_params(params: Sequence[SamplingParams], device: torch.device | str = "cpu") -> RowSampling:
     """A batch of sequences' settings for ``sample_rows``, built once per batch change rather than once per
     step."""

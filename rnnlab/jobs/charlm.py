@@ -25,7 +25,7 @@ from rnnlab.inference import device_of, expect_job
 from rnnlab.models.cells import detach_state
 from rnnlab.models.charlm import CharConfig
 from rnnlab.runtime import GraphSpec
-from rnnlab.sampling import NonFiniteScores, SamplingParams, per_row_params, sample_rows, sampling_params
+from rnnlab.sampling import NonFiniteScores, SamplingParams, draws, per_row_params, sample_rows, sampling_params
 from rnnlab.trainers.evaluate import score_with_job
 from rnnlab.trainers.job import Batch, EvalResult, Job, gather
 
@@ -196,7 +196,7 @@ class CharLMJob(Job):
         known = "".join(ch for ch in prompt if ch in self.vocab.stoi) or self.vocab.itos[0]
         device = next(model.parameters()).device
         ids = torch.tensor([self.vocab.stoi[ch] for ch in known], device=device).unsqueeze(0)
-        uniforms = torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(params.seed)).to(device)
+        uniforms = draws(params).to(device)
         settings = per_row_params([params], device)
         with torch.no_grad():
             logits, state = model(ids, None)
@@ -296,10 +296,9 @@ class CharLMPredictor:
         return self._decode(ids, params)
 
     def _decode(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
-        # the whole request's draws up front: the same numbers as one draw per step (see sample_next), and the
-        # same as the service draws them; the settings as tensors once, not once per character
-        uniforms = torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(params.seed))
-        uniforms, settings = uniforms.to(self.device), per_row_params([params], self.device)
+        # the whole request's draws up front, as the service draws them; the settings as tensors once, not once
+        # per character
+        uniforms, settings = draws(params).to(self.device), per_row_params([params], self.device)
         *context, next_id = ids
         with torch.inference_mode():
             if context:

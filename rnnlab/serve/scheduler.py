@@ -49,7 +49,8 @@ from typing import NamedTuple
 
 import torch
 
-from rnnlab.sampling import NonFiniteScores, RowSampling, SamplingParams, per_row_params, sample_rows, token_logprobs
+from rnnlab.sampling import (NonFiniteScores, RowSampling, SamplingParams, draws, per_row_params, sample_rows,
+                             token_logprobs)
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +303,7 @@ class GenerationScheduler:
         step's input, so every sequence, new or old, advances by exactly one step() per iteration. Also makes each
         sequence's draws. Returns each one's state."""
         for sequence in group:
-            generator = torch.Generator(device="cpu").manual_seed(sequence.params.seed)
-            sequence.uniforms = torch.rand(sequence.params.max_new_tokens, generator=generator)
+            sequence.uniforms = draws(sequence.params)
             sequence.next_id = sequence.prompt_ids[-1]
         if len(group[0].prompt_ids) > 1:
             ids = torch.tensor([s.prompt_ids[:-1] for s in group], dtype=torch.long, device=self.device)
