@@ -172,11 +172,28 @@ def deploy_config(app_args: dict, proxy_port: int, host: str, request_timeout_s:
         if status is not None and status.status == "RUNNING":
             return
         if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RnnlabError(f"The service failed to start ({first_line(status.message or status.status)}); see "
-                              "the replica logs in /tmp/ray/session_latest/logs/serve.")
+            raise RnnlabError(f"The service failed to start ({why_failed(status)}); see the replica logs in "
+                              f"{serve_logs()}.")
         time.sleep(0.5)
-    raise RnnlabError(f"The service did not start within {timeout_s:.0f} s; see the replica logs in "
-                      "/tmp/ray/session_latest/logs/serve.")
+    raise RnnlabError(f"The service did not start within {timeout_s:.0f} s; see the replica logs in {serve_logs()}.")
+
+
+def why_failed(status) -> str:
+    """Each failing deployment of an application's ``serve.status()`` with the last line of its message: for a
+    constructor that raised, the error itself (Serve keeps the traceback; the application's own message only
+    names the deployments)."""
+    failed = []
+    for name, deployment in status.deployments.items():
+        if deployment.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+            failed.append(f"{name}: {lines[-1]}" if lines else name)
+    return "; ".join(failed) or first_line(status.message or status.status)
+
+
+def serve_logs() -> str:
+    """Where this machine's Ray keeps Serve's logs: under RAY_TMPDIR, else TMPDIR, else /tmp (Ray's rule on Linux)."""
+    root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(root, "ray", "session_latest", "logs", "serve")
 
 
 def _stop_on_signals() -> None:
