@@ -16,3 +16,35 @@ def test_a_service_that_exits_before_serving_fails_at_once_with_what_it_printed(
     assert "rnnlab serve exited with code 2" in str(failed.value)
     assert "does not exist" in str(failed.value) and "Traceback" not in str(failed.value)
     assert service.session_processes() == []
+
+
+def test_a_free_port_is_outside_the_range_the_kernel_hands_to_connections():
+    """Ray's processes open hundreds of connections while a service starts, each on a port from the kernel's
+    ephemeral range: a port chosen there could be taken before the service binds it."""
+    import socket
+
+    from rnnlab.serve.local import QUIET_PORTS, _ephemeral_start, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(QUIET_PORTS[0] <= port < min(QUIET_PORTS[1], _ephemeral_start()) for port in ports)
+    for port in ports:  # and nothing holds them
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
+
+
+def test_a_failed_start_names_each_failing_deployment_and_its_error():
+    """The application's own status message only names the deployments; the error is the last line of each
+    deployment's (Serve keeps the constructor's traceback there)."""
+    from types import SimpleNamespace
+
+    from rnnlab.serve.service import why_failed
+
+    deployments = {
+        "Gateway": SimpleNamespace(status="DEPLOY_FAILED", message="The deployment failed to start 1 times.\n"
+                                   "Traceback (most recent call last):\n  ...\nOSError: [Errno 98] address in use\n"),
+        "sentiment": SimpleNamespace(status="HEALTHY", message=""),
+        "charlm": SimpleNamespace(status="UNHEALTHY", message=""),
+    }
+    status = SimpleNamespace(status="DEPLOY_FAILED", message="Failed to update the deployments ['Gateway'].",
+                             deployments=deployments)
+    assert why_failed(status) == "Gateway: OSError: [Errno 98] address in use; charlm"
