@@ -223,11 +223,15 @@ def test_shed_connections_get_a_readable_503_not_a_reset(server):
 
 
 def test_the_proxy_callback_reads_the_limits_rnnlab_serve_exports(monkeypatch):
-    for name in ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", connections.ENV_HEADER_TIMEOUT,
-                 connections.ENV_MAX_CONNECTIONS, "RNNLAB_RETRY_AFTER_S"):
-        monkeypatch.delenv(name, raising=False)
-    connections.export_for_proxy(2.5, 7, 4)
     import os
+
+    # this test's own environment: the limits it exports must not reach the Ray proxies of later tests (monkeypatch's
+    # delenv records nothing for a name that is absent, so it could not take back what export_for_proxy sets)
+    environment = {name: value for name, value in os.environ.items() if name not in (
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", connections.ENV_HEADER_TIMEOUT, connections.ENV_MAX_CONNECTIONS,
+        "RNNLAB_RETRY_AFTER_S")}
+    monkeypatch.setattr(os, "environ", environment)
+    connections.export_for_proxy(2.5, 7, 4)
 
     from ray.serve._private.http_util import validate_http_proxy_callback_return
     from ray.serve._private.utils import call_function_from_import_path
