@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import pytest
 import torch
@@ -101,6 +102,43 @@ def test_errors_have_openais_shape_status_and_retry_after():
     assert missing.status == 404 and missing.param == "model" and "wp-small" in missing.message
     chat = oa.chat_not_supported()
     assert chat.status == 400 and "/v1/completions" in chat.message
+
+
+def test_a_failed_grpc_call_to_the_generator_is_a_json_500_or_an_error_event():
+    """The Gateway calls generation replicas over gRPC; a call that fails there (not a replica that is gone: Serve
+    makes that a RayActorError, a 503) is the service's JSON 500 on both routes, not Starlette's plain-text one,
+    and ends a stream whose headers are out with an ``error`` event."""
+    import grpc
+    from starlette.requests import Request
+
+    from rnnlab.serve import http
+
+    failed = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                  details="Received message larger than max")
+    request = Request({"type": "http", "method": "POST", "path": "/v1/charlm", "headers": [], "query_string": b""})
+    response = asyncio.run(http.api.exception_handlers[grpc.aio.AioRpcError](request, failed))
+    assert response.status_code == 500 and b'"loc":["service"]' in response.body
+    assert completions.service_error(failed, "/v1/completions").status == 500
+
+    class FailingStream:  # the replica's stream: one chunk, then the call fails
+        def __init__(self):
+            self.chunks, self.cancelled = [{"text": "the"}], False
+
+        async def __anext__(self):
+            if self.chunks:
+                return self.chunks.pop()
+            raise failed
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def read_events(stream) -> str:
+        return "".join([chunk async for chunk in http.events({"model": "m"}, stream, time.monotonic() + 30,
+                                                             asyncio.Event())])
+
+    stream = FailingStream()
+    sent = asyncio.run(read_events(stream))
+    assert "event: error" in sent and "replica_failed" in sent and stream.cancelled
 
 
 def test_model_list_and_completion_parse_as_the_clients_types():

@@ -35,8 +35,10 @@ def price_rows(tmp_path_factory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def service(bundles) -> str:
-    # a longer batch wait than the default so concurrent test requests reliably share a batch
-    with serving({"bundles": str(bundles), "batch_wait_timeout_s": 0.05}) as base:
+    # a longer batch wait than the default so concurrent test requests reliably share a batch; batches of 64 and
+    # bodies up to 8 MB, so that one batch can outgrow gRPC's default message size (test_a_batch_larger_than_...)
+    with serving({"bundles": str(bundles), "batch_wait_timeout_s": 0.05, "max_batch_size": 64,
+                  "max_body_bytes": 8 * 2**20}) as base:
         yield base
 
 
@@ -339,6 +341,18 @@ def test_a_bad_text_fails_only_its_own_request_in_a_gathered_batch(http, service
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "texts", 1], bad.text
     assert "empty" in bad.json()["detail"][0]["msg"]
     assert [g.status_code for g in good] == [200] * len(good)
+
+
+def test_a_batch_larger_than_grpcs_default_message_is_answered(http):
+    """The largest request the schema allows, 64 reviews of 20,000 four-byte characters (5 MB of UTF-8, under this
+    service's max_body_bytes), goes to the classifier as one batch of 64. Only generation's small requests go over
+    gRPC (rnnlab/serve/app.py), whose messages are capped at 4 MB; a batch like this one stays a Ray task."""
+    texts = ["\N{MATHEMATICAL BOLD SMALL A}" * 20_000] * 64  # one 80 kB word each
+    body = json.dumps({"texts": texts}, ensure_ascii=False).encode()
+    assert len(body) > 5 * 10**6
+    response = http.post("/v1/sentiment", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text[:500]
+    assert [r["tokens"] for r in response.json()["results"]] == [1] * 64
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(http):

@@ -46,6 +46,14 @@ class Gateway:
     def __init__(self, handles: dict | None = None, guard: dict | None = None) -> None:
         memory.trace_from_env("Gateway")
         self.handles = {job: (handles or {}).get(job) for job in registry.served()}
+        # Generation's requests are many and small (a prompt, at most MAX_NEW_TOKENS characters back): they go to
+        # the replica over Serve's direct gRPC channel (the data plane of Ray's throughput-optimized mode), not as
+        # Ray actor tasks: a fifth less of the Gateway's CPU per request, 3-13 % more characters/s served on 2
+        # cores (benchmarks/README.md). Batches of reviews or prices stay Ray tasks: gRPC caps a message at 4 MB,
+        # and a batch of long reviews can be larger.
+        for job, handle in self.handles.items():
+            if handle is not None and registry.job(job).served_by == "generation":
+                self.handles[job] = handle.options(_by_reference=False)
         self.batch_wait_timeout_s = DEFAULT_BATCH["batch_wait_timeout_s"]
         # Items from concurrent requests go to the model deployment in ONE handle call per batch: the hop to
         # another replica costs about as much as an LSTM pass over a review, so paying it per request capped the

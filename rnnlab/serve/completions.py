@@ -323,8 +323,10 @@ async def create(gateway, request, request_id: str):
 def service_error(error: Exception, path: str) -> OpenAIError:
     """What the Gateway answers for a failure on an OpenAI route: the same statuses as its other routes (503 +
     Retry-After for overload or a replica restarting, 504 for a timeout), in OpenAI's shape."""
-    from ray.exceptions import RayActorError, RayError
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    from rnnlab.serve.http import CALL_FAULTS
 
     retry = limits.SETTINGS.retry_after_s
     if isinstance(error, OpenAIError):
@@ -342,7 +344,7 @@ def service_error(error: Exception, path: str) -> OpenAIError:
         metrics.rejected("timeout")
         return OpenAIError(504, "The request took longer than the service's request_timeout_s; retry, or ask for "
                            "less.", code="timeout", retry_after=retry)
-    if isinstance(error, RayError):
+    if isinstance(error, CALL_FAULTS):
         logger.error("rnnlab serve: %s failed: %s", path, str(error).strip().splitlines()[0:1])
         return OpenAIError(500, "The model deployment failed on this request; see the replica logs.",
                            code="internal_error")

@@ -13,6 +13,7 @@ import secrets
 import time
 from typing import Any
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -86,6 +87,12 @@ async def _timed_out(request: Request, error: Exception) -> JSONResponse:
                         "timeout")
 
 
+# a failed model call: a Ray task's error, or the gRPC call's own for generation (the Gateway calls those replicas
+# over gRPC, rnnlab/serve/app.py; a replica that is gone is a RayActorError there too)
+CALL_FAULTS = (RayError, grpc.aio.AioRpcError)
+
+
+@api.exception_handler(grpc.aio.AioRpcError)
 @api.exception_handler(RayError)
 async def _ray_failed(request: Request, error: Exception) -> JSONResponse:
     logger.error("rnnlab serve: %s failed: %s", request.url.path, str(error).strip().splitlines()[0:1])
@@ -177,7 +184,7 @@ class ShuttingDown(Exception):
     pass
 
 
-STREAM_FAULTS = (RayError, asyncio.TimeoutError, ShuttingDown)  # what ends a stream whose headers are sent
+STREAM_FAULTS = (*CALL_FAULTS, asyncio.TimeoutError, ShuttingDown)  # what ends a stream whose headers are sent
 
 
 async def next_item(stream, deadline: float, stopping: asyncio.Event):
