@@ -171,11 +171,14 @@ def deploy_config(app_args: dict, proxy_port: int, host: str, request_timeout_s:
         status = serve.status().applications.get(APP_NAME)
         if status is not None and status.status == "RUNNING":
             return
-        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+        if status is not None and status.status in FAILED:
             raise RnnlabError(f"The service failed to start ({why_failed(status)}); see the replica logs in "
                               f"{serve_logs()}.")
         time.sleep(0.5)
     raise RnnlabError(f"The service did not start within {timeout_s:.0f} s; see the replica logs in {serve_logs()}.")
+
+
+FAILED = ("DEPLOY_FAILED", "UNHEALTHY")  # Serve's statuses of an application or deployment that will not serve
 
 
 def why_failed(status) -> str:
@@ -184,7 +187,7 @@ def why_failed(status) -> str:
     names the deployments)."""
     failed = []
     for name, deployment in status.deployments.items():
-        if deployment.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+        if deployment.status in FAILED:
             lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
             failed.append(f"{name}: {lines[-1]}" if lines else name)
     return "; ".join(failed) or first_line(status.message or status.status)
