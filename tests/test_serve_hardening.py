@@ -224,7 +224,8 @@ def test_a_burst_above_the_queue_cap_gets_503_with_retry_after_never_a_hang(base
     # (how many of each depends on how fast generations finish while the burst arrives)
     assert codes.count(503) >= 10 and codes.count(200) >= 1, sorted({a.text[:200] for a in answers})
     shed = [a for a in answers if a.status_code == 503]
-    assert all(a.headers.get("retry-after") == "2" for a in shed), sorted({(a.text[:300], str(a.headers)) for a in shed})
+    assert all(a.headers.get("retry-after") == "2" for a in shed), sorted({(a.text[:300], str(a.headers))
+                                                                           for a in shed})
 
 
 def test_streams_above_the_cap_get_503_and_healthz_never_waits_behind_them(base, http):
