@@ -5,6 +5,7 @@ that runs a request's choices on a real GenerationScheduler."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 
@@ -139,6 +140,34 @@ def test_a_failed_grpc_call_to_the_generator_is_a_json_500_or_an_error_event():
     stream = FailingStream()
     sent = asyncio.run(read_events(stream))
     assert "event: error" in sent and "replica_failed" in sent and stream.cancelled
+
+
+def _failed_model_calls():
+    import grpc
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    return [BackPressureError(num_queued_requests=8, max_queued_requests=8), RayActorError(), asyncio.TimeoutError(),
+            grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())]
+
+
+@pytest.mark.parametrize("error", _failed_model_calls(), ids=lambda error: type(error).__name__)
+def test_a_failed_model_call_gets_the_same_answer_on_the_services_routes_and_openais(error):
+    """Clients of /v1/charlm and of /v1/completions see the same status, the same error code and the same advice
+    to retry (Retry-After) for the same fault, each in its own shape."""
+    from starlette.requests import Request
+
+    from rnnlab.serve import http
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/charlm", "headers": [], "query_string": b""})
+    handler = next(http.api.exception_handlers[kind] for kind in type(error).__mro__
+                   if kind in http.api.exception_handlers)
+    ours = asyncio.run(handler(request, error))
+    theirs = completions.service_error(error, "/v1/completions").response()
+    assert ours.status_code == theirs.status_code >= 500
+    assert b'"type":"' + json.loads(theirs.body)["error"]["code"].encode() + b'"' in ours.body
+    assert ours.headers.get("retry-after") == theirs.headers.get("retry-after")
+    assert (ours.headers.get("retry-after") is None) == (ours.status_code == 500)
 
 
 def test_model_list_and_completion_parse_as_the_clients_types():

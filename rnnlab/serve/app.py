@@ -201,8 +201,7 @@ class Gateway:
                 return http.failed(answer["failed"])
             return http.invalid(answer["errors"]) if "errors" in answer else answer
         if self.open_streams >= self.limits["max_streams"]:
-            return http.retry_later(503, f"The service already has {self.open_streams} generation streams open, "
-                                    "its max_streams; retry after the Retry-After seconds.", "overloaded")
+            return http.too_many_streams(self.open_streams).response()
         deadline = time.monotonic() + self.limits["request_timeout_s"]
         self._starting += 1  # counted from here: a slow first item holds a stream slot too
         stream = handle.options(stream=True).generate_stream.remote(request)

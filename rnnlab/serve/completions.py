@@ -34,6 +34,7 @@ from rnnlab.serve.openai import (
     unknown_model,
     usage,
 )
+from rnnlab.serve.schemas import failure_message
 
 logger = logging.getLogger("ray.serve")
 
@@ -219,9 +220,7 @@ class CompletionsMixin:
 
 
 def _failure(request_id: str) -> OpenAIError:
-    return OpenAIError(500, f"Generation failed inside the service for request {request_id}; the server log has one "
-                       "line with this id. Other requests are not affected; retry, and report the id if it persists.",
-                       code="internal_error")
+    return OpenAIError(500, failure_message(request_id), code="internal_error")
 
 
 # --- in the Gateway ------------------------------------------------------------------------------------------
@@ -276,6 +275,8 @@ async def create(gateway, request, request_id: str):
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
+    from rnnlab.serve.http import too_many_streams
+
     try:
         try:
             body = parse_request(await request.body())
@@ -295,10 +296,7 @@ async def create(gateway, request, request_id: str):
                 return JSONResponse(status_code=answer["status"], content=answer["error"])
             return JSONResponse(answer)
         if gateway.open_streams >= gateway.limits["max_streams"]:
-            metrics.rejected("overloaded")
-            raise OpenAIError(503, f"The service already has {gateway.open_streams} generation streams open, its "
-                              "max_streams; retry after the Retry-After seconds.", code="overloaded",
-                              retry_after=limits.SETTINGS.retry_after_s)
+            raise in_openai_shape(too_many_streams(gateway.open_streams))
         deadline = time.monotonic() + timeout
         gateway._starting += 1  # counted from here: a slow first item holds a stream slot too
         stream = handle.options(stream=True).complete_stream.remote(payload)
@@ -321,34 +319,22 @@ async def create(gateway, request, request_id: str):
 
 
 def service_error(error: Exception, path: str) -> OpenAIError:
-    """What the Gateway answers for a failure on an OpenAI route: the same statuses as its other routes (503 +
-    Retry-After for overload or a replica restarting, 504 for a timeout), in OpenAI's shape."""
-    from ray.exceptions import RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+    """What the Gateway answers for a failure on an OpenAI route: the answer of its other routes
+    (``http.fault_of``: 503 + Retry-After for overload or a replica restarting, 504 for a timeout), in OpenAI's
+    shape."""
+    from rnnlab.serve.http import fault_of
 
-    from rnnlab.serve.http import CALL_FAULTS
-
-    retry = limits.SETTINGS.retry_after_s
     if isinstance(error, OpenAIError):
         return error
-    if isinstance(error, BackPressureError):
-        metrics.rejected("overloaded")
-        return OpenAIError(503, "The service is at its queue limit; retry after the Retry-After seconds.",
-                           code="overloaded", retry_after=retry)
-    if isinstance(error, (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)):
-        metrics.rejected("replica_failed")
-        logger.warning("rnnlab serve: a model replica failed during %s: %s", path, type(error).__name__)
-        return OpenAIError(503, "A model replica failed and is being restarted; retry after the Retry-After "
-                           "seconds.", code="replica_failed", retry_after=retry)
-    if isinstance(error, asyncio.TimeoutError):
-        metrics.rejected("timeout")
-        return OpenAIError(504, "The request took longer than the service's request_timeout_s; retry, or ask for "
-                           "less.", code="timeout", retry_after=retry)
-    if isinstance(error, CALL_FAULTS):
-        logger.error("rnnlab serve: %s failed: %s", path, str(error).strip().splitlines()[0:1])
-        return OpenAIError(500, "The model deployment failed on this request; see the replica logs.",
-                           code="internal_error")
-    raise error
+    fault = fault_of(error, path)
+    if fault is None:
+        raise error
+    return in_openai_shape(fault)
+
+
+def in_openai_shape(fault) -> OpenAIError:
+    return OpenAIError(fault.status, fault.message, code=fault.kind,
+                       retry_after=limits.SETTINGS.retry_after_s if fault.retry else None)
 
 
 def _words(detail) -> str:

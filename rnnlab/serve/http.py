@@ -11,7 +11,7 @@ import logging
 import math
 import secrets
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from fastapi import FastAPI, Request
@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rnnlab import __version__, registry
 from rnnlab.serve import limits, metrics
-from rnnlab.serve.schemas import ErrorResponse, error_item
+from rnnlab.serve.schemas import ErrorResponse, error_item, failure_message
 
 logger = logging.getLogger("ray.serve")
 
@@ -58,46 +58,62 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     return JSONResponse(status_code=422, content={"detail": detail})
 
 
-# What the Gateway answers when a model deployment cannot: a JSON 5xx, never a hang or an HTML page.
-
-
-def retry_later(status: int, msg: str, kind: str) -> JSONResponse:
-    metrics.rejected(kind)
-    return JSONResponse(status_code=status, content={"detail": [error_item(["service"], msg, kind)]},
-                        headers={"Retry-After": str(math.ceil(limits.SETTINGS.retry_after_s))})
-
-
-@api.exception_handler(BackPressureError)
-async def _overloaded(request: Request, error: Exception) -> JSONResponse:
-    return retry_later(503, "The service is at its queue limit; retry after the Retry-After seconds.", "overloaded")
-
-
-@api.exception_handler(RayActorError)
-@api.exception_handler(DeploymentUnavailableError)
-@api.exception_handler(ReplicaUnavailableError)
-async def _replica_failed(request: Request, error: Exception) -> JSONResponse:
-    logger.warning("rnnlab serve: a model replica failed during %s: %s", request.url.path, type(error).__name__)
-    return retry_later(503, "A model replica failed and is being restarted; retry after the Retry-After seconds.",
-                        "replica_failed")
-
-
-@api.exception_handler(asyncio.TimeoutError)  # the builtin TimeoutError from Python 3.11
-async def _timed_out(request: Request, error: Exception) -> JSONResponse:
-    return retry_later(504, "The request took longer than the service's request_timeout_s; retry, or ask for less.",
-                        "timeout")
-
+# What the Gateway answers when a model call fails: a JSON 5xx, never a hang or an HTML page. One table for every
+# route, in the service's shape here and in OpenAI's on the OpenAI routes (completions.service_error).
 
 # a failed model call: a Ray task's error, or the gRPC call's own for generation (the Gateway calls those replicas
 # over gRPC, rnnlab/serve/app.py; a replica that is gone is a RayActorError there too)
 CALL_FAULTS = (RayError, grpc.aio.AioRpcError)
+REPLICA_GONE = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)
 
 
-@api.exception_handler(grpc.aio.AioRpcError)
-@api.exception_handler(RayError)
-async def _ray_failed(request: Request, error: Exception) -> JSONResponse:
-    logger.error("rnnlab serve: %s failed: %s", request.url.path, str(error).strip().splitlines()[0:1])
-    return JSONResponse(status_code=500, content={"detail": [error_item(
-        ["service"], "The model deployment failed on this request; see the replica logs.", "internal")]})
+class Fault(NamedTuple):
+    status: int
+    kind: str  # the error item's type, OpenAI's error code and the rejected-requests metric's reason
+    message: str
+    retry: bool  # whether the client should retry: the answer carries Retry-After
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(math.ceil(limits.SETTINGS.retry_after_s))} if self.retry else None
+        return JSONResponse(status_code=self.status, headers=headers,
+                            content={"detail": [error_item(["service"], self.message, self.kind)]})
+
+
+def fault_of(error: BaseException, path: str) -> Fault | None:
+    """The answer for ``error``, raised by a model call for ``path``, counted and logged here; None when it is not
+    a model call's failure."""
+    if isinstance(error, BackPressureError):
+        fault = Fault(503, "overloaded", "The service is at its queue limit; retry after the Retry-After seconds.",
+                      True)
+    elif isinstance(error, REPLICA_GONE):
+        logger.warning("rnnlab serve: a model replica failed during %s: %s", path, type(error).__name__)
+        fault = Fault(503, "replica_failed", "A model replica failed and is being restarted; retry after the "
+                      "Retry-After seconds.", True)
+    elif isinstance(error, asyncio.TimeoutError):  # the builtin TimeoutError from Python 3.11
+        fault = Fault(504, "timeout", "The request took longer than the service's request_timeout_s; retry, or ask "
+                      "for less.", True)
+    elif isinstance(error, CALL_FAULTS):
+        logger.error("rnnlab serve: %s failed: %s", path, str(error).strip().splitlines()[0:1])
+        return Fault(500, "internal_error", "The model deployment failed on this request; see the replica logs.",
+                     False)
+    else:
+        return None
+    metrics.rejected(fault.kind)
+    return fault
+
+
+def too_many_streams(open_streams: int) -> Fault:
+    metrics.rejected("overloaded")
+    return Fault(503, "overloaded", f"The service already has {open_streams} generation streams open, its "
+                 "max_streams; retry after the Retry-After seconds.", True)
+
+
+async def _model_call_failed(request: Request, error: Exception) -> JSONResponse:
+    return fault_of(error, request.url.path).response()
+
+
+for _fault in (BackPressureError, *REPLICA_GONE, asyncio.TimeoutError, *CALL_FAULTS):
+    api.add_exception_handler(_fault, _model_call_failed)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -156,11 +172,6 @@ def sse(event: str | None, data: Any) -> str:
     # JSON keeps newlines inside generated text from breaking SSE framing
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(data)}\n\n"
-
-
-def failure_message(request_id: str) -> str:
-    return (f"Generation failed inside the service for request {request_id}; the server log has one line with "
-            "this id. Other requests are not affected; retry, and report the id if it persists.")
 
 
 def failed(request_id: str) -> JSONResponse:

@@ -37,6 +37,12 @@ def error_item(loc: list[str | int], msg: str, kind: str = "value_error") -> dic
     return {"loc": list(loc), "msg": msg, "type": kind}
 
 
+def failure_message(request_id: str) -> str:
+    """A generation that failed inside the service, in both the service's and OpenAI's shape."""
+    return (f"Generation failed inside the service for request {request_id}; the server log has one line with "
+            "this id. Other requests are not affected; retry, and report the id if it persists.")
+
+
 MODEL_FIELD_DESCRIPTION = ("Model id to answer with (GET /v1/models lists them: each bundle's folder name); the job's "
                            "default model when left out.")
 
