@@ -106,6 +106,31 @@ class Gateway:
     def _stream_closed(self) -> None:  # called from the closing stream's finally, so it still counts itself
         metrics.queue_depth("gateway", "streams", max(0, self.open_streams - 1))
 
+    # both generation routes (/v1/charlm and OpenAI's /v1/completions) open their streams with these three
+    def stream_refused(self) -> http.Fault | None:
+        """The 503 when max_streams streams are open already."""
+        return http.too_many_streams(self.open_streams) if self.open_streams >= self.limits["max_streams"] else None
+
+    async def first_item(self, stream) -> dict:
+        """The replica stream's first item, within request_timeout_s; the stream is cancelled if that fails. It
+        holds a stream slot while it waits: a slow first item counts too."""
+        self._starting += 1
+        try:
+            return await self._within_timeout(stream.__anext__())
+        except BaseException:
+            stream.cancel()
+            raise
+        finally:
+            self._starting -= 1
+
+    def streaming(self, events, *args) -> StreamingResponse:
+        """The response sending ``events(*args, stopping, on_close)``, an SSE generator: counted among the open
+        streams until it ends, and ended early when the service drains."""
+        events = events(*args, self._stopping, self._stream_closed)
+        self._streams.add(events)
+        metrics.queue_depth("gateway", "streams", self.open_streams)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
     async def drain(self, grace_s: float = 10.0) -> int:
         """Before shutdown (``rnnlab serve`` calls this on Ctrl-C / SIGTERM): open streams get ``grace_s`` to
         finish, then each gets an ``error`` event and ends, so no client is left with a cut connection. Returns
@@ -200,25 +225,16 @@ class Gateway:
             if "failed" in answer:
                 return http.failed(answer["failed"])
             return http.invalid(answer["errors"]) if "errors" in answer else answer
-        if self.open_streams >= self.limits["max_streams"]:
-            return http.too_many_streams(self.open_streams).response()
+        refused = self.stream_refused()
+        if refused is not None:
+            return refused.response()
         deadline = time.monotonic() + self.limits["request_timeout_s"]
-        self._starting += 1  # counted from here: a slow first item holds a stream slot too
         stream = handle.options(stream=True).generate_stream.remote(request)
-        try:
-            first = await self._within_timeout(stream.__anext__())
-        except BaseException:
-            stream.cancel()
-            raise
-        finally:
-            self._starting -= 1
+        first = await self.first_item(stream)
         if "errors" in first:
             stream.cancel()
             return http.invalid(first["errors"])
-        events = http.events(first, stream, deadline, self._stopping, self._stream_closed)
-        self._streams.add(events)
-        metrics.queue_depth("gateway", "streams", self.open_streams)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return self.streaming(http.events, first, stream, deadline)
 
 
 def _add_route(route: str, job: str) -> None:

@@ -272,10 +272,8 @@ def generation_handle(gateway, model: str):
 async def create(gateway, request, request_id: str):
     """``POST /v1/completions`` in the Gateway. Its ``limits``, open-stream count and drain apply as to the
     generation job's own route."""
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
-
-    from rnnlab.serve.http import too_many_streams
 
     try:
         try:
@@ -295,25 +293,16 @@ async def create(gateway, request, request_id: str):
             if "error" in answer:
                 return JSONResponse(status_code=answer["status"], content=answer["error"])
             return JSONResponse(answer)
-        if gateway.open_streams >= gateway.limits["max_streams"]:
-            raise in_openai_shape(too_many_streams(gateway.open_streams))
+        refused = gateway.stream_refused()
+        if refused is not None:
+            raise in_openai_shape(refused)
         deadline = time.monotonic() + timeout
-        gateway._starting += 1  # counted from here: a slow first item holds a stream slot too
         stream = handle.options(stream=True).complete_stream.remote(payload)
-        try:
-            first = await asyncio.wait_for(stream.__anext__(), timeout)
-        except BaseException:
-            stream.cancel()
-            raise
-        finally:
-            gateway._starting -= 1
+        first = await gateway.first_item(stream)
         if "error" in first:
             stream.cancel()
             return JSONResponse(status_code=first["status"], content=first["error"])
-        events = _events(stream, deadline, gateway._stopping, gateway._stream_closed)
-        gateway._streams.add(events)
-        metrics.queue_depth("gateway", "streams", gateway.open_streams)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return gateway.streaming(_events, stream, deadline)
     except Exception as error:  # noqa: BLE001 -- every failure in OpenAI's shape, with the status the client maps
         return service_error(error, request.url.path).response()
 
