@@ -37,7 +37,8 @@ from benchmarks._common import write_json
 from rnnlab.bundle import INT8_FILE, load_bundle, save_bundle
 from rnnlab.data.vocab import Vocab
 from rnnlab.models import build_model
-from rnnlab.runtime import TorchModel, onednn, open_graph, quantize, write_graph
+from rnnlab.export import quantize, write_graph
+from rnnlab.runtime import TorchModel, onednn, open_graph
 
 # job -> (model config, {case: inputs maker}); the presets' `default` models
 CHARLM = {"vocab_size": 80, "embed_dim": 128, "hidden_size": 512, "num_layers": 2}
@@ -184,7 +185,7 @@ def variant_folders(scratch: Path, preset: str) -> dict[str, dict]:
     """Random-weight bundles of ``preset``'s sizes, exported twice: with the fp32 graph (served as torch and as
     onnx) and with the int8 one behind its gate. Returns {"fp32"|"int8": {"folder", "gate"}}."""
     from benchmarks._harness import random_bundles
-    from rnnlab.runtime import export_bundle
+    from rnnlab.export import export_bundle
 
     source = random_bundles(scratch / "fp32", preset, jobs=SERVED_JOBS)
     shutil.copytree(source, scratch / "int8")

@@ -12,7 +12,7 @@ A bundle is a folder::
                         the last price rows a forecast reads (GET /v1/<job>/example serves it; the playground's
                         "load example")
     model.onnx          (optional) the model as one ONNX graph, written only when it answers as the weights do;
-                        config.json's "graph" says how it was checked (rnnlab/runtime.py)
+                        config.json's "graph" says how it was checked (rnnlab/export.py)
     model.int8.onnx     (optional) its int8 version, written only when it passed the job's quality gate
 
 ``files`` holds the sha256 of every other file and ``config_sha256`` that of config.json's own content (minus
@@ -71,6 +71,14 @@ class Bundle:
 # ------------------------------------------------------------------------------------------------- saving
 
 
+RUNTIMES = ("auto", "torch", "onnx")  # what a bundle may name as its default runtime (rnnlab/runtime.py runs them)
+
+
+def check_runtime_name(name: str) -> None:
+    if name not in RUNTIMES:
+        raise ConfigError(f"Unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}.")
+
+
 def save_bundle(
     directory: str | os.PathLike,
     *,
@@ -87,7 +95,7 @@ def save_bundle(
     ``example`` (a request body for the job's route) as example.json when given.
 
     ``directory`` may exist already if it is empty or a bundle (it is then replaced); anything else is refused,
-    so a mistyped path never deletes a user's folder. ``graph`` (``rnnlab.runtime.write_graph``) is given the
+    so a mistyped path never deletes a user's folder. ``graph`` (``rnnlab.export.write_graph``) is given the
     bundle as a loader reads it back, its ``path`` the folder being written, writes the ONNX graph there and returns
     config.json's ``graph`` entry; whatever it raises leaves no bundle behind. ``runtime`` is the bundle's default
     runtime (None: ``auto``).
@@ -117,8 +125,6 @@ def save_bundle(
             "rnnlab_version": __version__,
         }
         if runtime is not None:
-            from rnnlab.runtime import check_runtime_name
-
             check_runtime_name(runtime)
             if runtime == "onnx" and graph is None:
                 raise BundleError("A bundle whose default runtime is onnx needs its ONNX graph; export one with it.")

@@ -407,7 +407,7 @@ def expectation(field) -> str:
         elif bounds.get("Ge") == 0:
             words = f"a non-negative {noun}"
         else:
-            words = f"a whole number" if annotation is int else "a number"
+            words = "a whole number" if annotation is int else "a number"
     else:
         words = f"a {getattr(annotation, '__name__', str(annotation))}"
     return f"{words} or null" if optional else words

@@ -1,4 +1,4 @@
-"""The runtimes (rnnlab/runtime.py): every served job's ONNX graph answers as its weights do for every cell, the
+"""The runtimes (rnnlab/runtime.py) and the graphs they run (rnnlab/export.py): every served job's ONNX graph answers as its weights do for every cell, the
 seam gives predictors and the scheduler the same answers under ONNX Runtime as under torch, int8 is kept only
 behind its gate, and every bad input is one sentence."""
 
@@ -22,7 +22,8 @@ from rnnlab.data.vocab import Vocab
 from rnnlab.errors import BundleError, ConfigError, RnnlabError
 from rnnlab.inference import load_predictor
 from rnnlab.models import build_model
-from rnnlab.runtime import GraphRefused, OnnxModel, TorchModel, graph_spec, load_model, op_types, write_graph
+from rnnlab.export import op_types, write_graph
+from rnnlab.runtime import GraphRefused, OnnxModel, TorchModel, graph_spec, load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -124,7 +125,7 @@ def test_training_keeps_the_bundle_when_its_graph_is_refused(tmp_path, monkeypat
         raise GraphRefused("The stock model does not export to ONNX (Exporting the operator 'aten::x' is not "
                            "supported).")
 
-    monkeypatch.setattr("rnnlab.runtime.write_graph", refuse)
+    monkeypatch.setattr("rnnlab.export.write_graph", refuse)
     config = load_config("stock", "smoke", overrides=[f"data.source={make_stock_csv(tmp_path)}",
                                                       "tracking.wandb=false", "train.max_steps=2"])
     bundle = load_bundle(train(config, tmp_path / "run")["bundle"])

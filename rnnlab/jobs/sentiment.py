@@ -301,7 +301,7 @@ class SentimentJob(Job):
             x, lengths, _ = self._collate(split, chunk)
             with accelerator.autocast():
                 inputs = (x.to(self.device), lengths.to(self.device))
-                # a runtime's model (rnnlab/runtime.py: the int8 gate scores graphs) answers the sum only
+                # a runtime's model (rnnlab/export.py: the int8 gate scores graphs) answers the sum only
                 out = model(*inputs, branches=True) if branches else model(*inputs)
             parts.append(torch.stack(out if branches else (out,)).float().cpu().numpy())
         rows = 2 if branches and accelerator.unwrap_model(model).config.ngram_buckets else 1

@@ -52,7 +52,8 @@ def add_int8(job: str, bundle: str) -> None:
     """The bundle's int8 graph, kept only if the job's quality gate passes (a job without a gate keeps fp32)."""
     from rnnlab.errors import RnnlabError
     from rnnlab.launch.export_cmd import report
-    from rnnlab.runtime import export_bundle, graph_spec
+    from rnnlab.export import export_bundle
+    from rnnlab.runtime import graph_spec
 
     if graph_spec(job).int8_gate is None:
         return

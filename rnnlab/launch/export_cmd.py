@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rnnlab.errors import InputError
-    from rnnlab.runtime import export_bundle
+    from rnnlab.export import export_bundle
 
     if args.source is not None and not args.int8:
         raise InputError("--source gives the data the int8 gate scores; add --int8 or leave it out.")

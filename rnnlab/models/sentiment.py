@@ -38,7 +38,7 @@ are calibrated); the branches never are. The n-gram table is read with a gather
 and a weighted sum (what ``nn.EmbeddingBag(mode="sum")`` with per-sample weights computes; its ONNX export is a
 loop over the bags, several times slower than the whole model under ONNX Runtime).
 
-Everything in ``forward`` (padded path) exports to one ONNX graph (rnnlab/runtime.py): no Python branches on
+Everything in ``forward`` (padded path) exports to one ONNX graph (rnnlab/export.py): no Python branches on
 values, no in-place writes into slices.
 """
 

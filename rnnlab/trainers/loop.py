@@ -310,7 +310,7 @@ def finish(accelerator, model, job: Job, checkpoints: Checkpoints, state: TrainS
     """Best weights back in, what the job picks on validation, the test split scored once, the job's report, the
     bundle exported."""
     from rnnlab.bundle import save_bundle
-    from rnnlab.runtime import write_graph
+    from rnnlab.export import write_graph
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -338,7 +338,7 @@ def finish(accelerator, model, job: Job, checkpoints: Checkpoints, state: TrainS
                 if job.spec.graph is None:
                     save()
                     return
-                try:  # with its ONNX graph (rnnlab/runtime.py), which CPUs serve faster
+                try:  # with its ONNX graph (rnnlab/export.py), which CPUs serve faster
                     save(graph=write_graph)
                 except RnnlabError as error:  # a graph that does not answer as the weights do: torch serves it
                     log.warning("The bundle holds no ONNX graph: %s", error)
