@@ -234,7 +234,9 @@ def test_workers_of_a_ray_instance_rnnlab_starts_run_at_normal_priority(monkeypa
     def niceness() -> int:  # defined here: Ray ships it by value (workers cannot import this test module)
         return os.nice(0)
 
-    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    # set, then removed: monkeypatch records the variable's absence and takes back what connect exports
+    monkeypatch.setenv("RAY_worker_niceness", "")
+    monkeypatch.delenv("RAY_worker_niceness")
     connect(None, num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         assert ray.get(ray.remote(niceness).remote()) == os.nice(0)
