@@ -171,6 +171,44 @@ def test_a_failing_step_or_prefill_fails_only_its_own_sequence(generator, caplog
     assert stats["failed"] == 2 and stats["finished"] == 3 and stats["active"] == 0
 
 
+class PrefillCounter(torch.nn.Module):
+    """The generator's model, counting the prompts its prefill runs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.prefilled = model, []
+
+    def init_state(self, *args):
+        return self.model.init_state(*args)
+
+    def forward(self, ids, state=None):
+        self.prefilled += [tuple(row) for row in ids.tolist()]
+        return self.model.forward(ids, state)
+
+    def step(self, ids, state):
+        return self.model.step(ids, state)
+
+
+def test_a_repeated_prompt_reuses_its_state_with_the_same_text_and_the_kept_states_are_bounded(generator, monkeypatch):
+    from rnnlab.serve import scheduler as scheduling
+
+    monkeypatch.setattr(scheduling, "PROMPT_STATES", 2)
+    model = PrefillCounter(generator.model)
+    prompts = ["the emperor", "the emperor", "natasha", "the emperor", "pierre", "andrew", "the emperor"]
+
+    async def run():
+        scheduler = GenerationScheduler(model, max_batch_size=8)
+        return [await _collect(scheduler, generator, prompt, SamplingParams(max_new_tokens=40, seed=i))
+                for i, prompt in enumerate(prompts)]
+
+    texts = asyncio.run(run())
+    for seed, (prompt, text) in enumerate(zip(prompts, texts)):  # as if each prompt had been run afresh
+        assert text == generator.generate(prompt, max_new_tokens=40, temperature=1.0, seed=seed)
+    # "the emperor" runs once until two other prompts have pushed its state out of the two kept
+    prefilled = ["".join(generator.vocab.itos[i] for i in ids) for ids in model.prefilled]
+    assert prefilled == ["the empero", "natash", "pierr", "andre", "the empero"]
+
+
 def test_same_seed_same_text_whatever_the_batch_neighbours(generator):
     params = SamplingParams(max_new_tokens=80, temperature=1.0, top_p=0.95, seed=11)
 
