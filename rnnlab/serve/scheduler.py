@@ -100,6 +100,7 @@ class _Sequence:
     def remaining(self) -> int:
         return self.params.max_new_tokens - len(self.tokens)
 
+
 # Prompts whose state after the prefill is kept: clients repeat prompts (a playground's, an application's fixed
 # prefix), and a kept state is a fraction of a prompt's forward pass to reuse (an LSTM of 2 x 512: 8 KB a prompt).
 PROMPT_STATES = 256
