@@ -14,6 +14,7 @@ it passes the job's quality gate on the validation split (:func:`quantize_graph`
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rnnlab.bundle import GRAPH_FILE, INT8_FILE, WEIGHTS_FILE, Bundle
+from rnnlab.bundle import GRAPH_FILE, INT8_FILE, WEIGHTS_FILE, Bundle, load_bundle, save_bundle
 from rnnlab.errors import BundleError, RnnlabError, first_line
 from rnnlab.runtime import WEIGHTS_KEY, GraphRefused, GraphSpec, OnnxModel, graph_spec, open_graph
 
@@ -69,10 +70,6 @@ def export_bundle(directory: str | Path, *, int8: bool = False, source: str | Pa
     ``source`` replacing the data file the gate reads) as training writes one: a new folder renamed into place,
     the same weights, so its version does not change. ``runtime``: its new default (None: keep the bundle's).
     Returns the bundle as written."""
-    import functools
-
-    from rnnlab.bundle import load_bundle, save_bundle
-
     bundle = load_bundle(directory)
     runtime = runtime or (bundle.runtime if bundle.runtime != "auto" else None)
     save_bundle(bundle.path, job=bundle.job, model=bundle.model, assets=bundle.assets, metrics=bundle.metrics,
