@@ -421,14 +421,23 @@ def test_a_step_failure_fails_only_its_own_request_with_an_id_in_the_log(service
     import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+
+    def naming(rid: str, replica: str) -> list[str]:
+        return [line for path in logs.glob(f"replica_*{replica}*") for line in path.read_text().splitlines()
+                if rid in line]
+
     deadline = time.monotonic() + 20  # replica logs are files written asynchronously
     while True:
-        lines = [line for path in logs.glob("replica_*charlm*") for line in path.read_text().splitlines()]
-        counts = [sum(rid in line and "failed" in line for line in lines) for rid in ids]
-        if counts == [1, 1] or time.monotonic() > deadline:
+        failures = [[line for line in naming(rid, "charlm") if "failed" in line] for rid in ids]
+        logged = [len(lines) for lines in failures] == [1, 1] and all(naming(rid, "Gateway") for rid in ids)
+        if logged or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert counts == [1, 1], [line for line in lines if "failed" in line][-5:]
+    assert [len(lines) for lines in failures] == [1, 1], failures
+    # the failure is the one line naming the request in the charlm replica's log: Serve's access line for it is
+    # the Gateway's (one per HTTP request), not written again by the model replica it called
+    assert [naming(rid, "charlm") for rid in ids] == failures
+    assert all(naming(rid, "Gateway") for rid in ids)
 
 
 # --- failing at start ------------------------------------------------------------------------------------------

@@ -42,8 +42,10 @@ BATCHES_IN_FLIGHT = 2
 DEFAULT_GENERATION = {"max_batch_size": 128}
 # One constructor try, because a corrupt bundle will not heal on retry (Serve's default retries a failing
 # constructor); a dead replica noticed within about a second (rnnlab/serve/replicas.py). The CPUs each replica
-# reserves and how many there are come from build_app (replicas.cpu_share), sized to the cluster.
-MODEL_DEPLOYMENT = {"max_constructor_retry_count": 1, **HEALTH_CHECKS}
+# reserves and how many there are come from build_app (replicas.cpu_share), sized to the cluster. Serve's access
+# log stays on the Gateway, one line per HTTP request; a model replica's line per call from it said the same again
+# (with the request id), and wrote and flushed a file and stderr under the interpreter lock the decoding thread needs.
+MODEL_DEPLOYMENT = {"max_constructor_retry_count": 1, "logging_config": {"enable_access_log": False}, **HEALTH_CHECKS}
 
 
 def checked_batching(config: dict | None, defaults: dict, where: str) -> dict:
