@@ -11,7 +11,7 @@ requests/s, p50/p99 latency, errors; for generation also characters/s. Two ceili
 GET /healthz, and POST /v1/sentiment with the benchmark's own body plus an unknown field (a 422 from the
 Gateway's schema check) -- the most the sentiment endpoint can reach through Serve's proxy, batched or not.
 `--generation` measures generation against the model's own speed instead: the decode-step ceiling (CharLSTM.step
-at batch 32 and 128 in a plain loop, one torch thread, softmax + multinomial, in a Ray worker like the replica)
+at batch 32 and 128 in a plain loop, one torch thread, each step sampled as served, in a Ray worker like the replica)
 and the served characters/s at 32 and 128 concurrent clients, plain and streamed, 100- and 400-character
 requests (`--gen-clients`, `--gen-lengths`), each phase beside the ceiling measured just before and after it,
 with the Generator replica's busy fraction and ms/step (where the time went):
@@ -175,25 +175,26 @@ def phase_stats(before: dict, after: dict) -> dict:
 def decode_ceiling(bundles: Path, batch: int, seconds: float, runtime: str | None = "torch") -> dict:
     """The model's own speed: the charlm bundle's model under ``runtime`` (rnnlab/runtime.py; torch: oneDNN off for
     the one-step call, as served) stepping ``batch`` sequences in a plain loop on one thread (as a replica has),
-    each step sampled with softmax + torch.multinomial -- no HTTP, Ray, scheduler or per-request sampling.
-    Characters/s = batch * steps/s."""
+    each step and its sampling at temperature 0.8 as the runtime does them (``model.decode``: in the graph under
+    ONNX Runtime) -- no HTTP, Ray, scheduler, requests joining or leaving. Characters/s = batch * steps/s."""
     import torch
 
     from rnnlab.bundle import load_bundle
     from rnnlab.runtime import load_model
+    from rnnlab.sampling import per_row_params, sampling_params
     from rnnlab.serve.bundles import find_bundles
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = load_model(load_bundle(find_bundles(bundles, check=False)["charlm"]), runtime, threads=1)
-    generator = torch.Generator().manual_seed(0)
+    settings = per_row_params([sampling_params(temperature=0.8)] * batch)
+    uniforms = torch.rand(1024, batch, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         state = model.init_state(batch)
         ids = torch.zeros(batch, dtype=torch.long)
         steps, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            logits, state = model.step(ids, state)
-            ids = torch.multinomial(torch.softmax(logits / 0.8, dim=-1), 1, generator=generator).squeeze(1)
+            ids, state, _ = model.decode(ids, state, settings, uniforms[steps % len(uniforms)])
             steps += 1
         elapsed = time.perf_counter() - start
     torch.set_num_threads(threads)

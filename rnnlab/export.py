@@ -26,7 +26,9 @@ from torch import nn
 
 from rnnlab.bundle import GRAPH_FILE, INT8_FILE, WEIGHTS_FILE, Bundle, load_bundle, save_bundle
 from rnnlab.errors import BundleError, RnnlabError, first_line
-from rnnlab.runtime import WEIGHTS_KEY, GraphRefused, GraphSpec, OnnxModel, graph_spec, open_graph
+from rnnlab.runtime import (SAMPLER_INPUTS, SAMPLER_OUTPUTS, WEIGHTS_KEY, GraphRefused, GraphSpec, OnnxModel,
+                            graph_spec, open_graph)
+from rnnlab.sampling import per_row_params, sample_plain, sample_rows, sampling_params
 
 OPSET = 17
 # the graph's largest difference from the torch model allowed, relative to the outputs' size: float32 rounding of
@@ -37,16 +39,21 @@ INT8_MIN_WEIGHTS = 16_384
 
 
 class _Flat(nn.Module):
-    """The model with its state as separate tensors, in and out: what the exporter traces."""
+    """The model with its state as separate tensors, in and out: what the exporter traces. With ``sampler`` it
+    also takes each row's draw and temperature and returns the id sampled from its last step's scores."""
 
-    def __init__(self, model: nn.Module, state_size: int) -> None:
+    def __init__(self, model: nn.Module, state_size: int, sampler: bool = False) -> None:
         super().__init__()
-        self.model, self.state_size = model, state_size
+        self.model, self.state_size, self.sampler = model, state_size, sampler
 
     def forward(self, *tensors):
+        if self.sampler:
+            *tensors, uniforms, divisor = tensors
         if not self.state_size:
             return self.model(*tensors)
         output, state = self.model(*tensors[: -self.state_size], tuple(tensors[-self.state_size :]))
+        if self.sampler:
+            return (output, *state, *sample_plain(output[:, -1], divisor, uniforms))
         return (output, *state)
 
 
@@ -89,13 +96,19 @@ def export(bundle: Bundle, path: Path) -> None:
     states = spec.state_names(bundle)
     example = _flat(bundle, spec, spec.examples(bundle)[0])
     state_axes = {name: {1: "batch"} for name in (*states, *_outs(states))}  # [layers, batch, hidden]
+    inputs, outputs = [*spec.inputs, *states], [*spec.outputs, *_outs(states)]
+    if spec.sampler:
+        batch = len(example[0])
+        example += [torch.rand(batch), torch.ones(batch, 1)]
+        inputs, outputs = [*inputs, *SAMPLER_INPUTS], [*outputs, *SAMPLER_OUTPUTS]
+        state_axes.update({name: {0: "batch"} for name in (*SAMPLER_INPUTS, *SAMPLER_OUTPUTS)})
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's notes on traced Python values and its own deprecation
         try:
             # eval() on the wrapper: the exporter restores the mode of the module it is given, recursively, and a
             # new wrapper is in training mode -- the model's dropout would be live for every call after export
-            torch.onnx.export(_Flat(bundle.model, len(states)).eval(), tuple(example), str(path), dynamo=False,
-                              input_names=[*spec.inputs, *states], output_names=[*spec.outputs, *_outs(states)],
+            torch.onnx.export(_Flat(bundle.model, len(states), spec.sampler).eval(), tuple(example), str(path),
+                              dynamo=False, input_names=inputs, output_names=outputs,
                               dynamic_axes={**spec.dynamic_axes, **state_axes}, opset_version=OPSET)
         except Exception as error:  # the exporter raises many kinds; its message names the op
             raise GraphRefused(f"The {bundle.job} model does not export to ONNX ({first_line(error)}).") from None
@@ -138,8 +151,25 @@ def check_parity(bundle: Bundle, graph: OnnxModel) -> dict:
                                    f"example {number} (input {shape}) otherwise than the torch model.")
             labels_checked += len(expected[0])
         worst = max(worst, difference)
+        if spec.sampler and example[0].shape[1] == 1 and len(example) > 1:  # a decoding step from a state
+            _check_sampler(bundle, graph, example, number)
     return {"max_abs_diff": worst, "examples": number, "tolerance": PARITY_TOLERANCE,
             **({"labels_compared": labels_checked} if spec.labels is not None else {})}
+
+
+def _check_sampler(bundle: Bundle, graph: OnnxModel, example: tuple, number: int, draws: int = 100) -> None:
+    """The graph's sampled ids beside the torch sampler's on the graph's scores of the same step, ``draws`` draws
+    per row at temperature 0.8: GraphRefused when more than 1 % differ (a draw within float rounding of a boundary
+    between two characters may land on either; a wrong op differs on most)."""
+    ids, state = example[0][:, 0], example[1]
+    settings = per_row_params([sampling_params(temperature=0.8)] * len(ids))
+    differ = 0
+    for uniforms in torch.rand(draws, len(ids), generator=torch.Generator().manual_seed(number)):
+        got, _, logits = graph.decode(ids, state, settings, uniforms)
+        differ += int((got != sample_rows(logits, settings, uniforms)).sum())
+    if differ > 0.01 * draws * len(ids):
+        raise GraphRefused(f"The exported {bundle.job} graph samples {differ} of {draws * len(ids)} draws on example "
+                           f"{number} otherwise than the torch sampler.")
 
 
 def _tensors(output) -> list[torch.Tensor]:

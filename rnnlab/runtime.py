@@ -1,7 +1,8 @@
 """Running a bundle's model for inference: torch or ONNX Runtime behind one seam.
 
 **The seam.** :func:`load_model` returns an object with the calls predictors and the generation scheduler make --
-``model(*inputs)`` / ``model.forward``, ``model.step(ids, state)``, ``model.init_state(batch, device)``,
+``model(*inputs)`` / ``model.forward``, ``model.step(ids, state)``, ``model.decode(ids, state, settings, uniforms)``
+(a step and its sampling), ``model.init_state(batch, device)``,
 ``model.device``, ``model.eval()`` -- taking and handing back torch tensors, so batching and state handling stay
 as they are; ``model.describe()`` is what /v1/models shows. Runtimes (``--runtime``, else the bundle's default,
 else ``auto``):
@@ -32,14 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from rnnlab import registry
 from rnnlab.bundle import GRAPH_FILE, INT8_FILE, WEIGHTS_FILE, Bundle, check_runtime_name
 from rnnlab.errors import BundleError, RnnlabError, first_line
+from rnnlab.sampling import NonFiniteScores, RowSampling, sample_rows
 
 STATE_NAMES = ("h", "c")  # a stateful graph's state inputs (outputs: h_out, c_out); a GRU or an RNN has h only
+# a sampling graph's inputs after the state and its outputs after the state's (rnnlab.sampling.sample_plain)
+SAMPLER_INPUTS, SAMPLER_OUTPUTS = ("uniforms", "divisor"), ("next_ids", "total")
 WEIGHTS_KEY = "rnnlab.weights_sha256"  # the graph's metadata: the weights it was exported from
 
 
@@ -55,7 +60,10 @@ class GraphSpec:
     ``[layers, batch, hidden]``. ``examples(bundle)`` gives the argument tuples the parity check runs through both
     (a stateful one's last argument a state or None); ``labels(output)`` a classifier's labels, which must agree;
     ``int8_gate(fp32, int8)`` compares the job's validation results (``Job.evaluate``) of the two graphs and
-    returns (figures, the sentence saying which failed or None); a job without one keeps its graph fp32."""
+    returns (figures, the sentence saying which failed or None); a job without one keeps its graph fp32. A
+    ``sampler`` graph (a stateful one) also samples the next id from its last step's scores
+    (``rnnlab.sampling.sample_plain``; inputs ``uniforms`` [B] and ``divisor`` [B, 1], outputs ``next_ids`` and
+    ``total`` [B]), so that under ONNX Runtime a decoding step and its sampling are one call."""
 
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
@@ -64,6 +72,7 @@ class GraphSpec:
     stateful: bool = False
     labels: Callable[[torch.Tensor], torch.Tensor] | None = None
     int8_gate: Callable[[Any, Any], tuple[dict, str | None]] | None = None
+    sampler: bool = False
 
     def state_names(self, bundle: Bundle) -> tuple[str, ...]:
         from rnnlab.models.cells import STATE_SIZE
@@ -116,6 +125,11 @@ class TorchModel:
         with onednn(False):
             return self.module.step(ids, state)
 
+    def decode(self, ids: torch.Tensor, state, settings: RowSampling, uniforms: torch.Tensor) -> tuple:
+        """One decoding step and its sampling (``CharLSTM.decode``), with oneDNN off as for ``step``."""
+        with onednn(False):
+            return self.module.decode(ids, state, settings, uniforms)
+
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> tuple:
         return self.module.init_state(batch_size, device)
 
@@ -163,11 +177,17 @@ class OnnxModel:
 
     def __init__(self, session, spec: GraphSpec, info: dict) -> None:
         self.session = session
-        self.inputs = [i.name for i in session.get_inputs()]
+        inputs = session.get_inputs()
+        # a graph exported before the sampler went into it still runs: its steps are sampled by torch
+        self.samples = tuple(i.name for i in inputs[-len(SAMPLER_INPUTS) :]) == SAMPLER_INPUTS
+        if self.samples:
+            inputs = inputs[: -len(SAMPLER_INPUTS)]
+        self.inputs = [i.name for i in inputs]
         self.arity = len(spec.inputs)
         self.stateful = spec.stateful
         # [layers, batch, hidden]: the state inputs' fixed sizes, read from the graph
-        self.state_shapes = [(i.shape[0], i.shape[2]) for i in session.get_inputs()[self.arity :]]
+        self.state_shapes = [(i.shape[0], i.shape[2]) for i in inputs[self.arity :]]
+        self.outputs = [o.name for o in session.get_outputs()][: len(spec.outputs) + len(self.state_shapes)]
         self.info = info
 
     def __call__(self, *inputs: Any) -> Any:
@@ -176,7 +196,10 @@ class OnnxModel:
             state = inputs[self.arity] if len(inputs) > self.arity else None
             tensors += state if state is not None else self.init_state(tensors[0].shape[0])
         feeds = {name: _array(t) for name, t in zip(self.inputs, tensors)}
-        outputs = [torch.from_numpy(array) for array in self.session.run(None, feeds)]
+        if self.samples:  # nothing to sample: draws of 0 at temperature 1 (the sampler costs next to nothing)
+            batch = len(tensors[0])
+            feeds.update(uniforms=np.zeros(batch, np.float32), divisor=np.ones((batch, 1), np.float32))
+        outputs = [torch.from_numpy(array) for array in self.session.run(self.outputs, feeds)]
         if self.stateful:
             return outputs[0], tuple(outputs[1:])
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -187,6 +210,26 @@ class OnnxModel:
         """One decoding step: ids[B] -> (logits[B, V], new state)."""
         logits, state = self(ids.unsqueeze(1), state)
         return logits.squeeze(1), state
+
+    def decode(self, ids: torch.Tensor, state, settings: RowSampling, uniforms: torch.Tensor) -> tuple:
+        """``CharLSTM.decode``: one step and its sampling, in one ONNX Runtime call when the graph samples
+        (``sample_plain``); the rows it does not serve (``RowSampling.own_rows``: greedy, top-k, top-p) are sampled
+        again from the step's logits by ``sample_rows``, so each row's path depends on its own settings only. A
+        step is a fraction of a millisecond, so this stays in numpy between the call and the ids."""
+        if not self.samples:
+            logits, state = self.step(ids, state)
+            return sample_rows(logits, settings, uniforms), state, logits
+        feeds = dict(zip(self.inputs, (_array(ids).reshape(-1, 1), *(_array(t) for t in state))))
+        feeds.update(uniforms=_array(uniforms), divisor=_array(settings.divisor))
+        logits, *state, chosen, total = self.session.run(None, feeds)
+        finite = np.isfinite(total)
+        if not finite.all():  # NaN or +inf in a row's scores (a model fault): name the rows, as sample_rows does
+            raise NonFiniteScores(np.flatnonzero(~finite).tolist())
+        logits, chosen = torch.from_numpy(logits[:, -1]), torch.from_numpy(chosen)
+        own = settings.own_rows(logits.shape[1])
+        if own is not None:
+            chosen[own] = sample_rows(logits[own], settings.rows(own), uniforms[own])
+        return chosen, tuple(torch.from_numpy(t) for t in state), logits
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> tuple:
         return tuple(torch.zeros(layers, batch_size, hidden) for layers, hidden in self.state_shapes)

@@ -108,6 +108,14 @@ class RowSampling(NamedTuple):
         """Whether some row drops tokens (top-k below the vocabulary, or top-p): only then is sorting needed."""
         return self.nucleus or 0 < self.smallest_top_k < vocab
 
+    def own_rows(self, vocab: int) -> torch.Tensor | None:
+        """The rows ``sample_plain`` does not serve -- greedy ones and those that filter (top-k below the
+        vocabulary, top-p below 1) -- by each row's own settings; None when there are none (then no tensor work)."""
+        if self.greedy is None and not self.filters(vocab):
+            return None
+        own = (self.temperature <= 0) | ((self.top_k > 0) & (self.top_k < vocab)) | (self.top_p < 1)
+        return own.nonzero().flatten()
+
     def rows(self, index: torch.Tensor) -> RowSampling:
         """The settings of the rows at ``index``, in that order."""
         return RowSampling.of(*(t.index_select(0, index) for t in (self.temperature, self.top_k, self.top_p)))
@@ -165,12 +173,28 @@ def sample_rows(logits: torch.Tensor, settings: RowSampling, uniforms: torch.Ten
         drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= settings.top_p.unsqueeze(1)  # mass before: top_p
         drop[:, 0] = False  # the most likely token always stays
         probs = probs.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), 0.0)
-    cdf = probs.cumsum(dim=-1)
-    total = cdf[:, -1]
+    choice, total = inverse_cdf(probs, uniforms)
     if not bool(torch.isfinite(total).all()):  # NaN or +inf anywhere in a row's scores makes its softmax NaN
         raise NonFiniteScores((~torch.isfinite(total)).nonzero().flatten().tolist())
-    choice = torch.searchsorted(cdf, (uniforms * total).unsqueeze(1), right=True).squeeze(1).clamp_(max=vocab - 1)
     return choice if settings.greedy is None else torch.where(settings.greedy, scores.argmax(dim=-1), choice)
+
+
+def sample_plain(logits: torch.Tensor, divisor: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``sample_rows`` for rows sampled by their temperature alone (``divisor[B, 1]``; no top-k, top-p or greedy):
+    (ids[B], each row's probability total[B], NaN or inf where its scores were not finite). The charlm graph
+    carries this function (rnnlab/export.py traces it), so that under ONNX Runtime a decoding step and its
+    sampling are one call; the rows it does not serve are sampled again by ``sample_rows`` (``RowSampling.own_rows``)."""
+    return inverse_cdf((logits.float() / divisor).softmax(dim=-1), uniforms)
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row i's token: the first whose cumulative probability passes ``uniforms[i]`` times the row's total, counted
+    as the CDF values at or below it (``torch.searchsorted(right=True)`` in ops that every ONNX runtime has).
+    Returns (ids[B], totals[B])."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1]
+    choice = (cdf <= (uniforms * total).unsqueeze(1)).sum(dim=-1).clamp(max=probs.shape[1] - 1)
+    return choice, total
 
 
 MAX_LOGPROBS = 5  # alternatives per character a request may ask for (OpenAI's limit for completions)

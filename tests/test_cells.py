@@ -20,6 +20,7 @@ from rnnlab.errors import ConfigError
 from rnnlab.jobs.charlm import CharLMPredictor
 from rnnlab.models import build_model
 from rnnlab.models.cells import CELLS, STATE_SIZE
+from rnnlab.models.charlm import CharLSTM
 from rnnlab.models.wordlm import copy_into_classifier
 from rnnlab.registry import JOBS
 from rnnlab.serve.scheduler import GenerationScheduler, SamplingParams
@@ -187,6 +188,8 @@ class HeldStep:
         assert self.gate.wait(120), "the test never opened the gate"
         self.sizes.append(len(ids))
         return self.model.step(ids, state)
+
+    decode = CharLSTM.decode  # a step as above, then the sampler
 
 
 @pytest.mark.parametrize("cell", ["gru", "rnn"])

@@ -107,6 +107,108 @@ def test_the_charlm_seam_steps_and_starts_states_as_the_torch_model(tmp_path):
             ids = expected.argmax(-1)
 
 
+# every way a request may sample: temperature alone (the graph's sampler), greedy, top-k, top-p, top-k of the
+# whole vocabulary (no filter), top-k with top-p
+MIXED_SAMPLING = [dict(temperature=0.8), dict(temperature=1.7), dict(temperature=0.0), dict(temperature=1.0, top_k=3),
+                  dict(temperature=0.9, top_p=0.5), dict(temperature=1.2, top_k=1000), dict(top_k=5, top_p=0.8)]
+
+
+class CountedSession:
+    """An ONNX Runtime session that counts its calls."""
+
+    def __init__(self, session) -> None:
+        self.session, self.calls = session, 0
+
+    def run(self, *args, **kwargs):
+        self.calls += 1
+        return self.session.run(*args, **kwargs)
+
+
+def test_the_charlm_graph_samples_each_row_as_the_torch_sampler_in_one_call(tmp_path):
+    from rnnlab.sampling import per_row_params, sampling_params
+
+    bundle = load_bundle(tiny_bundle(tmp_path, "charlm"))
+    onnx, torch_model = load_model(bundle, "onnx"), load_model(bundle, "torch")
+    assert onnx.samples  # the graph takes the draws and returns the sampled ids
+    rows = len(MIXED_SAMPLING)
+    mixed = per_row_params([sampling_params(**settings) for settings in MIXED_SAMPLING])
+    plain = per_row_params([sampling_params(temperature=0.8)] * rows)
+    onnx.session = counted = CountedSession(onnx.session)
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        ids, state = torch.arange(rows) % len(CHARS), torch_model.init_state(rows)
+        for _ in range(40):
+            uniforms = torch.rand(rows, generator=generator)
+            expected, next_state, logits = torch_model.decode(ids, state, mixed, uniforms)
+            got, got_state, got_logits = onnx.decode(ids, state, mixed, uniforms)
+            assert got.tolist() == expected.tolist()
+            torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got_state, next_state, atol=1e-5, rtol=1e-4)
+            for row in range(rows):  # a row's id depends on its own settings and draw, not on its neighbours'
+                alone = mixed.rows(torch.tensor([row]))
+                assert onnx.decode(ids[row : row + 1], tuple(t[:, row : row + 1] for t in state), alone,
+                                   uniforms[row : row + 1])[0].item() == got[row].item()
+            calls = counted.calls
+            onnx.decode(ids, state, plain, uniforms)
+            assert counted.calls == calls + 1  # temperature alone: the step and its sampling in one call
+            ids, state = expected, next_state
+
+
+def test_a_charlm_graph_without_the_sampler_still_decodes_as_torch(tmp_path, monkeypatch):
+    import dataclasses
+
+    from rnnlab.jobs import charlm
+    from rnnlab.sampling import per_row_params, sampling_params
+
+    monkeypatch.setattr(charlm, "GRAPH", dataclasses.replace(charlm.GRAPH, sampler=False))  # as exported before
+    bundle = load_bundle(tiny_bundle(tmp_path, "charlm"))
+    monkeypatch.undo()
+    onnx, torch_model = load_model(bundle, "onnx"), load_model(bundle, "torch")
+    assert not onnx.samples
+    settings = per_row_params([sampling_params(**settings) for settings in MIXED_SAMPLING])
+    ids, state = torch.arange(len(MIXED_SAMPLING)), torch_model.init_state(len(MIXED_SAMPLING))
+    uniforms = torch.rand(len(MIXED_SAMPLING))
+    with torch.inference_mode():
+        assert onnx.decode(ids, state, settings, uniforms)[0].tolist() == \
+            torch_model.decode(ids, state, settings, uniforms)[0].tolist()
+
+
+class NaNRow(CountedSession):
+    """A session whose graph's scores for row ``row`` were not finite: its sampler's total there is NaN. (ONNX
+    Runtime's LSTM saturates a NaN state instead of passing it on, so only broken weights give one, in every row.)"""
+
+    def __init__(self, session, row: int) -> None:
+        super().__init__(session)
+        self.row = row
+
+    def run(self, *args, **kwargs):
+        outputs = super().run(*args, **kwargs)
+        outputs[-1][self.row] = float("nan")
+        return outputs
+
+
+def test_rows_with_non_finite_scores_are_named_by_the_graphs_sampler(tmp_path):
+    from rnnlab.sampling import NonFiniteScores, per_row_params, sampling_params
+
+    onnx = load_model(load_bundle(tiny_bundle(tmp_path, "charlm")), "onnx")
+    onnx.session = NaNRow(onnx.session, row=2)
+    with pytest.raises(NonFiniteScores) as info, torch.inference_mode():
+        onnx.decode(torch.tensor([1, 2, 3, 4]), onnx.init_state(4), per_row_params([sampling_params()] * 4),
+                    torch.rand(4))
+    assert info.value.rows == [2]
+
+
+def test_a_graph_that_samples_otherwise_is_refused(tmp_path, monkeypatch):
+    from rnnlab import export
+
+    monkeypatch.setattr(export, "sample_plain", lambda logits, divisor, uniforms: (  # the most likely, whatever the draw
+        (logits / divisor).argmax(dim=-1) + (0 * uniforms).long(), logits.softmax(dim=-1).sum(dim=-1)))
+    with pytest.raises(GraphRefused, match=r"graph samples \d+ of \d+ draws on example 3 otherwise than the torch "
+                                           r"sampler"):
+        tiny_bundle(tmp_path, "charlm")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_graph_that_answers_otherwise_is_refused_and_no_bundle_is_left(tmp_path, monkeypatch):
     original = OnnxModel.__call__
     monkeypatch.setattr(OnnxModel, "__call__", lambda self, *inputs: outputs(original(self, *inputs))[0] + 0.5)

@@ -12,6 +12,7 @@ from rnnlab.bundle import Bundle
 from rnnlab.data.vocab import Vocab
 from rnnlab.jobs.charlm import CharLMPredictor
 from rnnlab.models import build_model
+from rnnlab.models.charlm import CharLSTM
 from rnnlab.serve.scheduler import GenerationScheduler, SamplingParams
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,\n"
@@ -133,6 +134,8 @@ class FaultyModel(torch.nn.Module):
             raise RuntimeError("injected step fault")
         return self._masked(*self.model.step(ids, state))
 
+    decode = CharLSTM.decode  # a step as above, then the sampler
+
     def _masked(self, logits, state):
         logits = logits.clone()
         logits[..., [self.step_fault, self.prefill_fault]] = float("-inf")
@@ -187,6 +190,8 @@ class PrefillCounter(torch.nn.Module):
 
     def step(self, ids, state):
         return self.model.step(ids, state)
+
+    decode = CharLSTM.decode  # a step as above, then the sampler
 
 
 def test_a_repeated_prompt_reuses_its_state_with_the_same_text_and_the_kept_states_are_bounded(generator, monkeypatch):
@@ -247,6 +252,8 @@ class HeldModel(torch.nn.Module):
             self.held.set()
             self.release.wait(timeout=60)  # a safety net only: every test releases it
         return self.model.step(ids, state)
+
+    decode = CharLSTM.decode  # a step as above, then the sampler
 
 
 async def _wait_for(event: threading.Event) -> None:

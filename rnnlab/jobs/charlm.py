@@ -307,9 +307,10 @@ class CharLMPredictor:
                 state = self.model.init_state(1, self.device)
         for step in range(params.max_new_tokens):
             with torch.inference_mode():
-                logits, state = self.model.step(torch.tensor([next_id], device=self.device), state)
                 try:
-                    next_id = int(sample_rows(logits, settings, uniforms[step : step + 1])[0])
+                    ids, state, _ = self.model.decode(torch.tensor([next_id], device=self.device), state, settings,
+                                                      uniforms[step : step + 1])
+                    next_id = int(ids[0])
                 except NonFiniteScores:
                     raise RnnlabError(
                         f"The model produced NaN or infinite scores after {step} characters; the bundle's weights "
@@ -352,9 +353,10 @@ def int8_gate(fp32: EvalResult, int8: EvalResult) -> tuple[dict, str | None]:
     return figures, None
 
 
-# ids [B, T] and the state in, logits [B, T, V] and the new state out: T = 1 is a decoding step, T > 1 a prompt
+# ids [B, T] and the state in, logits [B, T, V] and the new state out: T = 1 is a decoding step, T > 1 a prompt;
+# and the id sampled from the last step's scores (a step and its sampling in one call)
 GRAPH = GraphSpec(inputs=("ids",), outputs=("logits",), stateful=True, examples=graph_examples, int8_gate=int8_gate,
-                  dynamic_axes={"ids": {0: "batch", 1: "steps"}, "logits": {0: "batch", 1: "steps"}})
+                  dynamic_axes={"ids": {0: "batch", 1: "steps"}, "logits": {0: "batch", 1: "steps"}}, sampler=True)
 
 # ------------------------------------------------------------------------------------------------ service
 

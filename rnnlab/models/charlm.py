@@ -17,6 +17,7 @@ from torch import nn
 
 from rnnlab.config import PositiveInt, Probability
 from rnnlab.models.cells import CellSettings, State, load_renamed, recurrent, zero_state
+from rnnlab.sampling import RowSampling, sample_rows
 
 
 class CharConfig(CellSettings):
@@ -55,3 +56,10 @@ class CharLSTM(nn.Module):
         """One decoding step: ids LongTensor[B] -> (logits[B, V], new state)."""
         logits, state = self(ids.unsqueeze(1), state)
         return logits.squeeze(1), state
+
+    def decode(self, ids: torch.Tensor, state: State | None, settings: RowSampling,
+               uniforms: torch.Tensor) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """One decoding step and its sampling: ids[B] -> (the next ids[B], the new state, the step's logits[B, V]),
+        row i sampled by its settings with the draw ``uniforms[i]`` (``rnnlab.sampling.sample_rows``)."""
+        logits, state = self.step(ids, state)
+        return sample_rows(logits, settings, uniforms), state, logits

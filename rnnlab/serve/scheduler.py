@@ -1,6 +1,7 @@
 """Iteration-level batching for character generation (the Orca / vLLM idea, for a recurrent model).
 
-One thread decodes every active sequence together, one ``CharLSTM.step`` call per step for all of them.
+One thread decodes every active sequence together, one ``decode`` call (a step and its sampling, ``CharLSTM.decode``
+as the runtime runs it: under ONNX Runtime one graph call) per step for all of them.
 Each sequence keeps its own temperature / top-k / top-p, length and seeded draws; a sequence that is done leaves
 after the step that finished it, and a request that arrives while a slot is free ends the running block, so it
 joins at the next step: its prompt is run through ``forward`` (the prefill) and its state is concatenated onto the
@@ -12,7 +13,7 @@ joining or leaving is one ``torch.cat`` / index per member. The scheduler only e
 Speed: one thread decodes in a tight loop -- admit, a block of steps (about ``block_s`` of compute), hand the new
 tokens to their consumers, again -- and never waits for an event loop, so the model is busy whenever there is work;
 torch releases the GIL while it computes, so the replica's event loop streams to clients and takes requests
-meanwhile. Per step there is one model call, one vectorised sampling call and no Python work per sequence: the
+meanwhile. Per step there is one model call that also samples and no Python work per sequence: the
 per-row sampling settings are tensors built when the batch changes, each sequence's uniform draws are made when it
 joins, and the steps at which rows finish are known from their lengths. Prompts joining together are prefilled in
 one forward per prompt length, and the state after each of the last PROMPT_STATES prompts is kept, so a repeated
@@ -51,7 +52,7 @@ from typing import NamedTuple
 
 import torch
 
-from rnnlab.sampling import (NonFiniteScores, RowSampling, SamplingParams, draws, per_row_params, sample_rows,
+from rnnlab.sampling import (NonFiniteScores, RowSampling, SamplingParams, draws, per_row_params,
                              token_logprobs)
 
 logger = logging.getLogger(__name__)
@@ -348,13 +349,12 @@ class GenerationScheduler:
             if self._waiting and len(self._active) < self.max_batch_size:
                 break  # a request waits for a free slot: end the block so that it joins at the next step
             try:
-                logits, state = self.model.step(self._ids, self._state)
-                ids = sample_rows(logits, self._sampling, uniforms[:, step])
+                ids, state, logits = self.model.decode(self._ids, self._state, self._sampling, uniforms[step])
             except Exception as error:  # noqa: BLE001 -- isolate the rows at fault, retry without them
                 self._flush(segment, scored, asking)
-                keep = self._rows_not_at_fault(error, uniforms[:, step])
+                keep = self._rows_not_at_fault(error, uniforms[step])
                 self._retain(keep)
-                uniforms = uniforms[keep]
+                uniforms = uniforms[:, keep]
                 asking = self._asking_logprobs()
                 until_finish = min((s.remaining for s in self._active), default=0)
                 continue
@@ -379,7 +379,7 @@ class GenerationScheduler:
                 self.counts["finished"] += len(finished)
                 self._retain(keep)
                 self._notify(finished)  # now, not at the block's end: its client's next request can take the slot
-                uniforms = uniforms[keep]
+                uniforms = uniforms[:, keep]
                 asking = self._asking_logprobs()
                 until_finish = min((s.remaining for s in self._active), default=0)
         self._flush(segment, scored, asking)
@@ -389,11 +389,12 @@ class GenerationScheduler:
             self._step_s = elapsed if not self._step_s else 0.8 * self._step_s + 0.2 * elapsed
 
     def _block_uniforms(self, steps: int) -> torch.Tensor:
-        """[B, steps]: row i's next ``steps`` draws (zeros past its end; it leaves before using them)."""
-        block = torch.zeros(len(self._active), steps)
+        """[steps, B]: column i holds row i's next ``steps`` draws (zeros past its end; it leaves before using them),
+        so that a step's draws are one contiguous row."""
+        block = torch.zeros(steps, len(self._active))
         for row, sequence in enumerate(self._active):
             drawn = sequence.uniforms[len(sequence.tokens) : len(sequence.tokens) + steps]
-            block[row, : len(drawn)] = drawn
+            block[: len(drawn), row] = drawn
         return block
 
     def _flush(self, segment: list[torch.Tensor], scored: list | None = None, asking=None) -> None:
@@ -431,8 +432,8 @@ class GenerationScheduler:
             at_fault = set()
             for row in range(len(self._active)):
                 try:
-                    logits, _ = self.model.step(self._ids[row : row + 1], _rows(self._state, [row]))
-                    sample_rows(logits, self._sampling.rows(torch.tensor([row])), uniforms[row : row + 1])
+                    self.model.decode(self._ids[row : row + 1], _rows(self._state, [row]),
+                                      self._sampling.rows(torch.tensor([row])), uniforms[row : row + 1])
                 except Exception:  # noqa: BLE001
                     at_fault.add(row)
             if not at_fault:  # no single row reproduces it: retry the whole step once, then give up on all
