@@ -10,8 +10,9 @@ one request at a time), switched by redeploying with a new user_config (Ray rest
 requests/s, p50/p99 latency, errors; for generation also characters/s. Two ceilings with no model behind them:
 GET /healthz, and POST /v1/sentiment with the benchmark's own body plus an unknown field (a 422 from the
 Gateway's schema check) -- the most the sentiment endpoint can reach through Serve's proxy, batched or not.
-`--generation` measures generation against the model's own speed instead: the decode-step ceiling (CharLSTM.step
-at batch 32 and 128 in a plain loop, one torch thread, each step sampled as served, in a Ray worker like the replica)
+`--generation` measures generation against the model's own speed instead: the decode-step ceiling (the model on
+the runtime the service runs it on, a step and its sampling at batch 32 and 128 in a plain loop, one thread, in a
+Ray worker like the replica)
 and the served characters/s at 32 and 128 concurrent clients, plain and streamed, 100- and 400-character
 requests (`--gen-clients`, `--gen-lengths`), each phase beside the ceiling measured just before and after it,
 with the Generator replica's busy fraction and ms/step (where the time went):
@@ -172,9 +173,9 @@ def phase_stats(before: dict, after: dict) -> dict:
 
 
 # --- generation near the ceiling ----------------------------------------------------------------------------------
-def decode_ceiling(bundles: Path, batch: int, seconds: float, runtime: str | None = "torch") -> dict:
-    """The model's own speed: the charlm bundle's model under ``runtime`` (rnnlab/runtime.py; torch: oneDNN off for
-    the one-step call, as served) stepping ``batch`` sequences in a plain loop on one thread (as a replica has),
+def decode_ceiling(bundles: Path, batch: int, seconds: float, runtime: str | None = None) -> dict:
+    """The model's own speed: the charlm bundle's model under ``runtime`` (rnnlab/runtime.py; None: the bundle's
+    default, which the service runs; torch: oneDNN off for the one-step call, as served) stepping ``batch`` sequences in a plain loop on one thread (as a replica has),
     each step and its sampling at temperature 0.8 as the runtime does them (``model.decode``: in the graph under
     ONNX Runtime) -- no HTTP, Ray, scheduler, requests joining or leaving. Characters/s = batch * steps/s."""
     import torch
