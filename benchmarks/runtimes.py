@@ -1,6 +1,6 @@
 """CPU inference per runtime: torch (oneDNN on, off, and the per-shape choice rnnlab makes), ONNX Runtime fp32 and
 int8, on the calls the service makes with each served job's preset model (random weights: speed does not depend
-on them).
+on them), and for charlm a decoding step with its sampling (``model.decode``, as the scheduler calls it).
 
     python -m benchmarks.runtimes [--threads 1] [--repeats 5] [--json benchmarks/results/runtimes.json]
     python -m benchmarks.runtimes --served [--preset default] [--seconds 20]   # through the service instead
@@ -172,8 +172,27 @@ def per_call(args) -> dict:
                 if work is not None:
                     print(" " * 38 + "GFLOP/s " + "  ".join(f"{k} {v:5.1f} ({row['share_of_sgemm_peak'][k]:.0%})"
                                                            for k, v in row["gflop_per_s"].items()), flush=True)
+            if job == "charlm":
+                for batch in (1, 32, 256):
+                    rows.append(decode_row(runs, batch, args.repeats, clock))
+                    print(f"{job:9s} {rows[-1]['case']:28s} " + "  ".join(
+                        f"{k} {v:8.3f}" for k, v in rows[-1].items() if isinstance(v, float)), flush=True)
             print(f"          int8 settings: {settings}")
     return {"threads": args.threads, "clock": clock.__name__, "sgemm_peak_gflop_per_s": peak, "ms_per_call": rows}
+
+
+def decode_row(runs: dict, batch: int, repeats: int, clock) -> dict:
+    """ms per ``model.decode`` call: a decoding step and its sampling at temperature 0.8, what the generation
+    scheduler calls per step (torch: the step, then ``sample_rows``; ONNX Runtime: one call of the sampling graph)."""
+    from rnnlab.sampling import per_row_params, sampling_params
+
+    generator = torch.Generator().manual_seed(0)
+    ids, uniforms = torch.randint(0, 80, (batch,), generator=generator), torch.rand(batch, generator=generator)
+    settings = per_row_params([sampling_params(temperature=0.8)] * batch)
+    row = {"job": "charlm", "case": f"step + sampling, batch {batch}"}
+    for name, model in runs.items():
+        row[name] = best_ms(model.decode, (ids, model.init_state(batch), settings, uniforms), repeats, clock)
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ --served
