@@ -270,10 +270,12 @@ def test_seeded_generation_is_the_same_text_from_the_cli_predictor_and_the_sched
     from rnnlab.serve.scheduler import GenerationScheduler, SamplingParams
 
     generator = load_predictor(tiny_bundle(tmp_path, "charlm"), runtime="onnx")
-    requests = [("the ", SamplingParams(max_new_tokens=20 + 5 * i, temperature=0.8, seed=i)) for i in range(4)]
+    # one batch of every way to sample: the graph's sampler serves some rows, torch's the others
+    requests = [("the ", SamplingParams(max_new_tokens=20 + 5 * i, seed=i, **settings))
+                for i, settings in enumerate(MIXED_SAMPLING)]
 
     async def served():
-        scheduler = GenerationScheduler(generator.model, max_batch_size=4)
+        scheduler = GenerationScheduler(generator.model, max_batch_size=len(requests))
 
         async def one(prompt, params):
             return "".join(generator.vocab.itos[i] for chunk in [c async for c in scheduler.generate(
