@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from rnnlab import registry
-from rnnlab.serve.local import LocalService, free_port
+from rnnlab.serve.local import LocalService
+from rnnlab.serve.service import free_port
 from tiny_datasets import make_stock_csv
 from rnnlab.launch.cli import main
 

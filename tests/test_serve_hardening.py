@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from conftest import require, serving
-from rnnlab.serve.local import LocalService, free_port
+from rnnlab.serve.local import LocalService
+from rnnlab.serve.service import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -23,13 +23,26 @@ def test_a_free_port_is_outside_the_range_the_kernel_hands_to_connections():
     ephemeral range: a port chosen there could be taken before the service binds it."""
     import socket
 
-    from rnnlab.serve.local import QUIET_PORTS, _ephemeral_start, free_port
+    from rnnlab.serve.service import QUIET_PORTS, _ephemeral_start, free_port
 
     ports = {free_port() for _ in range(20)}
     assert all(QUIET_PORTS[0] <= port < min(QUIET_PORTS[1], _ephemeral_start()) for port in ports)
     for port in ports:  # and nothing holds them
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", port))
+
+
+def test_the_proxy_beside_direct_ingress_gets_a_quiet_port(monkeypatch):
+    """With direct ingress the Gateway takes --port and Ray's proxy a port of its own: one outside the kernel's
+    ephemeral range too (`make demo` once failed to start when a connection took the proxy's port first)."""
+    from rnnlab.serve.service import QUIET_PORTS, _ephemeral_start, choose_ingress
+
+    for name in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
+                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
+                 "RAY_SERVE_PORT_QUARANTINE_S"):
+        monkeypatch.delenv(name, raising=False)  # choose_ingress sets them; undone after the test
+    ports = {choose_ingress(True, "127.0.0.1", 8765) for _ in range(10)}
+    assert all(QUIET_PORTS[0] <= port < min(QUIET_PORTS[1], _ephemeral_start()) for port in ports)
 
 
 def test_a_failed_start_names_each_failing_deployment_and_its_error():

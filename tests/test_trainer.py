@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from processes import Processes
-from rnnlab.serve.local import free_port
+from rnnlab.serve.service import free_port
 from tiny_datasets import MAKERS, smoke_config, tiny_sources
 from wandb_files import read_finished_wandb_run
 from rnnlab.errors import ConfigError

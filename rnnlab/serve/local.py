@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,35 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-
-# Ports to choose from: above Ray's worker ports (10002-19999) and below both Ray Serve's direct-ingress range
-# (30000-) and the kernel's ephemeral ports, from which every outgoing connection takes its local port.
-QUIET_PORTS = (20_000, 30_000)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing uses right now, outside the kernel's ephemeral range: a port the kernel
-    chose (``bind(0)``) is one it hands out again, and Ray's processes open hundreds of connections while a service
-    starts, so one of them could take it before the service binds it. Falls back to a kernel-chosen port when no
-    quiet port is free."""
-    low, high = QUIET_PORTS[0], min(QUIET_PORTS[1], _ephemeral_start())
-    for port in random.sample(range(low, high), min(100, max(0, high - low))):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _ephemeral_start() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32_768  # Linux's default
+from rnnlab.serve.service import free_port
 
 
 class ServiceFailed(RuntimeError):

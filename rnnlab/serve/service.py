@@ -14,9 +14,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import signal
 import socket
 import time
+from pathlib import Path
 
 from rnnlab.errors import ConfigError, RnnlabError, first_line
 from rnnlab.serve.limits import proxy_timeout_s
@@ -102,6 +104,37 @@ def check_port(host: str, port: int) -> None:
             raise ConfigError(f"Cannot bind {host}:{port} ({error.strerror}); pass another --host or --port.")
 
 
+# Ports to choose from: above Ray's worker ports (10002-19999) and below both Ray Serve's direct-ingress range
+# (30000-) and the kernel's ephemeral ports, from which every outgoing connection takes its local port.
+QUIET_PORTS = (20_000, 30_000)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing uses right now, outside the kernel's ephemeral range: a port the kernel
+    chose (``bind(0)``) is one it hands out again, and Ray's processes open hundreds of connections while a service
+    starts, so one of them could take it before the service binds it (``make demo`` once failed that way: "Failed
+    to bind to address '127.0.0.1:37347'"). Falls back to a kernel-chosen port when no quiet port is free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low, high = QUIET_PORTS[0], min(QUIET_PORTS[1], _ephemeral_start())
+    for port in random.sample(range(low, high), min(100, max(0, high - low))):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
 def choose_ingress(direct: bool, host: str, port: int) -> int:
     """Set up, before ray.init, who takes HTTP on ``port`` (the controller and replicas read these settings when
     they start); returns the port for Ray's proxy.
@@ -119,9 +152,7 @@ def choose_ingress(direct: bool, host: str, port: int) -> int:
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(port + 1))
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     os.environ.setdefault("RAY_SERVE_PORT_QUARANTINE_S", "0")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    return free_port(host)
 
 
 def start_ray(address: str | None, *, metrics_port: int | None = None, verbose: bool = False) -> str:
