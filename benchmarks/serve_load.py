@@ -175,8 +175,8 @@ def phase_stats(before: dict, after: dict) -> dict:
 # --- generation near the ceiling ----------------------------------------------------------------------------------
 def decode_ceiling(bundles: Path, batch: int, seconds: float, runtime: str | None = None) -> dict:
     """The model's own speed: the charlm bundle's model under ``runtime`` (rnnlab/runtime.py; None: the bundle's
-    default, which the service runs; torch: oneDNN off for the one-step call, as served) stepping ``batch`` sequences in a plain loop on one thread (as a replica has),
-    each step and its sampling at temperature 0.8 as the runtime does them (``model.decode``: in the graph under
+    default, which the service runs; torch: oneDNN off for the one-step call, as served) stepping ``batch``
+    sequences in a plain loop on one thread (as a replica has), each step and its sampling at temperature 0.8 as the runtime does them (``model.decode``: in the graph under
     ONNX Runtime) -- no HTTP, Ray, scheduler, requests joining or leaving. Characters/s = batch * steps/s."""
     import torch
 

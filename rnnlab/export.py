@@ -101,7 +101,7 @@ def export(bundle: Bundle, path: Path) -> None:
         batch = len(example[0])
         example += [torch.rand(batch), torch.ones(batch, 1)]
         inputs, outputs = [*inputs, *SAMPLER_INPUTS], [*outputs, *SAMPLER_OUTPUTS]
-        state_axes.update({name: {0: "batch"} for name in (*SAMPLER_INPUTS, *SAMPLER_OUTPUTS)})
+        state_axes |= {name: {0: "batch"} for name in (*SAMPLER_INPUTS, *SAMPLER_OUTPUTS)}  # [batch] / [batch, 1]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's notes on traced Python values and its own deprecation
         try:

@@ -42,6 +42,7 @@ from torch import nn
 from rnnlab import registry
 from rnnlab.bundle import GRAPH_FILE, INT8_FILE, WEIGHTS_FILE, Bundle, check_runtime_name
 from rnnlab.errors import BundleError, RnnlabError, first_line
+from rnnlab.models.charlm import CharLSTM
 from rnnlab.sampling import NonFiniteScores, RowSampling, sample_rows
 
 STATE_NAMES = ("h", "c")  # a stateful graph's state inputs (outputs: h_out, c_out); a GRU or an RNN has h only
@@ -218,9 +219,8 @@ class OnnxModel:
         (``sample_plain``); the rows it does not serve (``RowSampling.own_rows``: greedy, top-k, top-p) are sampled
         again from the step's logits by ``sample_rows``, so each row's path depends on its own settings only. A
         step is a fraction of a millisecond, so this stays in numpy between the call and the ids."""
-        if not self.samples:
-            logits, state = self.step(ids, state)
-            return sample_rows(logits, settings, uniforms), state, logits
+        if not self.samples:  # an older graph: the step, then torch's sampler, as CharLSTM.decode does
+            return CharLSTM.decode(self, ids, state, settings, uniforms)
         feeds = dict(zip(self.inputs, (_array(ids).reshape(-1, 1), *(_array(t) for t in state))))
         feeds.update(uniforms=_array(uniforms), divisor=_array(settings.divisor))
         logits, *state, chosen, total = self.session.run(None, feeds)

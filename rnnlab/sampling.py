@@ -183,7 +183,8 @@ def sample_plain(logits: torch.Tensor, divisor: torch.Tensor, uniforms: torch.Te
     """``sample_rows`` for rows sampled by their temperature alone (``divisor[B, 1]``; no top-k, top-p or greedy):
     (ids[B], each row's probability total[B], NaN or inf where its scores were not finite). The charlm graph
     carries this function (rnnlab/export.py traces it), so that under ONNX Runtime a decoding step and its
-    sampling are one call; the rows it does not serve are sampled again by ``sample_rows`` (``RowSampling.own_rows``)."""
+    sampling are one call; the rows it does not serve are sampled again by ``sample_rows``
+    (``RowSampling.own_rows``)."""
     return inverse_cdf((logits.float() / divisor).softmax(dim=-1), uniforms)
 
 

@@ -201,7 +201,8 @@ def test_rows_with_non_finite_scores_are_named_by_the_graphs_sampler(tmp_path):
 def test_a_graph_that_samples_otherwise_is_refused(tmp_path, monkeypatch):
     from rnnlab import export
 
-    monkeypatch.setattr(export, "sample_plain", lambda logits, divisor, uniforms: (  # the most likely, whatever the draw
+    # the most likely character, whatever the draw
+    monkeypatch.setattr(export, "sample_plain", lambda logits, divisor, uniforms: (
         (logits / divisor).argmax(dim=-1) + (0 * uniforms).long(), logits.softmax(dim=-1).sum(dim=-1)))
     with pytest.raises(GraphRefused, match=r"graph samples \d+ of \d+ draws on example 3 otherwise than the torch "
                                            r"sampler"):
